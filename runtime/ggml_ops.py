@@ -1,0 +1,190 @@
+"""The only module that touches ggml: quantized matmuls over memory-mapped GGUF bytes, without copies.
+
+Each op builds a small ggml graph, points its weight tensors at the mapped file and its inputs at numpy
+arrays, computes it on the CPU and returns numpy. ggml quantizes activations to Q8_0/Q8_K before
+quantized dot products, exactly as llama.cpp does, so results agree with llama.cpp to float rounding.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+# libgomp reads these when ggml loads; a passive wait keeps idle servers from burning a core.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import ggml  # noqa: E402
+
+Q = GGMLQuantizationType
+COMPUTABLE_TYPES = frozenset({
+    Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
+    Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S, Q.IQ4_NL, Q.IQ4_XS, Q.TQ1_0,
+    Q.TQ2_0, Q.MXFP4,
+})
+_TENSOR_OVERHEAD = ggml.ggml_tensor_overhead()
+_GRAPH_OVERHEAD = ggml.ggml_graph_overhead()
+
+
+@dataclass(frozen=True)
+class Weight:
+    """A weight tensor as ggml sees it: type, ggml shape (ne0 first) and the bytes that back it."""
+    ggml_type: GGMLQuantizationType
+    ne: tuple[int, ...]
+    data: np.ndarray  # contiguous bytes (usually a view of the mapped file); kept alive by this object
+
+    def __post_init__(self):
+        if self.ggml_type not in COMPUTABLE_TYPES:
+            raise ValueError(f"ggml type {self.ggml_type.name} cannot be computed by this build")
+        if not self.data.flags.c_contiguous:
+            raise ValueError("weight bytes must be contiguous")
+        if self.data.nbytes != self.nbytes:
+            raise ValueError(f"{self.ggml_type.name} {list(self.ne)} needs {self.nbytes} bytes, got {self.data.nbytes}")
+
+    @property
+    def nbytes(self) -> int:
+        block_size, type_size = GGML_QUANT_SIZES[self.ggml_type]
+        return int(np.prod(self.ne)) // block_size * type_size
+
+    def slice_outer(self, start: int, stop: int) -> "Weight":
+        """Items [start, stop) of the slowest axis (e.g. a run of experts), still without copying."""
+        per_item = self.nbytes // self.ne[-1]
+        raw = self.data.reshape(-1)[start * per_item: stop * per_item]
+        return Weight(self.ggml_type, self.ne[:-1] + (stop - start,), raw)
+
+
+class _Graph:
+    """One computation: a no-alloc context for tensors over external memory, an arena for the rest."""
+
+    def __init__(self, runner: "GgmlRunner", arena_bytes: int):
+        self.runner = runner
+        self._keep: list[object] = []
+        self.refs = ggml.ggml_init(ggml.ggml_init_params(mem_size=64 * _TENSOR_OVERHEAD, mem_buffer=None,
+                                                         no_alloc=True))
+        arena = runner.arena(arena_bytes + 256 * _TENSOR_OVERHEAD + _GRAPH_OVERHEAD)
+        self.ctx = ggml.ggml_init(ggml.ggml_init_params(mem_size=arena.nbytes, mem_buffer=arena.ctypes.data,
+                                                        no_alloc=False))
+
+    def __enter__(self) -> "_Graph":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        ggml.ggml_free(self.ctx)
+        ggml.ggml_free(self.refs)
+
+    def _external(self, ggml_type: int, ne: tuple[int, ...], address: int, owner: object):
+        ne = tuple(int(n) for n in ne) + (1,) * (4 - len(ne))
+        t = ggml.ggml_new_tensor_4d(self.refs, ggml_type, *ne)
+        t.contents.data = ctypes.c_void_p(address)
+        self._keep.append(owner)
+        return t
+
+    def weight(self, w: Weight):
+        return self._external(int(w.ggml_type), w.ne, w.data.ctypes.data, w)
+
+    def input(self, array: np.ndarray):
+        """A float32 or int32 numpy array as a ggml tensor (numpy shape reversed = ggml ne)."""
+        dtype = {np.dtype(np.float32): ggml.GGML_TYPE_F32, np.dtype(np.int32): ggml.GGML_TYPE_I32,
+                 np.dtype(np.float16): ggml.GGML_TYPE_F16}[array.dtype]
+        array = np.ascontiguousarray(array)
+        return self._external(dtype, tuple(reversed(array.shape)), array.ctypes.data, array)
+
+    def compute(self, out) -> np.ndarray:
+        graph = ggml.ggml_new_graph(self.ctx)
+        ggml.ggml_build_forward_expand(graph, out)
+        plan = ggml.ggml_graph_plan(graph, self.runner.n_threads, None)
+        if plan.work_size:
+            plan.work_data = self.runner.work_buffer(plan.work_size).ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+        status = ggml.ggml_graph_compute(graph, ctypes.byref(plan))
+        if status != 0:
+            raise RuntimeError(f"ggml graph computation failed with status {status}")
+        n_dims = ggml.ggml_n_dims(out)
+        shape = tuple(reversed(out.contents.ne[:n_dims]))
+        buf = (ctypes.c_float * int(np.prod(shape))).from_address(ggml.ggml_get_data(out))
+        return np.ctypeslib.as_array(buf).reshape(shape).copy()
+
+
+class GgmlRunner:
+    """Runs ggml graphs with a fixed thread count, reusing its arena and work buffer between calls."""
+
+    def __init__(self, n_threads: int | None = None):
+        self.n_threads = n_threads or len(os.sched_getaffinity(0))
+        self._arena = np.empty(0, np.uint8)
+        self._work = np.empty(0, np.uint8)
+
+    def arena(self, nbytes: int) -> np.ndarray:
+        if self._arena.nbytes < nbytes:
+            self._arena = np.empty(nbytes, np.uint8)
+        return self._arena
+
+    def work_buffer(self, nbytes: int) -> np.ndarray:
+        if self._work.nbytes < nbytes:
+            self._work = np.empty(nbytes, np.uint8)
+        return self._work
+
+    def matmul(self, w: Weight, x: np.ndarray) -> np.ndarray:
+        """x: [..., K] float32 -> [..., M] with w of ggml shape [K, M, (batch)]: numpy's w @ x per row."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out_bytes = x.size // w.ne[0] * w.ne[1] * 4
+        with _Graph(self, out_bytes) as g:
+            return g.compute(ggml.ggml_mul_mat(g.ctx, g.weight(w), g.input(x)))
+
+    def get_rows(self, w: Weight, ids: np.ndarray) -> np.ndarray:
+        """Rows of a (quantized) table, dequantized to float32: [len(ids), ne0]."""
+        ids = np.ascontiguousarray(ids, dtype=np.int32)
+        with _Graph(self, len(ids) * w.ne[0] * 4) as g:
+            return g.compute(ggml.ggml_get_rows(g.ctx, g.weight(w), g.input(ids)))
+
+    def expert_ffn(self, gate: Weight | None, up: Weight | None, down: Weight, x: np.ndarray, ids: np.ndarray,
+                   weights: np.ndarray, gate_up: Weight | None = None) -> np.ndarray:
+        """Routed SwiGLU experts as llama.cpp's build_moe_ffn computes them.
+
+        x: [T, D] float32; ids: [T, k] int32 indices into the weights' expert axis; weights: [T, k].
+        Returns [T, D] = sum over j of weights[t, j] * down[ids[t, j]] @ (silu(gate @ x) * (up @ x)),
+        summed in slot order j = 0..k-1.
+        """
+        num_tokens, k = ids.shape
+        n_embd, n_ff = down.ne[1], down.ne[0]
+        x = np.ascontiguousarray(x, dtype=np.float32).reshape(num_tokens, 1, n_embd)
+        ids = np.ascontiguousarray(ids, dtype=np.int32)
+        weights = np.ascontiguousarray(weights, dtype=np.float32).reshape(num_tokens, k, 1)
+        arena = 4 * num_tokens * k * (4 * n_ff + 3 * n_embd) + 4 * num_tokens * n_embd * k
+        with _Graph(self, arena) as g:
+            ctx, xt, idt = g.ctx, g.input(x), g.input(ids)
+            if gate_up is not None:
+                fused = ggml.ggml_mul_mat_id(ctx, g.weight(gate_up), xt, idt)  # [2F, k, T]
+                nb1, nb2 = fused.contents.nb[1], fused.contents.nb[2]
+                g_out = ggml.ggml_view_3d(ctx, fused, n_ff, k, num_tokens, nb1, nb2, 0)
+                u_out = ggml.ggml_view_3d(ctx, fused, n_ff, k, num_tokens, nb1, nb2, n_ff * 4)
+            else:
+                u_out = ggml.ggml_mul_mat_id(ctx, g.weight(up), xt, idt)  # [F, k, T]
+                g_out = ggml.ggml_mul_mat_id(ctx, g.weight(gate), xt, idt)
+            act = ggml.ggml_swiglu_split(ctx, g_out, u_out)
+            experts = ggml.ggml_mul_mat_id(ctx, g.weight(down), act, idt)  # [D, k, T]
+            experts = ggml.ggml_mul(ctx, experts, g.input(weights))
+            nb1, nb2 = experts.contents.nb[1], experts.contents.nb[2]
+            total = ggml.ggml_view_2d(ctx, experts, n_embd, num_tokens, nb2, 0)
+            for j in range(1, k):
+                total = ggml.ggml_add(ctx, total, ggml.ggml_view_2d(ctx, experts, n_embd, num_tokens, nb2, j * nb1))
+            if k == 1:
+                total = ggml.ggml_cont(ctx, total)
+            return g.compute(total)
+
+
+def quantize(values: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:
+    """ggml's own quantizer: float32 rows [..., n] -> the type's bytes [..., row_bytes] (for tests and demos).
+
+    Types that need an importance matrix get a flat one, as llama-quantize does without --imatrix data.
+    """
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    n_per_row = values.shape[-1]
+    nrows = values.size // n_per_row
+    block_size, type_size = GGML_QUANT_SIZES[ggml_type]
+    out = np.zeros(values.shape[:-1] + (n_per_row // block_size * type_size,), np.uint8)
+    imatrix = np.ones(n_per_row, np.float32) if ggml.ggml_quantize_requires_imatrix(int(ggml_type)) else None
+    ggml.ggml_quantize_chunk(int(ggml_type), values.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                             out.ctypes.data, 0, nrows, n_per_row,
+                             None if imatrix is None else imatrix.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
+    return out
