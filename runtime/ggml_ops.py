@@ -91,7 +91,8 @@ class _Graph:
         array = np.ascontiguousarray(array)
         return self._external(dtype, tuple(reversed(array.shape)), array.ctypes.data, array)
 
-    def compute(self, out) -> np.ndarray:
+    def compute(self, out, ndim: int) -> np.ndarray:
+        """Run the graph and copy `out` into a new float32 array of `ndim` dimensions."""
         graph = ggml.ggml_new_graph(self.ctx)
         ggml.ggml_build_forward_expand(graph, out)
         plan = ggml.ggml_graph_plan(graph, self.runner.n_threads, None)
@@ -100,8 +101,7 @@ class _Graph:
         status = ggml.ggml_graph_compute(graph, ctypes.byref(plan))
         if status != 0:
             raise RuntimeError(f"ggml graph computation failed with status {status}")
-        n_dims = ggml.ggml_n_dims(out)
-        shape = tuple(reversed(out.contents.ne[:n_dims]))
+        shape = tuple(reversed(out.contents.ne[:ndim]))
         buf = (ctypes.c_float * int(np.prod(shape))).from_address(ggml.ggml_get_data(out))
         return np.ctypeslib.as_array(buf).reshape(shape).copy()
 
@@ -129,13 +129,13 @@ class GgmlRunner:
         x = np.ascontiguousarray(x, dtype=np.float32)
         out_bytes = x.size // w.ne[0] * w.ne[1] * 4
         with _Graph(self, out_bytes) as g:
-            return g.compute(ggml.ggml_mul_mat(g.ctx, g.weight(w), g.input(x)))
+            return g.compute(ggml.ggml_mul_mat(g.ctx, g.weight(w), g.input(x)), x.ndim)
 
     def get_rows(self, w: Weight, ids: np.ndarray) -> np.ndarray:
         """Rows of a (quantized) table, dequantized to float32: [len(ids), ne0]."""
         ids = np.ascontiguousarray(ids, dtype=np.int32)
         with _Graph(self, len(ids) * w.ne[0] * 4) as g:
-            return g.compute(ggml.ggml_get_rows(g.ctx, g.weight(w), g.input(ids)))
+            return g.compute(ggml.ggml_get_rows(g.ctx, g.weight(w), g.input(ids)), 2)
 
     def expert_ffn(self, gate: Weight | None, up: Weight | None, down: Weight, x: np.ndarray, ids: np.ndarray,
                    weights: np.ndarray, gate_up: Weight | None = None) -> np.ndarray:
@@ -170,7 +170,7 @@ class GgmlRunner:
                 total = ggml.ggml_add(ctx, total, ggml.ggml_view_2d(ctx, experts, n_embd, num_tokens, nb2, j * nb1))
             if k == 1:
                 total = ggml.ggml_cont(ctx, total)
-            return g.compute(total)
+            return g.compute(total, 2)
 
 
 def quantize(values: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:

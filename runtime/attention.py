@@ -1,0 +1,173 @@
+"""Multi-head latent attention (MLA) with YaRN RoPE and a latent KV cache, as llama.cpp computes it.
+
+Absorbed form: the cache holds, per token, the normalised latent c (kv_lora_rank) and the shared rope
+key k_pe (rope_dim) in float16, as llama.cpp's default F16 cache does. Queries are absorbed into the
+latent space with attn_k_b, and attention outputs leave it through attn_v_b. Legacy files (attn_kv_b)
+expand the cached latents into per-head keys and values instead.
+
+Shapes: T new tokens, S cached positions, H heads, L = kv_lora_rank, R = rope_dim, N = nope dim.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .config import ModelConfig
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x: [..., n] -> x / sqrt(mean(x^2) + eps) * weight, summing in float64 as ggml does."""
+    mean = np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True)
+    return (x * (1.0 / np.sqrt(mean + eps)).astype(np.float32)) * weight
+
+
+@dataclass(frozen=True)
+class YarnRope:
+    """Rotation of adjacent pairs (ggml's NORM mode) with YaRN frequency blending."""
+    dims: int
+    base: float
+    freq_scale: float
+    ext_factor: float
+    attn_factor: float
+    corr_low: float
+    corr_high: float
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> "YarnRope":
+        def corr_dim(n_rot: float) -> float:
+            return config.rope_dim * math.log(config.rope_orig_context / (n_rot * 2 * math.pi)) / (
+                2 * math.log(config.rope_base))
+        low = max(0.0, math.floor(corr_dim(config.yarn_beta_fast)))
+        high = min(config.rope_dim - 1.0, math.ceil(corr_dim(config.yarn_beta_slow)))
+        is_yarn = config.rope_scaling_type == "yarn"
+        return cls(config.rope_dim, config.rope_base, config.freq_scale, 1.0 if is_yarn else 0.0,
+                   config.yarn_attn_factor, low, high)
+
+    def cos_sin(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin: [T, dims/2] for integer positions [T], in float32 like ggml's rope cache."""
+        pairs = self.dims // 2
+        theta_scale = np.float32(self.base ** (-2.0 / self.dims))
+        # ggml multiplies theta by theta_scale pair by pair in float32; reproduce that rounding.
+        scales = np.ones(pairs, np.float32)
+        for i in range(1, pairs):
+            scales[i] = scales[i - 1] * theta_scale
+        theta_extrap = positions.astype(np.float32)[:, None] * scales[None, :]
+        theta = np.float32(self.freq_scale) * theta_extrap
+        mscale = np.float32(self.attn_factor)
+        if self.ext_factor != 0.0:
+            ramp = (np.arange(pairs, dtype=np.float32) - self.corr_low) / max(0.001, self.corr_high - self.corr_low)
+            mix = (1.0 - np.clip(ramp, 0.0, 1.0)).astype(np.float32) * np.float32(self.ext_factor)
+            theta = theta * (1 - mix) + theta_extrap * mix
+            mscale = mscale * np.float32(1.0 + 0.1 * math.log(1.0 / self.freq_scale))
+        return (np.cos(theta) * mscale).astype(np.float32), (np.sin(theta) * mscale).astype(np.float32)
+
+    @staticmethod
+    def apply(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """x: [T, ..., dims] with cos/sin [T, dims/2] -> rotated pairs (x[2i], x[2i+1])."""
+        shape = (cos.shape[0],) + (1,) * (x.ndim - 2) + (cos.shape[1],)
+        cos, sin = cos.reshape(shape), sin.reshape(shape)
+        even, odd = x[..., 0::2], x[..., 1::2]
+        out = np.empty_like(x)
+        out[..., 0::2] = even * cos - odd * sin
+        out[..., 1::2] = even * sin + odd * cos
+        return out
+
+
+@dataclass
+class KVCache:
+    """One sequence's latent cache: per layer [capacity, L + R] float16 rows; `length` positions filled."""
+    config: ModelConfig
+    capacity: int
+    layers: list[np.ndarray] = field(init=False)
+    length: int = 0
+
+    def __post_init__(self):
+        self.layers = [np.zeros((self.capacity, self.config.kv_cache_width), np.float16)
+                       for _ in range(self.config.num_layers)]
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.layers)
+
+
+def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, first_pos: int, scale: float) -> np.ndarray:
+    """q: [H, T, Dk], keys: [S, Dk] or [H, S, Dk], values: [S, Dv] or [H, S, Dv] (float16 cache rows)
+    -> [H, T, Dv]. Query t sits at position first_pos + t and sees keys 0..first_pos + t.
+
+    As in ggml with an F16 cache: q is rounded to f16 for the score dot products, the softmax runs in f32,
+    and the probabilities are rounded to f16 before weighting the f16 values.
+    """
+    q16 = q.astype(np.float16).astype(np.float32)
+    keys32 = keys.astype(np.float32)
+    scores = q16 @ np.swapaxes(keys32, -1, -2)  # [H, T, S]
+    num_new, num_keys = q.shape[1], keys.shape[-2]
+    visible = np.arange(num_keys)[None, :] <= (first_pos + np.arange(num_new))[:, None]  # [T, S]
+    scores = np.where(visible, scores * np.float32(scale), -np.inf)
+    scores -= scores.max(axis=-1, keepdims=True)
+    probs = np.exp(scores)
+    probs /= probs.sum(axis=-1, keepdims=True, dtype=np.float64).astype(np.float32)
+    return probs.astype(np.float16).astype(np.float32) @ values.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The rows [start, start + count) of a step's flat batch that belong to one sequence's cache."""
+    cache: KVCache
+    start: int
+    count: int
+
+
+class MLAttention:
+    """One attention block per call; weights come from `weights(layer, name)` (ggml Weight or f32 array)."""
+
+    def __init__(self, config: ModelConfig, runner, weights):
+        self.config, self.runner, self.weights = config, runner, weights
+        self.rope = YarnRope.from_config(config)
+
+    def forward(self, layer: int, h: np.ndarray, segments: list[Segment]) -> np.ndarray:
+        """h: [T, D] (already attn-normed) -> attention output [T, D]; writes the new rows into the caches."""
+        c, w, mm = self.config, (lambda name: self.weights(layer, name)), self.runner.matmul
+        num_tokens, heads, nope, rope_dim, lora = h.shape[0], c.num_heads, c.head_dim_nope, c.rope_dim, c.kv_lora_rank
+        positions = np.concatenate([np.arange(s.cache.length, s.cache.length + s.count) for s in segments])
+        cos, sin = self.rope.cos_sin(positions)
+
+        q_lat = rms_norm(mm(w("attn_q_a.weight"), h), w("attn_q_a_norm.weight"), c.rms_eps)
+        q = mm(w("attn_q_b.weight"), q_lat).reshape(num_tokens, heads, c.head_dim_qk)  # [T, H, N + R]
+        q_nope, q_pe = q[:, :, :nope], YarnRope.apply(q[:, :, nope:], cos, sin)
+        kv = mm(w("attn_kv_a_mqa.weight"), h)  # [T, L + R]
+        latent = rms_norm(kv[:, :lora], w("attn_kv_a_norm.weight"), c.rms_eps)
+        k_pe = YarnRope.apply(kv[:, lora:], cos, sin)
+        new_rows = np.concatenate([latent, k_pe], axis=1).astype(np.float16)  # [T, L + R]
+
+        if c.is_mla:
+            # Absorb W_UK into the queries: [H, T, N] x k_b -> [H, T, L]; keys are then the cached rows.
+            q_abs = mm(w("attn_k_b.weight"), np.ascontiguousarray(q_nope.transpose(1, 0, 2)))
+            queries = np.concatenate([q_abs, q_pe.transpose(1, 0, 2)], axis=2)  # [H, T, L + R]
+        out = np.empty((heads, num_tokens, c.head_dim_v if not c.is_mla else lora), np.float32)
+        for seg in segments:
+            rows = slice(seg.start, seg.start + seg.count)
+            first, cache = seg.cache.length, seg.cache.layers[layer]
+            if first + seg.count > seg.cache.capacity:
+                raise ValueError(f"sequence needs {first + seg.count} positions but its KV cache holds "
+                                 f"{seg.cache.capacity}; raise the context size")
+            cache[first: first + seg.count] = new_rows[rows]
+            cached = cache[: first + seg.count]
+            if c.is_mla:
+                out[:, rows] = causal_attention(queries[:, rows], cached, cached[:, :lora], first, c.kq_scale)
+            else:
+                out[:, rows] = self._expanded_attention(layer, q_nope[rows], q_pe[rows], cached, first)
+        if c.is_mla:
+            out = mm(w("attn_v_b.weight"), out)  # [H, T, L] -> [H, T, V]
+        return mm(w("attn_output.weight"), np.ascontiguousarray(out.transpose(1, 0, 2)).reshape(num_tokens, -1))
+
+    def _expanded_attention(self, layer, q_nope, q_pe, cached, first) -> np.ndarray:
+        """Legacy attn_kv_b files: per-head keys [k_nope | k_pe] and values from the cached latents."""
+        c = self.config
+        kv = self.runner.matmul(self.weights(layer, "attn_kv_b.weight"), cached[:, :c.kv_lora_rank].astype(np.float32))
+        kv = kv.reshape(len(cached), c.num_heads, c.head_dim_nope + c.head_dim_v).astype(np.float16)
+        k_pe = np.broadcast_to(cached[:, None, c.kv_lora_rank:], (len(cached), c.num_heads, c.rope_dim))
+        keys = np.concatenate([kv[:, :, :c.head_dim_nope], k_pe], axis=2).transpose(1, 0, 2)  # [H, S, N + R]
+        values = kv[:, :, c.head_dim_nope:].transpose(1, 0, 2)  # [H, S, V]
+        queries = np.concatenate([q_nope, q_pe], axis=2).transpose(1, 0, 2)  # [H, T, N + R]
+        return causal_attention(queries, keys, values, first, c.kq_scale)

@@ -1,0 +1,79 @@
+"""The deepseek2 forward pass (Kimi K2.x, DeepSeek V3): embeddings, MLA, dense and MoE FFNs, output head.
+
+The model never knows where routed experts live: it calls `experts.forward(layer, hidden, ids, weights)`.
+Shapes: T tokens in the step, D = n_embd, V = vocab size.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Sequence
+
+import numpy as np
+
+from .attention import KVCache, MLAttention, Segment, rms_norm
+from .config import ModelConfig
+from .experts import Experts, LocalExperts
+from .ggml_ops import COMPUTABLE_TYPES, GgmlRunner, Weight
+from .gguf_file import GGUFModelFile
+from .router import route
+
+
+class KimiModel:
+    def __init__(self, model_file: GGUFModelFile, runner: GgmlRunner | None = None, experts: Experts | None = None):
+        self.file = model_file
+        self.config = ModelConfig.from_metadata(model_file.metadata, source=str(model_file.path))
+        shapes, optional = self.config.tensor_shapes(
+            has_fused_gate_up=model_file.has(f"blk.{self.config.num_dense_layers}.ffn_gate_up_exps.weight"))
+        model_file.check_tensors(shapes, optional, COMPUTABLE_TYPES)
+        self.runner = runner or GgmlRunner()
+        self.experts = experts or LocalExperts(model_file, self.runner, self.config.moe_layers, self.config.num_experts)
+        self.attention = MLAttention(self.config, self.runner, self.layer_weight)
+        self.output_name = "output.weight" if model_file.has("output.weight") else "token_embd.weight"
+
+    @lru_cache(maxsize=None)
+    def weight(self, name: str) -> Weight | np.ndarray:
+        """A ggml Weight over the mapped bytes, or a float32 array for small F32 vectors (norms, biases)."""
+        info = self.file.info(name)
+        raw = self.file.raw(name)
+        if len(info.ne) == 1:
+            return raw.view(np.float32)
+        return Weight(info.ggml_type, info.ne, raw)
+
+    def layer_weight(self, layer: int, name: str) -> Weight | np.ndarray:
+        return self.weight(f"blk.{layer}.{name}")
+
+    def new_cache(self, capacity: int) -> KVCache:
+        return KVCache(self.config, capacity)
+
+    def forward(self, tokens: np.ndarray, segments: Sequence[Segment], all_logits: bool = False) -> np.ndarray:
+        """tokens: [T] for the rows of every segment; advances each segment's cache by its row count.
+
+        Returns logits [T, V] if all_logits, else the last row of each segment: [len(segments), V].
+        """
+        c = self.config
+        segments = list(segments)
+        x = self.runner.get_rows(self.weight("token_embd.weight"), np.asarray(tokens, np.int32))  # [T, D]
+        for layer in range(c.num_layers):
+            w = lambda name: self.layer_weight(layer, name)  # noqa: E731
+            x = x + self.attention.forward(layer, rms_norm(x, w("attn_norm.weight"), c.rms_eps), segments)
+            h = rms_norm(x, w("ffn_norm.weight"), c.rms_eps)
+            x = x + (self._moe(layer, h) if c.is_moe_layer(layer) else self._swiglu(layer, h, ""))
+        for seg in segments:
+            seg.cache.length += seg.count
+        if not all_logits:
+            x = x[[s.start + s.count - 1 for s in segments]]
+        return self.runner.matmul(self.weight(self.output_name), rms_norm(x, self.weight("output_norm.weight"), c.rms_eps))
+
+    def _swiglu(self, layer: int, h: np.ndarray, suffix: str) -> np.ndarray:
+        """Dense (suffix "") or shared-expert ("_shexp") FFN: down @ (silu(gate @ h) * (up @ h))."""
+        mm, w = self.runner.matmul, (lambda name: self.layer_weight(layer, name))
+        gate, up = mm(w(f"ffn_gate{suffix}.weight"), h), mm(w(f"ffn_up{suffix}.weight"), h)
+        return mm(w(f"ffn_down{suffix}.weight"), gate / (1.0 + np.exp(-gate)) * up)
+
+    def _moe(self, layer: int, h: np.ndarray) -> np.ndarray:
+        router_logits = self.runner.matmul(self.layer_weight(layer, "ffn_gate_inp.weight"), h)  # [T, E]
+        bias_name = f"blk.{layer}.exp_probs_b.bias"
+        bias = self.weight(bias_name) if self.file.has(bias_name) else None
+        ids, weights = route(router_logits, bias, self.config)
+        routed = self.experts.forward(layer, h, ids, weights)
+        return routed + self._swiglu(layer, h, "_shexp")
