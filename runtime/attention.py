@@ -18,9 +18,12 @@ from .config import ModelConfig
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """x: [..., n] -> x / sqrt(mean(x^2) + eps) * weight, summing in float64 as ggml does."""
-    mean = np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True)
-    return (x * (1.0 / np.sqrt(mean + eps)).astype(np.float32)) * weight
+    """x: [..., n] -> x / sqrt(mean(x^2) + eps) * weight, with ggml's exact rounding: float32 squares
+    summed in float64, then mean, scale and products in float32."""
+    total = np.sum(np.square(x), axis=-1, keepdims=True, dtype=np.float64)
+    mean = (total / x.shape[-1]).astype(np.float32)
+    scale = np.float32(1.0) / np.sqrt(mean + np.float32(eps))
+    return x * scale * weight
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,10 @@ class YarnRope:
             mix = (1.0 - np.clip(ramp, 0.0, 1.0)).astype(np.float32) * np.float32(self.ext_factor)
             theta = theta * (1 - mix) + theta_extrap * mix
             mscale = mscale * np.float32(1.0 + 0.1 * math.log(1.0 / self.freq_scale))
-        return (np.cos(theta) * mscale).astype(np.float32), (np.sin(theta) * mscale).astype(np.float32)
+        # cosf/sinf are correctly rounded in practice; float64 then rounding reproduces them.
+        cos = np.cos(theta.astype(np.float64)).astype(np.float32)
+        sin = np.sin(theta.astype(np.float64)).astype(np.float32)
+        return cos * mscale, sin * mscale
 
     @staticmethod
     def apply(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -89,25 +95,6 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.layers)
-
-
-def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, first_pos: int, scale: float) -> np.ndarray:
-    """q: [H, T, Dk], keys: [S, Dk] or [H, S, Dk], values: [S, Dv] or [H, S, Dv] (float16 cache rows)
-    -> [H, T, Dv]. Query t sits at position first_pos + t and sees keys 0..first_pos + t.
-
-    As in ggml with an F16 cache: q is rounded to f16 for the score dot products, the softmax runs in f32,
-    and the probabilities are rounded to f16 before weighting the f16 values.
-    """
-    q16 = q.astype(np.float16).astype(np.float32)
-    keys32 = keys.astype(np.float32)
-    scores = q16 @ np.swapaxes(keys32, -1, -2)  # [H, T, S]
-    num_new, num_keys = q.shape[1], keys.shape[-2]
-    visible = np.arange(num_keys)[None, :] <= (first_pos + np.arange(num_new))[:, None]  # [T, S]
-    scores = np.where(visible, scores * np.float32(scale), -np.inf)
-    scores -= scores.max(axis=-1, keepdims=True)
-    probs = np.exp(scores)
-    probs /= probs.sum(axis=-1, keepdims=True, dtype=np.float64).astype(np.float32)
-    return probs.astype(np.float16).astype(np.float32) @ values.astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -154,7 +141,8 @@ class MLAttention:
             cache[first: first + seg.count] = new_rows[rows]
             cached = cache[: first + seg.count]
             if c.is_mla:
-                out[:, rows] = causal_attention(queries[:, rows], cached, cached[:, :lora], first, c.kq_scale)
+                out[:, rows] = self.runner.attention(queries[:, rows], cached[None], cached[None, :, :lora], first,
+                                                     c.kq_scale)
             else:
                 out[:, rows] = self._expanded_attention(layer, q_nope[rows], q_pe[rows], cached, first)
         if c.is_mla:
@@ -170,4 +158,4 @@ class MLAttention:
         keys = np.concatenate([kv[:, :, :c.head_dim_nope], k_pe], axis=2).transpose(1, 0, 2)  # [H, S, N + R]
         values = kv[:, :, c.head_dim_nope:].transpose(1, 0, 2)  # [H, S, V]
         queries = np.concatenate([q_nope, q_pe], axis=2).transpose(1, 0, 2)  # [H, T, N + R]
-        return causal_attention(queries, keys, values, first, c.kq_scale)
+        return self.runner.attention(queries, keys, values, first, c.kq_scale)

@@ -66,9 +66,8 @@ class KimiModel:
 
     def _swiglu(self, layer: int, h: np.ndarray, suffix: str) -> np.ndarray:
         """Dense (suffix "") or shared-expert ("_shexp") FFN: down @ (silu(gate @ h) * (up @ h))."""
-        mm, w = self.runner.matmul, (lambda name: self.layer_weight(layer, name))
-        gate, up = mm(w(f"ffn_gate{suffix}.weight"), h), mm(w(f"ffn_up{suffix}.weight"), h)
-        return mm(w(f"ffn_down{suffix}.weight"), gate / (1.0 + np.exp(-gate)) * up)
+        w = lambda name: self.layer_weight(layer, f"ffn_{name}{suffix}.weight")  # noqa: E731
+        return self.runner.ffn(w("gate"), w("up"), w("down"), h)
 
     def _moe(self, layer: int, h: np.ndarray) -> np.ndarray:
         router_logits = self.runner.matmul(self.layer_weight(layer, "ffn_gate_inp.weight"), h)  # [T, E]

@@ -12,7 +12,9 @@ MIN_WEIGHT_SUM = np.float32(6.103515625e-5)
 def gate_probs(logits: np.ndarray, gating_func: int) -> np.ndarray:
     """logits: [T, E] -> unbiased per-expert scores [T, E]."""
     if gating_func == GATING_SIGMOID:
-        return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+        # ggml: 1.f / (1.f + expf(-x)) in float32, with a correctly rounded expf.
+        exp_neg = np.exp(-logits.astype(np.float64)).astype(np.float32)
+        return np.float32(1.0) / (np.float32(1.0) + exp_neg)
     if gating_func == GATING_SOFTMAX:
         shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
         return (shifted / shifted.sum(axis=-1, keepdims=True)).astype(np.float32)
