@@ -49,8 +49,9 @@ def route(logits: np.ndarray, selection_bias: np.ndarray | None, config: ModelCo
         selection = mask_to_top_groups(selection, config.num_expert_groups, config.num_expert_groups_used)
     ids = top_k_desc(selection, config.num_experts_used)
     weights = np.take_along_axis(probs, ids, axis=1)
-    if config.expert_weights_norm:
-        weights = weights / np.maximum(weights.sum(axis=1, keepdims=True), MIN_WEIGHT_SUM)
+    if config.expert_weights_norm:  # ggml sums rows in float64 and rounds once
+        total = weights.sum(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
+        weights = weights / np.maximum(total, MIN_WEIGHT_SUM)
     if config.expert_weights_scale not in (0.0, 1.0):
         weights = weights * np.float32(config.expert_weights_scale)
     return ids, weights.astype(np.float32)
