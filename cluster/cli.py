@@ -1,0 +1,185 @@
+"""kimi-cluster command line: generate, inspect, make-model, demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+DEMO_PATH = Path.home() / ".cache" / "kimi-cluster" / "kimi-demo-tiny.gguf"
+DEMO_PROMPT = "Write one sentence about pooling the memory of several computers."
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line, without a traceback."""
+
+
+def _load_model(path: str, threads: int | None):
+    from runtime.ggml_ops import GgmlRunner
+    from runtime.gguf_file import GGUFModelFile
+    from runtime.model import KimiModel
+    from runtime.tokenizer import Tokenizer
+    model_file = GGUFModelFile(path)
+    model = KimiModel(model_file, GgmlRunner(threads))
+    return model, Tokenizer.from_metadata(model_file.metadata)
+
+
+def _prompt_tokens(tokenizer, text: str, chat: bool) -> list[int]:
+    if chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    # As llama.cpp does for a raw prompt: special tokens parsed, BOS only if the file asks for it.
+    return tokenizer.encode(text, parse_special=True)
+
+
+def cmd_generate(args) -> None:
+    from runtime.engine import Engine, GenerationStats
+    from runtime.sampling import SamplingParams
+    model, tokenizer = _load_model(args.model, args.threads)
+    prompt = _prompt_tokens(tokenizer, args.prompt, args.chat)
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                            repetition_penalty=args.repeat_penalty, presence_penalty=args.presence_penalty,
+                            frequency_penalty=args.frequency_penalty, seed=args.seed)
+    engine = Engine(model, context_size=min(args.context, model.config.context_length))
+    stats = GenerationStats()
+    decoder = tokenizer.StreamDecoder() if not args.json else None
+    tokens = []
+    for token in engine.generate(prompt, args.max_tokens, params, frozenset(tokenizer.eog_ids), stats):
+        tokens.append(token)
+        if decoder is not None and token not in tokenizer.eog_ids:
+            print(decoder.add(token), end="", flush=True)
+    if args.logits_out:
+        np.save(args.logits_out, stats.prompt_logits.astype(np.float32))
+    text = tokenizer.decode([t for t in tokens if t not in tokenizer.eog_ids])
+    if args.json:
+        print(json.dumps({"prompt_tokens": prompt, "tokens": tokens, "text": text,
+                          "tokens_per_s": round(stats.decode_tokens_per_s, 3),
+                          "prompt_tokens_per_s": round(stats.prompt_tokens_per_s, 3),
+                          "finish_reason": stats.finish_reason}))
+        return
+    print(decoder.flush())
+    print(f"[prompt: {stats.prompt_tokens} tokens at {stats.prompt_tokens_per_s:.1f} tokens/s; "
+          f"generated: {stats.generated_tokens} tokens at {stats.decode_tokens_per_s:.1f} tokens/s; "
+          f"finish: {stats.finish_reason}]", file=sys.stderr)
+
+
+def cmd_inspect(args) -> None:
+    from runtime.config import ModelConfig
+    from runtime.gguf_file import GGUFModelFile
+    model_file = GGUFModelFile(args.model)
+    config = ModelConfig.from_metadata(model_file.metadata, str(model_file.path))
+    print(f"file: {', '.join(str(p) for p in model_file.paths)}  ({model_file.file_bytes / 1e9:.2f} GB)")
+    print(f"architecture: {model_file.architecture}  name: {model_file.metadata.get('general.name', '?')}")
+    print(f"layers: {config.num_layers} ({config.num_dense_layers} dense)  n_embd: {config.n_embd}  "
+          f"heads: {config.num_heads}  q_lora: {config.q_lora_rank}  kv_lora: {config.kv_lora_rank}  "
+          f"head dims qk/rope/v: {config.head_dim_qk}/{config.rope_dim}/{config.head_dim_v}  "
+          f"attention: {'MLA (absorbed)' if config.is_mla else 'legacy kv_b'}")
+    print(f"experts: {config.num_experts} routed, {config.num_experts_used} used, {config.num_shared_experts} "
+          f"shared, n_ff {config.n_ff_expert}  gating: {'sigmoid' if config.gating_func == 2 else 'softmax'}  "
+          f"scale: {config.expert_weights_scale}  groups: {config.num_expert_groups}")
+    print(f"context: {config.context_length}  rope: {config.rope_scaling_type} x{config.rope_factor:g} "
+          f"base {config.rope_base:g}  vocab: {config.vocab_size}")
+    by_type: dict[str, list[int]] = {}
+    expert_bytes = other_bytes = 0
+    for info in model_file.tensors.values():
+        entry = by_type.setdefault(info.ggml_type.name, [0, 0])
+        entry[0] += 1
+        entry[1] += info.nbytes
+        if "_exps." in info.name:
+            expert_bytes += info.nbytes
+        else:
+            other_bytes += info.nbytes
+    print("tensor types:")
+    for name, (count, nbytes) in sorted(by_type.items(), key=lambda kv: -kv[1][1]):
+        print(f"  {name:8s} {count:5d} tensors  {nbytes / 1e9:10.3f} GB")
+    print(f"routed experts: {expert_bytes / 1e9:.3f} GB   everything else (head node): {other_bytes / 1e9:.3f} GB")
+
+
+def cmd_make_model(args) -> None:
+    from runtime.demo_model import make_model
+    path = make_model(args.out, preset=args.preset, quant=args.quant, seed=args.seed)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+def cmd_demo(args) -> None:
+    from runtime.demo_model import make_model
+    path = Path(args.model) if args.model else DEMO_PATH
+    if not path.exists():
+        print(f"writing the demo model to {path} ...", file=sys.stderr)
+        make_model(path, preset="tiny")
+    args.model, args.prompt, args.chat, args.json, args.logits_out = str(path), DEMO_PROMPT, True, False, None
+    print(f"prompt: {DEMO_PROMPT}\nreply (random weights, so the words are random too):")
+    cmd_generate(args)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, the default")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="penalise repeated tokens (1.0 = off)")
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None, help="random seed: same seed, same output")
+    p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
+    p.add_argument("--context", type=int, default=4096, help="context size in tokens (default 4096)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kimi-cluster",
+        description="Run Kimi K2.x GGUF models (the deepseek2 architecture) on one machine or across several. "
+                    "Start with `kimi-cluster demo`.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("generate", help="generate text from a prompt",
+                       description="Generate from a GGUF model (first file of a split set is enough).")
+    p.add_argument("model", help="path to the .gguf file (or its -00001-of-0000N.gguf part)")
+    p.add_argument("--prompt", required=True, help="the prompt text; special tokens like <|im_user|> are parsed")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: prompt_tokens, tokens, text, tokens_per_s")
+    p.add_argument("--logits-out", metavar="FILE.npy",
+                   help="save the float32 logits of the last prompt position")
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("inspect", help="show a model's metadata, tensor types and sizes")
+    p.add_argument("model")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("make-model", help="write a small random model in the Kimi K2 GGUF layout",
+                       description="Write a random model with Kimi K2's layout and tokenizer, for tests and "
+                                   "benchmarks; --quant uses llama.cpp's quantizer (needs llama-cpp-python).")
+    p.add_argument("out", help="output .gguf path")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "k2-slice"],
+                   help="tiny: 256 wide, for tests; k2-slice: K2's real widths, 3 layers, 16 experts")
+    p.add_argument("--quant", default=None, help="quantize, e.g. Q8_0, Q4_K_M, Q2_K (default: unquantized)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_model)
+
+    p = sub.add_parser("demo", help="make the built-in demo model if needed and generate from it")
+    p.add_argument("--model", default=None, help=f"demo model path (default {DEMO_PATH})")
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_demo, max_tokens=32)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from runtime.gguf_file import GGUFError
+    try:
+        args.func(args)
+    except (GGUFError, ValueError, RuntimeError, OSError, UserError) as e:
+        print(f"kimi-cluster: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
