@@ -80,7 +80,7 @@ def _open_reader(path: Path) -> GGUFReader:
         raise GGUFError(f"{path}: the GGUF header is truncated or corrupt ({e}); download the file again") from None
 
 
-def _field_value(field) -> Any:
+def field_value(field) -> Any:
     """A metadata field as a plain Python value (str, int, float, bool, or a list of them)."""
     main_type = field.types[0]
     if main_type == GGUFValueType.ARRAY:
@@ -112,7 +112,7 @@ class GGUFModelFile:
         first = Path(path)
         reader = _open_reader(first)
         self.metadata: dict[str, Any] = {
-            name: _field_value(field) for name, field in reader.fields.items() if not name.startswith("GGUF.")
+            name: field_value(field) for name, field in reader.fields.items() if not name.startswith("GGUF.")
         }
         split_count = int(self.metadata.get("split.count", 1))
         if split_count > 1 and int(self.metadata.get("split.no", 0)) != 0:
@@ -138,7 +138,7 @@ class GGUFModelFile:
                             "download every part into the same folder")
         reader = _open_reader(path)
         field = reader.fields.get("split.no")
-        part_no = None if field is None else _field_value(field)
+        part_no = None if field is None else field_value(field)
         if part_no != index:
             raise GGUFError(f"{path}: expected split.no = {index}, found {part_no}; the part is misnamed or "
                             "from another download")

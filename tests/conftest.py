@@ -1,0 +1,43 @@
+"""Shared fixtures: the project's own small Kimi-layout models, written once per test session."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from runtime.demo_model import make_model
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def make_tiny(model_dir):
+    """make_tiny(quant=None, legacy=False) -> path of a tiny model, written on first use."""
+    made: dict[tuple, Path] = {}
+
+    def make(quant: str | None = None, legacy: bool = False) -> Path:
+        key = (quant, legacy)
+        if key not in made:
+            name = f"tiny-{quant or 'F32'}{'-legacy' if legacy else ''}.gguf"
+            made[key] = make_model(model_dir / name, "tiny", quant=quant, legacy_attention=legacy)
+        return made[key]
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_f32(make_tiny) -> Path:
+    return make_tiny()
+
+
+@pytest.fixture(scope="session")
+def tiny_q4km(make_tiny) -> Path:
+    return make_tiny("Q4_K_M")
+
+
+def pytest_configure(config):
+    # Tests share two cores with llama.cpp subprocesses; keep BLAS from oversubscribing them.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
