@@ -83,18 +83,28 @@ class YarnRope:
 
 @dataclass
 class KVCache:
-    """One sequence's latent cache: per layer [capacity, L + R] float16 rows; `length` positions filled."""
+    """One sequence's float16 cache, as llama.cpp's default F16 cache holds it; `length` positions filled.
+
+    Absorbed MLA: keys[layer] is [capacity, 1, L + R] (latent | rope key), and values are its first L columns.
+    Legacy attn_kv_b files: keys[layer] is [capacity, H, N + R] and values[layer] is [capacity, H, V].
+    """
     config: ModelConfig
     capacity: int
-    layers: list[np.ndarray] = field(init=False)
+    keys: list[np.ndarray] = field(init=False)
+    values: list[np.ndarray] = field(init=False)
     length: int = 0
 
     def __post_init__(self):
-        self.layers = [np.zeros((self.capacity, self.config.kv_cache_width), np.float16)
-                       for _ in range(self.config.num_layers)]
+        c, n = self.config, self.capacity
+        if c.is_mla:
+            self.keys = [np.zeros((n, 1, c.kv_cache_width), np.float16) for _ in range(c.num_layers)]
+            self.values = [k[:, :, :c.kv_lora_rank] for k in self.keys]
+        else:
+            self.keys = [np.zeros((n, c.num_heads, c.head_dim_qk), np.float16) for _ in range(c.num_layers)]
+            self.values = [np.zeros((n, c.num_heads, c.head_dim_v), np.float16) for _ in range(c.num_layers)]
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.layers)
+        return sum(k.nbytes for k in self.keys) + (0 if self.config.is_mla else sum(v.nbytes for v in self.values))
 
 
 @dataclass(frozen=True)
@@ -115,7 +125,7 @@ class MLAttention:
     def forward(self, layer: int, h: np.ndarray, segments: list[Segment]) -> np.ndarray:
         """h: [T, D] (already attn-normed) -> attention output [T, D]; writes the new rows into the caches."""
         c, w, mm = self.config, (lambda name: self.weights(layer, name)), self.runner.matmul
-        num_tokens, heads, nope, rope_dim, lora = h.shape[0], c.num_heads, c.head_dim_nope, c.rope_dim, c.kv_lora_rank
+        num_tokens, heads, nope, lora = h.shape[0], c.num_heads, c.head_dim_nope, c.kv_lora_rank
         positions = np.concatenate([np.arange(s.cache.length, s.cache.length + s.count) for s in segments])
         cos, sin = self.rope.cos_sin(positions)
 
@@ -124,38 +134,34 @@ class MLAttention:
         q_nope, q_pe = q[:, :, :nope], YarnRope.apply(q[:, :, nope:], cos, sin)
         kv = mm(w("attn_kv_a_mqa.weight"), h)  # [T, L + R]
         latent = rms_norm(kv[:, :lora], w("attn_kv_a_norm.weight"), c.rms_eps)
-        k_pe = YarnRope.apply(kv[:, lora:], cos, sin)
-        new_rows = np.concatenate([latent, k_pe], axis=1).astype(np.float16)  # [T, L + R]
+        k_pe = YarnRope.apply(kv[:, None, lora:], cos, sin)  # [T, 1, R]
 
         if c.is_mla:
-            # Absorb W_UK into the queries: [H, T, N] x k_b -> [H, T, L]; keys are then the cached rows.
+            # Absorb W_UK into the queries ([H, T, N] x k_b -> [H, T, L]); the cache rows are then the keys.
             q_abs = mm(w("attn_k_b.weight"), np.ascontiguousarray(q_nope.transpose(1, 0, 2)))
             queries = np.concatenate([q_abs, q_pe.transpose(1, 0, 2)], axis=2)  # [H, T, L + R]
-        out = np.empty((heads, num_tokens, c.head_dim_v if not c.is_mla else lora), np.float32)
+            new_keys, new_values = np.concatenate([latent[:, None, :], k_pe], axis=2), None  # [T, 1, L + R]
+        else:
+            # Legacy: expand the latent into per-head keys and values before caching, as llama.cpp does.
+            kv_heads = mm(w("attn_kv_b.weight"), latent).reshape(num_tokens, heads, nope + c.head_dim_v)
+            k_pe_heads = np.broadcast_to(k_pe, (num_tokens, heads, c.rope_dim))
+            new_keys = np.concatenate([kv_heads[:, :, :nope], k_pe_heads], axis=2)  # [T, H, N + R]
+            new_values = kv_heads[:, :, nope:]  # [T, H, V]
+            queries = np.concatenate([q_nope, q_pe], axis=2).transpose(1, 0, 2)  # [H, T, N + R]
+
+        out = np.empty((heads, num_tokens, lora if c.is_mla else c.head_dim_v), np.float32)
         for seg in segments:
-            rows = slice(seg.start, seg.start + seg.count)
-            first, cache = seg.cache.length, seg.cache.layers[layer]
-            if first + seg.count > seg.cache.capacity:
-                raise ValueError(f"sequence needs {first + seg.count} positions but its KV cache holds "
-                                 f"{seg.cache.capacity}; raise the context size")
-            cache[first: first + seg.count] = new_rows[rows]
-            cached = cache[: first + seg.count]
-            if c.is_mla:
-                out[:, rows] = self.runner.attention(queries[:, rows], cached[None], cached[None, :, :lora], first,
-                                                     c.kq_scale)
-            else:
-                out[:, rows] = self._expanded_attention(layer, q_nope[rows], q_pe[rows], cached, first)
+            rows, first, cache = slice(seg.start, seg.start + seg.count), seg.cache.length, seg.cache
+            end = first + seg.count
+            if end > cache.capacity:
+                raise ValueError(f"sequence needs {end} positions but its KV cache holds {cache.capacity}; "
+                                 "raise the context size")
+            cache.keys[layer][first:end] = new_keys[rows]
+            if new_values is not None:
+                cache.values[layer][first:end] = new_values[rows]
+            keys = cache.keys[layer][:end].transpose(1, 0, 2)  # [Hk, S, Dk]
+            values = cache.values[layer][:end].transpose(1, 0, 2)  # [Hk, S, Dv]
+            out[:, rows] = self.runner.attention(queries[:, rows], keys, values, first, c.kq_scale)
         if c.is_mla:
             out = mm(w("attn_v_b.weight"), out)  # [H, T, L] -> [H, T, V]
         return mm(w("attn_output.weight"), np.ascontiguousarray(out.transpose(1, 0, 2)).reshape(num_tokens, -1))
-
-    def _expanded_attention(self, layer, q_nope, q_pe, cached, first) -> np.ndarray:
-        """Legacy attn_kv_b files: per-head keys [k_nope | k_pe] and values from the cached latents."""
-        c = self.config
-        kv = self.runner.matmul(self.weights(layer, "attn_kv_b.weight"), cached[:, :c.kv_lora_rank].astype(np.float32))
-        kv = kv.reshape(len(cached), c.num_heads, c.head_dim_nope + c.head_dim_v).astype(np.float16)
-        k_pe = np.broadcast_to(cached[:, None, c.kv_lora_rank:], (len(cached), c.num_heads, c.rope_dim))
-        keys = np.concatenate([kv[:, :, :c.head_dim_nope], k_pe], axis=2).transpose(1, 0, 2)  # [H, S, N + R]
-        values = kv[:, :, c.head_dim_nope:].transpose(1, 0, 2)  # [H, S, V]
-        queries = np.concatenate([q_nope, q_pe], axis=2).transpose(1, 0, 2)  # [H, T, N + R]
-        return self.runner.attention(queries, keys, values, first, c.kq_scale)

@@ -66,8 +66,9 @@ def _write_metadata(writer: GGUFWriter, p: Preset, vocab_size: int, legacy_atten
         "expert_feed_forward_length": p.n_ff_expert, "expert_shared_count": 1, "rope.dimension_count": p.rope_dim,
         "rope.scaling.original_context_length": 4096,
     }
-    if legacy_attention:  # pre-MLA files: per-head key/value sizes, no *_mla keys
-        u32.update({"attention.key_length": p.head_dim_nope + p.rope_dim, "attention.value_length": p.head_dim_v})
+    if legacy_attention:  # pre-MLA files: per-head keys and values (MHA), no *_mla keys
+        u32.update({"attention.head_count_kv": p.num_heads, "attention.key_length": p.head_dim_nope + p.rope_dim,
+                    "attention.value_length": p.head_dim_v})
     else:
         u32.update({"attention.key_length": p.kv_lora_rank + p.rope_dim, "attention.value_length": p.kv_lora_rank,
                     "attention.key_length_mla": p.head_dim_nope + p.rope_dim,
