@@ -1,0 +1,124 @@
+"""Decode and prompt speed of `kimi-cluster generate` against llama.cpp on the same file, side by side.
+
+    python tests/bench/bench_decode.py [MODEL.gguf] [--threads N] [--rounds R] [--tokens N]
+
+Without MODEL it writes the k2-slice preset (Kimi K2's real widths, 3 layers, 16 experts) quantized to
+Q4_K_M by llama.cpp. Each round runs our CLI and llama.cpp (llama-cpp-python, default settings) one
+after the other in fresh processes, with the same thread count, a 128-token prompt and greedy decoding;
+the medians over rounds are compared. Peak RSS is read from /proc while each process runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO_ROOT))
+
+from runtime.gguf_file import GGUFModelFile  # noqa: E402
+from runtime.tokenizer import Tokenizer  # noqa: E402
+
+PROMPT_TOKENS = 128
+TEXT = ("Kimi pools the memory of several machines so that a model too large for any one of them can run. "
+        "Each layer's experts are spread over every node, and hidden states travel between them. ") * 20
+
+LLAMA_SCRIPT = """
+import json, resource, sys, time
+import numpy as np
+import llama_cpp
+args = json.loads(sys.argv[1])
+llm = llama_cpp.Llama(model_path=args["model"], n_ctx=512, n_batch=512, n_threads=args["threads"],
+                      n_threads_batch=args["threads"], verbose=False)
+start = time.perf_counter()
+llm.eval(args["prompt"])
+prompt_s = time.perf_counter() - start
+token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+start = time.perf_counter()
+for _ in range(args["tokens"] - 1):
+    llm.eval([token])
+    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+decode_s = time.perf_counter() - start
+print(json.dumps({"prompt_tokens_per_s": len(args["prompt"]) / prompt_s,
+                  "tokens_per_s": (args["tokens"] - 1) / decode_s,
+                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def run_with_peak_rss(cmd: list[str]) -> tuple[dict, int]:
+    """Run a command that prints one JSON object; return it and the process's peak RSS (VmHWM)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]) * 1024)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+        time.sleep(0.05)
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed:\n{err[-3000:]}")
+    return json.loads(out.strip().splitlines()[-1]), peak
+
+
+def prompt_of_exact_length(tokenizer: Tokenizer) -> tuple[str, list[int]]:
+    ids = tokenizer.encode(TEXT)[:PROMPT_TOKENS]
+    text = tokenizer.decode(ids)
+    ids = tokenizer.encode(text)
+    if len(ids) != PROMPT_TOKENS:
+        raise RuntimeError(f"prompt re-tokenizes to {len(ids)} tokens, expected {PROMPT_TOKENS}")
+    return text, ids
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", nargs="?", help="GGUF file (default: make the k2-slice Q4_K_M file)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=32, help="tokens to generate per run")
+    args = parser.parse_args()
+
+    model = Path(args.model) if args.model else REPO_ROOT / "build" / "k2-slice-Q4_K_M.gguf"
+    if not model.exists():
+        from runtime.demo_model import make_model
+        print(f"writing {model} (k2-slice, Q4_K_M) ...", flush=True)
+        make_model(model, "k2-slice", "Q4_K_M")
+    model_file = GGUFModelFile(model)
+    text, ids = prompt_of_exact_length(Tokenizer.from_metadata(model_file.metadata))
+    ours_cmd = [sys.executable, "-m", "cluster.cli", "generate", str(model), "--prompt", text, "--max-tokens",
+                str(args.tokens), "--threads", str(args.threads), "--json"]
+    llama_cmd = [sys.executable, "-c", LLAMA_SCRIPT,
+                 json.dumps({"model": str(model), "prompt": ids, "tokens": args.tokens, "threads": args.threads})]
+
+    print(f"model: {model} ({model_file.file_bytes / 1e9:.2f} GB), threads: {args.threads}, "
+          f"prompt: {PROMPT_TOKENS} tokens, generate: {args.tokens} tokens, rounds: {args.rounds} (+1 warm-up)")
+    results: dict[str, list[tuple[dict, int]]] = {"kimi-cluster": [], "llama.cpp": []}
+    for round_no in range(args.rounds + 1):
+        for name, cmd in (("kimi-cluster", ours_cmd), ("llama.cpp", llama_cmd)):
+            result = run_with_peak_rss(cmd)
+            if round_no > 0:  # the first round warms the page cache for both
+                results[name].append(result)
+                print(f"  round {round_no} {name:12s} decode {result[0]['tokens_per_s']:7.2f} tok/s   "
+                      f"prompt {result[0]['prompt_tokens_per_s']:8.2f} tok/s   peak RSS {result[1] / 1e9:.2f} GB",
+                      flush=True)
+
+    def median(name: str, key: str) -> float:
+        return statistics.median(r[0][key] for r in results[name])
+
+    print("\nmedians                 kimi-cluster    llama.cpp    ratio")
+    for label, key in (("decode tokens/s", "tokens_per_s"), ("prompt tokens/s", "prompt_tokens_per_s")):
+        ours, theirs = median("kimi-cluster", key), median("llama.cpp", key)
+        print(f"  {label:20s} {ours:12.2f} {theirs:12.2f} {ours / theirs:8.2f}x")
+    for name in results:
+        peak = max(r[1] for r in results[name])
+        print(f"  peak RSS {name:12s} {peak / 1e9:6.2f} GB = {peak / model_file.file_bytes:.2f}x the file size")
+
+
+if __name__ == "__main__":
+    main()
