@@ -11,10 +11,11 @@ Rounding modes for activations:
          half away from zero (`roundf`). The two differ only when x*scale lands on (or within an ulp
          of) a half-integer: rare for random data, common for small-integer test inputs.
   "none" float32 activations, like a naive numpy port.
+(ARM's NEON quantizers mix the two, 1/(amax/127) with ties to even; neither mode matches them exactly.)
 """
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import Literal, Protocol, get_args
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -31,7 +32,7 @@ VEC_DOT_TYPE: dict[GGMLQuantizationType, GGMLQuantizationType] = {
     **{t: Q.Q8_K for t in (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS,
                            Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S, Q.IQ4_XS, Q.TQ1_0, Q.TQ2_0)},
 }
-_ROUNDINGS = ("x86", "ref", "none")
+_ROUNDINGS = get_args(Rounding)
 
 
 class QuantTensor(Protocol):
@@ -41,13 +42,21 @@ class QuantTensor(Protocol):
     data: np.ndarray
 
 
-def dequantize(raw: np.ndarray, ggml_type: GGMLQuantizationType, ne: tuple[int, ...]) -> np.ndarray:
-    """Bytes of a ggml tensor of shape ne (ne0 first) -> float32 array of numpy shape reversed(ne)."""
+def _row_bytes(raw: np.ndarray, ggml_type: GGMLQuantizationType, ne: tuple[int, ...]) -> int:
+    """Bytes per row of a tensor of ggml shape ne, after checking that raw holds exactly that tensor."""
     block_size, type_size = GGML_QUANT_SIZES[ggml_type]
     if ne[0] % block_size:
         raise ValueError(f"{ggml_type.name} rows hold whole blocks of {block_size}; ne0 = {ne[0]} is not a multiple")
     row_bytes = ne[0] // block_size * type_size
-    rows = np.ascontiguousarray(raw).view(np.uint8).reshape(-1, row_bytes)
+    expected = int(np.prod(ne[1:], dtype=np.int64)) * row_bytes
+    if raw.nbytes != expected:
+        raise ValueError(f"{ggml_type.name} {list(ne)} needs {expected} bytes, got {raw.nbytes}")
+    return row_bytes
+
+
+def dequantize(raw: np.ndarray, ggml_type: GGMLQuantizationType, ne: tuple[int, ...]) -> np.ndarray:
+    """Bytes of a ggml tensor of shape ne (ne0 first) -> float32 array of numpy shape reversed(ne)."""
+    rows = np.ascontiguousarray(raw).view(np.uint8).reshape(-1, _row_bytes(raw, ggml_type, ne))
     return gguf_quants.dequantize(rows, ggml_type).reshape(tuple(reversed(ne)))
 
 
@@ -133,8 +142,8 @@ def matmul(raw: np.ndarray, ggml_type: GGMLQuantizationType, ne: tuple[int, int]
 def _matmul_with_mins(raw: np.ndarray, ggml_type: GGMLQuantizationType, ne: tuple[int, int], x: np.ndarray,
                       rounding: Rounding) -> np.ndarray:
     """Q4_1/Q5_1 (block = d, m, quants): ggml computes sum_b d*q . x_q + m_b * s_b with Q8_1's fp16 s_b."""
-    block_size, type_size = GGML_QUANT_SIZES[ggml_type]
-    blocks = np.ascontiguousarray(raw).view(np.uint8).reshape(ne[1], ne[0] // block_size, type_size)
+    rows = np.ascontiguousarray(raw).view(np.uint8).reshape(-1, _row_bytes(raw, ggml_type, ne))
+    blocks = rows.reshape(ne[1], -1, GGML_QUANT_SIZES[ggml_type][1])  # [M, K/32, bytes per block]
     mins = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64)  # [M, K/32]
     without_mins = blocks.copy()
     without_mins[..., 2:4] = 0

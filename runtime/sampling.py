@@ -1,0 +1,141 @@
+"""Next-token sampling over a logits vector, in llama.cpp's default sampler-chain order.
+
+penalties -> top-k -> top-p -> min-p -> temperature -> draw (llama-sampler.cpp). top-p and min-p
+therefore see the untempered distribution, exactly as in llama.cpp. Ties between equal logits go to
+the lowest token id, so results do not depend on sort stability.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # keep tokens with p >= min_p * p_max; 0 = off
+    repetition_penalty: float = 1.0  # seen tokens: positive logits / penalty, negative ones * penalty
+    presence_penalty: float = 0.0  # OpenAI: subtracted once from each seen token's logit
+    frequency_penalty: float = 0.0  # OpenAI: subtracted once per occurrence
+    seed: int | None = None  # None = fresh OS entropy
+
+    def __post_init__(self):
+        # Comparisons are written so that NaN fails them.
+        checks = [
+            ("temperature", _is_real(self.temperature) and 0 <= self.temperature < math.inf,
+             "a finite number >= 0 (0 = greedy)"),
+            ("top_k", _is_int(self.top_k) and self.top_k >= 0, "an integer >= 0 (0 = off)"),
+            ("top_p", _is_real(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1] (1 = off)"),
+            ("min_p", _is_real(self.min_p) and 0 <= self.min_p <= 1, "a number in [0, 1] (0 = off)"),
+            ("repetition_penalty", _is_real(self.repetition_penalty) and 0 < self.repetition_penalty < math.inf,
+             "a finite number > 0 (1 = off)"),
+            ("presence_penalty", _is_real(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+             "a number in [-2, 2] (0 = off)"),
+            ("frequency_penalty", _is_real(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+             "a number in [-2, 2] (0 = off)"),
+            ("seed", self.seed is None or (_is_int(self.seed) and self.seed >= 0), "None or an integer >= 0"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"SamplingParams.{name} must be {allowed}, got {getattr(self, name)!r}")
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+class Sampler:
+    """Samples token ids with its own random generator: the same seed gives the same tokens."""
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self._rng = np.random.default_rng(params.seed)
+
+    def sample(self, logits: np.ndarray, previous_tokens: Sequence[int]) -> int:
+        """logits: [V]; previous_tokens: the ids to penalize (the caller chooses the window)."""
+        logits = np.asarray(logits, dtype=np.float32)
+        if logits.ndim != 1 or logits.size == 0:
+            raise ValueError(f"logits must be a non-empty 1-D vector, got shape {logits.shape}")
+        if np.isnan(logits).any():
+            raise ValueError("logits contain NaN; the forward pass produced invalid values")
+        p = self.params
+        if p.has_penalties:
+            logits = self._penalize(logits, previous_tokens)
+        if p.temperature == 0:
+            return int(np.argmax(logits))  # first index on ties
+
+        ids, values = np.arange(logits.size), logits
+        if p.top_k:
+            order = _largest(values, p.top_k)
+            ids, values = ids[order], values[order]
+        if p.top_p < 1:
+            # like llama.cpp, look at the 256 most likely tokens first and sort everything only if they fall short
+            order = _largest(values, 256)
+            probs = _softmax(values)
+            if probs[order].sum() < p.top_p:
+                order = _largest(values, values.size)
+            # keep the shortest prefix whose mass reaches top_p (always at least one token)
+            num_kept = int(np.searchsorted(np.cumsum(probs[order]), p.top_p, side="left")) + 1
+            order = order[:num_kept]
+            ids, values = ids[order], values[order]
+        if p.min_p > 0:
+            # p_i >= min_p * p_max  <=>  logit_i >= max_logit + log(min_p)
+            keep = values >= values.max() + np.float32(math.log(p.min_p))
+            ids, values = ids[keep], values[keep]
+        return int(ids[self._draw(_softmax(values / np.float32(p.temperature)))])
+
+    def _penalize(self, logits: np.ndarray, previous_tokens: Sequence[int]) -> np.ndarray:
+        tokens = np.asarray(previous_tokens, dtype=np.int64).reshape(-1)
+        if tokens.size == 0:
+            return logits
+        if tokens.min() < 0 or tokens.max() >= logits.size:
+            raise ValueError(f"previous_tokens must be ids in [0, {logits.size}), "
+                             f"got values from {tokens.min()} to {tokens.max()}")
+        p = self.params
+        seen, counts = np.unique(tokens, return_counts=True)
+        values = logits[seen]
+        penalty = np.float32(p.repetition_penalty)
+        values = np.where(values <= 0, values * penalty, values / penalty)
+        values = values - (counts * p.frequency_penalty + p.presence_penalty).astype(np.float32)
+        logits = logits.copy()
+        logits[seen] = values
+        return logits
+
+    def _draw(self, probs: np.ndarray) -> int:
+        """Index i with probability probs[i]; one uniform draw per call, as llama.cpp's dist sampler."""
+        cumulative = np.cumsum(probs)
+        target = self._rng.random() * cumulative[-1]
+        # side="right" never lands on a zero-probability entry
+        return min(int(np.searchsorted(cumulative, target, side="right")), probs.size - 1)
+
+
+def _largest(values: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the n largest values, largest first, lower index first among equal values."""
+    if n < values.size:
+        threshold = np.partition(values, values.size - n)[values.size - n]
+        candidates = np.flatnonzero(values >= threshold)  # ascending, possibly more than n on ties
+    else:
+        candidates = np.arange(values.size)
+    return candidates[np.argsort(-values[candidates], kind="stable")[:n]]
+
+
+def _softmax(values: np.ndarray) -> np.ndarray:
+    """float64 probabilities; -inf logits get 0."""
+    top = values.max()
+    if top == -np.inf:
+        raise ValueError("every candidate logit is -inf; nothing can be sampled")
+    weights = np.exp(values.astype(np.float64) - top)
+    return weights / weights.sum()
