@@ -127,6 +127,9 @@ class GgmlRunner:
     def matmul(self, w: Weight, x: np.ndarray) -> np.ndarray:
         """x: [..., K] float32 -> [..., M] with w of ggml shape [K, M, (batch)]: numpy's w @ x per row."""
         x = np.ascontiguousarray(x, dtype=np.float32)
+        # ggml aborts the process on mismatched shapes; refuse them here instead.
+        if x.shape[-1] != w.ne[0] or (len(w.ne) == 3 and (x.ndim != 3 or x.shape[0] % w.ne[2])):
+            raise ValueError(f"cannot multiply a weight of ggml shape {list(w.ne)} with input of shape {x.shape}")
         out_bytes = x.size // w.ne[0] * w.ne[1] * 4
         with _Graph(self, out_bytes) as g:
             return g.compute(ggml.ggml_mul_mat(g.ctx, g.weight(w), g.input(x)), x.ndim)
@@ -134,6 +137,8 @@ class GgmlRunner:
     def get_rows(self, w: Weight, ids: np.ndarray) -> np.ndarray:
         """Rows of a (quantized) table, dequantized to float32: [len(ids), ne0]."""
         ids = np.ascontiguousarray(ids, dtype=np.int32)
+        if ids.size and (ids.min() < 0 or ids.max() >= w.ne[1]):
+            raise ValueError(f"row ids must lie in [0, {w.ne[1]}), got {ids.min()}..{ids.max()}")
         with _Graph(self, len(ids) * w.ne[0] * 4) as g:
             return g.compute(ggml.ggml_get_rows(g.ctx, g.weight(w), g.input(ids)), 2)
 
@@ -177,6 +182,11 @@ class GgmlRunner:
         """
         num_tokens, k = ids.shape
         n_embd, n_ff = down.ne[1], down.ne[0]
+        if ids.size and (ids.min() < 0 or ids.max() >= down.ne[2]):
+            raise ValueError(f"expert ids must lie in [0, {down.ne[2]}), got {ids.min()}..{ids.max()}")
+        if x.shape != (num_tokens, n_embd) or weights.shape != ids.shape:
+            raise ValueError(f"expert inputs disagree: x {x.shape}, ids {ids.shape}, weights {weights.shape}, "
+                             f"n_embd {n_embd}")
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(num_tokens, 1, n_embd)
         ids = np.ascontiguousarray(ids, dtype=np.int32)
         weights = np.ascontiguousarray(weights, dtype=np.float32).reshape(num_tokens, k, 1)
