@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -169,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # One-shot jobs keep ggml's OpenMP threads spinning between ops (faster by ~25% per token);
+    # must be set before ggml loads. Servers leave the default passive policy so idle costs nothing.
+    os.environ.setdefault("OMP_WAIT_POLICY", "active")
     from runtime.gguf_file import GGUFError
     try:
         args.func(args)
