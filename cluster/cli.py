@@ -44,7 +44,7 @@ def cmd_generate(args) -> None:
                             frequency_penalty=args.frequency_penalty, seed=args.seed)
     engine = Engine(model, context_size=min(args.context, model.config.context_length))
     stats = GenerationStats()
-    decoder = tokenizer.StreamDecoder() if not args.json else None
+    decoder = tokenizer.stream_decoder() if not args.json else None
     tokens = []
     for token in engine.generate(prompt, args.max_tokens, params, frozenset(tokenizer.eog_ids), stats):
         tokens.append(token)

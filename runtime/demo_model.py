@@ -20,6 +20,8 @@ from gguf import GGUFWriter
 from .demo_vocab import add_tokenizer_to, demo_tokenizer_metadata
 
 ARCH = "deepseek2"
+RESIDUAL_OUTPUTS = ("attn_output.weight", "ffn_down.weight", "ffn_down_exps.weight", "ffn_down_shexp.weight")
+RESIDUAL_BRANCH_SCALE = 0.25
 
 
 @dataclass(frozen=True)
@@ -125,8 +127,10 @@ def _random_tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...], 
     if fan_in is None:  # norms near 1, selection bias small
         centre = 0.0 if name.endswith(".bias") else 1.0
         return (centre + 0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
-    # Embeddings get unit scale; the output head is scaled up so logits spread like a trained model's.
-    scale = 4.0 if name == "output.weight" else 1.0
+    # Embeddings get unit scale; the output head is scaled up so logits spread like a trained model's;
+    # projections back into the residual stream are scaled down so that, as in a trained model, each
+    # layer adjusts the stream rather than replacing it (and rounding noise is not amplified layer by layer).
+    scale = 4.0 if name == "output.weight" else RESIDUAL_BRANCH_SCALE if name.endswith(RESIDUAL_OUTPUTS) else 1.0
     return (rng.standard_normal(shape, dtype=np.float32) * np.float32(scale / np.sqrt(fan_in)))
 
 

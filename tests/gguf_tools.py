@@ -12,6 +12,7 @@ from runtime.gguf_file import field_value
 def rewrite_gguf(src: Path, dst: Path, *, drop_keys: set[str] = frozenset(), drop_tensors: set[str] = frozenset(),
                  set_keys: dict[str, tuple[Any, GGUFValueType]] | None = None, split_parts: int = 1) -> Path:
     """Copy src to dst (dst names the first part when split_parts > 1), tensors byte for byte."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
     reader = GGUFReader(src)
     arch = field_value(reader.fields["general.architecture"])
     tensors = [t for t in reader.tensors if t.name not in drop_tensors]

@@ -9,6 +9,10 @@ the request and parse the reply.
     vocab     {"model"} -> {"n_vocab", "bos", "eos", "eog": [int], "add_bos"}
     chat      {"model", "messages": [{role, content}], "add_generation_prompt"} -> str
               (llama_chat_apply_template with the file's template: llama.cpp's built-in formatter)
+    generate  {"model", "prompt": [int], "n", "repack", "forced": [int] | null}
+              -> {"tokens": [int], "logits": [[float]]}: greedy tokens, and the logits after the prompt
+              and after each later token (fed greedily, or the `forced` ones); flash attention off;
+              repack false selects llama.cpp's plain CPU kernels (no "extra" buffer types)
 """
 from __future__ import annotations
 
@@ -80,8 +84,35 @@ def _chat(request: dict[str, Any]) -> str:
         size = n
 
 
+def _generate(request: dict[str, Any]) -> dict[str, Any]:
+    import llama_cpp
+    import llama_cpp.llama as llama_module
+    import numpy as np
+
+    default_params = llama_cpp.llama_model_default_params
+
+    def model_params():
+        params = default_params()
+        params.use_extra_bufts = request["repack"]
+        return params
+    llama_module.llama_cpp.llama_model_default_params = model_params
+    forced = request.get("forced")
+    n = request["n"] if forced is None else len(forced) + 1
+    llm = llama_cpp.Llama(model_path=request["model"], n_ctx=len(request["prompt"]) + n + 1, n_threads=2,
+                          logits_all=True, flash_attn=False, verbose=False)
+    llm.eval(request["prompt"])
+    tokens, logits = [], [np.array(llm.scores[llm.n_tokens - 1], np.float32)]
+    for step in range(n):
+        tokens.append(int(np.argmax(logits[-1])))
+        if step == n - 1:
+            break
+        llm.eval([tokens[-1] if forced is None else forced[step]])
+        logits.append(np.array(llm.scores[llm.n_tokens - 1], np.float32))
+    return {"tokens": tokens, "logits": [row.tolist() for row in logits]}
+
+
 COMMANDS: dict[str, Callable[[dict[str, Any]], Any]] = {
-    "tokenize": _tokenize, "pieces": _pieces, "vocab": _vocab, "chat": _chat,
+    "tokenize": _tokenize, "pieces": _pieces, "vocab": _vocab, "chat": _chat, "generate": _generate,
 }
 
 
@@ -118,6 +149,15 @@ def vocab_info(model_path: str | Path) -> dict[str, Any]:
 def chat(model_path: str | Path, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
     return run("chat", {"model": str(model_path), "messages": messages,
                         "add_generation_prompt": add_generation_prompt})
+
+
+def generate(model_path: str | Path, prompt: list[int], n: int, repack: bool,
+             forced: list[int] | None = None) -> dict[str, Any]:
+    """llama.cpp's greedy tokens and its logits rows ([n, V] float32: after the prompt, then per token)."""
+    import numpy as np
+    reply = run("generate", {"model": str(model_path), "prompt": prompt, "n": n, "repack": repack,
+                             "forced": forced})
+    return {"tokens": reply["tokens"], "logits": np.array(reply["logits"], np.float32)}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,124 @@
+"""The runtime against llama.cpp itself, on the project's own models quantized by llama.cpp.
+
+llama.cpp runs in a subprocess. Its plain CPU kernels (`repack=False`) are the ggml kernels this runtime
+calls; its default x86 build also has "repack" kernels that round differently. We hold ourselves to
+llama.cpp's plain path, within the spread llama.cpp shows between its own two paths.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from runtime.attention import Segment
+from runtime.engine import Engine, GenerationStats
+from runtime.gguf_file import GGUFModelFile
+from runtime.model import KimiModel
+from runtime.tokenizer import Tokenizer
+from tests import llama_oracle
+from tests.gguf_tools import rewrite_gguf
+
+PROMPT = "<|im_user|>user<|im_middle|>Tell me about pooling memory across computers.<|im_end|>"
+NUM_TOKENS = 32
+# Both sides run ggml kernels, but two ggml builds round a few activations one ulp apart; ggml's 8-bit
+# activation quantization turns such an ulp into a full quantization step now and then, and the
+# layers carry it on. Measured on the tiny models, relative to the logit range: F32 1e-4, Q8_0 3.6e-3,
+# Q4_K_M 8.6e-3, Q2_K 9.2e-3, while llama.cpp's own two x86 code paths (plain and "repack") differ by
+# up to 6.5e-2 on Q4_K_M and 8.5e-3 on Q2_K. A real bug (a wrong scale, position, expert) moves logits
+# by tens of percent of the range.
+LOGITS_TOLERANCE = 1.5e-2
+
+
+def prompt_tokens(path) -> list[int]:
+    return Tokenizer.from_metadata(GGUFModelFile(path).metadata).encode(PROMPT)
+
+
+def our_greedy(path, prompt: list[int]) -> tuple[list[int], np.ndarray]:
+    engine = Engine(KimiModel(GGUFModelFile(path)), context_size=256)
+    stats = GenerationStats()
+    tokens = list(engine.generate(prompt, NUM_TOKENS, stats=stats))
+    return tokens, stats.prompt_logits
+
+
+def our_teacher_forced(path, prompt: list[int], tokens: list[int]) -> np.ndarray:
+    """Logits after the prompt and after each of `tokens` fed in turn: [len(tokens) + 1, V]."""
+    model = KimiModel(GGUFModelFile(path))
+    cache = model.new_cache(len(prompt) + len(tokens))
+    steps = [model.forward(np.array(prompt), [Segment(cache, 0, len(prompt))])[0]]
+    for token in tokens:
+        steps.append(model.forward(np.array([token]), [Segment(cache, 0, 1)])[0])
+    return np.stack(steps)
+
+
+def relative_to_range(ours: np.ndarray, reference: np.ndarray) -> float:
+    """max |ours - reference| over the (largest) logit range of the reference rows."""
+    return float(np.abs(ours - reference).max() / np.ptp(reference, axis=-1).max())
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+@pytest.fixture(scope="session")
+def tiny_split(make_tiny, model_dir):
+    return rewrite_gguf(make_tiny("Q4_K_M"), model_dir / "split" / "tiny-Q4_K_M.gguf", split_parts=3)
+
+
+@pytest.fixture(scope="session")
+def model_path(request, make_tiny, tiny_split):
+    quant, legacy, split = request.param
+    return tiny_split if split else make_tiny(quant, legacy)
+
+
+CASES = {  # id: (quant, legacy attention, split into 3 files)
+    "F32": (None, False, False), "Q8_0": ("Q8_0", False, False), "Q4_K_M": ("Q4_K_M", False, False),
+    "Q2_K": ("Q2_K", False, False), "Q4_K_M-split": ("Q4_K_M", False, True),
+    "Q8_0-legacy-kv_b": ("Q8_0", True, False),
+}
+
+
+@pytest.mark.parametrize("model_path", list(CASES.values()), ids=list(CASES), indirect=True)
+def test_greedy_tokens_and_logits_match_llama_cpp(model_path):
+    prompt = prompt_tokens(model_path)
+    plain = llama_oracle.generate(model_path, prompt, NUM_TOKENS, repack=False)
+    repacked = llama_oracle.generate(model_path, prompt, NUM_TOKENS, repack=True)
+    tokens, prompt_logits = our_greedy(model_path, prompt)
+    # Greedy decoding follows llama.cpp at least as long as llama.cpp's two CPU paths follow each
+    # other: all 32 tokens unless llama.cpp itself splits at a near-tie.
+    assert common_prefix(tokens, plain["tokens"]) >= common_prefix(repacked["tokens"], plain["tokens"])
+    assert common_prefix(tokens, plain["tokens"]) >= NUM_TOKENS * 3 // 4
+    assert relative_to_range(prompt_logits, plain["logits"][0]) <= LOGITS_TOLERANCE
+    # Teacher-forced along llama.cpp's tokens: every step's logits, and its argmax wherever the top
+    # two logits are further apart than the tolerance.
+    steps = our_teacher_forced(model_path, prompt, plain["tokens"][:-1])
+    assert relative_to_range(steps, plain["logits"]) <= LOGITS_TOLERANCE
+    top2 = np.sort(plain["logits"], axis=1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 2 * LOGITS_TOLERANCE * np.ptp(plain["logits"], axis=1)
+    assert np.array_equal(steps.argmax(axis=1)[clear], np.array(plain["tokens"])[clear])
+
+
+def test_split_file_gives_the_single_file_logits_exactly(make_tiny, tiny_split):
+    prompt = prompt_tokens(tiny_split)
+    single = our_teacher_forced(make_tiny("Q4_K_M"), prompt, [5, 6, 7])
+    split = our_teacher_forced(tiny_split, prompt, [5, 6, 7])
+    assert np.array_equal(single, split)
+
+
+def test_cli_generate_json_and_logits_out(tiny_q4km, tmp_path):
+    logits_file = tmp_path / "logits.npy"
+    result = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", str(tiny_q4km), "--prompt", PROMPT,
+                             "--max-tokens", "8", "--json", "--logits-out", str(logits_file)],
+                            capture_output=True, text=True, check=True)
+    out = json.loads(result.stdout)
+    reference = llama_oracle.generate(tiny_q4km, out["prompt_tokens"], 8, repack=False)
+    assert out["prompt_tokens"] == prompt_tokens(tiny_q4km)
+    # The CLI stops at an end-of-generation token; up to there it must follow llama.cpp.
+    assert out["tokens"] == reference["tokens"][: len(out["tokens"])]
+    assert len(out["tokens"]) == 8 or out["finish_reason"] == "stop"
+    assert out["tokens_per_s"] > 0
+    logits = np.load(logits_file)
+    assert logits.dtype == np.float32 and logits.shape == reference["logits"][0].shape
+    assert relative_to_range(logits, reference["logits"][0]) <= LOGITS_TOLERANCE
