@@ -78,7 +78,7 @@ def cmd_inspect(args) -> None:
           f"attention: {'MLA (absorbed)' if config.is_mla else 'legacy kv_b'}")
     print(f"experts: {config.num_experts} routed, {config.num_experts_used} used, {config.num_shared_experts} "
           f"shared, n_ff {config.n_ff_expert}  gating: {'sigmoid' if config.gating_func == 2 else 'softmax'}  "
-          f"scale: {config.expert_weights_scale}  groups: {config.num_expert_groups}")
+          f"scale: {config.expert_weights_scale:.4g}  groups: {config.num_expert_groups}")
     print(f"context: {config.context_length}  rope: {config.rope_scaling_type} x{config.rope_factor:g} "
           f"base {config.rope_base:g}  vocab: {config.vocab_size}")
     by_type: dict[str, list[int]] = {}
