@@ -17,13 +17,13 @@ class UserError(Exception):
     """A problem the user can fix; printed as one line, without a traceback."""
 
 
-def _load_model(path: str, threads: int | None):
+def _load_model(path: str, threads: int | None, repack: str):
     from runtime.ggml_ops import GgmlRunner
     from runtime.gguf_file import GGUFModelFile
     from runtime.model import KimiModel
     from runtime.tokenizer import Tokenizer
     model_file = GGUFModelFile(path)
-    model = KimiModel(model_file, GgmlRunner(threads))
+    model = KimiModel(model_file, GgmlRunner(threads), repack=repack)
     return model, Tokenizer.from_metadata(model_file.metadata)
 
 
@@ -37,7 +37,7 @@ def _prompt_tokens(tokenizer, text: str, chat: bool) -> list[int]:
 def cmd_generate(args) -> None:
     from runtime.engine import Engine, GenerationStats
     from runtime.sampling import SamplingParams
-    model, tokenizer = _load_model(args.model, args.threads)
+    model, tokenizer = _load_model(args.model, args.threads, args.repack)
     prompt = _prompt_tokens(tokenizer, args.prompt, args.chat)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                             repetition_penalty=args.repeat_penalty, presence_penalty=args.presence_penalty,
@@ -126,6 +126,10 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed: same seed, same output")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
     p.add_argument("--context", type=int, default=4096, help="context size in tokens (default 4096)")
+    p.add_argument("--repack", choices=["none", "head", "all"], default="head",
+                   help="copy weights into ggml's faster interleaved layout, as llama.cpp does on x86: "
+                        "head = all but the routed experts (default), all = experts too (needs RAM for "
+                        "the whole model), none = read everything in place from the file")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,9 @@
 Each op builds a small ggml graph, points its weight tensors at the mapped file and its inputs at numpy
 arrays, computes it on the CPU and returns numpy. ggml quantizes activations to Q8_0/Q8_K before
 quantized dot products, exactly as llama.cpp does, so results agree with llama.cpp to float rounding.
+
+Optionally a weight is copied into ggml's CPU "repack" buffer, which interleaves rows for faster
+kernels (what llama.cpp does by default on x86): 1.3-2x faster, at the cost of a private copy.
 """
 from __future__ import annotations
 
@@ -26,6 +29,55 @@ COMPUTABLE_TYPES = frozenset({
 })
 _TENSOR_OVERHEAD = ggml.ggml_tensor_overhead()
 _GRAPH_OVERHEAD = ggml.ggml_graph_overhead()
+
+
+def _declare_backend_functions():
+    """ggml-python 0.0.45 declares some backend functions' pointer results so that ctypes truncates
+    them to 32 bits; declare the ones used here with full-width pointers, in one place."""
+    p, size = ctypes.c_void_p, ctypes.c_size_t
+    for name, restype, argtypes in (
+            ("ggml_backend_cpu_reg", p, []), ("ggml_backend_reg_dev_get", p, [p, size]),
+            ("ggml_backend_reg_get_proc_address", p, [p, ctypes.c_char_p]),
+            ("ggml_backend_buft_name", ctypes.c_char_p, [p]),
+            ("ggml_backend_buft_get_alloc_size", size, [p, p]),
+            ("ggml_backend_buft_alloc_buffer", p, [p, size]), ("ggml_backend_buffer_get_base", p, [p]),
+            ("ggml_backend_buffer_free", None, [p]), ("ggml_backend_tensor_alloc", ctypes.c_int, [p, p, p]),
+            ("ggml_backend_tensor_set", None, [p, p, size, size])):
+        function = getattr(ggml.lib, name)
+        function.restype, function.argtypes = restype, argtypes
+    return ggml.lib
+
+
+_lib = _declare_backend_functions()
+
+
+def _repack_buffer_type() -> int | None:
+    """ggml's CPU_REPACK buffer type, if this CPU has repacked kernels."""
+    reg = _lib.ggml_backend_cpu_reg()
+    get_extra = _lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts")
+    if not get_extra:
+        return None
+    bufts = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(get_extra)(
+        _lib.ggml_backend_reg_dev_get(reg, 0))
+    i = 0
+    while bufts[i]:
+        if _lib.ggml_backend_buft_name(bufts[i]) == b"CPU_REPACK":
+            return bufts[i]
+        i += 1
+    return None
+
+
+_REPACK_BUFFER_TYPE = _repack_buffer_type()
+
+
+@ggml.ggml_log_callback
+def _log_warnings_only(level, text, user_data):
+    # ggml logs every repacked tensor at debug level; keep warnings and errors.
+    if level >= ggml.GGML_LOG_LEVEL_WARN and text:
+        os.write(2, text)
+
+
+ggml.ggml_log_set(_log_warnings_only, None)
 
 
 @dataclass(frozen=True)
@@ -55,6 +107,46 @@ class Weight:
         return Weight(self.ggml_type, self.ne[:-1] + (stop - start,), raw)
 
 
+class RepackedWeight:
+    """A weight copied into ggml's CPU repack buffer: same type and shape, private interleaved bytes."""
+
+    def __init__(self, ggml_type: GGMLQuantizationType, ne: tuple[int, ...], ctx, tensor, buffer: int):
+        self.ggml_type, self.ne = ggml_type, ne
+        self._ctx, self.tensor, self._buffer = ctx, tensor, buffer
+
+    @property
+    def nbytes(self) -> int:
+        block_size, type_size = GGML_QUANT_SIZES[self.ggml_type]
+        return int(np.prod(self.ne)) // block_size * type_size
+
+    def __del__(self):
+        _lib.ggml_backend_buffer_free(self._buffer)
+        ggml.ggml_free(self._ctx)
+
+
+def repack(w: Weight) -> Weight | RepackedWeight:
+    """Copy w into the CPU repack buffer when this CPU has interleaved kernels for its type and shape
+    (e.g. Q4_0, Q4_K, Q6_K, IQ4_NL, Q8_0 with rows in multiples of 8); otherwise return w unchanged.
+    Repacked 2-D weights serve matmul and ffn; repacked 3-D (expert) weights serve expert_ffn only."""
+    if _REPACK_BUFFER_TYPE is None or len(w.ne) not in (2, 3):
+        return w
+    ctx = ggml.ggml_init(ggml.ggml_init_params(mem_size=_TENSOR_OVERHEAD, mem_buffer=None, no_alloc=True))
+    tensor = ggml.ggml_new_tensor_4d(ctx, int(w.ggml_type), *(tuple(w.ne) + (1,) * (4 - len(w.ne))))
+    address = ctypes.cast(tensor, ctypes.c_void_p)
+    buffer = _lib.ggml_backend_buft_alloc_buffer(
+        _REPACK_BUFFER_TYPE, _lib.ggml_backend_buft_get_alloc_size(_REPACK_BUFFER_TYPE, address))
+    if buffer is None:
+        ggml.ggml_free(ctx)
+        raise MemoryError(f"ggml could not allocate {w.nbytes} bytes to repack a {w.ggml_type.name} weight")
+    _lib.ggml_backend_tensor_alloc(buffer, address, _lib.ggml_backend_buffer_get_base(buffer))
+    if not tensor.contents.extra:  # no interleaved kernel for this type and shape on this CPU
+        _lib.ggml_backend_buffer_free(buffer)
+        ggml.ggml_free(ctx)
+        return w
+    _lib.ggml_backend_tensor_set(address, w.data.ctypes.data, 0, w.nbytes)
+    return RepackedWeight(w.ggml_type, w.ne, ctx, tensor, buffer)
+
+
 class _Graph:
     """One computation: a no-alloc context for tensors over external memory, an arena for the rest."""
 
@@ -81,7 +173,10 @@ class _Graph:
         self._keep.append(owner)
         return t
 
-    def weight(self, w: Weight):
+    def weight(self, w: Weight | RepackedWeight):
+        if isinstance(w, RepackedWeight):
+            self._keep.append(w)
+            return w.tensor
         return self._external(int(w.ggml_type), w.ne, w.data.ctypes.data, w)
 
     def input(self, array: np.ndarray):
@@ -130,6 +225,8 @@ class GgmlRunner:
         # ggml aborts the process on mismatched shapes; refuse them here instead.
         if x.shape[-1] != w.ne[0] or (len(w.ne) == 3 and (x.ndim != 3 or x.shape[0] % w.ne[2])):
             raise ValueError(f"cannot multiply a weight of ggml shape {list(w.ne)} with input of shape {x.shape}")
+        if isinstance(w, RepackedWeight) and len(w.ne) == 3:
+            raise ValueError("repacked 3-D weights serve expert_ffn only; keep batched matmul weights mapped")
         out_bytes = x.size // w.ne[0] * w.ne[1] * 4
         with _Graph(self, out_bytes) as g:
             return g.compute(ggml.ggml_mul_mat(g.ctx, g.weight(w), g.input(x)), x.ndim)

@@ -5,6 +5,7 @@ only its headers. Every problem with a file is a GGUFError that names the file a
 """
 from __future__ import annotations
 
+import mmap
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,6 +182,15 @@ class GGUFModelFile:
     def byte_view(self, byte_range: ByteRange) -> np.ndarray:
         data = self._readers[byte_range.shard].data
         return data[byte_range.offset: byte_range.offset + byte_range.nbytes]
+
+    def release(self, name: str) -> None:
+        """Drop a tensor's pages from this process (they stay in the OS page cache), e.g. after copying it."""
+        info = self.info(name)
+        mapped = self._readers[info.shard].data._mmap
+        first_page = -(-info.offset // mmap.PAGESIZE) * mmap.PAGESIZE
+        last_page = (info.offset + info.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if mapped is not None and last_page > first_page:
+            mapped.madvise(mmap.MADV_DONTNEED, first_page, last_page - first_page)
 
     def expert_range(self, layer: int, expert: int, kind: str) -> ByteRange:
         """Bytes of one routed expert inside blk.{layer}.ffn_{kind}_exps.weight; experts are the slowest axis."""

@@ -13,31 +13,51 @@ import numpy as np
 from .attention import KVCache, MLAttention, Segment, rms_norm
 from .config import ModelConfig
 from .experts import Experts, LocalExperts
-from .ggml_ops import COMPUTABLE_TYPES, GgmlRunner, Weight
+from .ggml_ops import COMPUTABLE_TYPES, GgmlRunner, RepackedWeight, Weight, repack
 from .gguf_file import GGUFModelFile
 from .router import route
 
 
+REPACK_CHOICES = ("none", "head", "all")
+
+
 class KimiModel:
-    def __init__(self, model_file: GGUFModelFile, runner: GgmlRunner | None = None, experts: Experts | None = None):
+    """repack: which weights get copied into ggml's faster interleaved layout: "none" (everything read
+    in place from the mapped file), "head" (the weights the head node holds: attention, dense and shared
+    FFNs, output; the default) or "all" (routed experts too, which needs RAM for the whole model)."""
+
+    def __init__(self, model_file: GGUFModelFile, runner: GgmlRunner | None = None, experts: Experts | None = None,
+                 repack: str = "head"):
+        if repack not in REPACK_CHOICES:
+            raise ValueError(f"repack must be one of {', '.join(REPACK_CHOICES)}, not '{repack}'")
         self.file = model_file
         self.config = ModelConfig.from_metadata(model_file.metadata, source=str(model_file.path))
         shapes, optional = self.config.tensor_shapes(
             has_fused_gate_up=model_file.has(f"blk.{self.config.num_dense_layers}.ffn_gate_up_exps.weight"))
         model_file.check_tensors(shapes, optional, COMPUTABLE_TYPES)
         self.runner = runner or GgmlRunner()
-        self.experts = experts or LocalExperts(model_file, self.runner, self.config.moe_layers, self.config.num_experts)
+        self.repack_head = repack != "none"
+        self.experts = experts or LocalExperts(model_file, self.runner, self.config.moe_layers,
+                                               self.config.num_experts, repack=repack == "all")
         self.attention = MLAttention(self.config, self.runner, self.layer_weight)
         self.output_name = "output.weight" if model_file.has("output.weight") else "token_embd.weight"
 
     @lru_cache(maxsize=None)
-    def weight(self, name: str) -> Weight | np.ndarray:
-        """A ggml Weight over the mapped bytes, or a float32 array for small F32 vectors (norms, biases)."""
+    def weight(self, name: str) -> Weight | RepackedWeight | np.ndarray:
+        """A ggml Weight over the mapped bytes (or its repacked copy), or a float32 array for small F32
+        vectors (norms, biases)."""
         info = self.file.info(name)
         raw = self.file.raw(name)
         if len(info.ne) == 1:
             return raw.view(np.float32)
-        return Weight(info.ggml_type, info.ne, raw)
+        weight = Weight(info.ggml_type, info.ne, raw)
+        # Embeddings are read with get_rows, which has no repacked kernel; 3-D attention weights are
+        # batched matmuls, which neither has.
+        if self.repack_head and len(info.ne) == 2 and name != "token_embd.weight":
+            weight = repack(weight)
+            if isinstance(weight, RepackedWeight):
+                self.file.release(name)
+        return weight
 
     def layer_weight(self, layer: int, name: str) -> Weight | np.ndarray:
         return self.weight(f"blk.{layer}.{name}")

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 
-from runtime.ggml_ops import GgmlRunner, Weight
+from runtime.ggml_ops import GgmlRunner, RepackedWeight, Weight, quantize, repack
 
 
 def f32_weight(*ne):
@@ -25,3 +25,43 @@ def test_expert_ffn_rejects_unknown_experts():
     with pytest.raises(ValueError, match=r"expert ids must lie in \[0, 4\)"):
         GgmlRunner(1).expert_ffn(gate, up, down, np.zeros((1, 32), np.float32), np.array([[0, 4]]),
                                  np.ones((1, 2), np.float32))
+
+
+def quantized_weight(ggml_type, *ne, seed=0):
+    values = np.random.default_rng(seed).standard_normal(tuple(reversed(ne)), dtype=np.float32)
+    return Weight(ggml_type, ne, quantize(values, ggml_type))
+
+
+@pytest.mark.parametrize("ggml_type", [Q.Q4_0, Q.Q4_K, Q.IQ4_NL])  # interleaved on every AVX2 CPU
+def test_repacked_matmul_equals_the_mapped_one(ggml_type):
+    runner, w = GgmlRunner(2), quantized_weight(ggml_type, 512, 64)
+    packed = repack(w)
+    assert isinstance(packed, RepackedWeight)
+    x = np.random.default_rng(1).standard_normal((5, 512), dtype=np.float32)
+    plain, fast = runner.matmul(w, x), runner.matmul(packed, x)
+    # Same integer dot products over the same 8-bit activations; only float accumulation order differs.
+    assert np.abs(fast - plain).max() <= 1e-5 * np.abs(plain).max()
+
+
+def test_repacked_experts_equal_the_mapped_ones():
+    runner = GgmlRunner(2)
+    gate, up, down = (quantized_weight(Q.Q4_K, 256, 256, 8, seed=1), quantized_weight(Q.Q4_K, 256, 256, 8, seed=2),
+                      quantized_weight(Q.Q4_K, 256, 256, 8, seed=3))
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((6, 256), dtype=np.float32)
+    ids = np.stack([rng.permutation(8)[:3] for _ in range(6)]).astype(np.int32)
+    weights = rng.random((6, 3), dtype=np.float32)
+    plain = runner.expert_ffn(gate, up, down, x, ids, weights)
+    fast = runner.expert_ffn(repack(gate), repack(up), repack(down), x, ids, weights)
+    assert np.abs(fast - plain).max() <= 1e-4 * np.abs(plain).max()
+
+
+def test_types_without_interleaved_kernels_stay_mapped():
+    w = quantized_weight(Q.Q3_K, 256, 64)
+    assert repack(w) is w
+
+
+def test_repacked_3d_weights_serve_experts_only():
+    packed = repack(quantized_weight(Q.Q4_0, 64, 32, 4))
+    with pytest.raises(ValueError, match="expert_ffn only"):
+        GgmlRunner(1).matmul(packed, np.zeros((4, 3, 64), np.float32))

@@ -1,11 +1,12 @@
 """The runtime against llama.cpp itself, on the project's own models quantized by llama.cpp.
 
-llama.cpp runs in a subprocess. Its plain CPU kernels (`repack=False`) are the ggml kernels this runtime
-calls; its default x86 build also has "repack" kernels that round differently. We hold ourselves to
-llama.cpp's plain path, within the spread llama.cpp shows between its own two paths.
+llama.cpp runs in a subprocess. On x86 it has two CPU paths that round differently: plain kernels over
+the weights as stored, and (its default) "repack" kernels over interleaved copies. This runtime has the
+same two; each is held to llama.cpp's matching path, within the spread llama.cpp shows between its own.
 """
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -36,16 +37,16 @@ def prompt_tokens(path) -> list[int]:
     return Tokenizer.from_metadata(GGUFModelFile(path).metadata).encode(PROMPT)
 
 
-def our_greedy(path, prompt: list[int]) -> tuple[list[int], np.ndarray]:
-    engine = Engine(KimiModel(GGUFModelFile(path)), context_size=256)
+def our_greedy(path, prompt: list[int], repack: str = "head") -> tuple[list[int], np.ndarray]:
+    engine = Engine(KimiModel(GGUFModelFile(path), repack=repack), context_size=256)
     stats = GenerationStats()
     tokens = list(engine.generate(prompt, NUM_TOKENS, stats=stats))
     return tokens, stats.prompt_logits
 
 
-def our_teacher_forced(path, prompt: list[int], tokens: list[int]) -> np.ndarray:
+def our_teacher_forced(path, prompt: list[int], tokens: list[int], repack: str = "head") -> np.ndarray:
     """Logits after the prompt and after each of `tokens` fed in turn: [len(tokens) + 1, V]."""
-    model = KimiModel(GGUFModelFile(path))
+    model = KimiModel(GGUFModelFile(path), repack=repack)
     cache = model.new_cache(len(prompt) + len(tokens))
     steps = [model.forward(np.array(prompt), [Segment(cache, 0, len(prompt))])[0]]
     for token in tokens:
@@ -60,6 +61,16 @@ def relative_to_range(ours: np.ndarray, reference: np.ndarray) -> float:
 
 def common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+@functools.lru_cache(maxsize=None)
+def llama_greedy(path, repack: bool) -> dict:
+    return llama_oracle.generate(path, prompt_tokens(path), NUM_TOKENS, repack=repack)
+
+
+# Our weight layout and the llama.cpp path that uses the same kernels: everything read in place
+# against llama.cpp's plain kernels; our default (head weights repacked) against llama.cpp's default.
+MODES = {"in-place": ("none", False), "repacked": ("head", True)}
 
 
 @pytest.fixture(scope="session")
@@ -80,24 +91,26 @@ CASES = {  # id: (quant, legacy attention, split into 3 files)
 }
 
 
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("model_path", list(CASES.values()), ids=list(CASES), indirect=True)
-def test_greedy_tokens_and_logits_match_llama_cpp(model_path):
+def test_greedy_tokens_and_logits_match_llama_cpp(model_path, mode):
+    our_repack, llama_repack = MODES[mode]
     prompt = prompt_tokens(model_path)
-    plain = llama_oracle.generate(model_path, prompt, NUM_TOKENS, repack=False)
-    repacked = llama_oracle.generate(model_path, prompt, NUM_TOKENS, repack=True)
-    tokens, prompt_logits = our_greedy(model_path, prompt)
+    reference, other_path = llama_greedy(model_path, llama_repack), llama_greedy(model_path, not llama_repack)
+    tokens, prompt_logits = our_greedy(model_path, prompt, our_repack)
     # Greedy decoding follows llama.cpp at least as long as llama.cpp's two CPU paths follow each
     # other: all 32 tokens unless llama.cpp itself splits at a near-tie.
-    assert common_prefix(tokens, plain["tokens"]) >= common_prefix(repacked["tokens"], plain["tokens"])
-    assert common_prefix(tokens, plain["tokens"]) >= NUM_TOKENS * 3 // 4
-    assert relative_to_range(prompt_logits, plain["logits"][0]) <= LOGITS_TOLERANCE
+    agreed = common_prefix(tokens, reference["tokens"])
+    assert agreed >= common_prefix(other_path["tokens"], reference["tokens"])
+    assert agreed >= NUM_TOKENS * 3 // 4
+    assert relative_to_range(prompt_logits, reference["logits"][0]) <= LOGITS_TOLERANCE
     # Teacher-forced along llama.cpp's tokens: every step's logits, and its argmax wherever the top
     # two logits are further apart than the tolerance.
-    steps = our_teacher_forced(model_path, prompt, plain["tokens"][:-1])
-    assert relative_to_range(steps, plain["logits"]) <= LOGITS_TOLERANCE
-    top2 = np.sort(plain["logits"], axis=1)[:, -2:]
-    clear = (top2[:, 1] - top2[:, 0]) > 2 * LOGITS_TOLERANCE * np.ptp(plain["logits"], axis=1)
-    assert np.array_equal(steps.argmax(axis=1)[clear], np.array(plain["tokens"])[clear])
+    steps = our_teacher_forced(model_path, prompt, reference["tokens"][:-1], our_repack)
+    assert relative_to_range(steps, reference["logits"]) <= LOGITS_TOLERANCE
+    top2 = np.sort(reference["logits"], axis=1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 2 * LOGITS_TOLERANCE * np.ptp(reference["logits"], axis=1)
+    assert np.array_equal(steps.argmax(axis=1)[clear], np.array(reference["tokens"])[clear])
 
 
 def test_split_file_gives_the_single_file_logits_exactly(make_tiny, tiny_split):
@@ -113,7 +126,7 @@ def test_cli_generate_json_and_logits_out(tiny_q4km, tmp_path):
                              "--max-tokens", "8", "--json", "--logits-out", str(logits_file)],
                             capture_output=True, text=True, check=True)
     out = json.loads(result.stdout)
-    reference = llama_oracle.generate(tiny_q4km, out["prompt_tokens"], 8, repack=False)
+    reference = llama_oracle.generate(tiny_q4km, out["prompt_tokens"], 8, repack=True)
     assert out["prompt_tokens"] == prompt_tokens(tiny_q4km)
     # The CLI stops at an end-of-generation token; up to there it must follow llama.cpp.
     assert out["tokens"] == reference["tokens"][: len(out["tokens"])]
