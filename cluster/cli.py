@@ -24,6 +24,7 @@ def _load_model(path: str, threads: int | None, repack: str):
     from runtime.tokenizer import Tokenizer
     model_file = GGUFModelFile(path)
     model = KimiModel(model_file, GgmlRunner(threads), repack=repack)
+    model.load(progress=sys.stderr.isatty())
     return model, Tokenizer.from_metadata(model_file.metadata)
 
 
