@@ -161,3 +161,14 @@ def test_cli_reports_a_broken_file_in_one_line(broken_copy):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("kimi-cluster: error:") and "header is truncated" in result.stderr
+
+
+def test_fused_gate_up_experts_have_the_same_bytes(tiny_q4km, tmp_path):
+    fused = GGUFModelFile(rewrite_gguf(tiny_q4km, tmp_path / "fused.gguf", fuse_gate_up=True))
+    plain = GGUFModelFile(tiny_q4km)
+    assert fused.expert_kinds(1) == ("gate_up", "down")
+    for expert in (0, 7, 15):
+        assert fused.expert_bytes(1, expert) == plain.expert_bytes(1, expert)
+        gate_up = fused.byte_view(fused.expert_range(1, expert, "gate_up"))
+        gate, up = (plain.byte_view(plain.expert_range(1, expert, k)) for k in ("gate", "up"))
+        assert np.array_equal(gate_up, np.concatenate([gate, up]))

@@ -79,15 +79,20 @@ def tiny_split(make_tiny, model_dir):
 
 
 @pytest.fixture(scope="session")
-def model_path(request, make_tiny, tiny_split):
-    quant, legacy, split = request.param
-    return tiny_split if split else make_tiny(quant, legacy)
+def tiny_fused(make_tiny, model_dir):
+    return rewrite_gguf(make_tiny("Q4_K_M"), model_dir / "tiny-Q4_K_M-fused.gguf", fuse_gate_up=True)
 
 
-CASES = {  # id: (quant, legacy attention, split into 3 files)
-    "F32": (None, False, False), "Q8_0": ("Q8_0", False, False), "Q4_K_M": ("Q4_K_M", False, False),
-    "Q2_K": ("Q2_K", False, False), "Q4_K_M-split": ("Q4_K_M", False, True),
-    "Q8_0-legacy-kv_b": ("Q8_0", True, False),
+@pytest.fixture(scope="session")
+def model_path(request, make_tiny, tiny_split, tiny_fused):
+    quant, legacy, variant = request.param
+    return {"split": tiny_split, "fused": tiny_fused}.get(variant) or make_tiny(quant, legacy)
+
+
+CASES = {  # id: (quant, legacy attention, file variant)
+    "F32": (None, False, None), "Q8_0": ("Q8_0", False, None), "Q4_K_M": ("Q4_K_M", False, None),
+    "Q2_K": ("Q2_K", False, None), "Q4_K_M-split": ("Q4_K_M", False, "split"),
+    "Q4_K_M-fused-gate-up": ("Q4_K_M", False, "fused"), "Q8_0-legacy-kv_b": ("Q8_0", True, None),
 }
 
 
@@ -113,11 +118,12 @@ def test_greedy_tokens_and_logits_match_llama_cpp(model_path, mode):
     assert np.array_equal(steps.argmax(axis=1)[clear], np.array(reference["tokens"])[clear])
 
 
-def test_split_file_gives_the_single_file_logits_exactly(make_tiny, tiny_split):
-    prompt = prompt_tokens(tiny_split)
-    single = our_teacher_forced(make_tiny("Q4_K_M"), prompt, [5, 6, 7])
-    split = our_teacher_forced(tiny_split, prompt, [5, 6, 7])
-    assert np.array_equal(single, split)
+@pytest.mark.parametrize("variant", ["tiny_split", "tiny_fused"])
+def test_split_and_fused_files_give_the_plain_files_logits_exactly(make_tiny, variant, request):
+    path = request.getfixturevalue(variant)
+    prompt = prompt_tokens(path)
+    assert np.array_equal(our_teacher_forced(make_tiny("Q4_K_M"), prompt, [5, 6, 7]),
+                          our_teacher_forced(path, prompt, [5, 6, 7]))
 
 
 def test_cli_generate_json_and_logits_out(tiny_q4km, tmp_path):
