@@ -13,10 +13,6 @@ DEMO_PATH = Path.home() / ".cache" / "kimi-cluster" / "kimi-demo-tiny.gguf"
 DEMO_PROMPT = "Write one sentence about pooling the memory of several computers."
 
 
-class UserError(Exception):
-    """A problem the user can fix; printed as one line, without a traceback."""
-
-
 def _load_model(path: str, threads: int | None, repack: str):
     from runtime.ggml_ops import GgmlRunner
     from runtime.gguf_file import GGUFModelFile
@@ -181,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.gguf_file import GGUFError
     try:
         args.func(args)
-    except (GGUFError, ValueError, RuntimeError, OSError, UserError) as e:
+    except (GGUFError, ValueError, RuntimeError, OSError) as e:
         print(f"kimi-cluster: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
