@@ -1,0 +1,295 @@
+"""Which node holds which routed experts: a pure planner over byte sizes and node memory budgets.
+
+Inventory (bytes of every (layer, expert) and of everything the head holds, from GGUF tensor infos) +
+NodeBudgets (from the cluster config or Ray) -> plan() -> Placement, printable as a table. Every MoE
+layer is spread over every node in proportion to its usable memory, so each layer's expert work runs
+on all machines at once. No ray, grpc or ggml here: this is data logic, tested on its own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from runtime.config import ModelConfig
+    from runtime.gguf_file import GGUFModelFile
+
+GiB = 1 << 30
+DEFAULT_RESERVE_BYTES = 2 * GiB
+KV_BYTES_PER_VALUE = 2  # the KV cache is float16, as llama.cpp's default cache
+ALLOW_DISK_HINT = "add memory or a node, or set allow_disk: true to let workers page experts from their local disk"
+
+
+class PlacementError(ValueError):
+    """No valid placement: says what was needed, what is available, and what to do."""
+
+
+@dataclass(frozen=True, eq=False)
+class Inventory:
+    expert_bytes: np.ndarray  # [num_layers, num_experts] int64; rows of dense layers are 0
+    moe_layers: tuple[int, ...]
+    head_bytes: int  # every non-expert tensor plus the KV cache
+    kv_cache_bytes: int
+
+    def __post_init__(self):
+        expert_bytes = np.array(self.expert_bytes, dtype=np.int64)
+        if expert_bytes.ndim != 2:
+            raise ValueError(f"expert_bytes must be [num_layers, num_experts], not shape {expert_bytes.shape}")
+        expert_bytes.setflags(write=False)
+        object.__setattr__(self, "expert_bytes", expert_bytes)
+        object.__setattr__(self, "moe_layers", tuple(int(layer) for layer in self.moe_layers))
+
+    @classmethod
+    def from_model(cls, model_file: GGUFModelFile, config: ModelConfig, context: int,
+                   max_sequences: int) -> Inventory:
+        """Sizes from the tensor index only: no tensor data is read."""
+        if context < 1 or max_sequences < 1:
+            raise ValueError(f"context ({context}) and max_sequences ({max_sequences}) must be at least 1")
+        expert_bytes = np.zeros((config.num_layers, config.num_experts), dtype=np.int64)
+        expert_tensors = set()
+        for layer in config.moe_layers:
+            for kind in model_file.expert_kinds(layer):
+                # Experts are the slowest axis of each tensor, so all experts of a layer have the same size.
+                expert_bytes[layer] += model_file.expert_range(layer, 0, kind).nbytes
+                expert_tensors.add(f"blk.{layer}.ffn_{kind}_exps.weight")
+        non_expert_bytes = sum(t.nbytes for name, t in model_file.tensors.items() if name not in expert_tensors)
+        values_per_token = (config.kv_cache_width if config.is_mla
+                            else config.num_heads * (config.head_dim_qk + config.head_dim_v))
+        kv_cache_bytes = KV_BYTES_PER_VALUE * values_per_token * config.num_layers * context * max_sequences
+        return cls(expert_bytes, tuple(config.moe_layers), non_expert_bytes + kv_cache_bytes, kv_cache_bytes)
+
+    @property
+    def total_expert_bytes(self) -> int:
+        return int(self.expert_bytes.sum())
+
+
+@dataclass(frozen=True)
+class NodeBudget:
+    name: str
+    memory_bytes: int  # all the node offers; plan() subtracts the reserve (and head bytes on the head)
+    is_head: bool = False
+
+    def __post_init__(self):
+        if not self.name:
+            raise ValueError("a node needs a non-empty name")
+        if self.memory_bytes < 0:
+            raise ValueError(f"node '{self.name}' has negative memory ({self.memory_bytes} bytes)")
+
+
+@dataclass(frozen=True)
+class Placement:
+    experts: dict[str, dict[int, tuple[int, ...]]]  # node -> MoE layer -> sorted expert ids
+    bytes_per_node: dict[str, int]  # routed expert bytes each node holds
+    budgets: dict[str, int]  # usable bytes: memory - reserve, and - head bytes on the head
+    disk_backed: bool  # experts exceed some node's budget; workers page them from disk
+    head_node: str
+
+    @cached_property
+    def _owners(self) -> dict[tuple[int, int], tuple[str, ...]]:
+        owners: dict[tuple[int, int], tuple[str, ...]] = {}
+        for node, per_layer in self.experts.items():
+            for layer, ids in per_layer.items():
+                for expert in ids:
+                    owners[layer, expert] = owners.get((layer, expert), ()) + (node,)
+        return owners
+
+    def owners(self, layer: int, expert: int) -> tuple[str, ...]:
+        try:
+            return self._owners[layer, expert]
+        except KeyError:
+            raise ValueError(f"expert {expert} of layer {layer} is not in the placement") from None
+
+    def nodes_for_layer(self, layer: int) -> tuple[str, ...]:
+        return tuple(node for node, per_layer in self.experts.items() if per_layer.get(layer))
+
+    def format_table(self) -> str:
+        layers = sorted({layer for per_layer in self.experts.values() for layer in per_layer})
+        experts_in_layer = {layer: sum(len(p.get(layer, ())) for p in self.experts.values()) for layer in layers}
+        rows = []
+        for node, per_layer in self.experts.items():
+            counts = [len(per_layer.get(layer, ())) for layer in layers]
+            shares = [100 * c / experts_in_layer[layer] for c, layer in zip(counts, layers)]
+            rows.append([_node_label(node, self.head_node), _span(counts, "{}"), _gib(self.bytes_per_node[node]),
+                         _gib(self.budgets[node]), _span(shares, "{:.1f}%")])
+        rows.append(["total", _span(list(experts_in_layer.values()), "{}"), _gib(sum(self.bytes_per_node.values())),
+                     _gib(sum(self.budgets.values())), "100%" if layers else ""])
+        header = ["node", "experts/layer", "experts GiB", "usable GiB", "share of layer"]
+        lines = [f"{len(layers)} MoE layers over {len(self.experts)} nodes", _render(header, rows)]
+        if self.disk_backed:
+            lines.append("disk-backed: experts exceed some nodes' memory; those workers page them from local disk")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (msgpack's default map keys are strings, so layers go in [layer, ids] pairs)."""
+        return {"experts": {node: [[layer, list(ids)] for layer, ids in per_layer.items()]
+                            for node, per_layer in self.experts.items()},
+                "bytes_per_node": dict(self.bytes_per_node), "budgets": dict(self.budgets),
+                "disk_backed": self.disk_backed, "head_node": self.head_node}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Placement:
+        experts = {node: {int(layer): tuple(int(e) for e in ids) for layer, ids in pairs}
+                   for node, pairs in data["experts"].items()}
+        return cls(experts, {k: int(v) for k, v in data["bytes_per_node"].items()},
+                   {k: int(v) for k, v in data["budgets"].items()}, bool(data["disk_backed"]), str(data["head_node"]))
+
+
+def plan(inventory: Inventory, nodes: list[NodeBudget], reserve_bytes: int = DEFAULT_RESERVE_BYTES,
+         allow_disk: bool = False) -> Placement:
+    """Spread every MoE layer's experts over all nodes by usable memory; each expert placed exactly once."""
+    head = _head_node(nodes)
+    if reserve_bytes < 0:
+        raise PlacementError(f"reserve_bytes must not be negative, not {reserve_bytes}")
+    if head.memory_bytes - reserve_bytes < inventory.head_bytes:
+        raise PlacementError(
+            f"head node '{head.name}' needs {_gib(inventory.head_bytes)} GiB for attention, dense layers, shared "
+            f"experts, embeddings and the KV cache ({_gib(inventory.kv_cache_bytes)} GiB of it), but offers "
+            f"{_gib(head.memory_bytes - reserve_bytes)} GiB after the {_gib(reserve_bytes)} GiB reserve; give it "
+            "more memory, make a bigger machine the head, or lower context / max_sequences")
+    usable = [max(0, n.memory_bytes - reserve_bytes - (inventory.head_bytes if n is head else 0)) for n in nodes]
+    # With no memory left anywhere (only possible with allow_disk), share the disk paging equally.
+    weights = usable if sum(usable) > 0 else [1] * len(nodes)
+    owner = _spread(inventory, weights)
+    total, available = inventory.total_expert_bytes, sum(usable)
+    if total > available:
+        if not allow_disk:
+            raise PlacementError(_shortfall(inventory, nodes, head, reserve_bytes, usable, owner,
+                                            f"the routed experts need {_gib(total)} GiB but the {len(nodes)} "
+                                            f"nodes have {_gib(available)} GiB usable for them"))
+        fits = False
+    else:
+        fits = _fit_to_budgets(owner, inventory, weights, usable)
+        if not fits and not allow_disk:
+            raise PlacementError(_shortfall(inventory, nodes, head, reserve_bytes, usable, owner,
+                                            "the routed experts fit in total but not node by node, "
+                                            "whole experts being too coarse for the room left"))
+    return _placement(inventory, nodes, head, usable, owner, disk_backed=not fits)
+
+
+def _head_node(nodes: list[NodeBudget]) -> NodeBudget:
+    if not nodes:
+        raise PlacementError("no nodes to place experts on; list nodes in the cluster config or start Ray workers")
+    names = [n.name for n in nodes]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise PlacementError(f"node names must be unique; repeated: {', '.join(duplicates)}")
+    heads = [n for n in nodes if n.is_head]
+    if len(heads) > 1:
+        raise PlacementError(f"only one node can be the head; marked: {', '.join(n.name for n in heads)}")
+    return heads[0] if heads else nodes[0]  # unmarked: the first node is the head
+
+
+def _spread(inventory: Inventory, weights: list[int]) -> np.ndarray:
+    """owner[layer, expert] = node index (-1 on dense layers). Per layer, each node gets the floor of its
+    proportional count; the remaining experts go to the nodes furthest behind their byte share so far
+    (ties rotate with the layer), so rounding evens out over layers even when layer sizes differ."""
+    num_nodes, total_weight = len(weights), sum(weights)
+    owner = np.full(inventory.expert_bytes.shape, -1, dtype=np.int32)
+    held = [0] * num_nodes  # bytes given to each node so far
+    bytes_so_far = 0
+    for rank, layer in enumerate(inventory.moe_layers):
+        sizes = inventory.expert_bytes[layer]
+        num_experts, layer_bytes = len(sizes), int(sizes.sum())
+        bytes_so_far += layer_bytes
+        counts = [num_experts * w // total_weight for w in weights]
+        # Deficit against the proportional byte share, scaled by num_experts * total_weight to stay integral.
+        deficit = [bytes_so_far * w * num_experts - (held[n] * num_experts + counts[n] * layer_bytes) * total_weight
+                   for n, w in enumerate(weights)]
+        eligible = [n for n in range(num_nodes) if weights[n] > 0]
+        behind = sorted(eligible, key=lambda n: (-deficit[n], (n - rank) % num_nodes))
+        for n in behind[:num_experts - sum(counts)]:
+            counts[n] += 1
+        owner[layer] = np.repeat(np.arange(num_nodes, dtype=np.int32), counts)
+        for n in range(num_nodes):
+            held[n] += int(sizes[owner[layer] == n].sum())
+    return owner
+
+
+def _fit_to_budgets(owner: np.ndarray, inventory: Inventory, weights: list[int], usable: list[int]) -> bool:
+    """Move experts from over-budget nodes to nodes with room, preferring moves that bring both nodes
+    closer to their proportional count and leaving each node some expert of every layer. Each move
+    lowers the total overflow, so this ends. False if some node stays over budget."""
+    num_nodes, total_weight = len(weights), sum(weights)
+    held = _bytes_per_node(owner, inventory, num_nodes)
+    while True:
+        over = [n for n in range(num_nodes) if held[n] > usable[n]]
+        if not over:
+            return True
+        source = max(over, key=lambda n: (held[n] - usable[n], -n))
+        best = None
+        for layer in inventory.moe_layers:
+            row = owner[layer]
+            ids = np.flatnonzero(row == source)
+            if len(ids) == 0:
+                continue
+            expert = int(ids[-1])
+            size = int(inventory.expert_bytes[layer, expert])
+            # count - proportional count, scaled by total_weight
+            excess = [int((row == n).sum()) * total_weight - len(row) * weights[n] for n in range(num_nodes)]
+            for target in range(num_nodes):
+                if target != source and weights[target] > 0 and usable[target] - held[target] >= size:
+                    key = (len(ids) > 1, excess[source] - excess[target], size, -layer, -target)
+                    if best is None or key > best[0]:
+                        best = (key, layer, expert, target, size)
+        if best is None:
+            return False
+        _, layer, expert, target, size = best
+        owner[layer, expert] = target
+        held[source] -= size
+        held[target] += size
+
+
+def _bytes_per_node(owner: np.ndarray, inventory: Inventory, num_nodes: int) -> list[int]:
+    held = np.zeros(num_nodes, dtype=np.int64)
+    placed = owner >= 0
+    np.add.at(held, owner[placed], inventory.expert_bytes[placed])
+    return [int(b) for b in held]
+
+
+def _placement(inventory: Inventory, nodes: list[NodeBudget], head: NodeBudget, usable: list[int],
+               owner: np.ndarray, disk_backed: bool) -> Placement:
+    held = _bytes_per_node(owner, inventory, len(nodes))
+    experts = {node.name: {layer: tuple(int(e) for e in np.flatnonzero(owner[layer] == n))
+                           for layer in inventory.moe_layers if (owner[layer] == n).any()}
+               for n, node in enumerate(nodes)}
+    return Placement(experts, {node.name: held[n] for n, node in enumerate(nodes)},
+                     {node.name: usable[n] for n, node in enumerate(nodes)}, disk_backed, head.name)
+
+
+def _shortfall(inventory: Inventory, nodes: list[NodeBudget], head: NodeBudget, reserve_bytes: int,
+               usable: list[int], owner: np.ndarray, problem: str) -> str:
+    needed = _bytes_per_node(owner, inventory, len(nodes))
+    rows = [[_node_label(node.name, head.name), _gib(node.memory_bytes), _gib(reserve_bytes),
+             _gib(inventory.head_bytes) if node is head else "", _gib(usable[n]), _gib(needed[n]),
+             _gib(max(0, needed[n] - usable[n]))] for n, node in enumerate(nodes)]
+    rows.append(["total", _gib(sum(n.memory_bytes for n in nodes)), _gib(reserve_bytes * len(nodes)),
+                 _gib(inventory.head_bytes), _gib(sum(usable)), _gib(sum(needed)),
+                 _gib(sum(max(0, need - room) for need, room in zip(needed, usable)))])
+    header = ["node", "memory GiB", "reserve GiB", "head GiB", "usable GiB", "experts need GiB", "short GiB"]
+    return f"{problem}:\n{_render(header, rows)}\n{ALLOW_DISK_HINT}"
+
+
+def _node_label(name: str, head_name: str) -> str:
+    return f"{name} (head)" if name == head_name else name
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / GiB:.1f}"
+
+
+def _span(values: list, fmt: str) -> str:
+    """'lo-hi' over layers, or one value when they agree."""
+    if not values:
+        return ""
+    lo, hi = fmt.format(min(values)), fmt.format(max(values))
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
+def _render(header: list[str], rows: list[list[str]]) -> str:
+    """Columns aligned for a terminal: names left, numbers right."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
+                               enumerate(zip(row, widths))).rstrip() for row in [header, *rows])

@@ -1,0 +1,147 @@
+"""ClusterConfig from YAML: the example loads, defaults apply, mistakes are refused naming key and file."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.config import TLS_KEYS, TOP_LEVEL_KEYS, ClusterConfig, ClusterConfigError, NodeConfig
+from cluster.placement import GiB, NodeBudget
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "configs" / "cluster.example.yaml"
+TOKEN = "0123456789abcdef0123456789abcdef"
+
+
+def write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_example_loads(tmp_path):
+    # The example names a token file next to it; give the copy one.
+    example = Path(shutil.copy(EXAMPLE, tmp_path / "cluster.yaml"))
+    (tmp_path / "kimi-token.txt").write_text(TOKEN + "\n")
+    config = ClusterConfig.from_yaml(example)
+
+    assert config.model.name == "Kimi-K2.6-UD-Q2_K_XL-00001-of-00008.gguf"
+    assert config.token == TOKEN
+    assert [n.name for n in config.nodes] == ["bigbox", "worker-a", "worker-b"]
+    assert config.nodes[0] == NodeConfig("bigbox", "192.168.1.10", 256.0, is_head=True)
+    assert config.node_budgets() == [NodeBudget("bigbox", 256 * GiB, True), NodeBudget("worker-a", 128 * GiB),
+                                     NodeBudget("worker-b", 128 * GiB)]
+    assert config.model_path_for("worker-a") == config.model
+    assert config.model_path_for("worker-b") is None
+    assert config.model_path_for("bigbox").parts[1] == "data"
+    assert config.reserve_bytes == 4 * GiB
+    assert config.source == str(example)
+
+
+def test_example_documents_every_key():
+    text = EXAMPLE.read_text()
+    keys = yaml.safe_load(text).keys() | {line.split(":")[0].lstrip("# ") for line in text.splitlines()
+                                          if line.startswith("#   ")}
+    assert set(TOP_LEVEL_KEYS) - {"token"} <= keys  # token and token_file are alternatives
+    assert set(TLS_KEYS) <= keys
+
+
+def test_defaults(tmp_path):
+    config = ClusterConfig.from_yaml(write(tmp_path, {"model": "/models/k2.gguf"}))
+    assert config == ClusterConfig(model=Path("/models/k2.gguf"), source=str(tmp_path / "cluster.yaml"))
+    assert (config.ray_address, config.nodes, config.model_paths) == (None, (), {})
+    assert (config.reserve_gb, config.port, config.wire_dtype, config.allow_disk) == (4.0, 50551, "f32", False)
+    assert (config.context, config.max_sequences, config.threads, config.deadline_s) == (4096, 8, None, 10.0)
+    assert (config.token, config.tls) == (None, None)
+    assert config.node_budgets() == []
+    # A key written but left empty in YAML is null: empty lists mean the same as leaving them out.
+    blank = ClusterConfig.from_dict({"model": "/models/k2.gguf", "nodes": None, "model_paths": None})
+    assert (blank.nodes, blank.model_paths) == ((), {})
+
+
+@pytest.mark.parametrize("data, expected", [
+    ({"model": "m.gguf", "modle_paths": {}}, r"unknown key 'modle_paths' \(top level\); allowed keys: ray_address"),
+    ({"model": "m.gguf", "nodes": [{"name": "a", "address": "a", "memory_gb": 64},
+                                   {"name": "b", "address": "b", "memory_gb": 64, "gpu": 1}]},
+     r"unknown key 'gpu' \(nodes\[1\]\); allowed keys: name, address, memory_gb, head"),
+])
+def test_unknown_keys_are_refused_naming_key_and_file(tmp_path, data, expected):
+    path = write(tmp_path, data)
+    with pytest.raises(ClusterConfigError, match=expected) as error:
+        ClusterConfig.from_yaml(path)
+    assert str(error.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ({"port": "50551"}, r"'port' must be an integer, not str \('50551'\)"),
+    ({"allow_disk": "yes"}, r"'allow_disk' must be true or false, not str"),
+    ({"context": 4096.5}, r"'context' must be an integer, not float"),
+    ({"context": None}, r"'context' must be an integer, not null"),
+    ({"threads": True}, r"'threads' must be an integer or null, not bool"),
+    ({"nodes": {"name": "a"}}, r"'nodes' must be a list or null, not dict"),
+    ({"nodes": [{"name": "a", "address": "a", "memory_gb": "lots"}]}, r"'memory_gb' in nodes\[0\] must be a number"),
+    ({"port": 70000}, r"'port' must be at most 65535, not 70000"),
+    ({"deadline_s": 0}, r"'deadline_s' must be more than 0, not 0.0"),
+    ({"wire_dtype": "f8"}, r"'wire_dtype' must be one of f32, f16, bf16, not 'f8'"),
+    ({"token": "short"}, r"'token' has 5 characters; use at least 16"),
+    ({"nodes": [{"name": "a", "memory_gb": 64}]}, r"missing required key 'address' in nodes\[0\]"),
+    ({"nodes": [{"name": "a", "address": "x", "memory_gb": 64}, {"name": "a", "address": "y", "memory_gb": 64}]},
+     "repeated: a"),
+    ({"nodes": [{"name": "a", "address": "x", "memory_gb": 64, "head": True},
+                {"name": "b", "address": "y", "memory_gb": 64, "head": True}]}, "only one node can have 'head: true'"),
+    ({"nodes": [{"name": "a", "address": "x", "memory_gb": 64}], "model_paths": {"b": None}},
+     r"'model_paths' names node 'b', which is not in 'nodes' \(a\)"),
+    ({"token": TOKEN, "token_file": "t.txt"}, "give 'token' or 'token_file', not both"),
+])
+def test_wrong_types_and_values_are_refused(tmp_path, extra, expected):
+    path = write(tmp_path, {"model": "m.gguf", **extra})
+    with pytest.raises(ClusterConfigError, match=expected) as error:
+        ClusterConfig.from_yaml(path)
+    assert str(error.value).startswith(f"{path}: ")
+
+
+def test_missing_model(tmp_path):
+    with pytest.raises(ClusterConfigError, match="missing required key 'model'"):
+        ClusterConfig.from_yaml(write(tmp_path, {"port": 50551}))
+
+
+def test_empty_and_missing_files(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(ClusterConfigError, match="empty"):
+        ClusterConfig.from_yaml(empty)
+    with pytest.raises(ClusterConfigError, match="no such file"):
+        ClusterConfig.from_yaml(tmp_path / "absent.yaml")
+
+
+def test_token_file_is_read_relative_to_the_config(tmp_path):
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "token").write_text(f"  {TOKEN}\n")
+    config = ClusterConfig.from_yaml(write(tmp_path, {"model": "m.gguf", "token_file": "secrets/token"}))
+    assert config.token == TOKEN
+
+    with pytest.raises(ClusterConfigError, match="cannot read 'token_file'"):
+        ClusterConfig.from_yaml(write(tmp_path, {"model": "m.gguf", "token_file": "secrets/nothing"}))
+
+
+def test_tls_files_must_exist(tmp_path):
+    for name in ("node.pem", "node-key.pem"):
+        (tmp_path / name).write_text("PEM")
+    tls = {"cert": "node.pem", "key": "node-key.pem", "ca": "ca.pem"}
+    with pytest.raises(ClusterConfigError, match=r"tls ca file .*ca.pem does not exist"):
+        ClusterConfig.from_yaml(write(tmp_path, {"model": "m.gguf", "tls": tls}))
+
+    (tmp_path / "ca.pem").write_text("PEM")
+    config = ClusterConfig.from_yaml(write(tmp_path, {"model": "m.gguf", "tls": tls}))
+    assert config.tls.ca == tmp_path / "ca.pem"
+
+    with pytest.raises(ClusterConfigError, match=r"unknown key 'password' \('tls'\)"):
+        ClusterConfig.from_yaml(write(tmp_path, {"model": "m.gguf", "tls": {**tls, "password": "x"}}))
+    with pytest.raises(ClusterConfigError, match=r"missing required key 'ca' in 'tls'"):
+        ClusterConfig.from_yaml(write(tmp_path, {"model": "m.gguf", "tls": {"cert": "node.pem", "key": "node-key.pem"}}))
+
+
+def test_from_dict_names_its_source():
+    with pytest.raises(ClusterConfigError, match=r"^head\.yaml: unknown key 'nodez'"):
+        ClusterConfig.from_dict({"model": "m.gguf", "nodez": []}, source="head.yaml")

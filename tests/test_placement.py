@@ -1,0 +1,214 @@
+"""The placement planner: properties over random inventories and budgets, errors, and sizes from a real file."""
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+
+from cluster.placement import GiB, Inventory, NodeBudget, Placement, PlacementError, plan
+from runtime.config import ModelConfig
+from runtime.gguf_file import GGUFModelFile
+
+RESERVE = 1000
+HEAD_BYTES = 5000
+
+
+@st.composite
+def inventories(draw) -> Inventory:
+    num_dense = draw(st.integers(0, 1))
+    num_moe = draw(st.integers(1, 4))
+    num_experts = draw(st.integers(4, 64))
+    # Unsloth files mix quant types per layer, so expert sizes differ from layer to layer.
+    sizes = draw(st.lists(st.integers(1000, 10_000), min_size=num_moe, max_size=num_moe))
+    expert_bytes = np.zeros((num_dense + num_moe, num_experts), dtype=np.int64)
+    expert_bytes[num_dense:] = np.array(sizes)[:, None]
+    return Inventory(expert_bytes, tuple(range(num_dense, num_dense + num_moe)), HEAD_BYTES, 1000)
+
+
+@st.composite
+def pools(draw, inventory: Inventory) -> list[NodeBudget]:
+    """1-6 nodes whose usable bytes range from nothing to 1.5x the experts (per mille of the total)."""
+    num_nodes = draw(st.integers(1, 6))
+    head = draw(st.integers(0, num_nodes - 1))
+    total = inventory.total_expert_bytes
+    return [NodeBudget(f"node{n}", RESERVE + (HEAD_BYTES if n == head else 0) + total * permille // 1000,
+                       is_head=n == head)
+            for n, permille in enumerate(draw(st.lists(st.integers(0, 1500), min_size=num_nodes,
+                                                       max_size=num_nodes)))]
+
+
+@st.composite
+def problems(draw):
+    inventory = draw(inventories())
+    return inventory, draw(pools(inventory)), draw(st.booleans())
+
+
+def counts(placement: Placement, inventory: Inventory) -> dict[str, np.ndarray]:
+    """node -> experts held per MoE layer."""
+    return {node: np.array([len(per_layer.get(layer, ())) for layer in inventory.moe_layers])
+            for node, per_layer in placement.experts.items()}
+
+
+@settings(max_examples=300, deadline=None)
+@given(problems())
+def test_plan_properties(problem):
+    inventory, nodes, allow_disk = problem
+    total = inventory.total_expert_bytes
+    try:
+        placement = plan(inventory, nodes, reserve_bytes=RESERVE, allow_disk=allow_disk)
+    except PlacementError:
+        assert not allow_disk
+        available = sum(n.memory_bytes - RESERVE - HEAD_BYTES * n.is_head for n in nodes)
+        # Fails only when the pool is short, or so nearly full that whole experts cannot be fitted.
+        assert total > available - len(nodes) * int(inventory.expert_bytes.max())
+        return
+    usable = placement.budgets
+    assert usable == {n.name: n.memory_bytes - RESERVE - HEAD_BYTES * n.is_head for n in nodes}
+
+    for layer in range(inventory.expert_bytes.shape[0]):
+        held = sorted(e for per_layer in placement.experts.values() for e in per_layer.get(layer, ()))
+        expected = list(range(inventory.expert_bytes.shape[1])) if layer in inventory.moe_layers else []
+        assert held == expected, "every expert of every MoE layer placed exactly once"
+        for expert in expected:
+            assert len(placement.owners(layer, expert)) == 1
+
+    for node, per_layer in placement.experts.items():
+        assert placement.bytes_per_node[node] == sum(int(inventory.expert_bytes[layer, list(ids)].sum())
+                                                     for layer, ids in per_layer.items())
+        assert all(list(ids) == sorted(ids) for ids in per_layer.values())
+    if not placement.disk_backed:
+        assert all(placement.bytes_per_node[n] <= usable[n] for n in usable)
+    else:
+        assert allow_disk
+
+    # With an expert's worth of room beyond its proportional bytes on every node, no byte correction is
+    # forced: every share is within +-1 of proportional, so a node owed >= 1 expert per layer has one.
+    # Closer to full, fitting the budgets comes first and moved experts may leave these bounds.
+    total_usable = sum(usable.values())
+    max_size = int(inventory.expert_bytes.max())
+    has_room = total_usable > 0 and all(u - total * u / total_usable >= max_size for u in usable.values() if u > 0)
+    event(f"room for byte corrections: {has_room}")
+    if has_room:
+        num_experts = inventory.expert_bytes.shape[1]
+        for node, held_per_layer in counts(placement, inventory).items():
+            proportional = num_experts * usable[node] / total_usable
+            assert np.all(np.abs(held_per_layer - proportional) < 1), node
+            if proportional >= 1:
+                assert held_per_layer.min() >= 1, f"{node} has a meaningful budget but misses a layer"
+
+    assert plan(inventory, nodes, reserve_bytes=RESERVE, allow_disk=allow_disk) == placement, "deterministic"
+
+
+@settings(max_examples=50, deadline=None)
+@given(problems())
+def test_placement_survives_msgpack(problem):
+    inventory, nodes, _ = problem
+    placement = plan(inventory, nodes, reserve_bytes=RESERVE, allow_disk=True)
+    assert Placement.from_dict(msgpack.unpackb(msgpack.packb(placement.to_dict()))) == placement
+
+
+def uniform_inventory(num_layers=4, num_experts=64, expert_bytes=GiB // 64, head_bytes=10 * GiB) -> Inventory:
+    sizes = np.full((num_layers, num_experts), expert_bytes, dtype=np.int64)
+    return Inventory(sizes, tuple(range(num_layers)), head_bytes, GiB)
+
+
+def test_too_small_pool_raises_a_table_naming_each_node():
+    inventory = uniform_inventory()  # 4 GiB of experts, 10 GiB on the head
+    nodes = [NodeBudget("atlas", 13 * GiB, is_head=True), NodeBudget("borealis", 3 * GiB),
+             NodeBudget("cirrus", 3 * GiB)]
+    with pytest.raises(PlacementError) as error:
+        plan(inventory, nodes, reserve_bytes=2 * GiB)
+    message = str(error.value)
+    assert "need 4.0 GiB" in message and "3.0 GiB usable" in message
+    lines = message.splitlines()
+    for name in ("atlas (head)", "borealis", "cirrus", "total"):
+        assert any(line.startswith(name) for line in lines), name
+    assert "allow_disk: true" in message
+
+    placement = plan(inventory, nodes, reserve_bytes=2 * GiB, allow_disk=True)
+    assert placement.disk_backed
+    assert "disk-backed" in placement.format_table()
+
+
+def test_head_budget_is_reduced_by_head_bytes():
+    inventory = uniform_inventory()
+    nodes = [NodeBudget("worker", 64 * GiB), NodeBudget("head", 64 * GiB, is_head=True)]
+    placement = plan(inventory, nodes, reserve_bytes=2 * GiB)
+    assert placement.head_node == "head"
+    assert placement.budgets == {"worker": 62 * GiB, "head": 52 * GiB}
+    held = counts(placement, inventory)
+    assert held["head"].sum() < held["worker"].sum()  # proportional to 52 : 62
+    assert placement.nodes_for_layer(0) == ("worker", "head")
+
+
+def test_first_node_is_head_when_none_is_marked():
+    placement = plan(uniform_inventory(), [NodeBudget("a", 32 * GiB), NodeBudget("b", 32 * GiB)])
+    assert placement.head_node == "a"
+    assert placement.budgets["a"] == placement.budgets["b"] - 10 * GiB
+
+
+def test_head_without_room_for_head_bytes_says_what_it_needs():
+    with pytest.raises(PlacementError, match=r"head node 'small' needs 10.0 GiB .* offers 6.0 GiB"):
+        plan(uniform_inventory(), [NodeBudget("small", 8 * GiB, is_head=True), NodeBudget("big", 512 * GiB)])
+
+
+@pytest.mark.parametrize("nodes, message", [
+    ([], "no nodes"),
+    ([NodeBudget("a", 64 * GiB), NodeBudget("a", 64 * GiB)], "repeated: a"),
+    ([NodeBudget("a", 64 * GiB, True), NodeBudget("b", 64 * GiB, True)], "only one node can be the head"),
+])
+def test_bad_node_lists_are_refused(nodes, message):
+    with pytest.raises(PlacementError, match=message):
+        plan(uniform_inventory(), nodes)
+
+
+def test_mixed_layer_sizes_are_corrected_by_moving_experts_to_nodes_with_room():
+    # Layers of 3- and 5-byte experts: the proportional spread gives a 38 and b 42 of 80 bytes, one over
+    # b's 41; moving one 3-byte expert to a fits both, at the cost of one layer's +-1 share.
+    sizes = np.array([[3] * 5, [5] * 5, [3] * 5, [5] * 5], dtype=np.int64)
+    inventory = Inventory(sizes, (0, 1, 2, 3), 0, 0)
+    placement = plan(inventory, [NodeBudget("a", 41), NodeBudget("b", 41)], reserve_bytes=0)
+    assert placement.bytes_per_node == {"a": 41, "b": 39}
+    assert not placement.disk_backed
+    for held in counts(placement, inventory).values():
+        assert held.min() >= 1 and held.max() <= 4
+
+    with pytest.raises(PlacementError, match="not node by node"):
+        plan(inventory, [NodeBudget("a", 40), NodeBudget("b", 40)], reserve_bytes=0)
+
+
+def test_format_table_shows_spans_per_node():
+    inventory = uniform_inventory(num_experts=10)
+    placement = plan(inventory, [NodeBudget("h", 24 * GiB, True), NodeBudget("w1", 12 * GiB),
+                                 NodeBudget("w2", 12 * GiB)], reserve_bytes=2 * GiB)
+    table = placement.format_table()
+    assert table.splitlines()[0] == "4 MoE layers over 3 nodes"
+    assert "experts/layer" in table and "share of layer" in table
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[2:]}
+    assert rows["h"][2] == "3-4" and rows["total"][1] == "10"
+
+
+def test_inventory_from_a_real_file(make_tiny):
+    model_file = GGUFModelFile(make_tiny("Q4_K_M"))
+    config = ModelConfig.from_metadata(model_file.metadata)
+    inventory = Inventory.from_model(model_file, config, context=512, max_sequences=3)
+
+    assert inventory.moe_layers == tuple(config.moe_layers)
+    assert inventory.expert_bytes.shape == (config.num_layers, config.num_experts)
+    for layer in range(config.num_layers):
+        for expert in range(config.num_experts):
+            expected = model_file.expert_bytes(layer, expert) if config.is_moe_layer(layer) else 0
+            assert inventory.expert_bytes[layer, expert] == expected
+    assert inventory.kv_cache_bytes == 2 * config.kv_cache_width * config.num_layers * 512 * 3
+    all_tensor_bytes = sum(t.nbytes for t in model_file.tensors.values())
+    assert inventory.head_bytes + inventory.total_expert_bytes == all_tensor_bytes + inventory.kv_cache_bytes
+
+
+def test_inventory_kv_cache_of_a_legacy_attention_file(make_tiny):
+    model_file = GGUFModelFile(make_tiny(legacy=True))
+    config = ModelConfig.from_metadata(model_file.metadata)
+    inventory = Inventory.from_model(model_file, config, context=100, max_sequences=1)
+    per_token_layer = config.num_heads * (config.head_dim_qk + config.head_dim_v)
+    assert inventory.kv_cache_bytes == 2 * per_token_layer * config.num_layers * 100
