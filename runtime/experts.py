@@ -1,56 +1,117 @@
-"""Routed experts behind one seam: the model calls experts.forward(layer, hidden, ids, weights).
+"""Routed experts behind one seam: the model calls experts.start(layer, hidden, ids, weights).result().
 
-ExpertShard owns the weights of some (layer, expert) pairs as zero-copy views of the GGUF and runs
-them with ggml. LocalExperts serves every expert in this process; remote implementations (gRPC
-fan-out to shards on other machines) live in cluster/ and honour the same protocol.
+ExpertShard owns the weights of some (layer, expert) pairs and runs them with ggml: either as views of
+the mapped GGUF (only the pages of its own experts are ever read) or from compact buffers holding just
+its experts (weights streamed from another machine). LocalExperts serves every expert in this process;
+cluster/ provides the remote implementation (gRPC fan-out to shards on other machines).
 """
 from __future__ import annotations
 
-from typing import Mapping, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
 from .ggml_ops import GgmlRunner, RepackedWeight, Weight, repack
 from .gguf_file import GGUFModelFile
 
+PAGE_BYTES = 4096
+
 
 class Experts(Protocol):
-    def forward(self, layer: int, hidden: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """hidden: [T, D]; ids, weights: [T, k] -> sum_j weights[t, j] * expert_{ids[t, j]}(hidden[t]): [T, D]."""
+    def start(self, layer: int, hidden: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> Callable[[], np.ndarray]:
+        """Begin sum_j weights[t, j] * expert_{ids[t, j]}(hidden[t]) for hidden [T, D], ids and weights
+        [T, k]; the returned callable gives the [T, D] result. Work may run while the caller does other
+        work (the shared expert) before it asks for the result."""
         ...
 
 
-def expert_weight(model_file: GGUFModelFile, layer: int, kind: str, repacked: bool) -> Weight | RepackedWeight:
-    """All experts of one layer's ffn_{kind}_exps tensor ([in, out, experts]): viewed in place, or
-    copied into ggml's repacked layout (and the mapped pages released)."""
-    info = model_file.info(f"blk.{layer}.ffn_{kind}_exps.weight")
-    weight = Weight(info.ggml_type, info.ne, model_file.raw(info.name))
-    if repacked:
-        weight = repack(weight)
-        if isinstance(weight, RepackedWeight):
-            model_file.release(info.name)
-    return weight
-
-
 class ExpertShard:
-    """The experts one process owns, per layer. Views cover each layer's whole tensors, so only the
-    pages of experts actually used are ever read; `owned` says which experts this shard may run."""
+    """Experts of some layers, each layer's held as ggml tensors [in, out, held experts] per kind (gate,
+    up, down or gate_up, down), with a map from global expert id to index in those tensors."""
 
-    def __init__(self, model_file: GGUFModelFile, runner: GgmlRunner, owned: Mapping[int, Sequence[int]],
-                 repack: bool = False):
+    def __init__(self, runner: GgmlRunner, tensors: Mapping[int, Mapping[str, Weight | RepackedWeight]],
+                 local_index: Mapping[int, np.ndarray]):
         self.runner = runner
-        self.owned = {layer: frozenset(int(e) for e in experts) for layer, experts in owned.items()}
-        self._tensors = {layer: {kind: expert_weight(model_file, layer, kind, repack)
-                                 for kind in model_file.expert_kinds(layer)} for layer in self.owned}
+        self.tensors = dict(tensors)
+        self.local_index = dict(local_index)  # layer -> [num_experts] int32, -1 where not held
+
+    @classmethod
+    def from_model_file(cls, model_file: GGUFModelFile, runner: GgmlRunner, owned: Mapping[int, Sequence[int]],
+                        repack_experts: bool = False) -> "ExpertShard":
+        """Views over the whole expert tensors of each layer: zero-copy, and only owned experts are read.
+        With repack_experts, each layer's tensors are copied into ggml's faster layout instead."""
+        tensors, local_index = {}, {}
+        for layer, experts in owned.items():
+            tensors[layer] = {}
+            for kind in model_file.expert_kinds(layer):
+                info = model_file.info(f"blk.{layer}.ffn_{kind}_exps.weight")
+                weight = Weight(info.ggml_type, info.ne, model_file.raw(info.name))
+                if repack_experts:
+                    weight = repack(weight)
+                    if isinstance(weight, RepackedWeight):
+                        model_file.release(info.name)
+                tensors[layer][kind] = weight
+            index = np.full(model_file.info(f"blk.{layer}.ffn_down_exps.weight").ne[2], -1, np.int32)
+            index[list(experts)] = list(experts)
+            local_index[layer] = index
+        return cls(runner, tensors, local_index)
+
+    def owned(self, layer: int) -> np.ndarray:
+        """Global ids of the experts this shard holds for a layer, ascending."""
+        return np.nonzero(self.local_index[layer] >= 0)[0]
+
+    def _local_ids(self, layer: int, ids: np.ndarray) -> np.ndarray:
+        index = self.local_index.get(layer)
+        if index is None:
+            raise KeyError(f"this shard holds no experts of layer {layer}")
+        local = index[ids]
+        if (local < 0).any():
+            raise KeyError(f"this shard does not hold experts {sorted(set(ids[local < 0].tolist()))} of layer {layer}")
+        return local
+
+    def _ffn(self, layer: int, hidden: np.ndarray, local_ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        t = self.tensors[layer]
+        return self.runner.expert_ffn(t.get("gate"), t.get("up"), t["down"], hidden, local_ids, weights,
+                                      gate_up=t.get("gate_up"))
 
     def forward(self, layer: int, hidden: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        owned = self.owned.get(layer)
-        if owned is None or not set(np.unique(ids).tolist()) <= owned:
-            missing = sorted(set(np.unique(ids).tolist()) - (owned or set()))
-            raise KeyError(f"this shard does not hold experts {missing[:8]} of layer {layer}")
-        t = self._tensors[layer]
-        return self.runner.expert_ffn(t.get("gate"), t.get("up"), t["down"], hidden, ids, weights,
-                                      gate_up=t.get("gate_up"))
+        """hidden [T, D], ids and weights [T, k], every id held here -> [T, D] weighted sums (slot order)."""
+        return self._ffn(layer, hidden, self._local_ids(layer, ids), weights)
+
+    def forward_pairs(self, layer: int, hidden: np.ndarray, rows: np.ndarray, experts: np.ndarray,
+                      weights: np.ndarray) -> np.ndarray:
+        """hidden [R, D]; pair p adds weights[p] * expert_{experts[p]}(hidden[rows[p]]) to row rows[p].
+
+        Rows may carry any number of pairs. Pairs are added in the order given, so a row whose pairs come
+        in slot order gets exactly the sum forward() would give it.
+        """
+        local = self._local_ids(layer, experts)
+        outputs = self._ffn(layer, hidden[rows], local[:, None], np.asarray(weights, np.float32)[:, None])  # [P, D]
+        partial = np.zeros_like(hidden, dtype=np.float32)
+        np.add.at(partial, rows, outputs)
+        return partial
+
+    def touch(self, on_bytes: Callable[[int], None] = lambda n: None) -> None:
+        """Read every page of the held experts once, so the first tokens do not wait on the disk."""
+        for layer, kinds in self.tensors.items():
+            for weight in kinds.values():
+                if isinstance(weight, RepackedWeight):
+                    continue
+                per_expert = weight.nbytes // weight.ne[-1]
+                flat = weight.data.reshape(-1)
+                for local in self.local_index[layer][self.local_index[layer] >= 0]:
+                    chunk = flat[local * per_expert: (local + 1) * per_expert]
+                    int(chunk[::PAGE_BYTES].sum())
+                    on_bytes(per_expert)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the experts this shard holds (not of the whole tensors it may view)."""
+        total = 0
+        for layer, kinds in self.tensors.items():
+            held = int((self.local_index[layer] >= 0).sum())
+            total += sum(w.nbytes // w.ne[-1] * held for w in kinds.values())
+        return total
 
 
 class LocalExperts:
@@ -58,7 +119,8 @@ class LocalExperts:
 
     def __init__(self, model_file: GGUFModelFile, runner: GgmlRunner, moe_layers: Sequence[int], num_experts: int,
                  repack: bool = False):
-        self.shard = ExpertShard(model_file, runner, {layer: range(num_experts) for layer in moe_layers}, repack)
+        self.shard = ExpertShard.from_model_file(model_file, runner, {layer: range(num_experts) for layer in moe_layers},
+                                                 repack)
 
-    def forward(self, layer: int, hidden: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        return self.shard.forward(layer, hidden, ids, weights)
+    def start(self, layer: int, hidden: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> Callable[[], np.ndarray]:
+        return lambda: self.shard.forward(layer, hidden, ids, weights)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -202,22 +203,25 @@ class _Graph:
 
 
 class GgmlRunner:
-    """Runs ggml graphs with a fixed thread count, reusing its arena and work buffer between calls."""
+    """Runs ggml graphs with a fixed thread count, reusing an arena and a work buffer between calls
+    (one pair per calling thread, so a server's threads can share a runner)."""
 
     def __init__(self, n_threads: int | None = None):
         self.n_threads = n_threads or len(os.sched_getaffinity(0))
-        self._arena = np.empty(0, np.uint8)
-        self._work = np.empty(0, np.uint8)
+        self._buffers = threading.local()
+
+    def _buffer(self, kind: str, nbytes: int) -> np.ndarray:
+        buffer = getattr(self._buffers, kind, None)
+        if buffer is None or buffer.nbytes < nbytes:
+            buffer = np.empty(nbytes, np.uint8)
+            setattr(self._buffers, kind, buffer)
+        return buffer
 
     def arena(self, nbytes: int) -> np.ndarray:
-        if self._arena.nbytes < nbytes:
-            self._arena = np.empty(nbytes, np.uint8)
-        return self._arena
+        return self._buffer("arena", nbytes)
 
     def work_buffer(self, nbytes: int) -> np.ndarray:
-        if self._work.nbytes < nbytes:
-            self._work = np.empty(nbytes, np.uint8)
-        return self._work
+        return self._buffer("work", nbytes)
 
     def matmul(self, w: Weight, x: np.ndarray) -> np.ndarray:
         """x: [..., K] float32 -> [..., M] with w of ggml shape [K, M, (batch)]: numpy's w @ x per row."""

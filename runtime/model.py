@@ -1,6 +1,6 @@
 """The deepseek2 forward pass (Kimi K2.x, DeepSeek V3): embeddings, MLA, dense and MoE FFNs, output head.
 
-The model never knows where routed experts live: it calls `experts.forward(layer, hidden, ids, weights)`.
+The model never knows where routed experts live: it calls `experts.start(layer, hidden, ids, weights)`.
 Shapes: T tokens in the step, D = n_embd, V = vocab size.
 """
 from __future__ import annotations
@@ -106,5 +106,6 @@ class KimiModel:
         bias_name = f"blk.{layer}.exp_probs_b.bias"
         bias = self.weight(bias_name) if self.file.has(bias_name) else None
         ids, weights = route(router_logits, bias, self.config)
-        routed = self.experts.forward(layer, h, ids, weights)
-        return routed + self._swiglu(layer, h, "_shexp")
+        routed = self.experts.start(layer, h, ids, weights)
+        shared = self._swiglu(layer, h, "_shexp")  # computed while remote experts work
+        return routed() + shared

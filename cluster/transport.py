@@ -1,0 +1,262 @@
+"""gRPC between the head and its expert workers: the servicer wrapping an ExpertShard, and RemoteExperts,
+the head's Experts implementation that fans each layer out to the workers holding the chosen experts.
+
+Per layer, RemoteExperts sends every worker one request with only the rows it needs (all sent before
+any reply is awaited), computes the head's own share meanwhile, then adds the partial sums. A worker
+that errors or misses the deadline raises WorkerFailed naming its node: never a hang.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent import futures
+from typing import Callable, Iterator, Mapping
+
+import grpc
+import msgpack
+import numpy as np
+
+from protos import expert_pb2, expert_pb2_grpc
+from runtime.experts import ExpertShard
+
+TOKEN_HEADER = "x-kimi-token"
+MAX_MESSAGE_BYTES = 512 << 20  # a 512-token prefill of K2 is 14.7 MB per direction in f32
+WIRE_DTYPES = {"f32": expert_pb2.F32, "f16": expert_pb2.F16, "bf16": expert_pb2.BF16}
+ITEM_BYTES = {expert_pb2.F32: 4, expert_pb2.F16: 2, expert_pb2.BF16: 2}
+_CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+
+
+class WorkerFailed(RuntimeError):
+    """An expert worker that errored, died or missed its deadline."""
+
+    def __init__(self, node: str, reason: str):
+        super().__init__(f"expert worker on node {node} failed: {reason}")
+        self.node = node
+
+
+def encode(array: np.ndarray, dtype: int) -> bytes:
+    """float32 rows -> wire bytes (bf16 keeps the top half of each float32, rounded to nearest even)."""
+    if dtype == expert_pb2.F16:
+        return array.astype(np.float16).tobytes()
+    if dtype == expert_pb2.BF16:
+        bits = np.ascontiguousarray(array, np.float32).view(np.uint32)
+        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (rounded >> 16).astype(np.uint16).tobytes()
+    return np.ascontiguousarray(array, np.float32).tobytes()
+
+
+def decode(data: bytes, dtype: int, width: int) -> np.ndarray:
+    if dtype == expert_pb2.F16:
+        values = np.frombuffer(data, np.float16).astype(np.float32)
+    elif dtype == expert_pb2.BF16:
+        values = (np.frombuffer(data, np.uint16).astype(np.uint32) << 16).view(np.float32)
+    else:
+        values = np.frombuffer(data, np.float32)
+    return values.reshape(-1, width)
+
+
+# ---- worker side ----
+
+class _TokenCheck(grpc.ServerInterceptor):
+    """Refuses every call that does not carry the cluster token."""
+
+    def __init__(self, token: str):
+        self._token = token
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong cluster token (x-kimi-token)")
+        # The refusal must have the same streaming shape as the method it replaces.
+        self._deny = {"Forward": grpc.stream_stream_rpc_method_handler(deny),
+                      "LoadShard": grpc.stream_unary_rpc_method_handler(deny)}
+        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation, handler_call_details):
+        if (TOKEN_HEADER, self._token) in (handler_call_details.invocation_metadata or ()):
+            return continuation(handler_call_details)
+        return self._deny.get(handler_call_details.method.rsplit("/", 1)[-1], self._deny_unary)
+
+
+class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
+    """Serves a shard once `shard()` returns one; `receive` handles streamed weights (LoadShard)."""
+
+    def __init__(self, node: str, shard: Callable[[], ExpertShard | None],
+                 receive: Callable[[Iterator[tuple[bytes, bytes]]], int],
+                 health: Callable[[], dict]):
+        self.node, self._shard, self._receive, self._health = node, shard, receive, health
+        self._stats = {"requests": 0, "rows": 0, "pairs": 0, "compute_s": 0.0}
+
+    def Forward(self, request_iterator, context):
+        for request in request_iterator:
+            yield self._forward_one(request)
+
+    def _forward_one(self, request) -> expert_pb2.ForwardReply:
+        shard = self._shard()
+        if shard is None:
+            return expert_pb2.ForwardReply(step=request.step, error=f"node {self.node}: shard not loaded yet")
+        started = time.perf_counter()
+        try:
+            rows = np.frombuffer(request.pair_rows, np.int32)
+            width = len(request.hidden) // (max(request.num_rows, 1) * ITEM_BYTES[request.dtype])
+            hidden = decode(request.hidden, request.dtype, width)
+            partial = shard.forward_pairs(request.layer, hidden, rows, np.frombuffer(request.pair_experts, np.int32),
+                                          np.frombuffer(request.pair_weights, np.float32))
+        except (KeyError, ValueError) as e:
+            return expert_pb2.ForwardReply(step=request.step, error=f"node {self.node}: {e}")
+        self._stats["requests"] += 1
+        self._stats["rows"] += int(request.num_rows)
+        self._stats["pairs"] += len(rows)
+        self._stats["compute_s"] += time.perf_counter() - started
+        return expert_pb2.ForwardReply(step=request.step, partial=encode(partial, request.dtype))
+
+    def LoadShard(self, request_iterator, context):
+        try:
+            received = self._receive((chunk.manifest, chunk.data) for chunk in request_iterator)
+        except (ValueError, OSError) as e:
+            return expert_pb2.LoadReply(ok=False, error=f"node {self.node}: {e}")
+        return expert_pb2.LoadReply(ok=True, bytes_received=received)
+
+    def Health(self, request, context):
+        return expert_pb2.HealthReply(node=self.node, **self._health())
+
+    def Stats(self, request, context):
+        return expert_pb2.StatsReply(snapshot=msgpack.packb(self._stats))
+
+
+def serve(servicer: ExpertServicer, port: int, token: str, tls: Mapping[str, str] | None = None,
+          threads: int = 4) -> tuple[grpc.Server, int]:
+    """Start a gRPC server for the servicer on all interfaces; port 0 picks a free one. Returns the port."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), interceptors=[_TokenCheck(token)],
+                         options=_CHANNEL_OPTIONS)
+    expert_pb2_grpc.add_ExpertServiceServicer_to_server(servicer, server)
+    address = f"[::]:{port}"
+    if tls:
+        with open(tls["key"], "rb") as key, open(tls["cert"], "rb") as cert:
+            credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+        bound = server.add_secure_port(address, credentials)
+    else:
+        bound = server.add_insecure_port(address)
+    if not bound:
+        raise OSError(f"cannot listen on port {port}: is another worker running there?")
+    server.start()
+    return server, bound
+
+
+# ---- head side ----
+
+def open_channel(address: str, tls: Mapping[str, str] | None = None) -> grpc.Channel:
+    if tls:
+        with open(tls["ca"], "rb") as ca:
+            return grpc.secure_channel(address, grpc.ssl_channel_credentials(ca.read()), options=_CHANNEL_OPTIONS)
+    return grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+
+
+class WorkerClient:
+    """One worker's long-lived Forward stream: send() never blocks, receive() waits up to the deadline."""
+
+    def __init__(self, node: str, address: str, token: str, deadline_s: float, tls: Mapping[str, str] | None = None):
+        self.node, self.address, self.deadline_s = node, address, deadline_s
+        self.metadata = ((TOKEN_HEADER, token),)
+        self.channel = open_channel(address, tls)
+        self.stub = expert_pb2_grpc.ExpertServiceStub(self.channel)
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._replies: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = object()
+        responses = self.stub.Forward(iter(self._requests.get, self._closed), metadata=self.metadata)
+        threading.Thread(target=self._read, args=(responses,), daemon=True, name=f"replies-{node}").start()
+
+    def _read(self, responses) -> None:
+        try:
+            for reply in responses:
+                self._replies.put(reply)
+            self._replies.put(WorkerFailed(self.node, "the worker closed its stream"))
+        except grpc.RpcError as e:
+            self._replies.put(WorkerFailed(self.node, f"{e.code().name}: {e.details()}"))
+
+    def send(self, request: expert_pb2.ForwardRequest) -> None:
+        self._requests.put(request)
+
+    def receive(self, step: int) -> expert_pb2.ForwardReply:
+        try:
+            reply = self._replies.get(timeout=self.deadline_s)
+        except queue.Empty:
+            raise WorkerFailed(self.node, f"no answer within the {self.deadline_s:g} s deadline") from None
+        if isinstance(reply, WorkerFailed):
+            self._replies.put(reply)  # every later call fails the same way
+            raise reply
+        if reply.error:
+            raise WorkerFailed(self.node, reply.error)
+        if reply.step != step:
+            raise WorkerFailed(self.node, f"answered step {reply.step} while step {step} was expected")
+        return reply
+
+    def health(self) -> expert_pb2.HealthReply:
+        return self.stub.Health(expert_pb2.HealthRequest(), metadata=self.metadata, timeout=self.deadline_s)
+
+    def stats(self) -> dict:
+        reply = self.stub.Stats(expert_pb2.StatsRequest(), metadata=self.metadata, timeout=self.deadline_s)
+        return msgpack.unpackb(reply.snapshot)
+
+    def load_shard(self, chunks: Iterator[tuple[bytes, bytes]]) -> int:
+        reply = self.stub.LoadShard((expert_pb2.ShardChunk(manifest=m, data=d) for m, d in chunks),
+                                    metadata=self.metadata)
+        if not reply.ok:
+            raise WorkerFailed(self.node, reply.error)
+        return reply.bytes_received
+
+    def close(self) -> None:
+        self._requests.put(self._closed)
+        self.channel.close()
+
+
+class RemoteExperts:
+    """Experts spread over the head (an in-process shard) and remote workers (gRPC)."""
+
+    def __init__(self, owners: Mapping[int, np.ndarray], workers: list[WorkerClient], local: ExpertShard | None,
+                 wire_dtype: str = "f32"):
+        self.owners = dict(owners)  # layer -> [num_experts] worker index, -1 = head
+        self.workers, self.local = workers, local
+        self.dtype = WIRE_DTYPES[wire_dtype]
+        self._step = 0
+        self.round_trip_s: dict[str, list[float]] = {w.node: [] for w in workers}
+
+    def start(self, layer: int, hidden: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> Callable[[], np.ndarray]:
+        # hidden [T, D]; ids, weights [T, k]
+        self._step += 1
+        step, owner = self._step, self.owners[layer][ids]  # [T, k]
+        sent = []
+        for index, worker in enumerate(self.workers):
+            rows, request = self._request(layer, step, hidden, ids, weights, owner == index)
+            if request is not None:
+                worker.send(request)
+                sent.append((worker, rows, time.perf_counter()))
+        local_mask = owner < 0
+        local_partial = None
+        if self.local is not None and local_mask.any():
+            t, j = np.nonzero(local_mask)
+            local_partial = self.local.forward_pairs(layer, hidden, t.astype(np.int32), ids[t, j], weights[t, j])
+
+        def result() -> np.ndarray:
+            total = np.zeros_like(hidden, dtype=np.float32) if local_partial is None else local_partial
+            for worker, rows, sent_at in sent:
+                reply = worker.receive(step)
+                self.round_trip_s[worker.node].append(time.perf_counter() - sent_at)
+                total[rows] += decode(reply.partial, self.dtype, hidden.shape[1])
+            return total
+        return result
+
+    def _request(self, layer, step, hidden, ids, weights, mask):
+        """The rows a worker needs and their (row, expert, weight) pairs, in slot order per row."""
+        rows = np.nonzero(mask.any(axis=1))[0]
+        if len(rows) == 0:
+            return rows, None
+        t, j = np.nonzero(mask[rows])
+        return rows, expert_pb2.ForwardRequest(
+            layer=layer, step=step, num_rows=len(rows), dtype=self.dtype, hidden=encode(hidden[rows], self.dtype),
+            pair_rows=t.astype(np.int32).tobytes(), pair_experts=ids[rows][t, j].astype(np.int32).tobytes(),
+            pair_weights=weights[rows][t, j].astype(np.float32).tobytes())
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.close()

@@ -1,0 +1,156 @@
+"""gRPC transport over real sockets: RemoteExperts against in-process shards, auth, failures, wire dtypes,
+and shards streamed from the head."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cluster import shard_transfer
+from cluster.transport import ExpertServicer, RemoteExperts, WorkerClient, WorkerFailed, serve
+from runtime.experts import ExpertShard, LocalExperts
+from runtime.ggml_ops import GgmlRunner
+from runtime.gguf_file import GGUFModelFile
+
+TOKEN = "secret-token"
+
+
+class Worker:
+    """An expert worker's gRPC side in this process, serving a fixed shard."""
+
+    def __init__(self, node: str, shard: ExpertShard | None, token: str = TOKEN):
+        self.shard = shard
+        self.servicer = ExpertServicer(node, lambda: self.shard, self._receive, lambda: {"ready": True})
+        self.server, self.port = serve(self.servicer, 0, token)
+        self.received = None
+
+    def _receive(self, chunks):
+        path, manifest = shard_transfer.receive_shard(chunks, self.cache_dir)
+        self.shard = shard_transfer.load_shard(path, manifest, GgmlRunner(1))
+        return manifest["total_bytes"]
+
+    def client(self, token: str = TOKEN, deadline_s: float = 5.0) -> WorkerClient:
+        return WorkerClient(self.servicer.node, f"127.0.0.1:{self.port}", token, deadline_s)
+
+
+@pytest.fixture(scope="module")
+def model_file(make_tiny):
+    return GGUFModelFile(make_tiny("Q4_K_M"))
+
+
+def routing(num_tokens: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    hidden = rng.standard_normal((num_tokens, 256), dtype=np.float32)
+    ids = np.stack([rng.permutation(16)[:4] for _ in range(num_tokens)]).astype(np.int32)
+    weights = rng.random((num_tokens, 4), dtype=np.float32)
+    return hidden, ids, weights
+
+
+def split_owners(layers, assignment: dict[int, list[int]]) -> dict[int, np.ndarray]:
+    owner = np.full(16, -1, np.int32)
+    for worker, experts in assignment.items():
+        owner[experts] = worker
+    return {layer: owner for layer in layers}
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7])
+def test_remote_plus_head_share_equals_local(model_file, num_tokens):
+    runner = GgmlRunner(2)
+    layers = (1, 2)
+    shares = {0: list(range(0, 6)), 1: list(range(6, 11))}  # experts 11..15 stay on the head
+    workers = [Worker(f"w{i}", ExpertShard.from_model_file(model_file, runner, {l: e for l in layers}))
+               for i, e in shares.items()]
+    head_share = ExpertShard.from_model_file(model_file, runner, {l: range(11, 16) for l in layers})
+    remote = RemoteExperts(split_owners(layers, shares), [w.client() for w in workers], head_share)
+    local = LocalExperts(model_file, runner, layers, 16)
+    hidden, ids, weights = routing(num_tokens)
+    for layer in layers:
+        expected = local.start(layer, hidden, ids, weights)()
+        got = remote.start(layer, hidden, ids, weights)()
+        # Partial sums from three places are added in another order than one sum over the slots.
+        assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+    assert all(len(times) == 2 for times in remote.round_trip_s.values())
+    remote.close()
+
+
+def test_one_worker_holding_everything_is_exact(model_file):
+    runner = GgmlRunner(2)
+    worker = Worker("w0", ExpertShard.from_model_file(model_file, runner, {1: range(16)}))
+    remote = RemoteExperts(split_owners((1,), {0: list(range(16))}), [worker.client()], None)
+    hidden, ids, weights = routing(5)
+    expected = LocalExperts(model_file, runner, (1,), 16).start(1, hidden, ids, weights)()
+    assert np.array_equal(remote.start(1, hidden, ids, weights)(), expected)
+
+
+@pytest.mark.parametrize("wire_dtype, tolerance", [("f16", 1.5e-2), ("bf16", 5e-2)])
+def test_narrow_wire_dtypes(model_file, wire_dtype, tolerance):
+    runner = GgmlRunner(2)
+    worker = Worker("w0", ExpertShard.from_model_file(model_file, runner, {1: range(16)}))
+    remote = RemoteExperts(split_owners((1,), {0: list(range(16))}), [worker.client()], None, wire_dtype)
+    hidden, ids, weights = routing(3)
+    expected = LocalExperts(model_file, runner, (1,), 16).start(1, hidden, ids, weights)()
+    got = remote.start(1, hidden, ids, weights)()
+    # The hidden rows and partial sums travel rounded to 11 (f16) or 8 (bf16) significant bits; the rounded
+    # rows then cross ggml's 8-bit activation rounding, which turns some of that into whole steps.
+    assert np.abs(got - expected).max() <= tolerance * np.abs(expected).max()
+    assert not np.array_equal(got, expected)
+
+
+def test_wrong_token_is_refused(model_file):
+    worker = Worker("w0", ExpertShard.from_model_file(model_file, GgmlRunner(1), {1: range(16)}))
+    remote = RemoteExperts(split_owners((1,), {0: list(range(16))}), [worker.client(token="wrong")], None)
+    with pytest.raises(WorkerFailed, match="node w0 failed: UNAUTHENTICATED"):
+        remote.start(1, *routing(2))()
+    with pytest.raises(Exception, match="UNAUTHENTICATED"):
+        worker.client(token="wrong").health()
+
+
+def test_a_stopped_worker_fails_fast_with_its_name(model_file):
+    worker = Worker("w-dead", ExpertShard.from_model_file(model_file, GgmlRunner(1), {1: range(16)}))
+    remote = RemoteExperts(split_owners((1,), {0: list(range(16))}), [worker.client(deadline_s=3)], None)
+    remote.start(1, *routing(2))()
+    worker.server.stop(grace=None)
+    with pytest.raises(WorkerFailed, match="node w-dead failed"):
+        remote.start(1, *routing(2))()
+
+
+def test_a_worker_missing_an_expert_says_so(model_file):
+    worker = Worker("w0", ExpertShard.from_model_file(model_file, GgmlRunner(1), {1: range(8)}))
+    remote = RemoteExperts(split_owners((1,), {0: list(range(16))}), [worker.client()], None)
+    with pytest.raises(WorkerFailed, match="does not hold experts"):
+        remote.start(1, *routing(4))()
+
+
+def test_streamed_shard_serves_like_the_file(model_file, tmp_path):
+    runner = GgmlRunner(2)
+    owned = {1: [0, 3, 5, 9, 12], 2: [1, 2, 15]}
+    worker = Worker("w-nofile", None)
+    worker.cache_dir = tmp_path / "cache"
+    client = worker.client()
+    manifest = shard_transfer.build_manifest(model_file, owned)
+    assert client.load_shard(shard_transfer.stream_shard(model_file, manifest)) == manifest["total_bytes"]
+    assert manifest["total_bytes"] == sum(model_file.expert_bytes(l, e) for l, es in owned.items() for e in es)
+    from_file = ExpertShard.from_model_file(model_file, runner, owned)
+    hidden, _, _ = routing(3)
+    rows, experts, weights = np.array([0, 0, 1, 2], np.int32), np.array([3, 12, 0, 9], np.int32), \
+        np.array([0.5, 0.25, 1.0, 2.0], np.float32)
+    assert np.array_equal(worker.shard.forward_pairs(1, hidden, rows, experts, weights),
+                          from_file.forward_pairs(1, hidden, rows, experts, weights))
+    # A second load of the same shard reuses the verified cache file.
+    cached = list((tmp_path / "cache").glob("*.shard"))
+    assert len(cached) == 1
+    mtime = cached[0].stat().st_mtime_ns
+    client.load_shard(shard_transfer.stream_shard(model_file, shard_transfer.build_manifest(model_file, owned)))
+    assert cached[0].stat().st_mtime_ns == mtime
+
+
+def test_corrupted_cache_is_replaced(model_file, tmp_path):
+    owned = {1: [4, 5]}
+    manifest = shard_transfer.build_manifest(model_file, owned)
+    path, manifest = shard_transfer.receive_shard(shard_transfer.stream_shard(model_file, manifest), tmp_path)
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert not shard_transfer.verify(path, manifest)
+    path2, _ = shard_transfer.receive_shard(
+        shard_transfer.stream_shard(model_file, shard_transfer.build_manifest(model_file, owned)), tmp_path)
+    assert path2 == path and shard_transfer.verify(path, manifest)
