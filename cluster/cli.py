@@ -156,8 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write a random model with Kimi K2's layout and tokenizer, for tests and "
                                    "benchmarks; --quant uses llama.cpp's quantizer (needs llama-cpp-python).")
     p.add_argument("out", help="output .gguf path")
-    p.add_argument("--preset", default="tiny", choices=["tiny", "k2-slice"],
-                   help="tiny: 256 wide, for tests; k2-slice: K2's real widths, 3 layers, 16 experts")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small", "k2-slice"],
+                   help="tiny: 256 wide, for tests; small: 1024 wide, 32 experts; k2-slice: K2's real widths, "
+                        "3 layers, 16 experts")
     p.add_argument("--quant", default=None, help="quantize, e.g. Q8_0, Q4_K_M, Q2_K (default: unquantized)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_model)

@@ -74,11 +74,13 @@ def verify(path: Path, manifest: dict) -> bool:
 
 
 def receive_shard(chunks: Iterator[tuple[bytes, bytes]], cache_dir: Path,
-                  on_bytes: Callable[[int], None] = lambda n: None) -> tuple[Path, dict]:
+                  on_bytes: Callable[[int], None] = lambda n: None,
+                  on_manifest: Callable[[dict], None] = lambda m: None) -> tuple[Path, dict]:
     """Write a streamed shard to the cache and check it; an identical cached shard is kept as it is."""
     chunks = iter(chunks)
     manifest_bytes, _ = next(chunks)
     manifest = msgpack.unpackb(manifest_bytes)
+    on_manifest(manifest)
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_path(cache_dir, manifest)
     if verify(path, manifest):

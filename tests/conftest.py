@@ -4,6 +4,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# Multi-node tests run every Ray node on this machine: make Ray's processes use loopback addresses only.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 import pytest
 
 from runtime.demo_model import make_model

@@ -1,0 +1,224 @@
+"""Bring-up on the head: connect to Ray, plan the placement, start one ExpertWorker per other node, load
+the head's own share, wait for every shard (with progress bars), and wire RemoteExperts into the model.
+
+Nodes and budgets come from the cluster config, or from what Ray reports about each live node; with
+`local_workers` the workers are extra processes on this machine (for trying things out).
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from tqdm import tqdm
+
+from cluster import shard_transfer
+from cluster.config import ClusterConfig
+from cluster.placement import GiB, Inventory, NodeBudget, Placement, plan
+from cluster.transport import RemoteExperts, WorkerClient, WorkerFailed
+from cluster.workers import ExpertWorker
+from runtime.config import ModelConfig
+from runtime.experts import ExpertShard
+from runtime.ggml_ops import GgmlRunner
+from runtime.gguf_file import GGUFModelFile
+from runtime.model import KimiModel
+
+HEAD = "head"
+
+
+@dataclass(frozen=True)
+class ClusterNode:
+    name: str
+    ray_node_id: str
+    address: str  # IP as Ray sees it
+    budget: NodeBudget
+
+
+def total_memory_bytes() -> int:
+    with open("/proc/meminfo") as meminfo:
+        return int(meminfo.readline().split()[1]) * 1024
+
+
+def local_nodes(num_workers: int, worker_memory_gb: float | None, head_memory_gb: float | None) -> list[ClusterNode]:
+    """`num_workers` worker processes on this machine, plus the head: memory split evenly unless given."""
+    node_id, ip = ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+    even_share = total_memory_bytes() * 0.8 / (num_workers + 1)
+    head = int(head_memory_gb * GiB) if head_memory_gb is not None else int(even_share)
+    worker = int(worker_memory_gb * GiB) if worker_memory_gb is not None else int(even_share)
+    return [ClusterNode(HEAD, node_id, ip, NodeBudget(HEAD, head, is_head=True))] + [
+        ClusterNode(f"worker-{i}", node_id, ip, NodeBudget(f"worker-{i}", worker)) for i in range(1, num_workers + 1)]
+
+
+def ray_nodes(config: ClusterConfig) -> list[ClusterNode]:
+    """The live Ray nodes, with budgets from the config (matched by address) or from Ray's memory resource."""
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    driver = ray.get_runtime_context().get_node_id()
+    if config.nodes:
+        by_address = {n["NodeManagerAddress"]: n for n in alive}
+        missing = [n.name for n in config.nodes if n.address not in by_address]
+        if missing:
+            raise RuntimeError(f"nodes {missing} from {config.source} are not in the Ray cluster (Ray sees "
+                               f"{sorted(by_address)}); start Ray on them or fix their addresses")
+        return [ClusterNode(n.name, by_address[n.address]["NodeID"], n.address, budget)
+                for n, budget in zip(config.nodes, config.node_budgets())]
+    nodes = []
+    for n in sorted(alive, key=lambda n: (n["NodeID"] != driver, n["NodeID"])):
+        is_head = n["NodeID"] == driver
+        name = HEAD if is_head else f"{n['NodeManagerAddress']}/{n['NodeID'][:6]}"
+        nodes.append(ClusterNode(name, n["NodeID"], n["NodeManagerAddress"],
+                                 NodeBudget(name, int(n["Resources"].get("memory", 0)), is_head)))
+    return nodes
+
+
+def owner_arrays(placement: Placement, worker_names: list[str], num_experts: int) -> dict[int, np.ndarray]:
+    """Per MoE layer, which worker (index into worker_names) holds each expert; -1 for the head."""
+    index = {name: i for i, name in enumerate(worker_names)}
+    owners: dict[int, np.ndarray] = {}
+    for node, layers in placement.experts.items():
+        for layer, experts in layers.items():
+            owner = owners.setdefault(layer, np.full(num_experts, -1, np.int32))
+            owner[list(experts)] = index.get(node, -1)
+    return owners
+
+
+class ExpertCluster:
+    """A running cluster for one model: `start()` returns a KimiModel whose experts live on the nodes."""
+
+    def __init__(self, model_path: str | Path, config: ClusterConfig, local_workers: int = 0,
+                 worker_memory_gb: float | None = None, head_memory_gb: float | None = None,
+                 streamed_nodes: frozenset[str] = frozenset(), repack: str = "head",
+                 worker_threads: int | None = None, progress: bool = True):
+        self.model_file = GGUFModelFile(model_path)
+        self.config, self.local_workers, self.repack, self.progress = config, local_workers, repack, progress
+        self.worker_memory_gb, self.head_memory_gb = worker_memory_gb, head_memory_gb
+        self.streamed_nodes, self.worker_threads = streamed_nodes, worker_threads
+        self.token = config.token or secrets.token_hex(16)
+        self.actors: dict[str, ray.actor.ActorHandle] = {}
+        self.remote: RemoteExperts | None = None
+        self._started_ray = False
+        self._stream_error = ""
+
+    def nodes(self) -> list[ClusterNode]:
+        if not ray.is_initialized():
+            local = {}
+            if self.config.ray_address is None:
+                # A Ray of our own on this machine: keep all of its traffic on loopback.
+                os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+                local = {"_node_ip_address": "127.0.0.1"}
+            ray.init(address=self.config.ray_address, logging_level="ERROR", log_to_driver=False, **local)
+            self._started_ray = True
+        if self.local_workers:
+            return local_nodes(self.local_workers, self.worker_memory_gb, self.head_memory_gb)
+        return ray_nodes(self.config)
+
+    def plan(self, nodes: list[ClusterNode]) -> Placement:
+        self.model_config = ModelConfig.from_metadata(self.model_file.metadata, str(self.model_file.path))
+        inventory = Inventory.from_model(self.model_file, self.model_config, self.config.context,
+                                         self.config.max_sequences)
+        return plan(inventory, [n.budget for n in nodes], self.config.reserve_bytes, self.config.allow_disk)
+
+    def start(self) -> KimiModel:
+        nodes = self.nodes()
+        self.placement = self.plan(nodes)  # refuses an oversized pool before anything loads
+        runner = GgmlRunner(self.config.threads)
+        workers = [n for n in nodes if not n.budget.is_head and self.placement.experts.get(n.name)]
+        shared_ips = {n.address for n in workers if sum(m.address == n.address for m in workers) > 1}
+        for node in workers:
+            self.actors[node.name] = self._spawn(node, port=0 if node.address in shared_ips else self.config.port)
+        head_share = self._load_head_share(runner)
+        clients = self._wait_for_workers(workers)
+        owners = owner_arrays(self.placement, [n.name for n in workers], self.model_config.num_experts)
+        self.remote = RemoteExperts(owners, clients, head_share, self.config.wire_dtype)
+        model = KimiModel(self.model_file, runner, experts=self.remote, repack="none" if self.repack == "none" else "head")
+        model.load(self.progress)
+        return model
+
+    def _model_path_on(self, node: ClusterNode) -> str | None:
+        if node.name in self.streamed_nodes:
+            return None
+        path = self.config.model_path_for(node.name)
+        return None if path is None else str(path)
+
+    def _spawn(self, node: ClusterNode, port: int):
+        owned = {int(layer): list(experts) for layer, experts in self.placement.experts[node.name].items()}
+        threads = self.worker_threads or self.config.threads
+        return ExpertWorker.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node.ray_node_id, soft=False),
+            runtime_env={"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "passive")}},
+        ).remote(node.name, owned, self._model_path_on(node), port, self.token, threads, self.repack == "all",
+                 None, self._tls())
+
+    def _load_head_share(self, runner: GgmlRunner) -> ExpertShard | None:
+        owned = self.placement.experts.get(self.placement.head_node)
+        if not owned:
+            return None
+        shard = ExpertShard.from_model_file(self.model_file, runner, owned, self.repack == "all")
+        with tqdm(total=shard.nbytes, unit="B", unit_scale=True, desc=f"{'head':>16s}", disable=not self.progress,
+                  leave=False) as bar:
+            shard.touch(bar.update)
+        return shard
+
+    def _tls(self) -> dict[str, str] | None:
+        return None if self.config.tls is None else {k: str(v) for k, v in vars(self.config.tls).items()}
+
+    def _wait_for_workers(self, workers: list[ClusterNode]) -> list[WorkerClient]:
+        clients = [WorkerClient(n.name, self._get(n.name, self.actors[n.name].address.remote()), self.token,
+                                self.config.deadline_s, self._tls()) for n in workers]
+        streams = [threading.Thread(target=self._stream_shard, args=(client,), daemon=True)
+                   for node, client in zip(workers, clients) if self._model_path_on(node) is None]
+        for thread in streams:
+            thread.start()
+        bars = {n.name: tqdm(total=1, unit="B", unit_scale=True, desc=f"{n.name:>16s}", position=i,
+                             disable=not self.progress, leave=False) for i, n in enumerate(workers)}
+        pending = set(bars)
+        while pending:
+            for name in sorted(pending):
+                state = self._get(name, self.actors[name].progress.remote())
+                if state["error"] or self._stream_error:
+                    raise RuntimeError(f"the expert worker on node {name} could not load its experts: "
+                                       f"{state['error'] or self._stream_error}")
+                bars[name].total = max(state["shard_bytes"], 1)
+                bars[name].n = state["loaded_bytes"]
+                bars[name].refresh()
+                if state["ready"]:
+                    pending.discard(name)
+            time.sleep(0.1)
+        for bar in bars.values():
+            bar.close()
+        return clients
+
+    def _stream_shard(self, client: WorkerClient) -> None:
+        try:
+            manifest = shard_transfer.build_manifest(self.model_file, self.placement.experts[client.node])
+            client.load_shard(shard_transfer.stream_shard(self.model_file, manifest))
+        except (WorkerFailed, OSError, ValueError) as e:
+            self._stream_error = str(e)
+
+    def _get(self, node: str, ref):
+        try:
+            return ray.get(ref, timeout=max(60.0, self.config.deadline_s))
+        except ray.exceptions.RayActorError as e:
+            raise RuntimeError(f"the expert worker on node {node} died: {e}") from None
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(f"the expert worker on node {node} does not answer") from None
+
+    def close(self) -> None:
+        if self.remote is not None:
+            self.remote.close()
+        for actor in self.actors.values():
+            ray.kill(actor)
+        self.actors.clear()
+        if self._started_ray:
+            ray.shutdown()
+
+    def __enter__(self) -> "ExpertCluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,75 @@
+"""ExpertWorker: the Ray actor that holds one node's share of the routed experts and serves it over gRPC.
+
+The actor is thin: it starts the gRPC server at once, then loads its shard in the background, from its
+own copy of the GGUF (mapped, only its experts' pages read) or from the bytes the head streams to it
+(cached on its disk). The head polls `progress()` for its progress bars and talks gRPC for the rest.
+"""
+from __future__ import annotations
+
+import resource
+import threading
+from pathlib import Path
+
+import ray
+
+from cluster import shard_transfer
+from cluster.transport import ExpertServicer, serve
+from runtime.experts import ExpertShard
+from runtime.ggml_ops import GgmlRunner
+from runtime.gguf_file import GGUFModelFile
+
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "kimi-cluster" / "shards"
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now (file pages it has touched included)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class ExpertWorker:
+    def __init__(self, node: str, owned: dict[int, list[int]], model_path: str | None, port: int, token: str,
+                 threads: int | None = None, repack: bool = False, cache_dir: str | None = None,
+                 tls: dict[str, str] | None = None):
+        self.rss_at_start = rss_bytes()
+        self.node, self.owned, self.repack = node, {int(k): v for k, v in owned.items()}, repack
+        self.runner = GgmlRunner(threads)
+        self.cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR
+        self.shard: ExpertShard | None = None
+        self.loaded_bytes, self.total_bytes, self.error = 0, 0, ""
+        servicer = ExpertServicer(node, lambda: self.shard, self._receive, self._health)
+        self.server, self.port = serve(servicer, port, token, tls)
+        if model_path is not None:
+            threading.Thread(target=self._load_from_file, args=(model_path,), daemon=True).start()
+
+    def _count(self, nbytes: int) -> None:
+        self.loaded_bytes += nbytes
+
+    def _load_from_file(self, model_path: str) -> None:
+        try:
+            model_file = GGUFModelFile(model_path)
+            shard = ExpertShard.from_model_file(model_file, self.runner, self.owned, self.repack)
+            self.total_bytes = shard.nbytes
+            shard.touch(self._count)
+            self.shard = shard
+        except Exception as e:  # reported to the head through progress(), which names this node
+            self.error = f"{type(e).__name__}: {e}"
+
+    def _receive(self, chunks) -> int:
+        """LoadShard: the head streams this node's experts; write, verify, map."""
+        def expect(manifest: dict) -> None:
+            self.total_bytes = manifest["total_bytes"]
+        path, manifest = shard_transfer.receive_shard(chunks, self.cache_dir, self._count, expect)
+        self.shard = shard_transfer.load_shard(path, manifest, self.runner)
+        return manifest["total_bytes"]
+
+    def _health(self) -> dict:
+        return {"ready": self.shard is not None, "shard_bytes": self.total_bytes, "loaded_bytes": self.loaded_bytes,
+                "rss_bytes": rss_bytes()}
+
+    def address(self) -> str:
+        return f"{ray.util.get_node_ip_address()}:{self.port}"
+
+    def progress(self) -> dict:
+        return {**self._health(), "error": self.error, "rss_at_start": self.rss_at_start}
