@@ -1,7 +1,8 @@
-"""kimi-cluster command line: generate, inspect, make-model, demo."""
+"""kimi-cluster command line: generate, plan, inspect, make-model, demo."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -13,15 +14,38 @@ DEMO_PATH = Path.home() / ".cache" / "kimi-cluster" / "kimi-demo-tiny.gguf"
 DEMO_PROMPT = "Write one sentence about pooling the memory of several computers."
 
 
-def _load_model(path: str, threads: int | None, repack: str):
+def _cluster_config(args):
+    """The cluster settings for --config FILE or --workers N; None for a single process."""
+    from cluster.config import ClusterConfig
+    if args.config:
+        return ClusterConfig.from_yaml(args.config)
+    if args.workers:
+        return ClusterConfig.from_dict({"model": args.model, "reserve_gb": args.reserve_gb}, "--workers")
+    return None
+
+
+@contextlib.contextmanager
+def _model_session(args):
+    """(model, tokenizer): in this process, or with its experts spread over a Ray cluster."""
     from runtime.ggml_ops import GgmlRunner
     from runtime.gguf_file import GGUFModelFile
     from runtime.model import KimiModel
     from runtime.tokenizer import Tokenizer
-    model_file = GGUFModelFile(path)
-    model = KimiModel(model_file, GgmlRunner(threads), repack=repack)
-    model.load(progress=sys.stderr.isatty())
-    return model, Tokenizer.from_metadata(model_file.metadata)
+    model_file = GGUFModelFile(args.model)
+    tokenizer = Tokenizer.from_metadata(model_file.metadata)
+    config = _cluster_config(args)
+    if config is None:
+        model = KimiModel(model_file, GgmlRunner(args.threads), repack=args.repack)
+        model.load(progress=sys.stderr.isatty())
+        yield model, tokenizer
+        return
+    from cluster.head import ExpertCluster
+    with ExpertCluster(args.model, config, local_workers=args.workers or 0, worker_memory_gb=args.worker_memory,
+                       head_memory_gb=args.head_memory, repack=args.repack, worker_threads=args.threads,
+                       progress=sys.stderr.isatty()) as cluster:
+        model = cluster.start()
+        print(cluster.placement.format_table(), file=sys.stderr)
+        yield model, tokenizer
 
 
 def _prompt_tokens(tokenizer, text: str, chat: bool) -> list[int]:
@@ -34,7 +58,13 @@ def _prompt_tokens(tokenizer, text: str, chat: bool) -> list[int]:
 def cmd_generate(args) -> None:
     from runtime.engine import Engine, GenerationStats
     from runtime.sampling import SamplingParams
-    model, tokenizer = _load_model(args.model, args.threads, args.repack)
+    with _model_session(args) as (model, tokenizer):
+        _generate(args, model, tokenizer)
+
+
+def _generate(args, model, tokenizer) -> None:
+    from runtime.engine import Engine, GenerationStats
+    from runtime.sampling import SamplingParams
     prompt = _prompt_tokens(tokenizer, args.prompt, args.chat)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                             repetition_penalty=args.repeat_penalty, presence_penalty=args.presence_penalty,
@@ -60,6 +90,30 @@ def cmd_generate(args) -> None:
     print(f"[prompt: {stats.prompt_tokens} tokens at {stats.prompt_tokens_per_s:.1f} tokens/s; "
           f"generated: {stats.generated_tokens} tokens at {stats.decode_tokens_per_s:.1f} tokens/s; "
           f"finish: {stats.finish_reason}]", file=sys.stderr)
+
+
+def cmd_plan(args) -> None:
+    """Print where every expert would live, and whether the pool is big enough, without loading anything."""
+    from cluster.head import ExpertCluster, local_budgets
+    from cluster.placement import PlacementError, plan
+    config = _cluster_config(args)
+    if config is None:
+        raise ValueError("give --config FILE (your machines) or --workers N (processes on this machine)")
+    cluster = ExpertCluster(args.model, config, progress=False)
+    if args.workers:
+        budgets = local_budgets(args.workers, args.worker_memory, args.head_memory)
+    elif config.nodes:
+        budgets = config.node_budgets()
+    else:
+        with cluster:
+            budgets = [n.budget for n in cluster.nodes()]
+    try:
+        placement = plan(cluster.inventory(), budgets, config.reserve_bytes, config.allow_disk)
+    except PlacementError as e:
+        print(e)
+        sys.exit(1)
+    print(placement.format_table())
+    print("fits: every expert has a place" + (" (some paged from disk)" if placement.disk_backed else ""))
 
 
 def cmd_inspect(args) -> None:
@@ -129,6 +183,20 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                         "the whole model), none = read everything in place from the file")
 
 
+def _add_cluster_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("cluster (default: everything in this process)")
+    group.add_argument("--config", metavar="FILE", help="cluster config (YAML) for your Ray cluster; see "
+                                                        "configs/cluster.example.yaml")
+    group.add_argument("--workers", type=int, default=0, metavar="N",
+                       help="start a local Ray with N expert worker processes on this machine, to try it out")
+    group.add_argument("--worker-memory", type=float, default=None, metavar="GB",
+                       help="with --workers: memory each worker may use (default: 80%% of RAM split evenly)")
+    group.add_argument("--head-memory", type=float, default=None, metavar="GB",
+                       help="with --workers: memory for the head's own weights and expert share")
+    group.add_argument("--reserve-gb", type=float, default=0.5,
+                       help="with --workers: memory kept free on each node (default 0.5)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kimi-cluster",
@@ -146,7 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logits-out", metavar="FILE.npy",
                    help="save the float32 logits of the last prompt position")
     _add_sampling_args(p)
+    _add_cluster_args(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("plan", help="show how the experts would be spread over the machines",
+                       description="Plan the placement of every routed expert by memory budget and print it "
+                                   "(per node: experts per layer, GB, share of each layer), without loading "
+                                   "anything. Exits 1 when the pool is too small.")
+    p.add_argument("model", help="path to the .gguf file (or its first part)")
+    _add_cluster_args(p)
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("inspect", help="show a model's metadata, tensor types and sizes")
     p.add_argument("model")
@@ -166,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="make the built-in demo model if needed and generate from it")
     p.add_argument("--model", default=None, help=f"demo model path (default {DEMO_PATH})")
     _add_sampling_args(p)
+    _add_cluster_args(p)
     p.set_defaults(func=cmd_demo, max_tokens=32)
     return parser
 

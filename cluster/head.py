@@ -45,14 +45,18 @@ def total_memory_bytes() -> int:
         return int(meminfo.readline().split()[1]) * 1024
 
 
-def local_nodes(num_workers: int, worker_memory_gb: float | None, head_memory_gb: float | None) -> list[ClusterNode]:
-    """`num_workers` worker processes on this machine, plus the head: memory split evenly unless given."""
-    node_id, ip = ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+def local_budgets(num_workers: int, worker_memory_gb: float | None, head_memory_gb: float | None) -> list[NodeBudget]:
+    """The head and `num_workers` worker processes on this machine: 80% of RAM split evenly unless given."""
     even_share = total_memory_bytes() * 0.8 / (num_workers + 1)
     head = int(head_memory_gb * GiB) if head_memory_gb is not None else int(even_share)
     worker = int(worker_memory_gb * GiB) if worker_memory_gb is not None else int(even_share)
-    return [ClusterNode(HEAD, node_id, ip, NodeBudget(HEAD, head, is_head=True))] + [
-        ClusterNode(f"worker-{i}", node_id, ip, NodeBudget(f"worker-{i}", worker)) for i in range(1, num_workers + 1)]
+    return [NodeBudget(HEAD, head, is_head=True)] + [NodeBudget(f"worker-{i}", worker)
+                                                      for i in range(1, num_workers + 1)]
+
+
+def local_nodes(num_workers: int, worker_memory_gb: float | None, head_memory_gb: float | None) -> list[ClusterNode]:
+    node_id, ip = ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+    return [ClusterNode(b.name, node_id, ip, b) for b in local_budgets(num_workers, worker_memory_gb, head_memory_gb)]
 
 
 def ray_nodes(config: ClusterConfig) -> list[ClusterNode]:
@@ -95,6 +99,7 @@ class ExpertCluster:
                  streamed_nodes: frozenset[str] = frozenset(), repack: str = "head",
                  worker_threads: int | None = None, progress: bool = True):
         self.model_file = GGUFModelFile(model_path)
+        self.model_config = ModelConfig.from_metadata(self.model_file.metadata, str(self.model_file.path))
         self.config, self.local_workers, self.repack, self.progress = config, local_workers, repack, progress
         self.worker_memory_gb, self.head_memory_gb = worker_memory_gb, head_memory_gb
         self.streamed_nodes, self.worker_threads = streamed_nodes, worker_threads
@@ -117,11 +122,12 @@ class ExpertCluster:
             return local_nodes(self.local_workers, self.worker_memory_gb, self.head_memory_gb)
         return ray_nodes(self.config)
 
+    def inventory(self) -> Inventory:
+        """What must be placed: every expert's bytes, and what the head holds (weights and KV cache)."""
+        return Inventory.from_model(self.model_file, self.model_config, self.config.context, self.config.max_sequences)
+
     def plan(self, nodes: list[ClusterNode]) -> Placement:
-        self.model_config = ModelConfig.from_metadata(self.model_file.metadata, str(self.model_file.path))
-        inventory = Inventory.from_model(self.model_file, self.model_config, self.config.context,
-                                         self.config.max_sequences)
-        return plan(inventory, [n.budget for n in nodes], self.config.reserve_bytes, self.config.allow_disk)
+        return plan(self.inventory(), [n.budget for n in nodes], self.config.reserve_bytes, self.config.allow_disk)
 
     def start(self) -> KimiModel:
         nodes = self.nodes()
@@ -147,10 +153,14 @@ class ExpertCluster:
 
     def _spawn(self, node: ClusterNode, port: int):
         owned = {int(layer): list(experts) for layer, experts in self.placement.experts[node.name].items()}
-        threads = self.worker_threads or self.config.threads
+        # Local workers share this machine's cores with the head and each other.
+        shared_cores = max(1, len(os.sched_getaffinity(0)) // (self.local_workers + 1)) if self.local_workers else None
+        threads = self.worker_threads or self.config.threads or shared_cores
         return ExpertWorker.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(node.ray_node_id, soft=False),
-            runtime_env={"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "passive")}},
+            # Workers sharing the head's machine must not spin on its cores between requests.
+            runtime_env={"env_vars": {"OMP_WAIT_POLICY": "passive" if self.local_workers else
+                                      os.environ.get("OMP_WAIT_POLICY", "passive")}},
         ).remote(node.name, owned, self._model_path_on(node), port, self.token, threads, self.repack == "all",
                  None, self._tls())
 

@@ -85,6 +85,8 @@ class ExpertShard:
         Rows may carry any number of pairs. Pairs are added in the order given, so a row whose pairs come
         in slot order gets exactly the sum forward() would give it.
         """
+        if len(rows) == 0:
+            return np.zeros_like(hidden, dtype=np.float32)
         local = self._local_ids(layer, experts)
         outputs = self._ffn(layer, hidden[rows], local[:, None], np.asarray(weights, np.float32)[:, None])  # [P, D]
         partial = np.zeros_like(hidden, dtype=np.float32)
