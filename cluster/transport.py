@@ -153,7 +153,11 @@ def open_channel(address: str, tls: Mapping[str, str] | None = None) -> grpc.Cha
 
 
 class WorkerClient:
-    """One worker's long-lived Forward stream: send() never blocks, receive() waits up to the deadline."""
+    """One worker's long-lived Forward stream: send() never blocks, receive() waits up to the deadline.
+
+    Replies are read on the caller's thread (a thread hop costs more than the whole loopback round
+    trip); a watchdog thread cancels the stream when a reply is overdue, which ends the wait.
+    """
 
     def __init__(self, node: str, address: str, token: str, deadline_s: float, tls: Mapping[str, str] | None = None):
         self.node, self.address, self.deadline_s = node, address, deadline_s
@@ -161,30 +165,41 @@ class WorkerClient:
         self.channel = open_channel(address, tls)
         self.stub = expert_pb2_grpc.ExpertServiceStub(self.channel)
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
-        self._replies: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = object()
-        responses = self.stub.Forward(iter(self._requests.get, self._closed), metadata=self.metadata)
-        threading.Thread(target=self._read, args=(responses,), daemon=True, name=f"replies-{node}").start()
+        self._responses = self.stub.Forward(iter(self._requests.get, self._closed), metadata=self.metadata)
+        self._waiting_since: float | None = None
+        self._overdue = False
+        self._failure: WorkerFailed | None = None
+        threading.Thread(target=self._watch, daemon=True, name=f"watchdog-{node}").start()
 
-    def _read(self, responses) -> None:
-        try:
-            for reply in responses:
-                self._replies.put(reply)
-            self._replies.put(WorkerFailed(self.node, "the worker closed its stream"))
-        except grpc.RpcError as e:
-            self._replies.put(WorkerFailed(self.node, f"{e.code().name}: {e.details()}"))
+    def _watch(self) -> None:
+        while self._failure is None:
+            time.sleep(min(0.05, self.deadline_s / 10))
+            since = self._waiting_since
+            if since is not None and time.monotonic() - since > self.deadline_s:
+                self._overdue = True
+                self._responses.cancel()
+                return
 
     def send(self, request: expert_pb2.ForwardRequest) -> None:
         self._requests.put(request)
 
     def receive(self, step: int) -> expert_pb2.ForwardReply:
+        if self._failure is not None:  # a failed stream stays failed: every later call says why
+            raise self._failure
+        self._waiting_since = time.monotonic()
         try:
-            reply = self._replies.get(timeout=self.deadline_s)
-        except queue.Empty:
-            raise WorkerFailed(self.node, f"no answer within the {self.deadline_s:g} s deadline") from None
-        if isinstance(reply, WorkerFailed):
-            self._replies.put(reply)  # every later call fails the same way
-            raise reply
+            reply = next(self._responses)
+        except StopIteration:
+            self._failure = WorkerFailed(self.node, "the worker closed its stream")
+        except grpc.RpcError as e:
+            reason = (f"no answer within the {self.deadline_s:g} s deadline" if self._overdue
+                      else f"{e.code().name}: {e.details()}")
+            self._failure = WorkerFailed(self.node, reason)
+        finally:
+            self._waiting_since = None
+        if self._failure is not None:
+            raise self._failure
         if reply.error:
             raise WorkerFailed(self.node, reply.error)
         if reply.step != step:
@@ -206,6 +221,7 @@ class WorkerClient:
         return reply.bytes_received
 
     def close(self) -> None:
+        self._failure = self._failure or WorkerFailed(self.node, "the connection was closed")
         self._requests.put(self._closed)
         self.channel.close()
 
