@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import sys
+import threading
+import time
 from pathlib import Path
 
 # Multi-node tests run every Ray node on this machine: make Ray's processes use loopback addresses only.
@@ -44,3 +47,17 @@ def tiny_q4km(make_tiny) -> Path:
 def pytest_configure(config):
     # Tests share two cores with llama.cpp subprocesses; keep BLAS from oversubscribing them.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
+def pytest_unconfigure(config):
+    """A test that leaves a thread busy (an open gRPC stream on a server that was never stopped, say) keeps
+    this process alive forever after the last test, since Python joins such threads at exit: fail loudly
+    instead, naming them."""
+    def fail_if_still_running():
+        time.sleep(30)
+        busy = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+        sys.stderr.write(f"\nthe tests are over but these threads still run (a server or stream left open): "
+                         f"{busy}\n")
+        sys.stderr.flush()
+        os._exit(3)
+    threading.Thread(target=fail_if_still_running, daemon=True).start()

@@ -32,6 +32,20 @@ class Worker:
         return WorkerClient(self.servicer.node, f"127.0.0.1:{self.port}", token, deadline_s)
 
 
+@pytest.fixture
+def start_worker():
+    """Starts in-process workers and stops their servers after the test (an open stream would otherwise keep
+    a server thread, and so the test process, alive)."""
+    started = []
+
+    def start(node: str, shard: ExpertShard | None) -> Worker:
+        started.append(Worker(node, shard))
+        return started[-1]
+    yield start
+    for worker in started:
+        worker.server.stop(grace=None)
+
+
 @pytest.fixture(scope="module")
 def model_file(make_tiny):
     return GGUFModelFile(make_tiny("Q4_K_M"))
@@ -53,11 +67,11 @@ def split_owners(layers, assignment: dict[int, list[int]]) -> dict[int, np.ndarr
 
 
 @pytest.mark.parametrize("num_tokens", [1, 7])
-def test_remote_plus_head_share_equals_local(model_file, num_tokens):
+def test_remote_plus_head_share_equals_local(model_file, start_worker, num_tokens):
     runner = GgmlRunner(2)
     layers = (1, 2)
     shares = {0: list(range(0, 6)), 1: list(range(6, 11))}  # experts 11..15 stay on the head
-    workers = [Worker(f"w{i}", ExpertShard.from_model_file(model_file, runner, {l: e for l in layers}))
+    workers = [start_worker(f"w{i}", ExpertShard.from_model_file(model_file, runner, {l: e for l in layers}))
                for i, e in shares.items()]
     head_share = ExpertShard.from_model_file(model_file, runner, {l: range(11, 16) for l in layers})
     remote = RemoteExperts(split_owners(layers, shares), [w.client() for w in workers], head_share)
@@ -72,9 +86,9 @@ def test_remote_plus_head_share_equals_local(model_file, num_tokens):
     remote.close()
 
 
-def test_one_worker_holding_everything_is_exact(model_file):
+def test_one_worker_holding_everything_is_exact(model_file, start_worker):
     runner = GgmlRunner(2)
-    worker = Worker("w0", ExpertShard.from_model_file(model_file, runner, {1: range(16)}))
+    worker = start_worker("w0", ExpertShard.from_model_file(model_file, runner, {1: range(16)}))
     remote = RemoteExperts(split_owners((1,), {0: list(range(16))}), [worker.client()], None)
     hidden, ids, weights = routing(5)
     expected = LocalExperts(model_file, runner, (1,), 16).start(1, hidden, ids, weights)()
@@ -82,9 +96,9 @@ def test_one_worker_holding_everything_is_exact(model_file):
 
 
 @pytest.mark.parametrize("wire_dtype, tolerance", [("f16", 1.5e-2), ("bf16", 5e-2)])
-def test_narrow_wire_dtypes(model_file, wire_dtype, tolerance):
+def test_narrow_wire_dtypes(model_file, start_worker, wire_dtype, tolerance):
     runner = GgmlRunner(2)
-    worker = Worker("w0", ExpertShard.from_model_file(model_file, runner, {1: range(16)}))
+    worker = start_worker("w0", ExpertShard.from_model_file(model_file, runner, {1: range(16)}))
     remote = RemoteExperts(split_owners((1,), {0: list(range(16))}), [worker.client()], None, wire_dtype)
     hidden, ids, weights = routing(3)
     expected = LocalExperts(model_file, runner, (1,), 16).start(1, hidden, ids, weights)()
@@ -95,8 +109,8 @@ def test_narrow_wire_dtypes(model_file, wire_dtype, tolerance):
     assert not np.array_equal(got, expected)
 
 
-def test_wrong_token_is_refused(model_file):
-    worker = Worker("w0", ExpertShard.from_model_file(model_file, GgmlRunner(1), {1: range(16)}))
+def test_wrong_token_is_refused(model_file, start_worker):
+    worker = start_worker("w0", ExpertShard.from_model_file(model_file, GgmlRunner(1), {1: range(16)}))
     remote = RemoteExperts(split_owners((1,), {0: list(range(16))}), [worker.client(token="wrong")], None)
     with pytest.raises(WorkerFailed, match="node w0 failed: UNAUTHENTICATED"):
         remote.start(1, *routing(2))()
@@ -104,8 +118,8 @@ def test_wrong_token_is_refused(model_file):
         worker.client(token="wrong").health()
 
 
-def test_a_stopped_worker_fails_fast_with_its_name(model_file):
-    worker = Worker("w-dead", ExpertShard.from_model_file(model_file, GgmlRunner(1), {1: range(16)}))
+def test_a_stopped_worker_fails_fast_with_its_name(model_file, start_worker):
+    worker = start_worker("w-dead", ExpertShard.from_model_file(model_file, GgmlRunner(1), {1: range(16)}))
     remote = RemoteExperts(split_owners((1,), {0: list(range(16))}), [worker.client(deadline_s=3)], None)
     remote.start(1, *routing(2))()
     worker.server.stop(grace=None)
@@ -113,17 +127,17 @@ def test_a_stopped_worker_fails_fast_with_its_name(model_file):
         remote.start(1, *routing(2))()
 
 
-def test_a_worker_missing_an_expert_says_so(model_file):
-    worker = Worker("w0", ExpertShard.from_model_file(model_file, GgmlRunner(1), {1: range(8)}))
+def test_a_worker_missing_an_expert_says_so(model_file, start_worker):
+    worker = start_worker("w0", ExpertShard.from_model_file(model_file, GgmlRunner(1), {1: range(8)}))
     remote = RemoteExperts(split_owners((1,), {0: list(range(16))}), [worker.client()], None)
     with pytest.raises(WorkerFailed, match="does not hold experts"):
         remote.start(1, *routing(4))()
 
 
-def test_streamed_shard_serves_like_the_file(model_file, tmp_path):
+def test_streamed_shard_serves_like_the_file(model_file, start_worker, tmp_path):
     runner = GgmlRunner(2)
     owned = {1: [0, 3, 5, 9, 12], 2: [1, 2, 15]}
-    worker = Worker("w-nofile", None)
+    worker = start_worker("w-nofile", None)
     worker.cache_dir = tmp_path / "cache"
     client = worker.client()
     manifest = shard_transfer.build_manifest(model_file, owned)
