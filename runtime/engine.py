@@ -1,15 +1,52 @@
-"""Generation: prefill a prompt in chunks, then decode token by token with a sampler, timing both phases."""
+"""Generation with continuous batching.
+
+Requests join and leave the running batch between steps. Each step is ONE model.forward over every
+running sequence: one token for each sequence that is decoding, plus a chunk of the prompts still being
+prefilled (at most `max_step_tokens` rows in all, so a long prompt never stalls the others). With a
+RemoteExperts backend that is one request per worker per layer for the whole batch.
+
+Rows of different sequences never mix: with weights read in place (plain ggml kernels) a sequence gets
+exactly the tokens it would get alone. (ggml's repacked kernels treat rows in groups of four, so with
+them a row's rounding depends on its neighbours, as in llama.cpp.)
+"""
 from __future__ import annotations
 
+import itertools
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .attention import Segment
+from .attention import KVCache, Segment
 from .model import KimiModel
 from .sampling import Sampler, SamplingParams
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: tuple[int, ...]
+    max_tokens: int
+    params: SamplingParams = SamplingParams()
+    stop_tokens: frozenset[int] = frozenset()
+    top_logprobs: int | None = None  # None: no logprobs; n: the chosen token's log-probability and the n best
+
+
+@dataclass(frozen=True)
+class TokenOutput:
+    token: int
+    finish_reason: str | None  # "stop" (a stop token), "length" (max_tokens), None while running
+    logprob: float | None = None  # log-probability under the model (before sampling settings)
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+class EngineFull(RuntimeError):
+    """The waiting queue is full; the caller should retry later."""
+
+
+class SequenceFailed(RuntimeError):
+    """The forward pass failed (e.g. a worker died) while this sequence was running."""
 
 
 @dataclass
@@ -32,43 +69,220 @@ class GenerationStats:
         return steps / self.decode_seconds if self.decode_seconds else 0.0
 
 
+# on_output receives each TokenOutput, or a SequenceFailed once if the sequence cannot go on.
+OutputCallback = Callable[[TokenOutput | SequenceFailed], None]
+
+
+class SequenceState:
+    """A request inside the engine: its KV cache (allocated when it starts running), sampler and progress."""
+
+    _ids = itertools.count()
+
+    def __init__(self, request: Request, on_output: OutputCallback):
+        self.id = next(self._ids)
+        self.request, self.on_output = request, on_output
+        self.sampler = Sampler(request.params)
+        self.history = list(request.prompt)
+        self.cache: KVCache | None = None
+        self.prefilled = 0  # prompt tokens already in the cache
+        self.generated = 0
+        self.cancelled = False
+        self.last_logits: np.ndarray | None = None  # logits the first token was sampled from
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < len(self.request.prompt)
+
+    def next_rows(self, budget: int) -> list[int]:
+        """The tokens this sequence feeds into the next step: a prompt chunk, or its last sampled token."""
+        if self.prefilling:
+            return list(self.request.prompt[self.prefilled: self.prefilled + budget])
+        return [self.history[-1]]
+
+
 class Engine:
-    def __init__(self, model: KimiModel, context_size: int = 4096, prefill_chunk: int = 512):
+    """Runs many sequences on one model. Use `generate` for one sequence in the caller's thread, or
+    `start()` a background loop and `submit` requests from any thread."""
+
+    def __init__(self, model: KimiModel, context_size: int = 4096, max_sequences: int = 16,
+                 max_step_tokens: int = 512, max_waiting: int = 256):
         if context_size > model.config.context_length:
             raise ValueError(f"context size {context_size} exceeds the model's {model.config.context_length}")
-        self.model, self.context_size, self.prefill_chunk = model, context_size, prefill_chunk
+        if max_sequences < 1 or max_step_tokens <= max_sequences:
+            raise ValueError("need max_sequences >= 1 and max_step_tokens > max_sequences "
+                             f"(got {max_sequences} and {max_step_tokens})")
+        self.model, self.context_size = model, context_size
+        self.max_sequences, self.max_step_tokens, self.max_waiting = max_sequences, max_step_tokens, max_waiting
+        self.waiting: list[SequenceState] = []
+        self.running: list[SequenceState] = []
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.on_step: Callable[[int, float], None] | None = None  # (rows, seconds) after every step
+
+    # ---- requests ----
+
+    def check(self, request: Request) -> None:
+        """Raise ValueError with a message for the user if the request can never run."""
+        if not request.prompt:
+            raise ValueError("the prompt is empty: give at least one token")
+        if request.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {request.max_tokens}")
+        if len(request.prompt) + request.max_tokens > self.context_size:
+            raise ValueError(f"the prompt ({len(request.prompt)} tokens) plus max_tokens ({request.max_tokens}) "
+                             f"exceeds the context size {self.context_size}; shorten the prompt or lower "
+                             "max_tokens")
+        if (bad := [t for t in request.prompt if not 0 <= t < self.model.config.vocab_size]):
+            raise ValueError(f"prompt token ids must lie in [0, {self.model.config.vocab_size}), got {bad[:5]}")
+
+    def submit(self, request: Request, on_output: OutputCallback) -> SequenceState:
+        self.check(request)
+        sequence = SequenceState(request, on_output)
+        with self._lock:
+            if len(self.waiting) >= self.max_waiting:
+                raise EngineFull(f"{len(self.waiting)} requests are already waiting; retry later")
+            self.waiting.append(sequence)
+            self._lock.notify()
+        return sequence
+
+    def cancel(self, sequence: SequenceState) -> None:
+        """Stop a sequence; its KV cache is freed before the next step."""
+        with self._lock:
+            sequence.cancelled = True
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- stepping ----
+
+    def step(self) -> int:
+        """Run one forward pass over the running batch; returns the rows computed (0 when idle)."""
+        with self._lock:
+            self.waiting = [s for s in self.waiting if not s.cancelled]
+            self.running = [s for s in self.running if not s.cancelled]
+            while self.waiting and len(self.running) < self.max_sequences:
+                sequence = self.waiting.pop(0)
+                sequence.cache = self.model.new_cache(len(sequence.request.prompt) + sequence.request.max_tokens)
+                self.running.append(sequence)
+            batch = self._plan_batch()
+        if not batch:
+            return 0
+        started = time.perf_counter()
+        tokens = np.concatenate([np.asarray(rows, np.int32) for _, rows in batch])
+        segments, start = [], 0
+        for sequence, rows in batch:
+            segments.append(Segment(sequence.cache, start, len(rows)))
+            start += len(rows)
+        try:
+            logits = self.model.forward(tokens, segments)
+        except Exception as e:  # the model or a worker failed: every sequence in this step ends with the reason
+            self._fail([s for s, _ in batch], e)
+            return len(tokens)
+        for (sequence, rows), row_logits in zip(batch, logits):
+            if sequence.prefilling:
+                sequence.prefilled += len(rows)
+                if sequence.prefilling:
+                    continue
+                sequence.last_logits = row_logits
+            self._emit(sequence, row_logits)
+        if self.on_step is not None:
+            self.on_step(len(tokens), time.perf_counter() - started)
+        return len(tokens)
+
+    def _plan_batch(self) -> list[tuple[SequenceState, list[int]]]:
+        """Decoding sequences first (one row each), then prompt chunks in arrival order within the budget."""
+        decoding = [(s, s.next_rows(1)) for s in self.running if not s.prefilling]
+        budget = self.max_step_tokens - len(decoding)
+        prefills = []
+        for sequence in self.running:
+            if sequence.prefilling and budget > 0:
+                rows = sequence.next_rows(budget)
+                prefills.append((sequence, rows))
+                budget -= len(rows)
+        return decoding + prefills
+
+    def _emit(self, sequence: SequenceState, logits: np.ndarray) -> None:
+        request = sequence.request
+        token = sequence.sampler.sample(logits, sequence.history)
+        sequence.history.append(token)
+        sequence.generated += 1
+        finish = "stop" if token in request.stop_tokens else \
+            "length" if sequence.generated >= request.max_tokens else None
+        logprob, top = None, ()
+        if request.top_logprobs is not None:
+            logprob, top = token_logprobs(logits, token, request.top_logprobs)
+        if finish is not None:
+            with self._lock:
+                self.running.remove(sequence)
+            sequence.cache = None
+        sequence.on_output(TokenOutput(token, finish, logprob, top))
+
+    def _fail(self, sequences: list[SequenceState], error: Exception) -> None:
+        with self._lock:
+            self.running = [s for s in self.running if s not in sequences]
+        for sequence in sequences:
+            sequence.cache = None
+            sequence.on_output(SequenceFailed(str(error)))
+
+    # ---- background loop ----
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self.busy:
+                    self._lock.wait()
+                if self._stopping:
+                    return
+            self.step()
+
+    # ---- one sequence, in the caller's thread ----
 
     def generate(self, prompt: Sequence[int], max_tokens: int, params: SamplingParams = SamplingParams(),
                  stop_tokens: frozenset[int] = frozenset(), stats: GenerationStats | None = None) -> Iterator[int]:
-        """Yield up to max_tokens sampled tokens; stops early after a stop token (which is yielded)."""
-        if not prompt:
-            raise ValueError("the prompt is empty: give at least one token")
-        if len(prompt) + max_tokens > self.context_size:
-            raise ValueError(f"prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceeds the context "
-                             f"size {self.context_size}; shorten the prompt or raise --context")
+        """Yield up to max_tokens sampled tokens; stops early after a stop token (which is yielded).
+        Not for use while the background loop runs."""
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = len(prompt)
-        cache = self.model.new_cache(len(prompt) + max_tokens)
-        sampler = Sampler(params)
-        history = list(prompt)
-
+        outputs: list[TokenOutput | SequenceFailed] = []
+        sequence = self.submit(Request(tuple(prompt), max_tokens, params, stop_tokens), outputs.append)
         started = time.perf_counter()
-        for start in range(0, len(prompt), self.prefill_chunk):
-            chunk = np.asarray(prompt[start: start + self.prefill_chunk], np.int32)
-            logits = self.model.forward(chunk, [Segment(cache, 0, len(chunk))])[0]
-        stats.prompt_logits = logits
-        stats.prompt_seconds = time.perf_counter() - started
+        try:
+            while True:
+                self.step()
+                for output in outputs:
+                    if isinstance(output, SequenceFailed):
+                        raise output
+                    if stats.generated_tokens == 0:
+                        stats.prompt_seconds = time.perf_counter() - started
+                        stats.prompt_logits = sequence.last_logits
+                        started = time.perf_counter()
+                    else:
+                        stats.decode_seconds = time.perf_counter() - started
+                    stats.generated_tokens += 1
+                    stats.finish_reason = output.finish_reason or ""
+                    yield output.token
+                    if output.finish_reason:
+                        return
+                outputs.clear()
+        finally:
+            self.cancel(sequence)
 
-        started = time.perf_counter()
-        stats.finish_reason = "length"
-        for produced in range(max_tokens):
-            token = sampler.sample(logits, history)
-            history.append(token)
-            stats.generated_tokens = produced + 1
-            yield token
-            if token in stop_tokens:
-                stats.finish_reason = "stop"
-                break
-            if produced + 1 < max_tokens:
-                logits = self.model.forward(np.array([token], np.int32), [Segment(cache, 0, 1)])[0]
-                stats.decode_seconds = time.perf_counter() - started
+
+def token_logprobs(logits: np.ndarray, token: int, top: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """log softmax of the raw logits: the chosen token's value and the `top` best (id, value), best first."""
+    values = logits.astype(np.float64)
+    log_z = values.max() + np.log(np.exp(values - values.max()).sum())
+    best = np.argsort(-values, kind="stable")[:top] if top else []
+    return float(values[token] - log_z), tuple((int(i), float(values[i] - log_z)) for i in best)
