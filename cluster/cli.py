@@ -1,4 +1,4 @@
-"""kimi-cluster command line: generate, plan, inspect, make-model, demo."""
+"""kimi-cluster command line: serve, chat, generate, plan, inspect, make-model, demo."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,8 @@ def _cluster_config(args):
 
 @contextlib.contextmanager
 def _model_session(args):
-    """(model, tokenizer): in this process, or with its experts spread over a Ray cluster."""
+    """(model, tokenizer, cluster): in this process (cluster None), or with its experts spread over a Ray
+    cluster."""
     from runtime.ggml_ops import GgmlRunner
     from runtime.gguf_file import GGUFModelFile
     from runtime.model import KimiModel
@@ -37,7 +39,7 @@ def _model_session(args):
     if config is None:
         model = KimiModel(model_file, GgmlRunner(args.threads), repack=args.repack)
         model.load(progress=sys.stderr.isatty())
-        yield model, tokenizer
+        yield model, tokenizer, None
         return
     from cluster.head import ExpertCluster
     with ExpertCluster(args.model, config, local_workers=args.workers or 0, worker_memory_gb=args.worker_memory,
@@ -45,7 +47,7 @@ def _model_session(args):
                        progress=sys.stderr.isatty()) as cluster:
         model = cluster.start()
         print(cluster.placement.format_table(), file=sys.stderr)
-        yield model, tokenizer
+        yield model, tokenizer, cluster
 
 
 def _prompt_tokens(tokenizer, text: str, chat: bool) -> list[int]:
@@ -56,9 +58,7 @@ def _prompt_tokens(tokenizer, text: str, chat: bool) -> list[int]:
 
 
 def cmd_generate(args) -> None:
-    from runtime.engine import Engine, GenerationStats
-    from runtime.sampling import SamplingParams
-    with _model_session(args) as (model, tokenizer):
+    with _model_session(args) as (model, tokenizer, _):
         _generate(args, model, tokenizer)
 
 
@@ -154,15 +154,115 @@ def cmd_make_model(args) -> None:
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
+@contextlib.contextmanager
+def _serving(args, host: str, port: int):
+    """Listen at once (GET /health says "loading"), bring the model up, then serve; yields the base URL."""
+    from cluster.api import ApiServer, Service
+    from runtime.engine import Engine
+    from runtime.gguf_file import GGUFModelFile
+    from runtime.tokenizer import Tokenizer
+    model_file = GGUFModelFile(args.model)
+    context = min(args.context, int(model_file.metadata.get("deepseek2.context_length", args.context)))
+    service = Service(args.model_name or Path(args.model).name.split("-0000")[0].removesuffix(".gguf"),
+                      Tokenizer.from_metadata(model_file.metadata), context, api_key=args.api_key)
+    server = ApiServer(service, host, port)
+    url = f"http://{host}:{server.start()}"
+    print(f"kimi-cluster: {url}/v1 answers for '{service.model_name}' once the model has loaded", file=sys.stderr)
+    try:
+        with _model_session(args) as (model, tokenizer, cluster):
+            if cluster is not None:
+                cluster.remote.observers.append(service.metrics.observe_experts)
+            engine = Engine(model, context, max_sequences=args.max_sequences)
+            service.ready(engine, cluster.health if cluster is not None else dict)
+            try:
+                yield url
+            finally:
+                engine.stop()
+    except Exception as e:
+        service.load_error = str(e)
+        raise
+    finally:
+        server.stop()
+
+
+def _wait_for_ctrl_c() -> None:
+    while True:
+        time.sleep(3600)
+
+
+def cmd_serve(args) -> None:
+    with _serving(args, args.host, args.port) as url:
+        print(f"kimi-cluster: ready at {url}/v1 (OpenAI API; also {url}/health and {url}/metrics); "
+              "Ctrl-C stops", file=sys.stderr)
+        _wait_for_ctrl_c()
+
+
+def _chat_loop(url: str, args, ask=input) -> None:
+    """Read a line, stream the reply, keep the conversation; /reset forgets it, Ctrl-D ends."""
+    from cluster.client import stream_chat
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    params = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
+              "top_k": args.top_k, "min_p": args.min_p, "seed": args.seed}
+    params = {k: v for k, v in params.items() if v is not None}
+    while True:
+        try:
+            line = ask("> ")
+        except EOFError:
+            print()
+            return
+        if line.strip() == "/reset":
+            del messages[int(bool(args.system)):]
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = []
+        for choice in stream_chat(url, messages, args.api_key, **params):
+            delta = choice.get("delta", {})
+            if delta.get("reasoning_content"):
+                print(f"\x1b[2m{delta['reasoning_content']}\x1b[0m", end="", flush=True)
+            if delta.get("content"):
+                reply.append(delta["content"])
+                print(delta["content"], end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_chat(args) -> None:
+    if args.model is None:
+        from cluster.client import wait_until_ready
+        wait_until_ready(args.url, timeout_s=10)
+        _chat_loop(args.url, args)
+        return
+    args.model_name, args.max_sequences = None, 4
+    with _serving(args, "127.0.0.1", 0) as url:
+        _chat_loop(url, args)
+
+
 def cmd_demo(args) -> None:
+    from cluster.client import stream_chat
     from runtime.demo_model import make_model
     path = Path(args.model) if args.model else DEMO_PATH
     if not path.exists():
         print(f"writing the demo model to {path} ...", file=sys.stderr)
         make_model(path, preset="tiny")
-    args.model, args.prompt, args.chat, args.json, args.logits_out = str(path), DEMO_PROMPT, True, False, None
-    print(f"prompt: {DEMO_PROMPT}\nreply (random weights, so the words are random too):")
-    cmd_generate(args)
+    args.model = str(path)
+    with _serving(args, args.host, args.port) as url:
+        print(f"prompt: {DEMO_PROMPT}\nreply (random weights, so the words are random too):")
+        started, text, usage = time.perf_counter(), [], {}
+        for choice in stream_chat(url, [{"role": "user", "content": DEMO_PROMPT}], args.api_key,
+                                  max_tokens=args.max_tokens, temperature=args.temperature):
+            usage = choice.get("usage", usage)
+            text.append(choice.get("delta", {}).get("content") or "")
+            print(text[-1], end="", flush=True)
+        seconds = time.perf_counter() - started
+        print(f"\n[{usage.get('completion_tokens', 0)} tokens in {seconds:.2f} s: "
+              f"{usage.get('completion_tokens', 0) / seconds:.1f} tokens/s through the API, experts on "
+              f"{args.workers} workers]")
+        if args.once:
+            return
+        print(f"serving at {url}/v1 (try: kimi-cluster chat --url {url}); Ctrl-C stops", file=sys.stderr)
+        _wait_for_ctrl_c()
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -175,12 +275,30 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--frequency-penalty", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None, help="random seed: same seed, same output")
+
+
+def _add_runtime_args(p: argparse.ArgumentParser, serving: bool = False) -> None:
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
     p.add_argument("--context", type=int, default=4096, help="context size in tokens (default 4096)")
-    p.add_argument("--repack", choices=["none", "head", "all"], default="head",
+    p.add_argument("--repack", choices=["none", "head", "all"], default="none" if serving else "head",
                    help="copy weights into ggml's faster interleaved layout, as llama.cpp does on x86: "
-                        "head = all but the routed experts (default), all = experts too (needs RAM for "
-                        "the whole model), none = read everything in place from the file")
+                        "head = all but the routed experts, all = experts too (needs RAM for the whole model), "
+                        "none = read everything in place from the file. Default: " +
+                        ("none, so that a sequence's tokens never depend on what else shares its batch "
+                         "(interleaved kernels round rows in groups of four)" if serving else "head"))
+
+
+def _add_server_args(p: argparse.ArgumentParser, port: bool = True) -> None:
+    group = p.add_argument_group("server")
+    if port:
+        group.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; "
+                                                               "0.0.0.0 for every interface)")
+        group.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    group.add_argument("--api-key", default=os.environ.get("KIMI_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on /v1 (default: $KIMI_API_KEY, else none)")
+    group.add_argument("--max-sequences", type=int, default=16,
+                       help="sequences decoded together in one batch (default 16); more wait in a queue")
+    group.add_argument("--model-name", default=None, help="the model id clients use (default: the file name)")
 
 
 def _add_cluster_args(p: argparse.ArgumentParser) -> None:
@@ -214,8 +332,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logits-out", metavar="FILE.npy",
                    help="save the float32 logits of the last prompt position")
     _add_sampling_args(p)
+    _add_runtime_args(p)
     _add_cluster_args(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="serve a model with an OpenAI-compatible API",
+                       description="Bring the model up (on this machine, or with its experts spread over a Ray "
+                                   "cluster) and serve /v1/completions, /v1/chat/completions and /v1/models as "
+                                   "OpenAI's API does, plus /health and /metrics (Prometheus). Requests share "
+                                   "decode steps (continuous batching).")
+    p.add_argument("model", help="path to the .gguf file (or its -00001-of-0000N.gguf part)")
+    _add_server_args(p)
+    _add_runtime_args(p, serving=True)
+    _add_cluster_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("chat", help="chat in the terminal, with a running server or a model file",
+                       description="Interactive chat: streams each reply and keeps the conversation "
+                                   "(/reset forgets it, Ctrl-D quits). Give a model path to load it here, or "
+                                   "--url to talk to a running `kimi-cluster serve`.")
+    p.add_argument("model", nargs="?", help="a .gguf to load in this process (default: use --url)")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="a running server (default %(default)s)")
+    p.add_argument("--system", default=None, help="a system message to start the conversation with")
+    p.add_argument("--api-key", default=os.environ.get("KIMI_API_KEY"), help="the server's API key, if it has one")
+    _add_sampling_args(p)
+    _add_runtime_args(p, serving=True)
+    _add_cluster_args(p)
+    p.set_defaults(func=cmd_chat, max_tokens=512)
 
     p = sub.add_parser("plan", help="show how the experts would be spread over the machines",
                        description="Plan the placement of every routed expert by memory budget and print it "
@@ -240,19 +383,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_model)
 
-    p = sub.add_parser("demo", help="make the built-in demo model if needed and generate from it")
+    p = sub.add_parser("demo", help="serve the built-in demo model on 2 local expert workers and chat once",
+                       description="Write the demo model if missing, start a local Ray cluster with 2 expert "
+                                   "workers, serve it, send one chat completion through the API, print the reply "
+                                   "and tokens/s, and keep serving until Ctrl-C (--once: exit after the reply).")
     p.add_argument("--model", default=None, help=f"demo model path (default {DEMO_PATH})")
+    p.add_argument("--once", action="store_true", help="exit after the first reply")
+    _add_server_args(p)
     _add_sampling_args(p)
+    _add_runtime_args(p, serving=True)
     _add_cluster_args(p)
-    p.set_defaults(func=cmd_demo, max_tokens=32)
+    p.set_defaults(func=cmd_demo, max_tokens=32, workers=2, model_name="kimi-demo")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # One-shot jobs keep ggml's OpenMP threads spinning between ops (faster by ~25% per token);
-    # must be set before ggml loads. Servers leave the default passive policy so idle costs nothing.
-    os.environ.setdefault("OMP_WAIT_POLICY", "active")
+    # must be set before ggml loads. Servers keep the passive policy so that waiting costs nothing.
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive" if args.command in ("serve", "chat", "demo") else "active")
     from runtime.gguf_file import GGUFError
     try:
         args.func(args)

@@ -218,6 +218,10 @@ class ExpertCluster:
         except ray.exceptions.GetTimeoutError:
             raise RuntimeError(f"the expert worker on node {node} does not answer") from None
 
+    def health(self) -> dict[str, str]:
+        """Per worker node: "ok", or what is wrong with it."""
+        return {client.node: client.state() for client in (self.remote.workers if self.remote else [])}
+
     def close(self) -> None:
         if self.remote is not None:
             self.remote.close()

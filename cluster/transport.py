@@ -209,6 +209,16 @@ class WorkerClient:
     def health(self) -> expert_pb2.HealthReply:
         return self.stub.Health(expert_pb2.HealthRequest(), metadata=self.metadata, timeout=self.deadline_s)
 
+    def state(self) -> str:
+        """"ok", or why this worker cannot serve now."""
+        if self._failure is not None:
+            return str(self._failure)
+        try:
+            reply = self.health()
+        except grpc.RpcError as e:
+            return f"expert worker on node {self.node} does not answer: {e.code().name}"
+        return "ok" if reply.ready else f"expert worker on node {self.node} is still loading"
+
     def stats(self) -> dict:
         reply = self.stub.Stats(expert_pb2.StatsRequest(), metadata=self.metadata, timeout=self.deadline_s)
         return msgpack.unpackb(reply.snapshot)
@@ -235,7 +245,9 @@ class RemoteExperts:
         self.workers, self.local = workers, local
         self.dtype = WIRE_DTYPES[wire_dtype]
         self._step = 0
-        self.round_trip_s: dict[str, list[float]] = {w.node: [] for w in workers}
+        # Called as observer(node, pairs, round_trip_seconds) for every share of every layer; the head's own
+        # share has no round trip (None). Metrics and benchmarks listen here.
+        self.observers: list[Callable[[str, int, float | None], None]] = []
 
     def start(self, layer: int, hidden: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> Callable[[], np.ndarray]:
         # hidden [T, D]; ids, weights [T, k]
@@ -246,21 +258,26 @@ class RemoteExperts:
             rows, request = self._request(layer, step, hidden, ids, weights, owner == index)
             if request is not None:
                 worker.send(request)
-                sent.append((worker, rows, time.perf_counter()))
+                sent.append((worker, rows, len(request.pair_rows) // 4, time.perf_counter()))
         local_mask = owner < 0
         local_partial = None
         if self.local is not None and local_mask.any():
             t, j = np.nonzero(local_mask)
             local_partial = self.local.forward_pairs(layer, hidden, t.astype(np.int32), ids[t, j], weights[t, j])
+            self._notify("head", len(t), None)
 
         def result() -> np.ndarray:
             total = np.zeros_like(hidden, dtype=np.float32) if local_partial is None else local_partial
-            for worker, rows, sent_at in sent:
+            for worker, rows, pairs, sent_at in sent:
                 reply = worker.receive(step)
-                self.round_trip_s[worker.node].append(time.perf_counter() - sent_at)
+                self._notify(worker.node, pairs, time.perf_counter() - sent_at)
                 total[rows] += decode(reply.partial, self.dtype, hidden.shape[1])
             return total
         return result
+
+    def _notify(self, node: str, pairs: int, round_trip_s: float | None) -> None:
+        for observer in self.observers:
+            observer(node, pairs, round_trip_s)
 
     def _request(self, layer, step, hidden, ids, weights, mask):
         """The rows a worker needs and their (row, expert, weight) pairs, in slot order per row."""

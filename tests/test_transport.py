@@ -76,13 +76,18 @@ def test_remote_plus_head_share_equals_local(model_file, start_worker, num_token
     head_share = ExpertShard.from_model_file(model_file, runner, {l: range(11, 16) for l in layers})
     remote = RemoteExperts(split_owners(layers, shares), [w.client() for w in workers], head_share)
     local = LocalExperts(model_file, runner, layers, 16)
+    seen = []
+    remote.observers.append(lambda node, pairs, seconds: seen.append((node, pairs, seconds)))
     hidden, ids, weights = routing(num_tokens)
     for layer in layers:
         expected = local.start(layer, hidden, ids, weights)()
         got = remote.start(layer, hidden, ids, weights)()
         # Partial sums from three places are added in another order than one sum over the slots.
         assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
-    assert all(len(times) == 2 for times in remote.round_trip_s.values())
+    # Every (token, expert) pair was computed by exactly one place, and each worker's round trip was timed.
+    assert sum(pairs for _, pairs, _ in seen) == len(layers) * ids.size
+    assert {node for node, _, seconds in seen if seconds is not None} <= {"w0", "w1"}
+    assert all(seconds is None for node, _, seconds in seen if node == "head")
     remote.close()
 
 

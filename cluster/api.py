@@ -1,0 +1,516 @@
+"""OpenAI-compatible HTTP API on FastAPI: /v1/models, /v1/completions, /v1/chat/completions (streamed as
+server-sent events or not), /health and /metrics.
+
+Requests run on the Engine's background loop; each one's tokens come back to the event loop through an
+asyncio queue. Errors have OpenAI's shape: {"error": {"message", "type", "param", "code"}}. Unknown
+request fields are ignored, as llama-server and vLLM do, so clients built for them work unchanged.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Literal, Union
+
+import uvicorn
+from fastapi import FastAPI, Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException
+
+from cluster.metrics import ServerMetrics
+from runtime.engine import Engine, EngineFull, Request, SequenceFailed, TokenOutput
+from runtime.sampling import SamplingParams
+from runtime.text_output import THINK_OPEN, TextDelta, TextStream, reasoning_markers
+from runtime.tokenizer import Tokenizer
+
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> JSONResponse:
+        headers = {"Retry-After": "1"} if self.status == 503 else None
+        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
+                                       "code": self.code}}, status_code=self.status, headers=headers)
+
+
+# ---- request bodies ----
+
+class _Body(BaseModel):
+    # strict: "5" is not a number, as in OpenAI's API; unknown fields are ignored.
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=-1)  # 0 or -1: off
+    min_p: float = Field(0.0, ge=0, le=1)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0)
+    seed: int | None = Field(None, ge=0)
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=1)
+    stream: bool = False
+    stream_options: dict[str, bool] | None = None
+    user: str | None = None
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_k=max(self.top_k, 0), top_p=self.top_p,
+                              min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+                              presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                              seed=self.seed)
+
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.get("include_usage"))
+
+
+class CompletionBody(_Body):
+    prompt: Union[str, list[int], list[str], list[list[int]]]
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatBody(_Body):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+# ---- the service behind the routes ----
+
+@dataclass
+class Service:
+    """What the API serves. `engine` is None until the model has loaded."""
+    model_name: str
+    tokenizer: Tokenizer
+    context_size: int
+    api_key: str | None = None
+    metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    engine: Engine | None = None
+    workers_health: Callable[[], dict[str, str]] = dict  # node -> "ok" or what is wrong
+    load_error: str | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def ready(self, engine: Engine, workers_health: Callable[[], dict[str, str]] = dict) -> None:
+        self.workers_health = workers_health
+        engine.on_step = self._on_step
+        self.engine = engine
+        engine.start()
+
+    def _on_step(self, rows: int, seconds: float) -> None:
+        self.metrics.step_rows.observe(rows)
+        self.metrics.running.set(len(self.engine.running))
+        self.metrics.waiting.set(len(self.engine.waiting))
+
+    def require_engine(self) -> Engine:
+        if self.load_error:
+            raise ApiError(503, f"the model failed to load: {self.load_error}", "server_error", code="load_failed")
+        if self.engine is None:
+            raise ApiError(503, "the model is still loading; retry when GET /health says ok", "server_error",
+                           code="loading")
+        return self.engine
+
+
+@dataclass
+class Event:
+    delta: TextDelta
+    output: TokenOutput
+    finish_reason: str | None
+
+
+class Generation:
+    """One request on the engine, read from the event loop. Cancels its sequence if abandoned."""
+
+    def __init__(self, service: Service, http: HttpRequest, request: Request, text: TextStream):
+        self.service, self.http, self.text = service, http, text
+        self.engine = service.require_engine()
+        self.arrived = time.perf_counter()
+        self.last_token_at: float | None = None
+        self.completion_tokens = 0
+        self.prompt_tokens = len(request.prompt)
+        loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue = asyncio.Queue()
+        try:
+            self.sequence = self.engine.submit(request, lambda out: loop.call_soon_threadsafe(self._queue.put_nowait,
+                                                                                              out))
+        except EngineFull as e:
+            raise ApiError(503, f"the server is at capacity: {e}", "server_error", code="server_busy") from None
+        service.metrics.prompt_tokens.inc(self.prompt_tokens)
+
+    async def events(self) -> AsyncIterator[Event]:
+        try:
+            while True:
+                output = await self._next()
+                if isinstance(output, SequenceFailed):
+                    raise ApiError(503, f"generation failed: {output}", "server_error", code="worker_failed")
+                self._count(output)
+                delta = self.text.add(output.token)
+                finish = output.finish_reason
+                if self.text.stopped and finish is None:
+                    finish = "stop"  # a stop string: the engine need not go on
+                    self.engine.cancel(self.sequence)
+                if finish is not None:
+                    rest = self.text.finish()
+                    delta = TextDelta(delta.content + rest.content, delta.reasoning + rest.reasoning)
+                yield Event(delta, output, finish)
+                if finish is not None:
+                    return
+        finally:
+            self.engine.cancel(self.sequence)  # a no-op once finished; frees the KV cache if the client left
+
+    async def _next(self):
+        while True:
+            try:
+                return await asyncio.wait_for(self._queue.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await self.http.is_disconnected():
+                    raise asyncio.CancelledError("the client went away") from None
+
+    def _count(self, output: TokenOutput) -> None:
+        now = time.perf_counter()
+        metrics = self.service.metrics
+        if self.last_token_at is None:
+            metrics.time_to_first_token.observe(now - self.arrived)
+        else:
+            metrics.inter_token_latency.observe(now - self.last_token_at)
+        self.last_token_at = now
+        self.completion_tokens += 1
+        metrics.generated_tokens.inc()
+
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+def _sse(payload: dict | str) -> bytes:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n".encode()
+
+
+def _error_event(error: ApiError) -> bytes:
+    return _sse({"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}})
+
+
+# ---- the app ----
+
+def create_app(service: Service) -> FastAPI:
+    app = FastAPI(title="kimi-cluster", description="OpenAI-compatible API for Kimi K2.x on a cluster",
+                  docs_url=None, redoc_url=None)
+    tokenizer = service.tokenizer
+
+    @app.middleware("http")
+    async def count_and_authorize(http: HttpRequest, call_next):
+        endpoint = http.url.path
+        if service.api_key and endpoint.startswith("/v1/") and not secrets.compare_digest(
+                http.headers.get("authorization", ""), f"Bearer {service.api_key}"):
+            response = ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                code="invalid_api_key").response()
+        else:
+            response = await call_next(http)
+        if endpoint.startswith("/v1/"):
+            service.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(http: HttpRequest, error: ApiError):
+        return error.response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(http: HttpRequest, error: HTTPException):
+        return ApiError(error.status_code, str(error.detail), code="not_found" if error.status_code == 404 else None
+                        ).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(http: HttpRequest, error: RequestValidationError):
+        return _validation_error(error.errors()).response()
+
+    @app.get("/health")
+    async def health():
+        if service.load_error:
+            return JSONResponse({"status": "error", "error": service.load_error}, status_code=503)
+        if service.engine is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        workers = await asyncio.to_thread(service.workers_health)
+        ok = all(state == "ok" for state in workers.values())
+        return JSONResponse({"status": "ok" if ok else "error", "workers": workers,
+                             "running": len(service.engine.running), "waiting": len(service.engine.waiting)},
+                            status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [_model_card(service)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        _check_model(service, model_id)
+        return _model_card(service)
+
+    @app.post("/v1/completions")
+    async def completions(http: HttpRequest):
+        body = await _parse(http, CompletionBody)
+        _check_model(service, body.model)
+        prompt = await asyncio.to_thread(_completion_prompt, tokenizer, body.prompt)
+        max_tokens = body.max_tokens or DEFAULT_COMPLETION_TOKENS
+        request = _engine_request(service, prompt, max_tokens, body, body.logprobs)
+        generation = Generation(service, http, request, _text_stream(service, body))
+        make = CompletionChunks(service, generation, body, tokenizer)
+        return await _respond(body.stream, generation, make)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(http: HttpRequest):
+        body = await _parse(http, ChatBody)
+        _check_model(service, body.model)
+        rendered = await asyncio.to_thread(_render_chat, tokenizer, body.messages)
+        prompt = await asyncio.to_thread(tokenizer.encode, rendered, True)
+        max_tokens = body.max_completion_tokens or body.max_tokens or max(service.context_size - len(prompt), 1)
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        request = _engine_request(service, prompt, max_tokens, body, top)
+        markers = reasoning_markers(tokenizer, tokenizer.chat_template)
+        text = _text_stream(service, body, markers, in_reasoning=rendered.rstrip().endswith(THINK_OPEN))
+        generation = Generation(service, http, request, text)
+        return await _respond(body.stream, generation, ChatChunks(service, generation, body, tokenizer))
+
+    return app
+
+
+async def _parse(http: HttpRequest, body_type: type[_Body]) -> _Body:
+    raw = await http.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e}); send a JSON object") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    try:
+        return body_type.model_validate(data)
+    except ValidationError as e:
+        raise _validation_error(e.errors()) from None
+
+
+def _validation_error(errors: list[dict]) -> ApiError:
+    first = errors[0]
+    param = ".".join(str(p) for p in first["loc"] if p != "body")
+    # Union members each report a failure; name the field once with pydantic's first reason.
+    return ApiError(400, f"invalid value for '{param}': {first['msg']}", param=param or None,
+                    code="missing_required_parameter" if first["type"] == "missing" else "invalid_value")
+
+
+def _model_card(service: Service) -> dict:
+    return {"id": service.model_name, "object": "model", "created": service.created, "owned_by": "kimi-cluster",
+            "context_length": service.context_size}
+
+
+def _check_model(service: Service, name: str | None) -> None:
+    if name is not None and name != service.model_name:
+        raise ApiError(404, f"the model '{name}' does not exist here; this server serves '{service.model_name}'",
+                       param="model", code="model_not_found")
+
+
+def _completion_prompt(tokenizer: Tokenizer, prompt) -> list[int]:
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise ApiError(400, f"got {len(prompt)} prompts; this server takes one prompt per request", "prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        # As llama.cpp does for a raw prompt: special tokens parsed, BOS only if the file asks for it.
+        return tokenizer.encode(prompt, parse_special=True)
+    if any(not 0 <= t < tokenizer.vocab_size for t in prompt):
+        raise ApiError(400, f"prompt token ids must lie in [0, {tokenizer.vocab_size})", param="prompt")
+    return list(prompt)
+
+
+def _render_chat(tokenizer: Tokenizer, messages: list[ChatMessage]) -> str:
+    plain = []
+    for message in messages:
+        entry = message.model_dump(exclude_none=True)
+        if isinstance(message.content, list):  # content parts: keep the text ones
+            entry["content"] = "".join(part.get("text", "") for part in message.content if part.get("type") == "text")
+        plain.append(entry)
+    try:
+        return tokenizer.apply_chat_template(plain, add_generation_prompt=True)
+    except ValueError as e:
+        raise ApiError(400, str(e), param="messages") from None
+
+
+def _engine_request(service: Service, prompt: list[int], max_tokens: int, body: _Body, top_logprobs: int | None
+                    ) -> Request:
+    if len(prompt) >= service.context_size:
+        raise ApiError(400, f"the prompt is {len(prompt)} tokens long but the context holds {service.context_size}; "
+                            "shorten the prompt", param="messages" if isinstance(body, ChatBody) else "prompt",
+                       code="context_length_exceeded")
+    if len(prompt) + max_tokens > service.context_size:
+        raise ApiError(400, f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceeds the context of "
+                            f"{service.context_size} tokens; lower max_tokens", param="max_tokens",
+                       code="context_length_exceeded")
+    if not prompt:
+        raise ApiError(400, "the prompt is empty", param="prompt")
+    try:
+        params = body.sampling()
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+    return Request(tuple(prompt), max_tokens, params, service.tokenizer.eog_ids, top_logprobs)
+
+
+def _text_stream(service: Service, body: _Body, markers=None, in_reasoning: bool = False) -> TextStream:
+    return TextStream(service.tokenizer, body.stop_strings(), service.tokenizer.eog_ids, markers, in_reasoning)
+
+
+async def _respond(stream: bool, generation: Generation, chunks: "CompletionChunks | ChatChunks"):
+    if stream:
+        async def sse() -> AsyncIterator[bytes]:
+            try:
+                for first in chunks.opening():
+                    yield _sse(first)
+                async for event in generation.events():
+                    yield _sse(chunks.chunk(event))
+                if chunks.body.include_usage:
+                    yield _sse(chunks.usage_chunk())
+            except ApiError as e:
+                yield _error_event(e)
+            yield _sse("[DONE]")
+        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    events = [event async for event in generation.events()]
+    return chunks.whole(events)
+
+
+# ---- response shapes ----
+
+class _Chunks:
+    object_chunk = object_whole = ""
+
+    def __init__(self, service: Service, generation: Generation, body: _Body, tokenizer: Tokenizer):
+        self.service, self.generation, self.body, self.tokenizer = service, generation, body, tokenizer
+        self.id = f"{self.id_prefix}-{secrets.token_hex(12)}"
+        self.created = int(time.time())
+
+    id_prefix = "cmpl"
+
+    def _envelope(self, object_name: str, choices: list[dict]) -> dict:
+        return {"id": self.id, "object": object_name, "created": self.created, "model": self.service.model_name,
+                "choices": choices}
+
+    def opening(self) -> list[dict]:
+        return []
+
+    def usage_chunk(self) -> dict:
+        return {**self._envelope(self.object_chunk, []), "usage": self.generation.usage()}
+
+    def _piece(self, token: int) -> str:
+        return self.tokenizer.token_bytes(token).decode("utf-8", errors="replace")
+
+
+class CompletionChunks(_Chunks):
+    object_chunk = object_whole = "text_completion"
+
+    def _logprobs(self, events: list[Event], offset: int) -> dict | None:
+        if self.body.logprobs is None:
+            return None
+        result = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for event in events:
+            output = event.output
+            result["tokens"].append(self._piece(output.token))
+            result["token_logprobs"].append(output.logprob)
+            result["top_logprobs"].append({self._piece(t): lp for t, lp in output.top_logprobs})
+            result["text_offset"].append(offset)
+            offset += len(event.delta.content)
+        return result
+
+    def chunk(self, event: Event) -> dict:
+        choice = {"index": 0, "text": event.delta.content, "logprobs": self._logprobs([event], 0),
+                  "finish_reason": event.finish_reason}
+        return self._envelope(self.object_chunk, [choice])
+
+    def whole(self, events: list[Event]) -> dict:
+        text = "".join(e.delta.content for e in events)
+        choice = {"index": 0, "text": text, "logprobs": self._logprobs(events, 0),
+                  "finish_reason": events[-1].finish_reason}
+        return {**self._envelope(self.object_whole, [choice]), "usage": self.generation.usage()}
+
+
+class ChatChunks(_Chunks):
+    object_chunk, object_whole, id_prefix = "chat.completion.chunk", "chat.completion", "chatcmpl"
+
+    def _token_entry(self, token: int, logprob: float) -> dict:
+        raw = self.tokenizer.token_bytes(token)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+    def _logprobs(self, events: list[Event]) -> dict | None:
+        if not self.body.logprobs:
+            return None
+        return {"content": [{**self._token_entry(e.output.token, e.output.logprob),
+                             "top_logprobs": [self._token_entry(t, lp) for t, lp in e.output.top_logprobs]}
+                            for e in events]}
+
+    def opening(self) -> list[dict]:
+        return [self._envelope(self.object_chunk, [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                    "logprobs": None, "finish_reason": None}])]
+
+    def chunk(self, event: Event) -> dict:
+        delta = {}
+        if event.delta.reasoning:
+            delta["reasoning_content"] = event.delta.reasoning
+        if event.delta.content or not event.delta.reasoning:
+            delta["content"] = event.delta.content
+        choice = {"index": 0, "delta": delta, "logprobs": self._logprobs([event]), "finish_reason": event.finish_reason}
+        return self._envelope(self.object_chunk, [choice])
+
+    def whole(self, events: list[Event]) -> dict:
+        message = {"role": "assistant", "content": "".join(e.delta.content for e in events)}
+        reasoning = "".join(e.delta.reasoning for e in events)
+        if reasoning:
+            message["reasoning_content"] = reasoning
+        choice = {"index": 0, "message": message, "logprobs": self._logprobs(events),
+                  "finish_reason": events[-1].finish_reason}
+        return {**self._envelope(self.object_whole, [choice]), "usage": self.generation.usage()}
+
+
+# ---- running the server ----
+
+class ApiServer:
+    """uvicorn on a background thread, so the caller's thread can bring the model up meanwhile."""
+
+    def __init__(self, service: Service, host: str = "127.0.0.1", port: int = 8000):
+        config = uvicorn.Config(create_app(service), host=host, port=port, log_level="warning", access_log=False,
+                                timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self.server.run, name="http", daemon=True)
+
+    def start(self, timeout_s: float = 30) -> int:
+        """Start listening; returns the port (useful with port 0)."""
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise OSError(f"the HTTP server could not start on {self.server.config.host}:"
+                              f"{self.server.config.port}; is the port in use? choose another with --port")
+            time.sleep(0.02)
+        return self.server.servers[0].sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=10)
