@@ -421,7 +421,15 @@ class _Chunks:
         return {**self._envelope(self.object_chunk, []), "usage": self.generation.usage()}
 
     def _piece(self, token: int) -> str:
-        return self.tokenizer.token_bytes(token).decode("utf-8", errors="replace")
+        """A token's text; part of a UTF-8 character is written "bytes:\\xNN..." as OpenAI does, and a token
+        that decodes to nothing (a filler) by its vocabulary entry, so that no two tokens look alike."""
+        raw = self.tokenizer.token_bytes(token)
+        if not raw:
+            return self.tokenizer.token_text(token)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
 class CompletionChunks(_Chunks):
@@ -456,8 +464,7 @@ class ChatChunks(_Chunks):
     object_chunk, object_whole, id_prefix = "chat.completion.chunk", "chat.completion", "chatcmpl"
 
     def _token_entry(self, token: int, logprob: float) -> dict:
-        raw = self.tokenizer.token_bytes(token)
-        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+        return {"token": self._piece(token), "logprob": logprob, "bytes": list(self.tokenizer.token_bytes(token))}
 
     def _logprobs(self, events: list[Event]) -> dict | None:
         if not self.body.logprobs:

@@ -264,6 +264,11 @@ class Tokenizer:
             raise ValueError(f"token id {token_id} is outside the vocabulary (0..{len(self._piece) - 1})")
         return self._piece[token_id]
 
+    def token_text(self, token_id: int) -> str:
+        """The token's entry in the GGUF vocabulary, e.g. "[PAD2640]" for a filler that decodes to nothing."""
+        self.token_bytes(token_id)  # validates the id
+        return self._texts[token_id]
+
     def decode(self, ids: Iterable[int]) -> str:
         """Token ids -> text, special tokens included; invalid UTF-8 (a cut-off character) becomes U+FFFD."""
         return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")

@@ -1,0 +1,266 @@
+"""The OpenAI-compatible API over real HTTP: the official `openai` client, 16 concurrent streams, bad
+requests, disconnects, a full queue, health and Prometheus metrics. One server on the tiny model in this
+process; tests/test_serve.py runs the `kimi-cluster serve` command with expert workers."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from cluster.api import ApiServer, Service
+from runtime.engine import Engine
+from runtime.ggml_ops import GgmlRunner
+from runtime.gguf_file import GGUFModelFile
+from runtime.model import KimiModel
+from runtime.tokenizer import Tokenizer
+
+KEY = "test-key"
+CONTEXT = 256
+PROMPTS = [f"Request {i}: tell me about {topic}" for i, topic in
+           enumerate(["memory", "experts", "routers", "caches", "GPUs", "Ray", "gRPC", "YaRN"] * 2)]
+
+
+def start_server(model, tokenizer, api_key=KEY, **engine_options) -> SimpleNamespace:
+    service = Service("tiny", tokenizer, CONTEXT, api_key=api_key)
+    api = ApiServer(service, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{api.start()}"
+    if model is not None:
+        service.ready(Engine(model, CONTEXT, **engine_options))
+    return SimpleNamespace(url=url, service=service, api=api, model=model, tokenizer=tokenizer)
+
+
+def stop_server(server) -> None:
+    if server.service.engine is not None:
+        server.service.engine.stop()
+    server.api.stop()
+
+
+@pytest.fixture(scope="module")
+def parts(make_tiny):
+    model_file = GGUFModelFile(make_tiny("Q4_K_M"))
+    # Plain kernels: a sequence's tokens do not depend on its batch (see runtime/engine.py).
+    return KimiModel(model_file, GgmlRunner(2), repack="none"), Tokenizer.from_metadata(model_file.metadata)
+
+
+@pytest.fixture(scope="module")
+def server(parts):
+    server = start_server(*parts, max_sequences=16)
+    yield server
+    stop_server(server)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+
+
+def solo_tokens(server, prompt: str, max_tokens: int) -> list[int]:
+    engine = Engine(server.model, CONTEXT)
+    tokens = server.tokenizer.encode(prompt, parse_special=True)
+    return list(engine.generate(tokens, max_tokens, stop_tokens=server.tokenizer.eog_ids))
+
+
+def visible_text(tokenizer, tokens) -> str:
+    return tokenizer.decode([t for t in tokens if t not in tokenizer.eog_ids])
+
+
+def test_models_lists_the_served_model(client):
+    assert [m.id for m in client.models.list()] == ["tiny"]
+
+
+def test_completion_equals_the_engine_and_counts_usage(server, client):
+    tokens = solo_tokens(server, PROMPTS[0], 12)
+    reply = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=12, temperature=0)
+    assert reply.choices[0].text == visible_text(server.tokenizer, tokens)
+    assert reply.choices[0].finish_reason == ("stop" if tokens[-1] in server.tokenizer.eog_ids else "length")
+    assert reply.usage.prompt_tokens == len(server.tokenizer.encode(PROMPTS[0]))
+    assert reply.usage.completion_tokens == len(tokens)
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + len(tokens)
+
+
+def test_streamed_chat_equals_the_whole_reply(client, server):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPTS[1]}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=20, temperature=0)
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=20, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    prompt = server.tokenizer.apply_chat_template(messages)
+    tokens = list(Engine(server.model, CONTEXT).generate(server.tokenizer.encode(prompt), 20,
+                                                         stop_tokens=server.tokenizer.eog_ids))
+    assert whole.choices[0].message.content == visible_text(server.tokenizer, tokens)
+
+
+def test_sixteen_concurrent_streams_each_equal_their_solo_run(server, client):
+    def stream(prompt: str) -> tuple[str, str]:
+        chunks = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0, stream=True)
+        parts = [(c.choices[0].text, c.choices[0].finish_reason) for c in chunks]
+        return "".join(text for text, _ in parts), parts[-1][1]
+
+    alone = [stream(p) for p in PROMPTS]  # one at a time: each runs alone in its steps
+    rows = []
+    server.service.engine.on_step = lambda count, seconds: rows.append(count)
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        together = list(pool.map(stream, PROMPTS))
+    server.service.engine.on_step = server.service._on_step
+    assert together == alone
+    assert all(finish in ("stop", "length") for _, finish in together)
+    assert max(rows) >= 8  # the streams really shared steps
+
+
+def test_stop_string_split_across_tokens_ends_the_text(server, client):
+    full = client.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=24, temperature=0).choices[0].text
+    tokens = server.tokenizer.encode(full, parse_special=False)
+    # A stop string that starts inside one token and ends inside a later one.
+    cut = len(server.tokenizer.decode(tokens[:3]))
+    stop = full[cut - 1: cut + 2]
+    assert len(stop) == 3 and full.find(stop) < cut
+    reply = client.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=24, temperature=0, stop=[stop])
+    assert reply.choices[0].text == full[:full.find(stop)]
+    assert reply.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=24, temperature=0, stop=stop,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == full[:full.find(stop)]
+
+
+def test_logprobs(client):
+    reply = client.completions.create(model="tiny", prompt=PROMPTS[3], max_tokens=5, temperature=0, logprobs=3)
+    logprobs = reply.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == 5
+    for chosen, top in zip(logprobs.token_logprobs, logprobs.top_logprobs):
+        assert len(top) <= 3 and chosen == pytest.approx(max(top.values()))  # greedy takes the best
+        assert all(value <= 0 for value in top.values())
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(entry.top_logprobs) == 2 for entry in content)
+    assert all(entry.logprob == pytest.approx(entry.top_logprobs[0].logprob) for entry in content)
+
+
+def test_same_seed_same_sample(client):
+    def sample(seed):
+        return client.completions.create(model="tiny", prompt=PROMPTS[4], max_tokens=12, temperature=1.0, top_p=0.95,
+                                         seed=seed).choices[0].text
+    assert sample(11) == sample(11)
+    assert len({sample(s) for s in range(4)}) > 1
+
+
+def post(server, path: str, body, key: str | None = KEY) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    content = body if isinstance(body, (str, bytes)) else json.dumps(body)
+    return httpx.post(f"{server.url}{path}", content=content, headers={**headers, "Content-Type": "application/json"},
+                      timeout=60)
+
+
+GOOD = {"model": "tiny", "prompt": "hello", "max_tokens": 2}
+
+
+@pytest.mark.parametrize("path, body, key, status, code, words", [
+    ("/v1/completions", "{not json", KEY, 400, None, "not valid JSON"),
+    ("/v1/completions", "[1, 2]", KEY, 400, None, "JSON object"),
+    ("/v1/completions", {**GOOD, "model": "gpt-4"}, KEY, 404, "model_not_found", "'gpt-4' does not exist"),
+    ("/v1/completions", {**GOOD, "prompt": "word " * 400}, KEY, 400, "context_length_exceeded", "context holds 256"),
+    ("/v1/completions", {**GOOD, "max_tokens": 0}, KEY, 400, "invalid_value", "max_tokens"),
+    ("/v1/completions", {**GOOD, "max_tokens": 10_000}, KEY, 400, "context_length_exceeded", "lower max_tokens"),
+    ("/v1/completions", {**GOOD, "max_tokens": "5"}, KEY, 400, "invalid_value", "max_tokens"),
+    ("/v1/completions", {**GOOD, "temperature": "hot"}, KEY, 400, "invalid_value", "temperature"),
+    ("/v1/completions", {**GOOD, "temperature": 7}, KEY, 400, "invalid_value", "temperature"),
+    ("/v1/completions", {**GOOD, "n": 2}, KEY, 400, "invalid_value", "'n'"),
+    ("/v1/completions", {"model": "tiny"}, KEY, 400, "missing_required_parameter", "prompt"),
+    ("/v1/completions", {**GOOD, "prompt": ["a", "b"]}, KEY, 400, None, "one prompt per request"),
+    ("/v1/completions", GOOD, "wrong-key", 401, "invalid_api_key", "API key"),
+    ("/v1/completions", GOOD, None, 401, "invalid_api_key", "API key"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": []}, KEY, 400, "invalid_value", "messages"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}, KEY, 400,
+     "invalid_value", "role"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": "hi"}, KEY, 400, "invalid_value", "messages"),
+    ("/v1/nothing-here", GOOD, KEY, 404, "not_found", "Not Found"),
+])
+def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, path, body, key, status, code, words):
+    response = post(server, path, body, key)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert words in error["message"] and error["code"] == code and error["type"]
+    assert post(server, "/v1/completions", GOOD).status_code == 200
+
+
+def test_unknown_parameters_are_ignored(server):
+    response = post(server, "/v1/completions", {**GOOD, "cache_prompt": True, "n_probs": 3})
+    assert response.status_code == 200 and response.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_client_that_goes_away_frees_its_sequence(server):
+    engine = server.service.engine
+    with httpx.stream("POST", f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={**GOOD, "max_tokens": 200, "stream": True}, timeout=60) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert engine.running
+    deadline = time.monotonic() + 5
+    while engine.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not engine.running and not engine.waiting
+
+
+def test_a_full_queue_answers_503_and_serves_again(parts):
+    server = start_server(*parts, max_sequences=1, max_waiting=1)
+    try:
+        body = {**GOOD, "max_tokens": 60}
+        with ThreadPoolExecutor(4) as pool:
+            responses = list(pool.map(lambda _: post(server, "/v1/completions", body), range(4)))
+        statuses = sorted(r.status_code for r in responses)
+        assert 200 in statuses and 503 in statuses
+        busy = next(r for r in responses if r.status_code == 503)
+        assert busy.json()["error"]["code"] == "server_busy" and busy.headers["retry-after"]
+        assert post(server, "/v1/completions", GOOD).status_code == 200
+    finally:
+        stop_server(server)
+
+
+def test_health_says_loading_until_the_model_is_ready(parts):
+    model, tokenizer = parts
+    server = start_server(None, tokenizer, api_key=None)
+    try:
+        health = httpx.get(f"{server.url}/health")
+        assert health.status_code == 503 and health.json()["status"] == "loading"
+        refused = post(server, "/v1/completions", GOOD, key=None)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "loading"
+        server.service.ready(Engine(model, CONTEXT))
+        assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+        assert post(server, "/v1/completions", GOOD, key=None).status_code == 200
+    finally:
+        stop_server(server)
+
+
+def metric_values(server) -> dict[str, float]:
+    text = httpx.get(f"{server.url}/metrics").text
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return values
+
+
+def test_metrics_parse_and_move(server, client):
+    before = metric_values(server)
+    client.completions.create(model="tiny", prompt=PROMPTS[5], max_tokens=6, temperature=0)
+    after = metric_values(server)
+    ok = "kimi_requests_total{endpoint=/v1/completions,status=200}"
+    assert after[ok] == before.get(ok, 0) + 1
+    assert after["kimi_generated_tokens_total"] >= before["kimi_generated_tokens_total"] + 1
+    assert after["kimi_prompt_tokens_total"] > before["kimi_prompt_tokens_total"]
+    assert after["kimi_time_to_first_token_seconds_count"] == before["kimi_time_to_first_token_seconds_count"] + 1
+    assert after["kimi_inter_token_latency_seconds_count"] > before["kimi_inter_token_latency_seconds_count"]
+    assert after["kimi_step_rows_count"] > before["kimi_step_rows_count"]
