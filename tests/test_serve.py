@@ -1,0 +1,93 @@
+"""`kimi-cluster serve --workers 2` as users run it: a real process with a local Ray cluster and two expert
+workers, driven by the official openai client; its greedy text equals `kimi-cluster generate`."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "Pool the memory of three machines and"
+MAX_TOKENS = 16
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cluster.cli", *args]
+
+
+@pytest.fixture(scope="module")
+def served(make_tiny):
+    path = make_tiny("Q4_K_M")
+    process = subprocess.Popen(cli("serve", str(path), "--workers", "2", "--port", "0", "--threads", "1"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "KIMI_API_KEY": ""})
+    url = None
+    for line in process.stderr:  # the first line names the address, before the model loads
+        if (match := re.search(r"(http://127\.0\.0\.1:\d+)/v1", line)):
+            url = match.group(1)
+            break
+    assert url, "serve did not print its address"
+    deadline = time.monotonic() + 120
+    while httpx.get(f"{url}/health").status_code != 200:
+        assert process.poll() is None and time.monotonic() < deadline, "serve did not become ready"
+        time.sleep(0.2)
+    yield path, url, process
+    if process.poll() is None:
+        process.kill()
+
+
+def generate(path, *extra: str) -> str:
+    out = subprocess.run(cli("generate", str(path), "--prompt", PROMPT, "--max-tokens", str(MAX_TOKENS),
+                             "--json", "--repack", "none", *extra), capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)["text"]
+
+
+def test_openai_client_with_experts_on_two_workers_equals_generate(served):
+    path, url, _ = served
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    expected = generate(path)
+    completion = client.completions.create(model=client.models.list().data[0].id, prompt=PROMPT,
+                                           max_tokens=MAX_TOKENS, temperature=0)
+    assert completion.choices[0].text == expected
+    streamed = client.completions.create(model=completion.model, prompt=PROMPT, max_tokens=MAX_TOKENS,
+                                         temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == expected
+
+    expected_chat = generate(path, "--chat")
+    messages = [{"role": "user", "content": PROMPT}]
+    chat = client.chat.completions.create(model=completion.model, messages=messages, max_tokens=MAX_TOKENS,
+                                          temperature=0)
+    assert chat.choices[0].message.content == expected_chat
+    chunks = client.chat.completions.create(model=completion.model, messages=messages, max_tokens=MAX_TOKENS,
+                                            temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected_chat
+
+
+def test_health_and_metrics_show_both_workers(served):
+    _, url, _ = served
+    health = httpx.get(f"{url}/health").json()
+    assert health["status"] == "ok" and health["workers"] == {"worker-1": "ok", "worker-2": "ok"}
+    samples = {(s.name, s.labels.get("node")): s.value for family in text_string_to_metric_families(
+        httpx.get(f"{url}/metrics").text) for s in family.samples}
+    for node in ("worker-1", "worker-2"):
+        assert samples[("kimi_worker_round_trip_seconds_count", node)] > 0
+        assert samples[("kimi_expert_activations_total", node)] > 0
+    assert samples[("kimi_expert_activations_total", "head")] > 0
+
+
+def test_ctrl_c_stops_the_server_and_its_workers(served):
+    _, url, process = served
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=30) == 130
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/health")
