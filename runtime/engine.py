@@ -46,7 +46,11 @@ class EngineFull(RuntimeError):
 
 
 class SequenceFailed(RuntimeError):
-    """The forward pass failed (e.g. a worker died) while this sequence was running."""
+    """The forward pass failed (e.g. a worker died) while this sequence was running; `cause` says why."""
+
+    def __init__(self, cause: Exception):
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 @dataclass
@@ -223,7 +227,7 @@ class Engine:
             self.running = [s for s in self.running if s not in sequences]
         for sequence in sequences:
             sequence.cache = None
-            sequence.on_output(SequenceFailed(str(error)))
+            sequence.on_output(SequenceFailed(error))
 
     # ---- background loop ----
 
@@ -263,7 +267,7 @@ class Engine:
                 self.step()
                 for output in outputs:
                     if isinstance(output, SequenceFailed):
-                        raise output
+                        raise output.cause
                     if stats.generated_tokens == 0:
                         stats.prompt_seconds = time.perf_counter() - started
                         stats.prompt_logits = sequence.last_logits

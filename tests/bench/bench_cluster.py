@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import LLAMA_SCRIPT, REPO_ROOT, prompt_of_exact_length, run_with_peak_rss  # noqa: E402
+from bench_decode import LLAMA_SCRIPT, bench_model, prompt_of_exact_length, run_with_peak_rss  # noqa: E402
 
 from cluster.transport import ExpertServicer, RemoteExperts, WorkerClient, serve  # noqa: E402
 from protos import expert_pb2  # noqa: E402
@@ -79,11 +79,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    model = Path(args.model) if args.model else REPO_ROOT / "build" / "k2-slice-Q4_K_M.gguf"
-    if not model.exists():
-        from runtime.demo_model import make_model
-        print(f"writing {model} (k2-slice, Q4_K_M) ...", flush=True)
-        make_model(model, "k2-slice", "Q4_K_M")
+    model = bench_model(args.model)
     text, ids = prompt_of_exact_length(Tokenizer.from_metadata(GGUFModelFile(model).metadata))
     generate = [sys.executable, "-m", "cluster.cli", "generate", str(model), "--prompt", text, "--max-tokens",
                 str(args.tokens), "--json", "--threads", str(args.threads)]

@@ -76,6 +76,16 @@ def prompt_of_exact_length(tokenizer: Tokenizer) -> tuple[str, list[int]]:
     return text, ids
 
 
+def bench_model(path: str | None) -> Path:
+    """The given GGUF, or the k2-slice Q4_K_M file in build/, written on first use."""
+    model = Path(path) if path else REPO_ROOT / "build" / "k2-slice-Q4_K_M.gguf"
+    if not model.exists():
+        from runtime.demo_model import make_model
+        print(f"writing {model} (k2-slice, Q4_K_M) ...", flush=True)
+        make_model(model, "k2-slice", "Q4_K_M")
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", help="GGUF file (default: make the k2-slice Q4_K_M file)")
@@ -84,11 +94,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="tokens to generate per run")
     args = parser.parse_args()
 
-    model = Path(args.model) if args.model else REPO_ROOT / "build" / "k2-slice-Q4_K_M.gguf"
-    if not model.exists():
-        from runtime.demo_model import make_model
-        print(f"writing {model} (k2-slice, Q4_K_M) ...", flush=True)
-        make_model(model, "k2-slice", "Q4_K_M")
+    model = bench_model(args.model)
     model_file = GGUFModelFile(model)
     text, ids = prompt_of_exact_length(Tokenizer.from_metadata(model_file.metadata))
     ours_cmd = [sys.executable, "-m", "cluster.cli", "generate", str(model), "--prompt", text, "--max-tokens",
