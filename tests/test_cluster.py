@@ -20,6 +20,7 @@ from runtime.config import ModelConfig
 from runtime.engine import Engine
 from runtime.gguf_file import GGUFModelFile
 from runtime.model import KimiModel
+from tests.tls_files import write_certificates
 
 pytestmark = pytest.mark.slow
 PROMPT = [2638, 1923, 2652, 51, 68, 315, 829, 997, 294, 767, 317, 2560, 682, 494]
@@ -128,6 +129,19 @@ def test_a_call_without_the_cluster_token_is_refused(ray_cluster, make_tiny):
         with pytest.raises(Exception, match="UNAUTHENTICATED"):
             WorkerClient("intruder", address, "not-the-token", 5.0).health()
         assert WorkerClient("head", address, cluster.token, 5.0).health().ready
+
+
+def test_tls_between_the_head_and_its_workers(ray_cluster, make_tiny, single_process, tmp_path):
+    with_workers(ray_cluster, 2)
+    path = make_tiny("Q4_K_M")
+    tls = write_certificates(tmp_path, "cluster")
+    with ExpertCluster(path, config(path, tls=tls), progress=False) as cluster:
+        model = cluster.start()
+        expected_tokens, _ = single_process["Q4_K_M"]
+        assert run(model, expected_tokens)[0] == expected_tokens
+        address = ray.get(next(iter(cluster.actors.values())).address.remote())
+        with pytest.raises(Exception, match="UNAVAILABLE"):
+            WorkerClient("plaintext", address, cluster.token, 3.0).health()
 
 
 def test_a_killed_worker_fails_generation_within_seconds_naming_the_node(ray_cluster, make_tiny):

@@ -10,6 +10,7 @@ from cluster.transport import ExpertServicer, RemoteExperts, WorkerClient, Worke
 from runtime.experts import ExpertShard, LocalExperts
 from runtime.ggml_ops import GgmlRunner
 from runtime.gguf_file import GGUFModelFile
+from tests.tls_files import write_certificates
 
 TOKEN = "secret-token"
 
@@ -17,10 +18,10 @@ TOKEN = "secret-token"
 class Worker:
     """An expert worker's gRPC side in this process, serving a fixed shard."""
 
-    def __init__(self, node: str, shard: ExpertShard | None, token: str = TOKEN):
+    def __init__(self, node: str, shard: ExpertShard | None, token: str = TOKEN, tls: dict | None = None):
         self.shard = shard
         self.servicer = ExpertServicer(node, lambda: self.shard, self._receive, lambda: {"ready": True})
-        self.server, self.port = serve(self.servicer, 0, token)
+        self.server, self.port = serve(self.servicer, 0, token, tls)
         self.received = None
 
     def _receive(self, chunks):
@@ -28,8 +29,8 @@ class Worker:
         self.shard = shard_transfer.load_shard(path, manifest, GgmlRunner(1))
         return manifest["total_bytes"]
 
-    def client(self, token: str = TOKEN, deadline_s: float = 5.0) -> WorkerClient:
-        return WorkerClient(self.servicer.node, f"127.0.0.1:{self.port}", token, deadline_s)
+    def client(self, token: str = TOKEN, deadline_s: float = 5.0, tls: dict | None = None) -> WorkerClient:
+        return WorkerClient(self.servicer.node, f"127.0.0.1:{self.port}", token, deadline_s, tls)
 
 
 @pytest.fixture
@@ -38,8 +39,8 @@ def start_worker():
     a server thread, and so the test process, alive)."""
     started = []
 
-    def start(node: str, shard: ExpertShard | None) -> Worker:
-        started.append(Worker(node, shard))
+    def start(node: str, shard: ExpertShard | None, tls: dict | None = None) -> Worker:
+        started.append(Worker(node, shard, tls=tls))
         return started[-1]
     yield start
     for worker in started:
@@ -173,3 +174,19 @@ def test_corrupted_cache_is_replaced(model_file, tmp_path):
     path2, _ = shard_transfer.receive_shard(
         shard_transfer.stream_shard(model_file, shard_transfer.build_manifest(model_file, owned)), tmp_path)
     assert path2 == path and shard_transfer.verify(path, manifest)
+
+
+def test_tls_carries_the_stream_and_refuses_strangers(model_file, start_worker, tmp_path):
+    runner = GgmlRunner(2)
+    tls = write_certificates(tmp_path, "cluster")
+    worker = start_worker("w-tls", ExpertShard.from_model_file(model_file, runner, {1: range(16)}), tls=tls)
+    remote = RemoteExperts(split_owners((1,), {0: list(range(16))}), [worker.client(tls=tls)], None)
+    hidden, ids, weights = routing(4)
+    expected = LocalExperts(model_file, runner, (1,), 16).start(1, hidden, ids, weights)()
+    assert np.array_equal(remote.start(1, hidden, ids, weights)(), expected)
+    assert worker.client(tls=tls).health().ready
+    # A plaintext client, and a client that trusts another CA, get nowhere and are told so.
+    other_ca = write_certificates(tmp_path, "other")
+    for stranger in (worker.client(deadline_s=3), worker.client(deadline_s=3, tls=other_ca)):
+        with pytest.raises(WorkerFailed, match="node w-tls failed: UNAVAILABLE"):
+            RemoteExperts(split_owners((1,), {0: list(range(16))}), [stranger], None).start(1, hidden, ids, weights)()

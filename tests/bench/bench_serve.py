@@ -153,13 +153,12 @@ def main() -> None:
 
     print("\nstreams   kimi-cluster tok/s  x single   TTFT s   |  llama.cpp batched tok/s  x single   TTFT s"
           "  | ours/llama.cpp")
+    rate = "aggregate_tokens_per_s"
+    single_ours, single_theirs = ours[args.streams[0]][rate], theirs[args.streams[0]][rate]
     for n in args.streams:
         o, t = ours[n], theirs[n]
-        print(f"{n:7d}   {o['aggregate_tokens_per_s']:18.2f} {o['aggregate_tokens_per_s'] / ours[args.streams[0]]['aggregate_tokens_per_s']:9.2f}x"
-              f" {o['first_token_s']:8.3f}   |  {t['aggregate_tokens_per_s']:23.2f} "
-              f"{t['aggregate_tokens_per_s'] / theirs[args.streams[0]]['aggregate_tokens_per_s']:9.2f}x "
-              f"{t['first_token_s']:8.3f}  | {o['aggregate_tokens_per_s'] / t['aggregate_tokens_per_s']:6.2f}x")
-
+        print(f"{n:7d}   {o[rate]:18.2f} {o[rate] / single_ours:9.2f}x {o['first_token_s']:8.3f}   |  "
+              f"{t[rate]:23.2f} {t[rate] / single_theirs:9.2f}x {t['first_token_s']:8.3f}  | {o[rate] / t[rate]:6.2f}x")
 
 if __name__ == "__main__":
     main()
