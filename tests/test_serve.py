@@ -91,3 +91,15 @@ def test_ctrl_c_stops_the_server_and_its_workers(served):
     assert process.wait(timeout=30) == 130
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/health")
+
+
+def test_chat_keeps_the_conversation_and_reset_forgets_it(make_tiny):
+    path = make_tiny("Q4_K_M")
+    session = subprocess.run(cli("chat", str(path), "--max-tokens", "8"), input="hello\nhello\n/reset\nhello\n",
+                             capture_output=True, text=True, timeout=120)
+    assert session.returncode == 0, session.stderr
+    # stdout: a "> " prompt before each line read, each reply after its prompt; /reset answers nothing.
+    replies = [part.strip("\n") for part in session.stdout.split("> ")[1:] if part.strip("\n")]
+    assert len(replies) == 3
+    assert replies[2] == replies[0]  # after /reset the same question gets the same greedy answer
+    assert replies[1] != replies[0]  # with the first exchange in the prompt, the answer changes
