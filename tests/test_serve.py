@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -83,6 +84,34 @@ def test_health_and_metrics_show_both_workers(served):
         assert samples[("kimi_worker_round_trip_seconds_count", node)] > 0
         assert samples[("kimi_expert_activations_total", node)] > 0
     assert samples[("kimi_expert_activations_total", "head")] > 0
+
+
+def expert_worker_pids() -> list[int]:
+    """Processes whose title Ray set to its ExpertWorker actor."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"ExpertWorker" in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:  # the process ended meanwhile
+            pass
+    return pids
+
+
+def test_a_dead_worker_turns_requests_and_health_into_errors_naming_it(served):
+    _, url, process = served
+    workers = expert_worker_pids()
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGKILL)
+    body = {"prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+    started = time.monotonic()
+    response = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 503 and time.monotonic() - started < 10
+    error = response.json()["error"]
+    assert error["code"] == "worker_failed" and re.search(r"node worker-[12]", error["message"])
+    health = httpx.get(f"{url}/health", timeout=30)
+    assert health.status_code == 503 and health.json()["status"] == "error"
+    assert sum(state != "ok" for state in health.json()["workers"].values()) == 1
 
 
 def test_ctrl_c_stops_the_server_and_its_workers(served):
