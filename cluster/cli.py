@@ -399,9 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # One-shot jobs keep ggml's OpenMP threads spinning between ops (faster by ~25% per token);
-    # must be set before ggml loads. Servers keep the passive policy so that waiting costs nothing.
-    os.environ.setdefault("OMP_WAIT_POLICY", "passive" if args.command in ("serve", "chat", "demo") else "active")
+    # ggml's OpenMP threads spin between ops instead of sleeping: ~25% faster per token. Must be set before
+    # ggml loads. Servers spin only briefly (GOMP_SPINCOUNT) and then sleep, so an idle server costs nothing.
+    os.environ.setdefault("OMP_WAIT_POLICY", "active")
+    if args.command in ("serve", "chat", "demo"):
+        os.environ.setdefault("GOMP_SPINCOUNT", "300000")
     from runtime.gguf_file import GGUFError
     try:
         args.func(args)
