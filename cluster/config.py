@@ -109,8 +109,13 @@ class ClusterConfig:
         """The model's path on `node`; None when the node has no copy and gets its experts from the head."""
         return self.model_paths[node] if node in self.model_paths else self.model
 
+    @property
+    def head_node(self) -> NodeConfig | None:
+        """The node marked `head: true`, else the first one listed."""
+        return next((n for n in self.nodes if n.is_head), self.nodes[0] if self.nodes else None)
+
     def node_budgets(self) -> list[NodeBudget]:
-        return [NodeBudget(n.name, int(n.memory_gb * GiB), n.is_head) for n in self.nodes]
+        return [NodeBudget(n.name, int(n.memory_gb * GiB), n is self.head_node) for n in self.nodes]
 
 
 class _Section:

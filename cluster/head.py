@@ -69,6 +69,11 @@ def ray_nodes(config: ClusterConfig) -> list[ClusterNode]:
         if missing:
             raise RuntimeError(f"nodes {missing} from {config.source} are not in the Ray cluster (Ray sees "
                                f"{sorted(by_address)}); start Ray on them or fix their addresses")
+        here = next(n["NodeManagerAddress"] for n in alive if n["NodeID"] == driver)
+        if config.head_node.address != here:
+            raise RuntimeError(f"{config.source} makes '{config.head_node.name}' ({config.head_node.address}) the head, "
+                               f"but this command runs on {here}: run it on the head, or mark this node "
+                               "`head: true`")
         return [ClusterNode(n.name, by_address[n.address]["NodeID"], n.address, budget)
                 for n, budget in zip(config.nodes, config.node_budgets())]
     nodes = []

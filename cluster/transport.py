@@ -125,12 +125,13 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
 
 
 def serve(servicer: ExpertServicer, port: int, token: str, tls: Mapping[str, str] | None = None,
-          threads: int = 4) -> tuple[grpc.Server, int]:
-    """Start a gRPC server for the servicer on all interfaces; port 0 picks a free one. Returns the port."""
+          threads: int = 4, host: str = "[::]") -> tuple[grpc.Server, int]:
+    """Start a gRPC server for the servicer on `host` (default: every interface); port 0 picks a free one.
+    Returns the server and its port."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), interceptors=[_TokenCheck(token)],
                          options=_CHANNEL_OPTIONS)
     expert_pb2_grpc.add_ExpertServiceServicer_to_server(servicer, server)
-    address = f"[::]:{port}"
+    address = f"{host}:{port}"
     if tls:
         with open(tls["key"], "rb") as key, open(tls["cert"], "rb") as cert:
             credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
@@ -138,7 +139,7 @@ def serve(servicer: ExpertServicer, port: int, token: str, tls: Mapping[str, str
     else:
         bound = server.add_insecure_port(address)
     if not bound:
-        raise OSError(f"cannot listen on port {port}: is another worker running there?")
+        raise OSError(f"cannot listen on {address}: is another worker running there?")
     server.start()
     return server, bound
 

@@ -39,7 +39,8 @@ class ExpertWorker:
         self.shard: ExpertShard | None = None
         self.loaded_bytes, self.total_bytes, self.error = 0, 0, ""
         servicer = ExpertServicer(node, lambda: self.shard, self._receive, self._health)
-        self.server, self.port = serve(servicer, port, token, tls)
+        # Listen on the node's own address (the one Ray and the head use), not on every interface.
+        self.server, self.port = serve(servicer, port, token, tls, host=ray.util.get_node_ip_address())
         if model_path is not None:
             threading.Thread(target=self._load_from_file, args=(model_path,), daemon=True).start()
 
