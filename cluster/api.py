@@ -157,6 +157,8 @@ class Generation:
                                                                                               out))
         except EngineFull as e:
             raise ApiError(503, f"the server is at capacity: {e}", "server_error", code="server_busy") from None
+        except ValueError as e:  # a request the engine can never run
+            raise ApiError(400, str(e)) from None
         service.metrics.prompt_tokens.inc(self.prompt_tokens)
 
     async def events(self) -> AsyncIterator[Event]:
