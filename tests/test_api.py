@@ -262,3 +262,40 @@ def test_metrics_parse_and_move(server, client):
     assert after["kimi_time_to_first_token_seconds_count"] == before["kimi_time_to_first_token_seconds_count"] + 1
     assert after["kimi_inter_token_latency_seconds_count"] > before["kimi_inter_token_latency_seconds_count"]
     assert after["kimi_step_rows_count"] > before["kimi_step_rows_count"]
+
+
+def test_reasoning_comes_back_as_reasoning_content(make_tiny, tmp_path):
+    """A thinking template whose generation prompt opens <think>: what the model writes up to </think> is
+    reasoning_content, the rest is content, streamed or not."""
+    from gguf import GGUFValueType
+
+    from runtime.demo_vocab import KIMI_K2_THINKING_TEMPLATE
+    from tests.gguf_tools import rewrite_gguf
+    template = KIMI_K2_THINKING_TEMPLATE + "{% if add_generation_prompt %}<think>{% endif %}"
+    path = rewrite_gguf(make_tiny("Q4_K_M"), tmp_path / "thinking.gguf",
+                        set_keys={"tokenizer.chat_template": (template, GGUFValueType.STRING)})
+    model_file = GGUFModelFile(path)
+    tokenizer = Tokenizer.from_metadata(model_file.metadata)
+    model = KimiModel(model_file, GgmlRunner(2), repack="none")
+    messages = [{"role": "user", "content": "Why pool memory?"}]
+    prompt = tokenizer.encode(tokenizer.apply_chat_template(messages))
+    assert tokenizer.decode(prompt[-1:]) == "<think>"
+    tokens = [t for t in Engine(model, CONTEXT).generate(prompt, 24, stop_tokens=tokenizer.eog_ids)
+              if t not in tokenizer.eog_ids]
+    close = tokenizer.encode("</think>")[0]
+    cut = tokens.index(close) if close in tokens else len(tokens)
+    expected = (tokenizer.decode(tokens[:cut]), tokenizer.decode(tokens[cut + 1:]))
+    assert expected[0]
+
+    server = start_server(model, tokenizer, api_key=None)
+    try:
+        body = {"messages": messages, "max_tokens": 24, "temperature": 0}
+        message = post(server, "/v1/chat/completions", body, key=None).json()["choices"][0]["message"]
+        assert (message["reasoning_content"], message["content"]) == expected
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True}) as response:
+            deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in response.iter_lines()
+                      if line.startswith("data: {")]
+        assert ("".join(d.get("reasoning_content", "") for d in deltas),
+                "".join(d.get("content") or "" for d in deltas)) == expected
+    finally:
+        stop_server(server)
