@@ -161,6 +161,9 @@ def _serving(args, host: str, port: int):
     from runtime.engine import Engine
     from runtime.gguf_file import GGUFModelFile
     from runtime.tokenizer import Tokenizer
+    if not 1 <= args.max_sequences < args.step_tokens:
+        raise ValueError(f"--step-tokens ({args.step_tokens}) must exceed --max-sequences ({args.max_sequences}), "
+                         "which must be at least 1: every running sequence takes a row of each step")
     model_file = GGUFModelFile(args.model)
     context = min(args.context, int(model_file.metadata.get("deepseek2.context_length", args.context)))
     service = Service(args.model_name or Path(args.model).name.split("-0000")[0].removesuffix(".gguf"),
@@ -172,7 +175,7 @@ def _serving(args, host: str, port: int):
         with _model_session(args) as (model, tokenizer, cluster):
             if cluster is not None:
                 cluster.remote.observers.append(service.metrics.observe_experts)
-            engine = Engine(model, context, max_sequences=args.max_sequences)
+            engine = Engine(model, context, max_sequences=args.max_sequences, max_step_tokens=args.step_tokens)
             service.ready(engine, cluster.health if cluster is not None else dict)
             try:
                 yield url
@@ -234,7 +237,7 @@ def cmd_chat(args) -> None:
         wait_until_ready(args.url, timeout_s=10)
         _chat_loop(args.url, args)
         return
-    args.model_name, args.max_sequences = None, 4
+    args.model_name, args.max_sequences, args.step_tokens = None, 4, 512
     with _serving(args, "127.0.0.1", 0) as url:
         _chat_loop(url, args)
 
@@ -298,6 +301,10 @@ def _add_server_args(p: argparse.ArgumentParser, port: bool = True) -> None:
                        help="require 'Authorization: Bearer KEY' on /v1 (default: $KIMI_API_KEY, else none)")
     group.add_argument("--max-sequences", type=int, default=16,
                        help="sequences decoded together in one batch (default 16); more wait in a queue")
+    group.add_argument("--step-tokens", type=int, default=512,
+                       help="most token rows in one step (default 512): decoding sequences take one each, new "
+                            "prompts are prefilled in chunks of what is left; lower it to keep decoding smooth "
+                            "while long prompts arrive, raise it for faster prefill")
     group.add_argument("--model-name", default=None, help="the model id clients use (default: the file name)")
 
 
