@@ -3,7 +3,8 @@ server-sent events or not), /health and /metrics.
 
 Requests run on the Engine's background loop; each one's tokens come back to the event loop through an
 asyncio queue. Errors have OpenAI's shape: {"error": {"message", "type", "param", "code"}}. Unknown
-request fields are ignored, as llama-server and vLLM do, so clients built for them work unchanged.
+request fields are ignored, as llama-server and vLLM do, so clients built for them work unchanged; OpenAI
+fields that would change the answer but are not implemented (echo, logit_bias, tools, ...) are refused.
 """
 from __future__ import annotations
 
@@ -45,9 +46,21 @@ class ApiError(Exception):
 
 # ---- request bodies ----
 
+# name -> whether a value leaves the answer as if the field were absent
+UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "echo": lambda v: v is False or v is None,
+    "best_of": lambda v: v in (None, 1),
+    "suffix": lambda v: not v,
+    "logit_bias": lambda v: not v,
+    "tools": lambda v: not v,
+    "functions": lambda v: not v,
+    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+}
+
+
 class _Body(BaseModel):
     # strict: "5" is not a number, as in OpenAI's API; unknown fields are ignored.
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -74,6 +87,15 @@ class _Body(BaseModel):
     def stop_strings(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
+    def refuse_unsupported(self) -> None:
+        """Fields OpenAI defines that would change the answer but are not implemented here: refused rather than
+        silently ignored (unknown fields are ignored)."""
+        extra = self.model_extra or {}
+        for name, is_default in UNSUPPORTED.items():
+            if name in extra and not is_default(extra[name]):
+                raise ApiError(400, f"'{name}' is not supported by this server; leave it out", param=name,
+                               code="unsupported_parameter")
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.get("include_usage"))
@@ -82,7 +104,6 @@ class _Body(BaseModel):
 class CompletionBody(_Body):
     prompt: Union[str, list[int], list[str], list[list[int]]]
     logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
 
 
 class ChatMessage(BaseModel):
@@ -275,6 +296,7 @@ def create_app(service: Service) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(http: HttpRequest):
         body = await _parse(http, CompletionBody)
+        body.refuse_unsupported()
         _check_model(service, body.model)
         prompt = await asyncio.to_thread(_completion_prompt, tokenizer, body.prompt)
         max_tokens = body.max_tokens or DEFAULT_COMPLETION_TOKENS
@@ -286,6 +308,7 @@ def create_app(service: Service) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HttpRequest):
         body = await _parse(http, ChatBody)
+        body.refuse_unsupported()
         _check_model(service, body.model)
         rendered = await asyncio.to_thread(_render_chat, tokenizer, body.messages)
         prompt = await asyncio.to_thread(tokenizer.encode, rendered, True)

@@ -184,6 +184,11 @@ GOOD = {"model": "tiny", "prompt": "hello", "max_tokens": 2}
      "invalid_value", "role"),
     ("/v1/chat/completions", {"model": "tiny", "messages": "hi"}, KEY, 400, "invalid_value", "messages"),
     ("/v1/nothing-here", GOOD, KEY, 404, "not_found", "Not Found"),
+    ("/v1/completions", {**GOOD, "echo": True}, KEY, 400, "unsupported_parameter", "'echo' is not supported"),
+    ("/v1/completions", {**GOOD, "logit_bias": {"5": 10}}, KEY, 400, "unsupported_parameter", "logit_bias"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                              "tools": [{"type": "function", "function": {"name": "f"}}]}, KEY, 400,
+     "unsupported_parameter", "'tools' is not supported"),
 ])
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, path, body, key, status, code, words):
     response = post(server, path, body, key)
@@ -194,7 +199,8 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, path, bod
 
 
 def test_unknown_parameters_are_ignored(server):
-    response = post(server, "/v1/completions", {**GOOD, "cache_prompt": True, "n_probs": 3})
+    response = post(server, "/v1/completions", {**GOOD, "cache_prompt": True, "n_probs": 3, "echo": False,
+                                                "logit_bias": {}})
     assert response.status_code == 200 and response.json()["choices"][0]["finish_reason"] == "length"
 
 
