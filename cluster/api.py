@@ -426,14 +426,14 @@ async def _respond(stream: bool, generation: Generation, chunks: "CompletionChun
 # ---- response shapes ----
 
 class _Chunks:
-    object_chunk = object_whole = ""
+    """The JSON bodies of one response: `chunk` per streamed event, or `whole` for the complete answer."""
+    object_chunk = object_whole = ""  # OpenAI's "object" names, set by each subclass
+    id_prefix = "cmpl"
 
     def __init__(self, service: Service, generation: Generation, body: _Body, tokenizer: Tokenizer):
         self.service, self.generation, self.body, self.tokenizer = service, generation, body, tokenizer
         self.id = f"{self.id_prefix}-{secrets.token_hex(12)}"
         self.created = int(time.time())
-
-    id_prefix = "cmpl"
 
     def _envelope(self, object_name: str, choices: list[dict]) -> dict:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.service.model_name,
