@@ -173,9 +173,14 @@ class Generation:
         self.prompt_tokens = len(request.prompt)
         loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
+
+        def deliver(output) -> None:  # runs on the engine's thread
+            try:
+                loop.call_soon_threadsafe(self._queue.put_nowait, output)
+            except RuntimeError:  # the event loop has closed: the server is shutting down
+                self.engine.cancel(self.sequence)
         try:
-            self.sequence = self.engine.submit(request, lambda out: loop.call_soon_threadsafe(self._queue.put_nowait,
-                                                                                              out))
+            self.sequence = self.engine.submit(request, deliver)
         except EngineFull as e:
             raise ApiError(503, f"the server is at capacity: {e}", "server_error", code="server_busy") from None
         except ValueError as e:  # a request the engine can never run

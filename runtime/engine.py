@@ -189,7 +189,10 @@ class Engine:
                 if sequence.prefilling:
                     continue
                 sequence.last_logits = row_logits
-            self._emit(sequence, row_logits)
+            try:
+                self._emit(sequence, row_logits)
+            except Exception as e:  # e.g. NaN logits: this sequence ends with the reason, the others go on
+                self._fail([sequence], e)
         if self.on_step is not None:
             self.on_step(len(tokens), time.perf_counter() - started)
         return len(tokens)
@@ -227,7 +230,10 @@ class Engine:
             self.running = [s for s in self.running if s not in sequences]
         for sequence in sequences:
             sequence.cache = None
-            sequence.on_output(SequenceFailed(error))
+            try:
+                sequence.on_output(SequenceFailed(error))
+            except Exception:  # noqa: BLE001 - a consumer that cannot take the news must not stop the engine
+                pass
 
     # ---- background loop ----
 
@@ -249,7 +255,10 @@ class Engine:
                     self._lock.wait()
                 if self._stopping:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # a fault outside the model (a bug) must not leave requests waiting forever
+                self._fail(list(self.running), e)
 
     # ---- one sequence, in the caller's thread ----
 

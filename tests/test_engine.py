@@ -124,6 +124,27 @@ def test_a_failed_step_fails_its_sequences_and_the_engine_serves_on(model):
     assert [[o.token for o in got] for got in again] == [solo(model, r) for r in batch]
 
 
+class NaNLogitsOnce(KimiModel):
+    """A model whose first step gives NaN logits for its first sequence. (NaN inside the network would not
+    reach the logits: ggml's 8-bit activation rounding turns it into numbers.)"""
+
+    poisoned = False
+
+    def forward(self, tokens, segments, all_logits=False):
+        logits = super().forward(tokens, segments, all_logits)
+        if not self.poisoned:
+            self.poisoned, logits[0] = True, np.nan
+        return logits
+
+
+def test_a_sequence_that_cannot_be_sampled_fails_alone(model):
+    engine = Engine(NaNLogitsOnce(model.file, model.runner, repack="none"), context_size=256)
+    batch = requests(3, prompts_seed=6)
+    outputs = run_together(engine, batch)
+    assert len(outputs[0]) == 1 and "NaN" in str(outputs[0][0])
+    assert [[o.token for o in got] for got in outputs[1:]] == [solo(model, r) for r in batch[1:]]
+
+
 def test_logprobs_are_the_models_log_softmax(model):
     request = Request(requests(1, prompts_seed=2)[0].prompt, 3, top_logprobs=4)
     engine = Engine(model, context_size=256)
