@@ -44,7 +44,7 @@ def with_workers(cluster: Cluster, count: int) -> None:
     """Grow (never shrink) the cluster to `count` worker nodes besides the head."""
     while len([n for n in ray.nodes() if n["Alive"]]) < count + 1:
         cluster.add_node(**NODE)
-    cluster.wait_for_nodes()
+    cluster.wait_for_nodes(timeout=120)  # generous: CI machines can be slow to start raylets
 
 
 def config(path, **overrides) -> ClusterConfig:

@@ -26,7 +26,7 @@ def ray_cluster():
     for address in ADDRESSES[1:]:
         cluster.add_node(num_cpus=1, node_ip_address=address)
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False, _node_ip_address=ADDRESSES[0])
-    cluster.wait_for_nodes()
+    cluster.wait_for_nodes(timeout=120)  # generous: CI machines can be slow to start raylets
     yield cluster
     ray.shutdown()
     cluster.shutdown()

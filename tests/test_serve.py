@@ -39,7 +39,7 @@ def served(make_tiny):
             break
     assert url, "serve did not print its address"
     deadline = time.monotonic() + 120
-    while httpx.get(f"{url}/health").status_code != 200:
+    while httpx.get(f"{url}/health", timeout=30).status_code != 200:
         assert process.poll() is None and time.monotonic() < deadline, "serve did not become ready"
         time.sleep(0.2)
     yield path, url, process
@@ -76,7 +76,7 @@ def test_openai_client_with_experts_on_two_workers_equals_generate(served):
 
 def test_health_and_metrics_show_both_workers(served):
     _, url, _ = served
-    health = httpx.get(f"{url}/health").json()
+    health = httpx.get(f"{url}/health", timeout=30).json()
     assert health["status"] == "ok" and health["workers"] == {"worker-1": "ok", "worker-2": "ok"}
     samples = {(s.name, s.labels.get("node")): s.value for family in text_string_to_metric_families(
         httpx.get(f"{url}/metrics").text) for s in family.samples}
