@@ -200,16 +200,16 @@ def cmd_serve(args) -> None:
         _wait_for_ctrl_c()
 
 
-def _chat_loop(url: str, args, ask=input) -> None:
+def _chat_loop(url: str, args) -> None:
     """Read a line, stream the reply, keep the conversation; /reset forgets it, Ctrl-D ends."""
-    from cluster.client import stream_chat
+    from cluster.client import ApiClientError, stream_chat
     messages = [{"role": "system", "content": args.system}] if args.system else []
     params = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
               "top_k": args.top_k, "min_p": args.min_p, "seed": args.seed}
     params = {k: v for k, v in params.items() if v is not None}
     while True:
         try:
-            line = ask("> ")
+            line = input("> ")
         except EOFError:
             print()
             return
@@ -220,13 +220,18 @@ def _chat_loop(url: str, args, ask=input) -> None:
             continue
         messages.append({"role": "user", "content": line})
         reply = []
-        for choice in stream_chat(url, messages, args.api_key, **params):
-            delta = choice.get("delta", {})
-            if delta.get("reasoning_content"):
-                print(f"\x1b[2m{delta['reasoning_content']}\x1b[0m", end="", flush=True)
-            if delta.get("content"):
-                reply.append(delta["content"])
-                print(delta["content"], end="", flush=True)
+        try:
+            for choice in stream_chat(url, messages, args.api_key, **params):
+                delta = choice.get("delta", {})
+                if delta.get("reasoning_content"):
+                    print(f"\x1b[2m{delta['reasoning_content']}\x1b[0m", end="", flush=True)
+                if delta.get("content"):
+                    reply.append(delta["content"])
+                    print(delta["content"], end="", flush=True)
+        except ApiClientError as e:  # say so and keep the conversation as it was before this line
+            print(f"\n[{e}]", file=sys.stderr)
+            messages.pop()
+            continue
         print()
         messages.append({"role": "assistant", "content": "".join(reply)})
 

@@ -36,10 +36,11 @@ def wait_until_ready(base_url: str, timeout_s: float = 600) -> None:
             with _open(f"{base_url}/health", None, None, 5) as response:
                 if json.loads(response.read()).get("status") == "ok":
                     return
-        except ApiClientError:
-            pass
+            last = "its /health is not ok yet"
+        except ApiClientError as e:
+            last = str(e)
         if time.monotonic() > deadline:
-            raise ApiClientError(f"{base_url} did not become ready within {timeout_s:g} s")
+            raise ApiClientError(f"{base_url} did not become ready within {timeout_s:g} s: {last}")
         time.sleep(0.2)
 
 
