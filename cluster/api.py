@@ -246,6 +246,7 @@ def create_app(service: Service) -> FastAPI:
     app = FastAPI(title="kimi-cluster", description="OpenAI-compatible API for Kimi K2.x on a cluster",
                   docs_url=None, redoc_url=None)
     tokenizer = service.tokenizer
+    markers = reasoning_markers(tokenizer, tokenizer.chat_template)  # <think> ids, if the template reasons
 
     @app.middleware("http")
     async def count_and_authorize(http: HttpRequest, call_next):
@@ -300,9 +301,7 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(http: HttpRequest):
-        body = await _parse(http, CompletionBody)
-        body.refuse_unsupported()
-        _check_model(service, body.model)
+        body = await _parse(http, CompletionBody, service)
         prompt = await asyncio.to_thread(_completion_prompt, tokenizer, body.prompt)
         max_tokens = body.max_tokens or DEFAULT_COMPLETION_TOKENS
         request = _engine_request(service, prompt, max_tokens, body, body.logprobs)
@@ -312,15 +311,12 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HttpRequest):
-        body = await _parse(http, ChatBody)
-        body.refuse_unsupported()
-        _check_model(service, body.model)
+        body = await _parse(http, ChatBody, service)
         rendered = await asyncio.to_thread(_render_chat, tokenizer, body.messages)
         prompt = await asyncio.to_thread(tokenizer.encode, rendered, True)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(service.context_size - len(prompt), 1)
         top = (body.top_logprobs or 0) if body.logprobs else None
         request = _engine_request(service, prompt, max_tokens, body, top)
-        markers = reasoning_markers(tokenizer, tokenizer.chat_template)
         text = _text_stream(service, body, markers, in_reasoning=rendered.rstrip().endswith(THINK_OPEN))
         generation = Generation(service, http, request, text)
         return await _respond(body.stream, generation, ChatChunks(service, generation, body, tokenizer))
@@ -328,7 +324,8 @@ def create_app(service: Service) -> FastAPI:
     return app
 
 
-async def _parse(http: HttpRequest, body_type: type[_Body]) -> _Body:
+async def _parse(http: HttpRequest, body_type: type[_Body], service: Service) -> _Body:
+    """The request body, validated: JSON, field types and ranges, no unsupported fields, the served model."""
     raw = await http.body()
     try:
         data = json.loads(raw)
@@ -337,9 +334,12 @@ async def _parse(http: HttpRequest, body_type: type[_Body]) -> _Body:
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
     try:
-        return body_type.model_validate(data)
+        body = body_type.model_validate(data)
     except ValidationError as e:
         raise _validation_error(e.errors()) from None
+    body.refuse_unsupported()
+    _check_model(service, body.model)
+    return body
 
 
 def _validation_error(errors: list[dict]) -> ApiError:

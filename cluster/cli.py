@@ -26,15 +26,15 @@ def _cluster_config(args):
 
 
 @contextlib.contextmanager
-def _model_session(args):
+def _model_session(args, model_file=None, tokenizer=None):
     """(model, tokenizer, cluster): in this process (cluster None), or with its experts spread over a Ray
-    cluster."""
+    cluster. model_file and tokenizer: already opened ones to reuse (a real GGUF's header takes seconds)."""
     from runtime.ggml_ops import GgmlRunner
     from runtime.gguf_file import GGUFModelFile
     from runtime.model import KimiModel
     from runtime.tokenizer import Tokenizer
-    model_file = GGUFModelFile(args.model)
-    tokenizer = Tokenizer.from_metadata(model_file.metadata)
+    model_file = model_file or GGUFModelFile(args.model)
+    tokenizer = tokenizer or Tokenizer.from_metadata(model_file.metadata)
     config = _cluster_config(args)
     if config is None:
         model = KimiModel(model_file, GgmlRunner(args.threads), repack=args.repack)
@@ -172,7 +172,7 @@ def _serving(args, host: str, port: int):
     url = f"http://{host}:{server.start()}"
     print(f"kimi-cluster: {url}/v1 answers for '{service.model_name}' once the model has loaded", file=sys.stderr)
     try:
-        with _model_session(args) as (model, tokenizer, cluster):
+        with _model_session(args, model_file, service.tokenizer) as (model, _, cluster):
             if cluster is not None:
                 cluster.remote.observers.append(service.metrics.observe_experts)
             engine = Engine(model, context, max_sequences=args.max_sequences, max_step_tokens=args.step_tokens)

@@ -207,15 +207,16 @@ class WorkerClient:
             raise WorkerFailed(self.node, f"answered step {reply.step} while step {step} was expected")
         return reply
 
-    def health(self) -> expert_pb2.HealthReply:
-        return self.stub.Health(expert_pb2.HealthRequest(), metadata=self.metadata, timeout=self.deadline_s)
+    def health(self, timeout_s: float | None = None) -> expert_pb2.HealthReply:
+        return self.stub.Health(expert_pb2.HealthRequest(), metadata=self.metadata,
+                                timeout=timeout_s or self.deadline_s)
 
     def state(self, timeout_s: float = 2.0) -> str:
         """"ok", or why this worker cannot serve now (asked with a short deadline: health checks must not hang)."""
         if self._failure is not None:
             return str(self._failure)
         try:
-            reply = self.stub.Health(expert_pb2.HealthRequest(), metadata=self.metadata, timeout=timeout_s)
+            reply = self.health(timeout_s)
         except grpc.RpcError as e:
             return f"expert worker on node {self.node} does not answer: {e.code().name}"
         return "ok" if reply.ready else f"expert worker on node {self.node} is still loading"

@@ -21,7 +21,7 @@ import numpy as np
 
 from .attention import KVCache, Segment
 from .model import KimiModel
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, largest
 
 
 @dataclass(frozen=True)
@@ -297,5 +297,5 @@ def token_logprobs(logits: np.ndarray, token: int, top: int) -> tuple[float, tup
     """log softmax of the raw logits: the chosen token's value and the `top` best (id, value), best first."""
     values = logits.astype(np.float64)
     log_z = values.max() + np.log(np.exp(values - values.max()).sum())
-    best = np.argsort(-values, kind="stable")[:top] if top else []
+    best = largest(values, top) if top else []  # a partition, not a sort of the whole vocabulary
     return float(values[token] - log_z), tuple((int(i), float(values[i] - log_z)) for i in best)

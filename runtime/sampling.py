@@ -79,14 +79,14 @@ class Sampler:
 
         ids, values = np.arange(logits.size), logits
         if p.top_k:
-            order = _largest(values, p.top_k)
+            order = largest(values, p.top_k)
             ids, values = ids[order], values[order]
         if p.top_p < 1:
             # like llama.cpp, look at the 256 most likely tokens first and sort everything only if they fall short
-            order = _largest(values, 256)
+            order = largest(values, 256)
             probs = _softmax(values)
             if probs[order].sum() < p.top_p:
-                order = _largest(values, values.size)
+                order = largest(values, values.size)
             # keep the shortest prefix whose mass reaches top_p (always at least one token)
             num_kept = int(np.searchsorted(np.cumsum(probs[order]), p.top_p, side="left")) + 1
             order = order[:num_kept]
@@ -122,7 +122,7 @@ class Sampler:
         return min(int(np.searchsorted(cumulative, target, side="right")), probs.size - 1)
 
 
-def _largest(values: np.ndarray, n: int) -> np.ndarray:
+def largest(values: np.ndarray, n: int) -> np.ndarray:
     """Indices of the n largest values, largest first, lower index first among equal values."""
     if n < values.size:
         threshold = np.partition(values, values.size - n)[values.size - n]
