@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -416,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "active")
     if args.command in ("serve", "chat", "demo"):
         os.environ.setdefault("GOMP_SPINCOUNT", "300000")
+        # `kill`, systemd and docker stop a server with SIGTERM: shut down cleanly, as for Ctrl-C.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     from runtime.gguf_file import GGUFError
     try:
         args.func(args)

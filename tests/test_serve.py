@@ -132,3 +132,14 @@ def test_chat_keeps_the_conversation_and_reset_forgets_it(make_tiny):
     assert len(replies) == 3
     assert replies[2] == replies[0]  # after /reset the same question gets the same greedy answer
     assert replies[1] != replies[0]  # with the first exchange in the prompt, the answer changes
+
+
+def test_sigterm_stops_a_server_cleanly(make_tiny):
+    process = subprocess.Popen(cli("serve", str(make_tiny("Q4_K_M")), "--port", "0"), stderr=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL, text=True)
+    for line in process.stderr:
+        if "ready at" in line:
+            break
+    process.terminate()
+    assert process.wait(timeout=30) == 130
+    assert "interrupted" in process.stderr.read()
