@@ -7,6 +7,7 @@ that errors or misses the deadline raises WorkerFailed naming its node: never a 
 """
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
@@ -59,22 +60,28 @@ def decode(data: bytes, dtype: int, width: int) -> np.ndarray:
 
 # ---- worker side ----
 
-class _TokenCheck(grpc.ServerInterceptor):
+# Requests up to this many (row, expert) pairs are computed on the server's event loop: a decode step's
+# share takes milliseconds, less than a hop to another thread and back costs. Bigger ones (prefill) run
+# in a thread, so Health keeps answering while they compute.
+INLINE_PAIRS = 256
+
+
+class _TokenCheck(grpc.aio.ServerInterceptor):
     """Refuses every call that does not carry the cluster token."""
 
     def __init__(self, token: str):
         self._token = token
 
-        def deny(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong cluster token (x-kimi-token)")
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong cluster token (x-kimi-token)")
         # The refusal must have the same streaming shape as the method it replaces.
         self._deny = {"Forward": grpc.stream_stream_rpc_method_handler(deny),
                       "LoadShard": grpc.stream_unary_rpc_method_handler(deny)}
         self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
 
-    def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(self, continuation, handler_call_details):
         if (TOKEN_HEADER, self._token) in (handler_call_details.invocation_metadata or ()):
-            return continuation(handler_call_details)
+            return await continuation(handler_call_details)
         return self._deny.get(handler_call_details.method.rsplit("/", 1)[-1], self._deny_unary)
 
 
@@ -87,9 +94,13 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         self.node, self._shard, self._receive, self._health = node, shard, receive, health
         self._stats = {"requests": 0, "rows": 0, "pairs": 0, "compute_s": 0.0}
 
-    def Forward(self, request_iterator, context):
-        for request in request_iterator:
-            yield self._forward_one(request)
+    async def Forward(self, request_iterator, context):
+        loop = asyncio.get_running_loop()
+        async for request in request_iterator:
+            if len(request.pair_rows) // 4 <= INLINE_PAIRS:
+                yield self._forward_one(request)
+            else:
+                yield await loop.run_in_executor(None, self._forward_one, request)
 
     def _forward_one(self, request) -> expert_pb2.ForwardReply:
         shard = self._shard()
@@ -111,37 +122,72 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         return expert_pb2.ForwardReply(step=request.step, partial=encode(partial, request.dtype))
 
     def LoadShard(self, request_iterator, context):
+        # A plain function: the server runs it in its thread pool, where writing gigabytes to disk blocks no one.
         try:
             received = self._receive((chunk.manifest, chunk.data) for chunk in request_iterator)
         except (ValueError, OSError) as e:
             return expert_pb2.LoadReply(ok=False, error=f"node {self.node}: {e}")
         return expert_pb2.LoadReply(ok=True, bytes_received=received)
 
-    def Health(self, request, context):
+    async def Health(self, request, context):
         return expert_pb2.HealthReply(node=self.node, **self._health())
 
-    def Stats(self, request, context):
+    async def Stats(self, request, context):
         return expert_pb2.StatsReply(snapshot=msgpack.packb(self._stats))
 
 
+class ExpertServer:
+    """A gRPC server for an ExpertServicer on an event loop of its own thread.
+
+    asyncio rather than grpc's thread-pool server: each message then stays on one thread, where the
+    thread-pool server hands it between its polling and handler threads (measured: 0.06 ms of a
+    0.4 ms round trip on loopback).
+    """
+
+    def __init__(self, servicer: ExpertServicer, address: str, token: str, tls: Mapping[str, str] | None,
+                 threads: int):
+        self._loop = asyncio.new_event_loop()
+        self._stopped = False
+        threading.Thread(target=self._loop.run_forever, daemon=True, name="expert-server").start()
+        try:
+            self.port = self._run(self._start(servicer, address, token, tls, threads))
+        except BaseException:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            raise
+
+    def _run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    async def _start(self, servicer, address, token, tls, threads) -> int:
+        self._server = grpc.aio.server(futures.ThreadPoolExecutor(max_workers=threads),
+                                       interceptors=[_TokenCheck(token)], options=_CHANNEL_OPTIONS)
+        expert_pb2_grpc.add_ExpertServiceServicer_to_server(servicer, self._server)
+        if tls:
+            with open(tls["key"], "rb") as key, open(tls["cert"], "rb") as cert:
+                credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+            bound = self._server.add_secure_port(address, credentials)
+        else:
+            bound = self._server.add_insecure_port(address)
+        if not bound:
+            raise OSError(f"cannot listen on {address}: is another worker running there?")
+        await self._server.start()
+        return bound
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop serving (open streams are cancelled after `grace` seconds) and end the loop's thread."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._run(self._server.stop(grace))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+
 def serve(servicer: ExpertServicer, port: int, token: str, tls: Mapping[str, str] | None = None,
-          threads: int = 4, host: str = "[::]") -> tuple[grpc.Server, int]:
+          threads: int = 4, host: str = "[::]") -> tuple[ExpertServer, int]:
     """Start a gRPC server for the servicer on `host` (default: every interface); port 0 picks a free one.
     Returns the server and its port."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), interceptors=[_TokenCheck(token)],
-                         options=_CHANNEL_OPTIONS)
-    expert_pb2_grpc.add_ExpertServiceServicer_to_server(servicer, server)
-    address = f"{host}:{port}"
-    if tls:
-        with open(tls["key"], "rb") as key, open(tls["cert"], "rb") as cert:
-            credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
-        bound = server.add_secure_port(address, credentials)
-    else:
-        bound = server.add_insecure_port(address)
-    if not bound:
-        raise OSError(f"cannot listen on {address}: is another worker running there?")
-    server.start()
-    return server, bound
+    server = ExpertServer(servicer, f"{host}:{port}", token, tls, threads)
+    return server, server.port
 
 
 # ---- head side ----

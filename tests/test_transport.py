@@ -2,11 +2,13 @@
 and shards streamed from the head."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
 from cluster import shard_transfer
-from cluster.transport import ExpertServicer, RemoteExperts, WorkerClient, WorkerFailed, serve
+from cluster.transport import INLINE_PAIRS, ExpertServicer, RemoteExperts, WorkerClient, WorkerFailed, serve
 from runtime.experts import ExpertShard, LocalExperts
 from runtime.ggml_ops import GgmlRunner
 from runtime.gguf_file import GGUFModelFile
@@ -113,6 +115,31 @@ def test_narrow_wire_dtypes(model_file, start_worker, wire_dtype, tolerance):
     # rows then cross ggml's 8-bit activation rounding, which turns some of that into whole steps.
     assert np.abs(got - expected).max() <= tolerance * np.abs(expected).max()
     assert not np.array_equal(got, expected)
+
+
+class SlowShard:
+    """A real shard that takes `delay_s` longer per request, as a big prefill on a slow machine does."""
+
+    def __init__(self, shard: ExpertShard, delay_s: float):
+        self.shard, self.delay_s = shard, delay_s
+
+    def forward_pairs(self, *args):
+        time.sleep(self.delay_s)
+        return self.shard.forward_pairs(*args)
+
+
+def test_health_answers_while_a_big_request_computes(model_file, start_worker):
+    runner = GgmlRunner(1)
+    worker = start_worker("w-slow", SlowShard(ExpertShard.from_model_file(model_file, runner, {1: range(16)}), 2.0))
+    remote = RemoteExperts(split_owners((1,), {0: list(range(16))}), [worker.client()], None)
+    hidden, ids, weights = routing(INLINE_PAIRS // 4 + 1)  # 4 experts per row: just over the inline limit
+    pending = remote.start(1, hidden, ids, weights)
+    time.sleep(0.3)
+    asked = time.perf_counter()
+    assert worker.client().health(timeout_s=1.0).ready
+    assert time.perf_counter() - asked < 1.0
+    expected = LocalExperts(model_file, runner, (1,), 16).start(1, hidden, ids, weights)()
+    assert np.array_equal(pending(), expected)
 
 
 def test_wrong_token_is_refused(model_file, start_worker):
