@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -14,29 +15,43 @@ import numpy as np
 
 DEMO_PATH = Path.home() / ".cache" / "kimi-cluster" / "kimi-demo-tiny.gguf"
 DEMO_PROMPT = "Write one sentence about pooling the memory of several computers."
+DEFAULT_CONTEXT, DEFAULT_MAX_SEQUENCES = 4096, 16
 
 
 def _cluster_config(args):
-    """The cluster settings for --config FILE or --workers N; None for a single process."""
+    """The cluster settings for --config FILE or --workers N (None for a single process). --context and
+    --max-sequences, when given, win over the file's: the head's KV cache is planned for what will run."""
     from cluster.config import ClusterConfig
     if args.config:
-        return ClusterConfig.from_yaml(args.config)
-    if args.workers:
-        return ClusterConfig.from_dict({"model": args.model, "reserve_gb": args.reserve_gb}, "--workers")
-    return None
+        config = ClusterConfig.from_yaml(args.config)
+    elif args.workers:
+        config = ClusterConfig.from_dict({"model": args.model, "reserve_gb": args.reserve_gb}, "--workers")
+    else:
+        return None
+    given = {"context": getattr(args, "context", None), "max_sequences": getattr(args, "max_sequences", None)}
+    return dataclasses.replace(config, **{key: value for key, value in given.items() if value is not None})
+
+
+def _context(args, config) -> int:
+    return config.context if config is not None else args.context or DEFAULT_CONTEXT
+
+
+def _api_key(args, config) -> str | None:
+    """--api-key (or $KIMI_API_KEY), else the cluster config's api_key, else None (no key asked)."""
+    return args.api_key or (config.api_key if config is not None else None)
 
 
 @contextlib.contextmanager
-def _model_session(args, model_file=None, tokenizer=None):
-    """(model, tokenizer, cluster): in this process (cluster None), or with its experts spread over a Ray
-    cluster. model_file and tokenizer: already opened ones to reuse (a real GGUF's header takes seconds)."""
+def _model_session(args, config, model_file=None, tokenizer=None):
+    """(model, tokenizer, cluster): in this process (config None, cluster None), or with its experts spread
+    over a Ray cluster. model_file and tokenizer: already opened ones to reuse (a real GGUF's header takes
+    seconds)."""
     from runtime.ggml_ops import GgmlRunner
     from runtime.gguf_file import GGUFModelFile
     from runtime.model import KimiModel
     from runtime.tokenizer import Tokenizer
     model_file = model_file or GGUFModelFile(args.model)
     tokenizer = tokenizer or Tokenizer.from_metadata(model_file.metadata)
-    config = _cluster_config(args)
     if config is None:
         model = KimiModel(model_file, GgmlRunner(args.threads), repack=args.repack)
         model.load(progress=sys.stderr.isatty())
@@ -59,18 +74,19 @@ def _prompt_tokens(tokenizer, text: str, chat: bool) -> list[int]:
 
 
 def cmd_generate(args) -> None:
-    with _model_session(args) as (model, tokenizer, _):
-        _generate(args, model, tokenizer)
+    config = _cluster_config(args)
+    with _model_session(args, config) as (model, tokenizer, _):
+        _generate(args, model, tokenizer, _context(args, config))
 
 
-def _generate(args, model, tokenizer) -> None:
+def _generate(args, model, tokenizer, context: int) -> None:
     from runtime.engine import Engine, GenerationStats
     from runtime.sampling import SamplingParams
     prompt = _prompt_tokens(tokenizer, args.prompt, args.chat)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                             repetition_penalty=args.repeat_penalty, presence_penalty=args.presence_penalty,
                             frequency_penalty=args.frequency_penalty, seed=args.seed)
-    engine = Engine(model, context_size=min(args.context, model.config.context_length))
+    engine = Engine(model, context_size=min(context, model.config.context_length))
     stats = GenerationStats()
     decoder = tokenizer.stream_decoder() if not args.json else None
     tokens = []
@@ -162,21 +178,24 @@ def _serving(args, host: str, port: int):
     from runtime.engine import Engine
     from runtime.gguf_file import GGUFModelFile
     from runtime.tokenizer import Tokenizer
-    if not 1 <= args.max_sequences < args.step_tokens:
-        raise ValueError(f"--step-tokens ({args.step_tokens}) must exceed --max-sequences ({args.max_sequences}), "
+    config = _cluster_config(args)
+    max_sequences = config.max_sequences if config is not None else args.max_sequences or DEFAULT_MAX_SEQUENCES
+    if not 1 <= max_sequences < args.step_tokens:
+        raise ValueError(f"--step-tokens ({args.step_tokens}) must exceed --max-sequences ({max_sequences}), "
                          "which must be at least 1: every running sequence takes a row of each step")
     model_file = GGUFModelFile(args.model)
-    context = min(args.context, int(model_file.metadata.get("deepseek2.context_length", args.context)))
+    context = _context(args, config)
+    context = min(context, int(model_file.metadata.get("deepseek2.context_length", context)))
     service = Service(args.model_name or Path(args.model).name.split("-0000")[0].removesuffix(".gguf"),
-                      Tokenizer.from_metadata(model_file.metadata), context, api_key=args.api_key)
+                      Tokenizer.from_metadata(model_file.metadata), context, api_key=_api_key(args, config))
     server = ApiServer(service, host, port)
     url = f"http://{host}:{server.start()}"
     print(f"kimi-cluster: {url}/v1 answers for '{service.model_name}' once the model has loaded", file=sys.stderr)
     try:
-        with _model_session(args, model_file, service.tokenizer) as (model, _, cluster):
+        with _model_session(args, config, model_file, service.tokenizer) as (model, _, cluster):
             if cluster is not None:
                 cluster.remote.observers.append(service.metrics.observe_experts)
-            engine = Engine(model, context, max_sequences=args.max_sequences, max_step_tokens=args.step_tokens)
+            engine = Engine(model, context, max_sequences=max_sequences, max_step_tokens=args.step_tokens)
             service.ready(engine, cluster.health if cluster is not None else dict)
             try:
                 yield url
@@ -288,7 +307,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def _add_runtime_args(p: argparse.ArgumentParser, serving: bool = False) -> None:
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
-    p.add_argument("--context", type=int, default=4096, help="context size in tokens (default 4096)")
+    p.add_argument("--context", type=int, default=None,
+                   help=f"context size in tokens (default: the cluster config's, else {DEFAULT_CONTEXT})")
     p.add_argument("--repack", choices=["none", "head", "all"], default="none" if serving else "head",
                    help="copy weights into ggml's faster interleaved layout, as llama.cpp does on x86: "
                         "head = all but the routed experts, all = experts too (needs RAM for the whole model), "
@@ -304,9 +324,11 @@ def _add_server_args(p: argparse.ArgumentParser, port: bool = True) -> None:
                                                                "0.0.0.0 for every interface)")
         group.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     group.add_argument("--api-key", default=os.environ.get("KIMI_API_KEY"),
-                       help="require 'Authorization: Bearer KEY' on /v1 (default: $KIMI_API_KEY, else none)")
-    group.add_argument("--max-sequences", type=int, default=16,
-                       help="sequences decoded together in one batch (default 16); more wait in a queue")
+                       help="require 'Authorization: Bearer KEY' on /v1 (default: $KIMI_API_KEY, else the "
+                            "cluster config's api_key, else none)")
+    group.add_argument("--max-sequences", type=int, default=None,
+                       help="sequences decoded together in one batch (default: the cluster config's, else "
+                            f"{DEFAULT_MAX_SEQUENCES}); more wait in a queue")
     group.add_argument("--step-tokens", type=int, default=512,
                        help="most token rows in one step (default 512): decoding sequences take one each, new "
                             "prompts are prefilled in chunks of what is left; lower it to keep decoding smooth "
@@ -378,6 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(per node: experts per layer, GB, share of each layer), without loading "
                                    "anything. Exits 1 when the pool is too small.")
     p.add_argument("model", help="path to the .gguf file (or its first part)")
+    p.add_argument("--context", type=int, default=None,
+                   help="plan the head's KV cache for this many tokens per sequence (default: the config's)")
+    p.add_argument("--max-sequences", type=int, default=None,
+                   help="... and for this many sequences at once (default: the config's)")
     _add_cluster_args(p)
     p.set_defaults(func=cmd_plan)
 

@@ -17,7 +17,8 @@ from .placement import GiB, NodeBudget
 WIRE_DTYPES = ("f32", "f16", "bf16")
 MIN_TOKEN_CHARS = 16
 TOP_LEVEL_KEYS = ("ray_address", "model", "model_paths", "nodes", "reserve_gb", "port", "token", "token_file",
-                  "tls", "wire_dtype", "allow_disk", "context", "max_sequences", "threads", "deadline_s")
+                  "tls", "wire_dtype", "allow_disk", "context", "max_sequences", "threads", "deadline_s",
+                  "api_key")
 NODE_KEYS = ("name", "address", "memory_gb", "head")
 TLS_KEYS = ("cert", "key", "ca")
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
@@ -59,9 +60,10 @@ class ClusterConfig:
     wire_dtype: str = "f32"
     allow_disk: bool = False
     context: int = 4096
-    max_sequences: int = 8
+    max_sequences: int = 16
     threads: int | None = None  # None: every core Ray gives the process
     deadline_s: float = 10.0
+    api_key: str | None = None  # clients of `serve` must send it as a Bearer token; None: no key
     source: str = "<dict>"  # where this came from, for later error messages
 
     @classmethod
@@ -97,6 +99,7 @@ class ClusterConfig:
             max_sequences=top.get("max_sequences", int, at_least=1),
             threads=top.get("threads", int, nullable=True, at_least=1),
             deadline_s=top.get("deadline_s", float, above=0),
+            api_key=top.get("api_key", str, nullable=True),
         )
         # Keys left out of the file take the dataclass defaults above.
         return cls(**{k: v for k, v in values.items() if v is not _ABSENT}, source=source)

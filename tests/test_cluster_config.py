@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cluster import cli
 from cluster.config import TLS_KEYS, TOP_LEVEL_KEYS, ClusterConfig, ClusterConfigError, NodeConfig
 from cluster.placement import GiB, NodeBudget
 
@@ -52,8 +53,8 @@ def test_defaults(tmp_path):
     assert config == ClusterConfig(model=Path("/models/k2.gguf"), source=str(tmp_path / "cluster.yaml"))
     assert (config.ray_address, config.nodes, config.model_paths) == (None, (), {})
     assert (config.reserve_gb, config.port, config.wire_dtype, config.allow_disk) == (4.0, 50551, "f32", False)
-    assert (config.context, config.max_sequences, config.threads, config.deadline_s) == (4096, 8, None, 10.0)
-    assert (config.token, config.tls) == (None, None)
+    assert (config.context, config.max_sequences, config.threads, config.deadline_s) == (4096, 16, None, 10.0)
+    assert (config.token, config.tls, config.api_key) == (None, None, None)
     assert config.node_budgets() == []
     # A key written but left empty in YAML is null: empty lists mean the same as leaving them out.
     blank = ClusterConfig.from_dict({"model": "/models/k2.gguf", "nodes": None, "model_paths": None})
@@ -145,3 +146,16 @@ def test_tls_files_must_exist(tmp_path):
 def test_from_dict_names_its_source():
     with pytest.raises(ClusterConfigError, match=r"^head\.yaml: unknown key 'nodez'"):
         ClusterConfig.from_dict({"model": "m.gguf", "nodez": []}, source="head.yaml")
+
+
+def test_command_line_limits_and_key_win_over_the_file(tmp_path):
+    path = write(tmp_path, {"model": "/models/k2.gguf", "context": 2048, "max_sequences": 4, "api_key": "from-file"})
+    parse = cli.build_parser().parse_args
+    args = parse(["serve", "/models/k2.gguf", "--config", str(path), "--api-key", ""])
+    config = cli._cluster_config(args)
+    assert (config.context, config.max_sequences, cli._api_key(args, config)) == (2048, 4, "from-file")
+    args = parse(["serve", "/models/k2.gguf", "--config", str(path), "--context", "8192", "--max-sequences", "12",
+                  "--api-key", "from-flag"])
+    config = cli._cluster_config(args)
+    # The plan reserves the head's KV cache for what serve will run, so the flags must reach the config.
+    assert (config.context, config.max_sequences, cli._api_key(args, config)) == (8192, 12, "from-flag")
