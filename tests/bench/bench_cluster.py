@@ -6,18 +6,22 @@ Each round runs, in fresh processes one after the other: `kimi-cluster generate`
 `kimi-cluster generate --workers N` (a local Ray with N expert workers, the head keeping its share), and
 llama.cpp; medians of decode tokens/s are compared. Then the median per-layer gRPC round trip on loopback
 is measured for 1 and 16 tokens of K2 width: transport alone (the worker is sent the rows but no expert),
-and with 4 of the worker's experts computed per row.
+and with 4 of the worker's experts computed per row; beside them, the floor: a bare grpc.aio echo of as
+many bytes between two processes.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import multiprocessing
+import queue
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,6 +44,41 @@ def serve_half_of_layer_one(path: str, ports) -> None:
     _, port = serve(ExpertServicer("bench-worker", lambda: shard, None, lambda: {}), 0, TOKEN)
     ports.put(port)
     time.sleep(3600)
+
+
+def serve_bare_echo(ports) -> None:
+    """The floor: a grpc.aio stream that echoes raw bytes (no protobuf, no token check, no work)."""
+    async def echo(requests, context):
+        async for request in requests:
+            yield request
+
+    async def main():
+        server = grpc.aio.server(handlers=[grpc.method_handlers_generic_handler("bench.Echo", {
+            "Stream": grpc.stream_stream_rpc_method_handler(echo)})])
+        ports.put(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        await asyncio.sleep(3600)
+    asyncio.run(main())
+
+
+def bare_echo_round_trip(payload_bytes: int) -> float:
+    """Median seconds for one payload there and back through serve_bare_echo, sent as WorkerClient sends."""
+    ports = multiprocessing.Queue()
+    server = multiprocessing.Process(target=serve_bare_echo, args=(ports,), daemon=True)
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{ports.get(timeout=60)}")
+    requests: queue.SimpleQueue = queue.SimpleQueue()
+    replies = channel.stream_stream("/bench.Echo/Stream")(iter(requests.get, None))
+    payload, times = bytes(payload_bytes), []
+    for _ in range(1000):
+        started = time.perf_counter()
+        requests.put(payload)
+        next(replies)
+        times.append(time.perf_counter() - started)
+    requests.put(None)
+    channel.close()
+    server.terminate()
+    return statistics.median(times[100:])
 
 
 def round_trips(path: Path) -> None:
@@ -67,7 +106,8 @@ def round_trips(path: Path) -> None:
             remote.start(1, hidden, ids, weights)()
             times.append(time.perf_counter() - started)
         print(f"  {num_tokens:2d} token(s): transport {1000 * transport:7.3f} ms   "
-              f"with 4 experts computed on 1 thread {1000 * statistics.median(times[2:]):8.2f} ms")
+              f"with 4 experts computed on 1 thread {1000 * statistics.median(times[2:]):8.2f} ms   "
+              f"bare gRPC echo of as many bytes {1000 * bare_echo_round_trip(hidden.nbytes):7.3f} ms")
     worker.terminate()
 
 
