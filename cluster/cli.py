@@ -309,12 +309,13 @@ def _add_runtime_args(p: argparse.ArgumentParser, serving: bool = False) -> None
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
     p.add_argument("--context", type=int, default=None,
                    help=f"context size in tokens (default: the cluster config's, else {DEFAULT_CONTEXT})")
-    p.add_argument("--repack", choices=["none", "head", "all"], default="none" if serving else "head",
+    p.add_argument("--repack", choices=["none", "experts", "head", "all"], default="experts" if serving else "head",
                    help="copy weights into ggml's faster interleaved layout, as llama.cpp does on x86: "
-                        "head = all but the routed experts, all = experts too (needs RAM for the whole model), "
-                        "none = read everything in place from the file. Default: " +
-                        ("none, so that a sequence's tokens never depend on what else shares its batch "
-                         "(interleaved kernels round rows in groups of four)" if serving else "head"))
+                        "experts = the routed experts, head = all but the routed experts, all = both (needs "
+                        "RAM for the whole model), none = read everything in place from the file. Default: " +
+                        ("experts: with head or all, a sequence's tokens can depend on what else shares its "
+                         "batch (interleaved matmuls round rows in groups of four; experts run row by row)"
+                         if serving else "head"))
 
 
 def _add_server_args(p: argparse.ArgumentParser, port: bool = True) -> None:

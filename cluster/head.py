@@ -146,7 +146,8 @@ class ExpertCluster:
         clients = self._wait_for_workers(workers)
         owners = owner_arrays(self.placement, [n.name for n in workers], self.model_config.num_experts)
         self.remote = RemoteExperts(owners, clients, head_share, self.config.wire_dtype)
-        model = KimiModel(self.model_file, runner, experts=self.remote, repack="none" if self.repack == "none" else "head")
+        model = KimiModel(self.model_file, runner, experts=self.remote,
+                          repack="head" if self.repack in ("head", "all") else "none")
         model.load(self.progress)
         return model
 
@@ -166,14 +167,19 @@ class ExpertCluster:
             # Workers sharing the head's machine must not spin on its cores between requests.
             runtime_env={"env_vars": {"OMP_WAIT_POLICY": "passive" if self.local_workers else
                                       os.environ.get("OMP_WAIT_POLICY", "passive")}},
-        ).remote(node.name, owned, self._model_path_on(node), port, self.token, threads, self.repack == "all",
+        ).remote(node.name, owned, self._model_path_on(node), port, self.token, threads, self._repack_experts,
                  None, self._tls())
+
+    @property
+    def _repack_experts(self) -> bool:
+        # Interleaved copies live in RAM: experts placed to be paged from disk (allow_disk) stay mapped.
+        return self.repack in ("experts", "all") and not self.placement.disk_backed
 
     def _load_head_share(self, runner: GgmlRunner) -> ExpertShard | None:
         owned = self.placement.experts.get(self.placement.head_node)
         if not owned:
             return None
-        shard = ExpertShard.from_model_file(self.model_file, runner, owned, self.repack == "all")
+        shard = ExpertShard.from_model_file(self.model_file, runner, owned, self._repack_experts)
         with tqdm(total=shard.nbytes, unit="B", unit_scale=True, desc=f"{'head':>16s}", disable=not self.progress,
                   leave=False) as bar:
             shard.touch(bar.update)

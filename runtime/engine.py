@@ -5,9 +5,10 @@ running sequence: one token for each sequence that is decoding, plus a chunk of 
 prefilled (at most `max_step_tokens` rows in all, so a long prompt never stalls the others). With a
 RemoteExperts backend that is one request per worker per layer for the whole batch.
 
-Rows of different sequences never mix: with weights read in place (plain ggml kernels) a sequence gets
-exactly the tokens it would get alone. (ggml's repacked kernels treat rows in groups of four, so with
-them a row's rounding depends on its neighbours, as in llama.cpp.)
+Rows of different sequences never mix: with the head's weights read in place (plain ggml kernels; routed
+experts may be repacked, as they run row by row) a sequence gets exactly the tokens it would get alone.
+(ggml's repacked matmuls treat rows in groups of four, so with a repacked head a row's rounding depends
+on its neighbours, as in llama.cpp.)
 """
 from __future__ import annotations
 

@@ -19,13 +19,18 @@ from .gguf_file import GGUFModelFile
 from .router import route
 
 
-REPACK_CHOICES = ("none", "head", "all")
+REPACK_CHOICES = ("none", "experts", "head", "all")
 
 
 class KimiModel:
     """repack: which weights get copied into ggml's faster interleaved layout: "none" (everything read
-    in place from the mapped file), "head" (the weights the head node holds: attention, dense and shared
-    FFNs, output; the default) or "all" (routed experts too, which needs RAM for the whole model)."""
+    in place from the mapped file), "experts" (the routed experts only), "head" (the weights the head node
+    holds: attention, dense and shared FFNs, output; the default) or "all" (both).
+
+    Interleaved matmuls round rows in groups of four, so with "head" or "all" a row's logits depend on
+    the rows that share its step. Routed experts run one row at a time even when interleaved, so "none"
+    and "experts" give every sequence the same logits whatever it is batched with.
+    """
 
     def __init__(self, model_file: GGUFModelFile, runner: GgmlRunner | None = None, experts: Experts | None = None,
                  repack: str = "head"):
@@ -37,9 +42,9 @@ class KimiModel:
             has_fused_gate_up=model_file.has(f"blk.{self.config.num_dense_layers}.ffn_gate_up_exps.weight"))
         model_file.check_tensors(shapes, optional, COMPUTABLE_TYPES)
         self.runner = runner or GgmlRunner()
-        self.repack_head = repack != "none"
+        self.repack_head = repack in ("head", "all")
         self.experts = experts or LocalExperts(model_file, self.runner, self.config.moe_layers,
-                                               self.config.num_experts, repack=repack == "all")
+                                               self.config.num_experts, repack=repack in ("experts", "all"))
         self.attention = MLAttention(self.config, self.runner, self.layer_weight)
         self.output_name = "output.weight" if model_file.has("output.weight") else "token_embd.weight"
 

@@ -10,7 +10,7 @@ import pytest
 from runtime.attention import Segment
 from runtime.engine import Engine, EngineFull, Request, SequenceFailed, TokenOutput
 from runtime.experts import LocalExperts
-from runtime.ggml_ops import GgmlRunner
+from runtime.ggml_ops import GgmlRunner, RepackedWeight
 from runtime.gguf_file import GGUFModelFile
 from runtime.model import KimiModel
 from runtime.sampling import SamplingParams
@@ -181,8 +181,19 @@ def test_background_loop_serves_submissions_from_threads(model):
     assert [[o.token for o in got] for got in outputs] == [solo(model, r) for r in batch]
 
 
-def test_rows_of_different_sequences_never_mix(model):
+@pytest.fixture(scope="module")
+def model_with_interleaved_experts(model):
+    interleaved = KimiModel(model.file, model.runner, repack="experts")
+    # Most expert tensors get interleaved copies (the Q6_K ones have no interleaved kernel here).
+    weights = [w for kinds in interleaved.experts.shard.tensors.values() for w in kinds.values()]
+    assert sum(isinstance(w, RepackedWeight) for w in weights) >= len(weights) // 2
+    return interleaved
+
+
+@pytest.mark.parametrize("which", ["model", "model_with_interleaved_experts"])
+def test_rows_of_different_sequences_never_mix(request, which):
     """The property batching rests on, bit for bit: a sequence's logits in a shared step equal its logits alone."""
+    model = request.getfixturevalue(which)
     prompts = [np.asarray(r.prompt, np.int32) for r in requests(6, prompts_seed=4)]
     alone = [model.forward(p, [Segment(model.new_cache(64), 0, len(p))])[0] for p in prompts]
     starts = np.cumsum([0] + [len(p) for p in prompts])
