@@ -15,7 +15,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from runtime.experts import ExpertShard
-from runtime.ggml_ops import GgmlRunner, Weight
+from runtime.ggml_ops import GgmlRunner, Weight, repack
 from runtime.gguf_file import GGUFModelFile
 
 CHUNK_BYTES = 4 << 20
@@ -104,8 +104,9 @@ def receive_shard(chunks: Iterator[tuple[bytes, bytes]], cache_dir: Path,
     return path, manifest
 
 
-def load_shard(path: Path, manifest: dict, runner: GgmlRunner) -> ExpertShard:
-    """Map a cached shard file as an ExpertShard (compact tensors, global ids mapped to positions)."""
+def load_shard(path: Path, manifest: dict, runner: GgmlRunner, repack_experts: bool = False) -> ExpertShard:
+    """Map a cached shard file as an ExpertShard (compact tensors, global ids mapped to positions); with
+    repack_experts, copy them into ggml's interleaved layout instead, as ExpertShard.from_model_file does."""
     data = np.memmap(path, np.uint8, "r")
     tensors: dict[int, dict[str, Weight]] = {}
     local_index: dict[int, np.ndarray] = {}
@@ -113,8 +114,8 @@ def load_shard(path: Path, manifest: dict, runner: GgmlRunner) -> ExpertShard:
         layer, experts = entry["layer"], entry["experts"]
         size = entry["bytes_per_expert"] * len(experts)
         ne = tuple(entry["ne"]) + (len(experts),)
-        tensors.setdefault(layer, {})[entry["kind"]] = Weight(
-            GGMLQuantizationType(entry["ggml_type"]), ne, data[entry["offset"]: entry["offset"] + size])
+        weight = Weight(GGMLQuantizationType(entry["ggml_type"]), ne, data[entry["offset"]: entry["offset"] + size])
+        tensors.setdefault(layer, {})[entry["kind"]] = repack(weight) if repack_experts else weight
         index = np.full(entry["num_experts"], -1, np.int32)
         index[experts] = np.arange(len(experts), dtype=np.int32)
         local_index[layer] = index

@@ -62,7 +62,7 @@ class ExpertWorker:
         def expect(manifest: dict) -> None:
             self.total_bytes = manifest["total_bytes"]
         path, manifest = shard_transfer.receive_shard(chunks, self.cache_dir, self._count, expect)
-        self.shard = shard_transfer.load_shard(path, manifest, self.runner)
+        self.shard = shard_transfer.load_shard(path, manifest, self.runner, self.repack)
         return manifest["total_bytes"]
 
     def _health(self) -> dict:

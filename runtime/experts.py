@@ -39,20 +39,23 @@ class ExpertShard:
     def from_model_file(cls, model_file: GGUFModelFile, runner: GgmlRunner, owned: Mapping[int, Sequence[int]],
                         repack_experts: bool = False) -> "ExpertShard":
         """Views over the whole expert tensors of each layer: zero-copy, and only owned experts are read.
-        With repack_experts, each layer's tensors are copied into ggml's faster layout instead."""
+        With repack_experts, the owned experts alone are copied into ggml's faster interleaved layout."""
         tensors, local_index = {}, {}
         for layer, experts in owned.items():
+            experts = sorted(experts)
+            num_experts = model_file.info(f"blk.{layer}.ffn_down_exps.weight").ne[2]
+            index = np.full(num_experts, -1, np.int32)
             tensors[layer] = {}
             for kind in model_file.expert_kinds(layer):
                 info = model_file.info(f"blk.{layer}.ffn_{kind}_exps.weight")
                 weight = Weight(info.ggml_type, info.ne, model_file.raw(info.name))
                 if repack_experts:
-                    weight = repack(weight)
-                    if isinstance(weight, RepackedWeight):
-                        model_file.release(info.name)
+                    whole = experts == list(range(num_experts))
+                    weight = repack(weight if whole else _gather_experts(weight, experts))
+                    model_file.release(info.name)
                 tensors[layer][kind] = weight
-            index = np.full(model_file.info(f"blk.{layer}.ffn_down_exps.weight").ne[2], -1, np.int32)
-            index[list(experts)] = list(experts)
+            # Interleaved copies hold the owned experts only, in order; views keep the file's numbering.
+            index[experts] = np.arange(len(experts)) if repack_experts else experts
             local_index[layer] = index
         return cls(runner, tensors, local_index)
 
@@ -114,6 +117,14 @@ class ExpertShard:
             held = int((self.local_index[layer] >= 0).sum())
             total += sum(w.nbytes // w.ne[-1] * held for w in kinds.values())
         return total
+
+
+def _gather_experts(weight: Weight, experts: Sequence[int]) -> Weight:
+    """A compact copy of some experts of an expert tensor (its last axis), in the order given."""
+    per_expert = weight.nbytes // weight.ne[-1]
+    flat = weight.data.reshape(-1)
+    data = np.concatenate([flat[e * per_expert: (e + 1) * per_expert] for e in experts])
+    return Weight(weight.ggml_type, weight.ne[:-1] + (len(experts),), data)
 
 
 class LocalExperts:

@@ -10,7 +10,7 @@ import pytest
 from cluster import shard_transfer
 from cluster.transport import INLINE_PAIRS, ExpertServicer, RemoteExperts, WorkerClient, WorkerFailed, serve
 from runtime.experts import ExpertShard, LocalExperts
-from runtime.ggml_ops import GgmlRunner
+from runtime.ggml_ops import GgmlRunner, RepackedWeight
 from runtime.gguf_file import GGUFModelFile
 from tests.tls_files import write_certificates
 
@@ -188,6 +188,38 @@ def test_streamed_shard_serves_like_the_file(model_file, start_worker, tmp_path)
     mtime = cached[0].stat().st_mtime_ns
     client.load_shard(shard_transfer.stream_shard(model_file, shard_transfer.build_manifest(model_file, owned)))
     assert cached[0].stat().st_mtime_ns == mtime
+
+
+def test_an_interleaved_shard_copies_only_its_own_experts(model_file):
+    runner, owned = GgmlRunner(2), {1: [12, 3, 9], 2: [0, 15]}
+    plain = ExpertShard.from_model_file(model_file, runner, owned)
+    interleaved = ExpertShard.from_model_file(model_file, runner, owned, repack_experts=True)
+    for layer, experts in owned.items():
+        assert all(w.ne[-1] == len(experts) for w in interleaved.tensors[layer].values())
+        assert list(interleaved.owned(layer)) == sorted(experts)
+    assert interleaved.nbytes == plain.nbytes == sum(model_file.expert_bytes(l, e) for l, es in owned.items() for e in es)
+    hidden, _, _ = routing(3)
+    rows, experts, weights = np.array([0, 1, 1, 2], np.int32), np.array([12, 3, 9, 12], np.int32), \
+        np.array([0.5, 1.0, 0.25, 2.0], np.float32)
+    expected = plain.forward_pairs(1, hidden, rows, experts, weights)
+    got = interleaved.forward_pairs(1, hidden, rows, experts, weights)
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()  # interleaved kernels round differently
+    with pytest.raises(KeyError, match="does not hold experts"):
+        interleaved.forward_pairs(1, hidden, rows[:1], np.array([4], np.int32), weights[:1])
+
+
+def test_streamed_shard_can_be_interleaved_like_the_file(model_file, tmp_path):
+    owned = {1: [2, 7, 11], 2: [0, 15]}
+    manifest = shard_transfer.build_manifest(model_file, owned)
+    path, manifest = shard_transfer.receive_shard(shard_transfer.stream_shard(model_file, manifest), tmp_path)
+    runner = GgmlRunner(2)
+    streamed = shard_transfer.load_shard(path, manifest, runner, repack_experts=True)
+    from_file = ExpertShard.from_model_file(model_file, runner, owned, repack_experts=True)
+    assert any(isinstance(w, RepackedWeight) for kinds in streamed.tensors.values() for w in kinds.values())
+    hidden, _, _ = routing(3)
+    rows, experts, weights = np.array([0, 1, 2], np.int32), np.array([7, 11, 2], np.int32), np.ones(3, np.float32)
+    assert np.array_equal(streamed.forward_pairs(1, hidden, rows, experts, weights),
+                          from_file.forward_pairs(1, hidden, rows, experts, weights))
 
 
 def test_corrupted_cache_is_replaced(model_file, tmp_path):
