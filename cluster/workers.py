@@ -50,8 +50,9 @@ class ExpertWorker:
     def _load_from_file(self, model_path: str) -> None:
         try:
             model_file = GGUFModelFile(model_path)
-            shard = ExpertShard.from_model_file(model_file, self.runner, self.owned, self.repack)
-            self.total_bytes = shard.nbytes
+            self.total_bytes = sum(model_file.expert_bytes(layer, expert) for layer, experts in self.owned.items()
+                                   for expert in experts)
+            shard = ExpertShard.from_model_file(model_file, self.runner, self.owned, self.repack, self._count)
             shard.touch(self._count)
             self.shard = shard
         except Exception as e:  # reported to the head through progress(), which names this node

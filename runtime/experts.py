@@ -37,9 +37,11 @@ class ExpertShard:
 
     @classmethod
     def from_model_file(cls, model_file: GGUFModelFile, runner: GgmlRunner, owned: Mapping[int, Sequence[int]],
-                        repack_experts: bool = False) -> "ExpertShard":
+                        repack_experts: bool = False, on_bytes: Callable[[int], None] = lambda n: None
+                        ) -> "ExpertShard":
         """Views over the whole expert tensors of each layer: zero-copy, and only owned experts are read.
-        With repack_experts, the owned experts alone are copied into ggml's faster interleaved layout."""
+        With repack_experts, the owned experts alone are copied into ggml's faster interleaved layout;
+        on_bytes hears of each copy (`touch` then reads what stayed mapped)."""
         tensors, local_index = {}, {}
         for layer, experts in owned.items():
             experts = sorted(experts)
@@ -53,6 +55,8 @@ class ExpertShard:
                     whole = experts == list(range(num_experts))
                     weight = repack(weight if whole else _gather_experts(weight, experts))
                     model_file.release(info.name)
+                    if isinstance(weight, RepackedWeight):
+                        on_bytes(weight.nbytes // weight.ne[-1] * len(experts))
                 tensors[layer][kind] = weight
             # Interleaved copies hold the owned experts only, in order; views keep the file's numbering.
             index[experts] = np.arange(len(experts)) if repack_experts else experts

@@ -193,11 +193,15 @@ def test_streamed_shard_serves_like_the_file(model_file, start_worker, tmp_path)
 def test_an_interleaved_shard_copies_only_its_own_experts(model_file):
     runner, owned = GgmlRunner(2), {1: [12, 3, 9], 2: [0, 15]}
     plain = ExpertShard.from_model_file(model_file, runner, owned)
-    interleaved = ExpertShard.from_model_file(model_file, runner, owned, repack_experts=True)
+    heard: list[int] = []  # progress: bytes copied while interleaving, then the rest as touch() reads it
+    interleaved = ExpertShard.from_model_file(model_file, runner, owned, repack_experts=True, on_bytes=heard.append)
+    assert heard
+    interleaved.touch(heard.append)
     for layer, experts in owned.items():
         assert all(w.ne[-1] == len(experts) for w in interleaved.tensors[layer].values())
         assert list(interleaved.owned(layer)) == sorted(experts)
-    assert interleaved.nbytes == plain.nbytes == sum(model_file.expert_bytes(l, e) for l, es in owned.items() for e in es)
+    assert sum(heard) == interleaved.nbytes == plain.nbytes == sum(model_file.expert_bytes(l, e)
+                                                                    for l, es in owned.items() for e in es)
     hidden, _, _ = routing(3)
     rows, experts, weights = np.array([0, 1, 1, 2], np.int32), np.array([12, 3, 9, 12], np.int32), \
         np.array([0.5, 1.0, 0.25, 2.0], np.float32)
