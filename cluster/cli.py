@@ -53,7 +53,8 @@ def _model_session(args, config, model_file=None, tokenizer=None):
     model_file = model_file or GGUFModelFile(args.model)
     tokenizer = tokenizer or Tokenizer.from_metadata(model_file.metadata)
     if config is None:
-        model = KimiModel(model_file, GgmlRunner(args.threads), repack=args.repack)
+        model = KimiModel(model_file, GgmlRunner(args.threads), repack=_repack_that_fits(args.repack, model_file),
+                          progress=sys.stderr.isatty())
         model.load(progress=sys.stderr.isatty())
         yield model, tokenizer, None
         return
@@ -64,6 +65,24 @@ def _model_session(args, config, model_file=None, tokenizer=None):
         model = cluster.start()
         print(cluster.placement.format_table(), file=sys.stderr)
         yield model, tokenizer, cluster
+
+
+def _repack_that_fits(repack: str, model_file, available_bytes: int | None = None) -> str:
+    """Interleaved experts are copies in RAM. When they would not fit in this machine's free memory, read
+    them in place instead (mapped pages, which the OS can drop and read again) rather than fail to load."""
+    if repack not in ("experts", "all"):
+        return repack
+    expert_bytes = sum(model_file.info(name).nbytes for name in model_file.tensors if "_exps." in name)
+    if available_bytes is None:
+        with open("/proc/meminfo") as meminfo:
+            available_bytes = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    if expert_bytes <= 0.9 * available_bytes:
+        return repack
+    fallback = {"experts": "none", "all": "head"}[repack]
+    print(f"kimi-cluster: the routed experts ({expert_bytes / 2**30:.1f} GiB) do not fit in this machine's "
+          f"{available_bytes / 2**30:.1f} GiB of free memory, so they are read in place from the file rather "
+          f"than interleaved (--repack {fallback})", file=sys.stderr)
+    return fallback
 
 
 def _prompt_tokens(tokenizer, text: str, chat: bool) -> list[int]:

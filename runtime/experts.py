@@ -135,9 +135,9 @@ class LocalExperts:
     """Every routed expert of every MoE layer, in this process."""
 
     def __init__(self, model_file: GGUFModelFile, runner: GgmlRunner, moe_layers: Sequence[int], num_experts: int,
-                 repack: bool = False):
+                 repack: bool = False, on_bytes: Callable[[int], None] = lambda n: None):
         self.shard = ExpertShard.from_model_file(model_file, runner, {layer: range(num_experts) for layer in moe_layers},
-                                                 repack)
+                                                 repack, on_bytes)
 
     def start(self, layer: int, hidden: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> Callable[[], np.ndarray]:
         return lambda: self.shard.forward(layer, hidden, ids, weights)

@@ -33,7 +33,7 @@ class KimiModel:
     """
 
     def __init__(self, model_file: GGUFModelFile, runner: GgmlRunner | None = None, experts: Experts | None = None,
-                 repack: str = "head"):
+                 repack: str = "head", progress: bool = False):
         if repack not in REPACK_CHOICES:
             raise ValueError(f"repack must be one of {', '.join(REPACK_CHOICES)}, not '{repack}'")
         self.file = model_file
@@ -43,10 +43,17 @@ class KimiModel:
         model_file.check_tensors(shapes, optional, COMPUTABLE_TYPES)
         self.runner = runner or GgmlRunner()
         self.repack_head = repack in ("head", "all")
-        self.experts = experts or LocalExperts(model_file, self.runner, self.config.moe_layers,
-                                               self.config.num_experts, repack=repack in ("experts", "all"))
+        self.experts = experts or self._local_experts(repack in ("experts", "all"), progress)
         self.attention = MLAttention(self.config, self.runner, self.layer_weight)
         self.output_name = "output.weight" if model_file.has("output.weight") else "token_embd.weight"
+
+    def _local_experts(self, interleave: bool, progress: bool) -> LocalExperts:
+        """Every routed expert in this process; interleaving copies them all, with a progress bar over bytes."""
+        total = sum(self.file.info(n).nbytes for n in self.file.tensors if "_exps." in n) if interleave else 0
+        with tqdm(total=total, unit="B", unit_scale=True, desc="interleaving experts",
+                  disable=not (progress and interleave), leave=False) as bar:
+            return LocalExperts(self.file, self.runner, self.config.moe_layers, self.config.num_experts,
+                                repack=interleave, on_bytes=bar.update)
 
     @lru_cache(maxsize=None)
     def weight(self, name: str) -> Weight | RepackedWeight | np.ndarray:

@@ -1,4 +1,5 @@
-"""ClusterConfig from YAML: the example loads, defaults apply, mistakes are refused naming key and file."""
+"""ClusterConfig from YAML (the example loads, defaults apply, mistakes are refused naming key and file), and
+the command-line settings that go with it."""
 from __future__ import annotations
 
 import shutil
@@ -159,3 +160,15 @@ def test_command_line_limits_and_key_win_over_the_file(tmp_path):
     config = cli._cluster_config(args)
     # The plan reserves the head's KV cache for what serve will run, so the flags must reach the config.
     assert (config.context, config.max_sequences, cli._api_key(args, config)) == (8192, 12, "from-flag")
+
+
+def test_interleaved_experts_that_do_not_fit_stay_mapped(make_tiny, capsys):
+    from runtime.gguf_file import GGUFModelFile
+    model_file = GGUFModelFile(make_tiny("Q4_K_M"))
+    expert_bytes = sum(model_file.info(n).nbytes for n in model_file.tensors if "_exps." in n)
+    assert cli._repack_that_fits("experts", model_file, available_bytes=10 * expert_bytes) == "experts"
+    assert cli._repack_that_fits("head", model_file, available_bytes=0) == "head"
+    assert capsys.readouterr().err == ""
+    assert cli._repack_that_fits("experts", model_file, available_bytes=expert_bytes // 2) == "none"
+    assert cli._repack_that_fits("all", model_file, available_bytes=expert_bytes // 2) == "head"
+    assert "do not fit in this machine's" in capsys.readouterr().err
