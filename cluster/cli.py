@@ -209,7 +209,9 @@ def _serving(args, host: str, port: int):
                       Tokenizer.from_metadata(model_file.metadata), context, api_key=_api_key(args, config))
     server = ApiServer(service, host, port)
     url = f"http://{host}:{server.start()}"
-    print(f"kimi-cluster: {url}/v1 answers for '{service.model_name}' once the model has loaded", file=sys.stderr)
+    print(f"kimi-cluster: {url}/v1 answers for '{service.model_name}' once the model has loaded "
+          f"({max_sequences} sequences at once, {context} tokens of context each, {args.step_tokens} token rows "
+          f"per step, API key {'required' if service.api_key else 'not required'})", file=sys.stderr)
     try:
         with _model_session(args, config, model_file, service.tokenizer) as (model, _, cluster):
             if cluster is not None:
