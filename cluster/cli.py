@@ -461,10 +461,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # ggml's OpenMP threads spin between ops instead of sleeping: ~25% faster per token. Must be set before
-    # ggml loads. Servers spin only briefly (GOMP_SPINCOUNT) and then sleep, so an idle server costs nothing.
+    # ggml loads. Servers, and heads whose expert workers share their cores (--workers), spin only briefly
+    # (GOMP_SPINCOUNT) and then sleep: an idle server costs nothing, and a head waiting for its workers does
+    # not starve them (measured with 2 local workers: prompt 30 -> 35 tokens/s, decode unchanged).
     os.environ.setdefault("OMP_WAIT_POLICY", "active")
-    if args.command in ("serve", "chat", "demo"):
+    if args.command in ("serve", "chat", "demo") or getattr(args, "workers", 0):
         os.environ.setdefault("GOMP_SPINCOUNT", "300000")
+    if args.command in ("serve", "chat", "demo"):
         # `kill`, systemd and docker stop a server with SIGTERM: shut down cleanly, as for Ctrl-C.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
     from runtime.gguf_file import GGUFError
