@@ -164,11 +164,18 @@ class ExpertCluster:
         threads = self.worker_threads or self.config.threads or shared_cores
         return ExpertWorker.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(node.ray_node_id, soft=False),
-            # Workers sharing the head's machine must not spin on its cores between requests.
-            runtime_env={"env_vars": {"OMP_WAIT_POLICY": "passive" if self.local_workers else
-                                      os.environ.get("OMP_WAIT_POLICY", "passive")}},
+            runtime_env={"env_vars": self._worker_openmp_env()},
         ).remote(node.name, owned, self._model_path_on(node), port, self.token, threads, self._repack_experts,
                  None, self._tls())
+
+    def _worker_openmp_env(self) -> dict[str, str]:
+        """Workers sharing the head's machine (--workers) sleep between ops, leaving the cores to the head.
+        Workers on machines of their own spin between ops as the head does, but only briefly before they
+        sleep (GOMP_SPINCOUNT): without a limit, an idle worker would keep its cores busy."""
+        if self.local_workers:
+            return {"OMP_WAIT_POLICY": "passive"}
+        return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "passive"),
+                "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", "300000")}
 
     @property
     def _repack_experts(self) -> bool:

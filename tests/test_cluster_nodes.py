@@ -4,6 +4,7 @@ budgets per node, a node without the model file, workers listening on their node
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 import ray
@@ -59,6 +60,23 @@ def test_nodes_are_matched_by_address_with_their_own_budgets_and_paths(ray_clust
         assert addresses == {"medium": f"127.0.0.2:{config.port}", "small": f"127.0.0.3:{config.port}"}
         # "small" has no model path: its experts came from the head over gRPC.
         assert ray.get(cluster.actors["small"].progress.remote())["loaded_bytes"] > 0
+
+
+def test_idle_workers_on_their_own_machines_do_not_spin(ray_cluster, make_tiny, monkeypatch):
+    """Workers on other machines get the head's spinning OpenMP threads (fast between ops), but only briefly:
+    an idle worker must not keep a core busy."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", "active")  # as `kimi-cluster serve` runs
+    path = make_tiny("Q4_K_M")
+    nodes = [{"name": "head", "address": "127.0.0.1", "memory_gb": 1, "head": True},
+             {"name": "worker", "address": "127.0.0.2", "memory_gb": 1}]
+    with ExpertCluster(path, nodes_config(path, nodes, threads=2), progress=False) as cluster:
+        model = cluster.start()
+        list(Engine(model, context_size=64).generate(PROMPT, 8))
+        worker = cluster.actors["worker"]
+        cpu_seconds = lambda: ray.get(worker.__ray_call__.remote(lambda self: time.process_time()))  # noqa: E731
+        before = cpu_seconds()
+        time.sleep(2)
+        assert cpu_seconds() - before < 0.5
 
 
 def test_a_config_whose_head_is_another_machine_is_refused(ray_cluster, make_tiny):
