@@ -169,11 +169,12 @@ class ExpertCluster:
                  None, self._tls())
 
     def _worker_openmp_env(self) -> dict[str, str]:
-        """Workers sharing the head's machine (--workers) sleep between ops, leaving the cores to the head.
-        Workers on machines of their own spin between ops as the head does, but only briefly before they
-        sleep (GOMP_SPINCOUNT): without a limit, an idle worker would keep its cores busy."""
+        """Workers sharing the head's machine (--workers) sleep between ops at once, leaving the cores to the
+        head (they inherit its environment, spin count included: it must be reset). Workers on machines of
+        their own spin between ops as the head does, but only briefly before they sleep (GOMP_SPINCOUNT):
+        without a limit, an idle worker would keep its cores busy."""
         if self.local_workers:
-            return {"OMP_WAIT_POLICY": "passive"}
+            return {"OMP_WAIT_POLICY": "passive", "GOMP_SPINCOUNT": "0"}
         return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "passive"),
                 "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", "300000")}
 
