@@ -20,6 +20,7 @@ from runtime.config import ModelConfig
 from runtime.engine import Engine
 from runtime.gguf_file import GGUFModelFile
 from runtime.model import KimiModel
+from tests.ray_clusters import start_cluster
 from tests.tls_files import write_certificates
 
 pytestmark = pytest.mark.slow
@@ -33,7 +34,7 @@ LOGITS_TOLERANCE = 1.5e-2
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    cluster = Cluster(initialize_head=True, head_node_args=NODE)
+    cluster = start_cluster(**NODE)
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False, _node_ip_address="127.0.0.1")
     yield cluster
     ray.shutdown()

@@ -8,13 +8,13 @@ import time
 
 import pytest
 import ray
-from ray.cluster_utils import Cluster
 
 from cluster.config import ClusterConfig
 from cluster.head import ExpertCluster
 from runtime.engine import Engine
 from runtime.gguf_file import GGUFModelFile
 from runtime.model import KimiModel
+from tests.ray_clusters import start_cluster
 
 pytestmark = pytest.mark.slow
 ADDRESSES = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
@@ -23,7 +23,7 @@ PROMPT = [2638, 1923, 2652, 51, 68, 315, 829, 997]
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": ADDRESSES[0]})
+    cluster = start_cluster(num_cpus=1, node_ip_address=ADDRESSES[0])
     for address in ADDRESSES[1:]:
         cluster.add_node(num_cpus=1, node_ip_address=address)
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False, _node_ip_address=ADDRESSES[0])
