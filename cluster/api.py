@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from cluster.metrics import ServerMetrics
-from runtime.engine import Engine, EngineFull, Request, SequenceFailed, TokenOutput
+from runtime.engine import ContextLengthExceeded, Engine, EngineFull, Request, SequenceFailed, TokenOutput
 from runtime.sampling import SamplingParams
 from runtime.text_output import THINK_OPEN, TextDelta, TextStream, reasoning_markers
 from runtime.tokenizer import Tokenizer
@@ -164,7 +164,9 @@ class Event:
 class Generation:
     """One request on the engine, read from the event loop. Cancels its sequence if abandoned."""
 
-    def __init__(self, service: Service, http: HttpRequest, request: Request, text: TextStream):
+    def __init__(self, service: Service, http: HttpRequest, request: Request, text: TextStream,
+                 prompt_param: str = "prompt"):
+        """prompt_param: the body field that carried the prompt, named in errors about it."""
         self.service, self.http, self.text = service, http, text
         self.engine = service.require_engine()
         self.arrived = time.perf_counter()
@@ -183,8 +185,11 @@ class Generation:
             self.sequence = self.engine.submit(request, deliver)
         except EngineFull as e:
             raise ApiError(503, f"the server is at capacity: {e}", "server_error", code="server_busy") from None
-        except ValueError as e:  # a request the engine can never run
-            raise ApiError(400, str(e)) from None
+        except ContextLengthExceeded as e:
+            raise ApiError(400, str(e), param=prompt_param if e.field == "prompt" else e.field,
+                           code="context_length_exceeded") from None
+        except ValueError as e:  # another request the engine can never run (empty prompt, unknown token ids)
+            raise ApiError(400, str(e), param="prompt") from None
         service.metrics.prompt_tokens.inc(self.prompt_tokens)
 
     async def events(self) -> AsyncIterator[Event]:
@@ -318,7 +323,7 @@ def create_app(service: Service) -> FastAPI:
         top = (body.top_logprobs or 0) if body.logprobs else None
         request = _engine_request(service, prompt, max_tokens, body, top)
         text = _text_stream(service, body, markers, in_reasoning=rendered.rstrip().endswith(THINK_OPEN))
-        generation = Generation(service, http, request, text)
+        generation = Generation(service, http, request, text, prompt_param="messages")
         return await _respond(body.stream, generation, ChatChunks(service, generation, body, tokenizer))
 
     return app
@@ -369,8 +374,6 @@ def _completion_prompt(tokenizer: Tokenizer, prompt) -> list[int]:
     if isinstance(prompt, str):
         # As llama.cpp does for a raw prompt: special tokens parsed, BOS only if the file asks for it.
         return tokenizer.encode(prompt, parse_special=True)
-    if any(not 0 <= t < tokenizer.vocab_size for t in prompt):
-        raise ApiError(400, f"prompt token ids must lie in [0, {tokenizer.vocab_size})", param="prompt")
     return list(prompt)
 
 
@@ -389,16 +392,7 @@ def _render_chat(tokenizer: Tokenizer, messages: list[ChatMessage]) -> str:
 
 def _engine_request(service: Service, prompt: list[int], max_tokens: int, body: _Body, top_logprobs: int | None
                     ) -> Request:
-    if len(prompt) >= service.context_size:
-        raise ApiError(400, f"the prompt is {len(prompt)} tokens long but the context holds {service.context_size}; "
-                            "shorten the prompt", param="messages" if isinstance(body, ChatBody) else "prompt",
-                       code="context_length_exceeded")
-    if len(prompt) + max_tokens > service.context_size:
-        raise ApiError(400, f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceeds the context of "
-                            f"{service.context_size} tokens; lower max_tokens", param="max_tokens",
-                       code="context_length_exceeded")
-    if not prompt:
-        raise ApiError(400, "the prompt is empty", param="prompt")
+    """The engine checks the prompt against the context and the vocabulary when the request is submitted."""
     try:
         params = body.sampling()
     except ValueError as e:

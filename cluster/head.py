@@ -187,8 +187,7 @@ class ExpertCluster:
         owned = self.placement.experts.get(self.placement.head_node)
         if not owned:
             return None
-        total = sum(self.model_file.expert_bytes(layer, expert) for layer, experts in owned.items() for expert in experts)
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"{'head':>16s}", disable=not self.progress,
+        with tqdm(total=self.model_file.routed_expert_bytes(owned), unit="B", unit_scale=True, desc=f"{'head':>16s}", disable=not self.progress,
                   leave=False) as bar:
             shard = ExpertShard.from_model_file(self.model_file, runner, owned, self._repack_experts, bar.update)
             shard.touch(bar.update)

@@ -50,8 +50,7 @@ class ExpertWorker:
     def _load_from_file(self, model_path: str) -> None:
         try:
             model_file = GGUFModelFile(model_path)
-            self.total_bytes = sum(model_file.expert_bytes(layer, expert) for layer, experts in self.owned.items()
-                                   for expert in experts)
+            self.total_bytes = model_file.routed_expert_bytes(self.owned)
             shard = ExpertShard.from_model_file(model_file, self.runner, self.owned, self.repack, self._count)
             shard.touch(self._count)
             self.shard = shard

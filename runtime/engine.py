@@ -12,7 +12,6 @@ on its neighbours, as in llama.cpp.)
 """
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,6 +39,14 @@ class TokenOutput:
     finish_reason: str | None  # "stop" (a stop token), "length" (max_tokens), None while running
     logprob: float | None = None  # log-probability under the model (before sampling settings)
     top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+class ContextLengthExceeded(ValueError):
+    """A request that does not fit in the context; `field` is what to change: "prompt" or "max_tokens"."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
 
 
 class EngineFull(RuntimeError):
@@ -81,10 +88,7 @@ OutputCallback = Callable[[TokenOutput | SequenceFailed], None]
 class SequenceState:
     """A request inside the engine: its KV cache (allocated when it starts running), sampler and progress."""
 
-    _ids = itertools.count()
-
     def __init__(self, request: Request, on_output: OutputCallback):
-        self.id = next(self._ids)
         self.request, self.on_output = request, on_output
         self.sampler = Sampler(request.params)
         self.history = list(request.prompt)
@@ -133,10 +137,13 @@ class Engine:
             raise ValueError("the prompt is empty: give at least one token")
         if request.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {request.max_tokens}")
+        if len(request.prompt) >= self.context_size:
+            raise ContextLengthExceeded(f"the prompt is {len(request.prompt)} tokens long but the context holds "
+                                        f"{self.context_size}; shorten the prompt", "prompt")
         if len(request.prompt) + request.max_tokens > self.context_size:
-            raise ValueError(f"the prompt ({len(request.prompt)} tokens) plus max_tokens ({request.max_tokens}) "
-                             f"exceeds the context size {self.context_size}; shorten the prompt or lower "
-                             "max_tokens")
+            raise ContextLengthExceeded(f"the prompt ({len(request.prompt)} tokens) plus max_tokens "
+                                        f"({request.max_tokens}) exceeds the context size {self.context_size}; "
+                                        "lower max_tokens", "max_tokens")
         if (bad := [t for t in request.prompt if not 0 <= t < self.model.config.vocab_size]):
             raise ValueError(f"prompt token ids must lie in [0, {self.model.config.vocab_size}), got {bad[:5]}")
 

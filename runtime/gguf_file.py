@@ -212,6 +212,12 @@ class GGUFModelFile:
     def expert_bytes(self, layer: int, expert: int) -> int:
         return sum(self.expert_range(layer, expert, kind).nbytes for kind in self.expert_kinds(layer))
 
+    def routed_expert_bytes(self, owned: Mapping[int, Iterable[int]] | None = None) -> int:
+        """Bytes of the routed experts in `owned` (layer -> expert ids), or of every routed expert."""
+        if owned is None:
+            return sum(info.nbytes for name, info in self.tensors.items() if "_exps." in name)
+        return sum(self.expert_bytes(layer, expert) for layer, experts in owned.items() for expert in experts)
+
     def check_tensors(self, expected: Mapping[str, tuple[int, ...]], optional: Iterable[str] = (),
                       computable_types: Iterable[GGMLQuantizationType] | None = None) -> None:
         """Every expected tensor is present with its ggml shape, and of a type this build computes."""

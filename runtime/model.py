@@ -49,7 +49,7 @@ class KimiModel:
 
     def _local_experts(self, interleave: bool, progress: bool) -> LocalExperts:
         """Every routed expert in this process; interleaving copies them all, with a progress bar over bytes."""
-        total = sum(self.file.info(n).nbytes for n in self.file.tensors if "_exps." in n) if interleave else 0
+        total = self.file.routed_expert_bytes() if interleave else 0
         with tqdm(total=total, unit="B", unit_scale=True, desc="interleaving experts",
                   disable=not (progress and interleave), leave=False) as bar:
             return LocalExperts(self.file, self.runner, self.config.moe_layers, self.config.num_experts,

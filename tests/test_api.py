@@ -171,6 +171,7 @@ GOOD = {"model": "tiny", "prompt": "hello", "max_tokens": 2}
     ("/v1/completions", {**GOOD, "prompt": "word " * 400}, KEY, 400, "context_length_exceeded", "context holds 256"),
     ("/v1/completions", {**GOOD, "max_tokens": 0}, KEY, 400, "invalid_value", "max_tokens"),
     ("/v1/completions", {**GOOD, "max_tokens": 10_000}, KEY, 400, "context_length_exceeded", "lower max_tokens"),
+    ("/v1/completions", {**GOOD, "prompt": [1, 10**6]}, KEY, 400, None, "token ids must lie in"),
     ("/v1/completions", {**GOOD, "max_tokens": "5"}, KEY, 400, "invalid_value", "max_tokens"),
     ("/v1/completions", {**GOOD, "temperature": "hot"}, KEY, 400, "invalid_value", "temperature"),
     ("/v1/completions", {**GOOD, "temperature": 7}, KEY, 400, "invalid_value", "temperature"),
