@@ -9,8 +9,10 @@ fields that would change the answer but are not implemented (echo, logit_bias, t
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import secrets
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,12 +22,12 @@ import uvicorn
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.exceptions import HTTPException
 
 from cluster.metrics import ServerMetrics
 from runtime.engine import ContextLengthExceeded, Engine, EngineFull, Request, SequenceFailed, TokenOutput
-from runtime.sampling import SamplingParams
+from runtime.sampling import SamplingParamError, SamplingParams
 from runtime.text_output import THINK_OPEN, TextDelta, TextStream, reasoning_markers
 from runtime.tokenizer import Tokenizer
 
@@ -111,6 +113,13 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
 
+    @model_validator(mode="after")
+    def _content_unless_assistant(self) -> "ChatMessage":
+        # As OpenAI: only an assistant message may leave its content null (it may carry tool calls instead).
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a '{self.role}' message needs 'content' (a string or a list of parts), not null")
+        return self
+
 
 class ChatBody(_Body):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -133,17 +142,16 @@ class Service:
     workers_health: Callable[[], dict[str, str]] = dict  # node -> "ok" or what is wrong
     load_error: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+    access_log: Callable[[str], None] | None = None  # gets one line per finished /v1 request
 
     def ready(self, engine: Engine, workers_health: Callable[[], dict[str, str]] = dict) -> None:
         self.workers_health = workers_health
-        engine.on_step = self._on_step
+        engine.on_step = lambda rows, seconds: self.metrics.step_rows.observe(rows)
+        # Read at every scrape, so they agree with /health even when no step has run since a sequence left.
+        self.metrics.running.set_function(lambda: engine.num_running)
+        self.metrics.waiting.set_function(lambda: engine.num_waiting)
         self.engine = engine
         engine.start()
-
-    def _on_step(self, rows: int, seconds: float) -> None:
-        self.metrics.step_rows.observe(rows)
-        self.metrics.running.set(len(self.engine.running))
-        self.metrics.waiting.set(len(self.engine.waiting))
 
     def require_engine(self) -> Engine:
         if self.load_error:
@@ -170,7 +178,10 @@ class Generation:
         self.service, self.http, self.text = service, http, text
         self.engine = service.require_engine()
         self.arrived = time.perf_counter()
+        self.first_token_at: float | None = None
         self.last_token_at: float | None = None
+        self.error: str | None = None  # why it ended early, for the access line
+        http.state.generation = self
         self.completion_tokens = 0
         self.prompt_tokens = len(request.prompt)
         loop = asyncio.get_running_loop()
@@ -197,6 +208,7 @@ class Generation:
             while True:
                 output = await self._next()
                 if isinstance(output, SequenceFailed):
+                    self.error = str(output)
                     raise ApiError(503, f"generation failed: {output}", "server_error", code="worker_failed")
                 self._count(output)
                 delta = self.text.add(output.token)
@@ -225,6 +237,7 @@ class Generation:
         now = time.perf_counter()
         metrics = self.service.metrics
         if self.last_token_at is None:
+            self.first_token_at = now
             metrics.time_to_first_token.observe(now - self.arrived)
         else:
             metrics.inter_token_latency.observe(now - self.last_token_at)
@@ -232,9 +245,40 @@ class Generation:
         self.completion_tokens += 1
         metrics.generated_tokens.inc()
 
+    def summary(self) -> str:
+        """Token counts and speed for the access line."""
+        parts = [f"{self.prompt_tokens} prompt + {self.completion_tokens} generated tokens"]
+        if self.first_token_at is not None:
+            parts.append(f"first after {self.first_token_at - self.arrived:.2f} s")
+        if self.completion_tokens > 1:
+            rate = (self.completion_tokens - 1) / max(self.last_token_at - self.first_token_at, 1e-9)
+            parts.append(f"{rate:.1f} tokens/s")
+        if self.error:
+            parts.append(f"failed: {self.error}")
+        return ", ".join(parts)
+
     def usage(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+def _log_when_done(log: Callable[[str], None], http: HttpRequest, response: Response, started: float) -> Response:
+    """Log one line for the request once its response is complete (a stream: once its last event is sent)."""
+    def write() -> None:
+        line = f"{http.method} {http.url.path} {response.status_code} in {time.perf_counter() - started:.2f} s"
+        generation = getattr(http.state, "generation", None)
+        log(line if generation is None else f"{line}: {generation.summary()}")
+
+    body = response.body_iterator  # call_next streams every response, whole or not
+
+    async def logged():
+        try:
+            async for chunk in body:
+                yield chunk
+        finally:
+            write()
+    response.body_iterator = logged()
+    return response
 
 
 def _sse(payload: dict | str) -> bytes:
@@ -264,6 +308,8 @@ def create_app(service: Service) -> FastAPI:
             response = await call_next(http)
         if endpoint.startswith("/v1/"):
             service.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+            if service.access_log is not None:
+                response = _log_when_done(service.access_log, http, response, time.perf_counter())
         return response
 
     @app.exception_handler(ApiError)
@@ -288,7 +334,7 @@ def create_app(service: Service) -> FastAPI:
         workers = await asyncio.to_thread(service.workers_health)
         ok = all(state == "ok" for state in workers.values())
         return JSONResponse({"status": "ok" if ok else "error", "workers": workers,
-                             "running": len(service.engine.running), "waiting": len(service.engine.waiting)},
+                             "running": service.engine.num_running, "waiting": service.engine.num_waiting},
                             status_code=200 if ok else 503)
 
     @app.get("/metrics")
@@ -333,7 +379,7 @@ async def _parse(http: HttpRequest, body_type: type[_Body], service: Service) ->
     """The request body, validated: JSON, field types and ranges, no unsupported fields, the served model."""
     raw = await http.body()
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_refuse_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the request body is not valid JSON ({e}); send a JSON object") from None
     if not isinstance(data, dict):
@@ -345,6 +391,11 @@ async def _parse(http: HttpRequest, body_type: type[_Body], service: Service) ->
     body.refuse_unsupported()
     _check_model(service, body.model)
     return body
+
+
+def _refuse_constant(name: str):
+    """NaN and Infinity are not JSON, though Python's parser takes them."""
+    raise json.JSONDecodeError(f"{name} is not a JSON value", name, 0)
 
 
 def _validation_error(errors: list[dict]) -> ApiError:
@@ -395,8 +446,9 @@ def _engine_request(service: Service, prompt: list[int], max_tokens: int, body: 
     """The engine checks the prompt against the context and the vocabulary when the request is submitted."""
     try:
         params = body.sampling()
-    except ValueError as e:
-        raise ApiError(400, str(e)) from None
+    except SamplingParamError as e:
+        raise ApiError(400, f"invalid value for '{e.field}': must be {e.allowed}, got {e.value!r}", param=e.field,
+                       code="invalid_value") from None
     return Request(tuple(prompt), max_tokens, params, service.tokenizer.eog_ids, top_logprobs)
 
 
@@ -523,25 +575,41 @@ class ChatChunks(_Chunks):
 # ---- running the server ----
 
 class ApiServer:
-    """uvicorn on a background thread, so the caller's thread can bring the model up meanwhile."""
+    """uvicorn on a background thread, so the caller's thread can bring the model up meanwhile. The socket is
+    bound here, before uvicorn starts, so that a port in use is one clear error rather than uvicorn's log."""
 
     def __init__(self, service: Service, host: str = "127.0.0.1", port: int = 8000):
-        config = uvicorn.Config(create_app(service), host=host, port=port, log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=2)
+        self.socket = _listening_socket(host, port)
+        config = uvicorn.Config(create_app(service), log_level="warning", access_log=False, timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self.server.run, name="http", daemon=True)
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, name="http",
+                                        daemon=True)
 
     def start(self, timeout_s: float = 30) -> int:
-        """Start listening; returns the port (useful with port 0)."""
+        """Start serving; returns the port (useful with port 0)."""
         self._thread.start()
         deadline = time.monotonic() + timeout_s
         while not self.server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise OSError(f"the HTTP server could not start on {self.server.config.host}:"
-                              f"{self.server.config.port}; is the port in use? choose another with --port")
+                raise OSError(f"the HTTP server did not start within {timeout_s:g} s")
             time.sleep(0.02)
-        return self.server.servers[0].sockets[0].getsockname()[1]
+        return self.socket.getsockname()[1]
 
     def stop(self) -> None:
         self.server.should_exit = True
         self._thread.join(timeout=10)
+        self.socket.close()
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart over TIME_WAIT
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise OSError(f"port {port} on {host} is already in use (another server?); stop that program or "
+                          "choose another port with --port") from None
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}; check --host and --port") from None
+    return sock

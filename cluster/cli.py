@@ -92,19 +92,28 @@ def _prompt_tokens(tokenizer, text: str, chat: bool) -> list[int]:
     return tokenizer.encode(text, parse_special=True)
 
 
+def _sampling_params(args):
+    """The sampling flags, checked before anything loads; errors name the flag."""
+    from runtime.sampling import SamplingParamError, SamplingParams
+    try:
+        return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                              repetition_penalty=args.repeat_penalty, presence_penalty=args.presence_penalty,
+                              frequency_penalty=args.frequency_penalty, seed=args.seed)
+    except SamplingParamError as e:
+        flag = "--repeat-penalty" if e.field == "repetition_penalty" else "--" + e.field.replace("_", "-")
+        raise ValueError(f"{flag} must be {e.allowed}, got {e.value!r}") from None
+
+
 def cmd_generate(args) -> None:
+    params = _sampling_params(args)
     config = _cluster_config(args)
     with _model_session(args, config) as (model, tokenizer, _):
-        _generate(args, model, tokenizer, _context(args, config))
+        _generate(args, params, model, tokenizer, _context(args, config))
 
 
-def _generate(args, model, tokenizer, context: int) -> None:
+def _generate(args, params, model, tokenizer, context: int) -> None:
     from runtime.engine import Engine, GenerationStats
-    from runtime.sampling import SamplingParams
     prompt = _prompt_tokens(tokenizer, args.prompt, args.chat)
-    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                            repetition_penalty=args.repeat_penalty, presence_penalty=args.presence_penalty,
-                            frequency_penalty=args.frequency_penalty, seed=args.seed)
     engine = Engine(model, context_size=min(context, model.config.context_length))
     stats = GenerationStats()
     decoder = tokenizer.stream_decoder() if not args.json else None
@@ -187,9 +196,14 @@ def cmd_make_model(args) -> None:
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
+def _print_access_line(line: str) -> None:
+    print(f"kimi-cluster: {line}", file=sys.stderr, flush=True)
+
+
 @contextlib.contextmanager
-def _serving(args, host: str, port: int):
-    """Listen at once (GET /health says "loading"), bring the model up, then serve; yields the base URL."""
+def _serving(args, host: str, port: int, announce: bool = True):
+    """Listen at once (GET /health says "loading"), bring the model up, then serve; yields the base URL.
+    announce: say where it listens and log each request (off for the private server behind `chat MODEL`)."""
     from cluster.api import ApiServer, Service
     from runtime.engine import Engine
     from runtime.gguf_file import GGUFModelFile
@@ -203,12 +217,16 @@ def _serving(args, host: str, port: int):
     context = _context(args, config)
     context = min(context, int(model_file.metadata.get("deepseek2.context_length", context)))
     service = Service(args.model_name or Path(args.model).name.split("-0000")[0].removesuffix(".gguf"),
-                      Tokenizer.from_metadata(model_file.metadata), context, api_key=_api_key(args, config))
+                      Tokenizer.from_metadata(model_file.metadata), context, api_key=_api_key(args, config),
+                      access_log=None if not announce or args.quiet else _print_access_line)
     server = ApiServer(service, host, port)
     url = f"http://{host}:{server.start()}"
-    print(f"kimi-cluster: {url}/v1 answers for '{service.model_name}' once the model has loaded "
-          f"({max_sequences} sequences at once, {context} tokens of context each, {args.step_tokens} token rows "
-          f"per step, API key {'required' if service.api_key else 'not required'})", file=sys.stderr)
+    if announce:
+        print(f"kimi-cluster: {url}/v1 answers for '{service.model_name}' once the model has loaded "
+              f"({max_sequences} sequences at once, {context} tokens of context each, {args.step_tokens} token "
+              f"rows per step, API key {'required' if service.api_key else 'not required'})", file=sys.stderr)
+    else:
+        print(f"loading {args.model} ...", file=sys.stderr)
     try:
         with _model_session(args, config, model_file, service.tokenizer) as (model, _, cluster):
             if cluster is not None:
@@ -275,19 +293,22 @@ def _chat_loop(url: str, args) -> None:
 
 
 def cmd_chat(args) -> None:
+    _sampling_params(args)
     if args.model is None:
         from cluster.client import wait_until_ready
         wait_until_ready(args.url, timeout_s=10)
         _chat_loop(args.url, args)
         return
     args.model_name, args.max_sequences, args.step_tokens = None, 4, 512
-    with _serving(args, "127.0.0.1", 0) as url:
+    with _serving(args, "127.0.0.1", 0, announce=False) as url:
+        print("type a message and press Enter; /reset forgets the conversation, Ctrl-D quits", file=sys.stderr)
         _chat_loop(url, args)
 
 
 def cmd_demo(args) -> None:
     from cluster.client import stream_chat
     from runtime.demo_model import make_model
+    _sampling_params(args)
     path = Path(args.model) if args.model else DEMO_PATH
     if not path.exists():
         print(f"writing the demo model to {path} ...", file=sys.stderr)
@@ -312,14 +333,16 @@ def cmd_demo(args) -> None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate (default 128)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, the default")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
-    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability")
-    p.add_argument("--repeat-penalty", type=float, default=1.0, help="penalise repeated tokens (1.0 = off)")
-    p.add_argument("--presence-penalty", type=float, default=0.0)
-    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default %(default)s)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off (default %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1.0 = off (default %(default)s)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability; 0 = off (default %(default)s)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="penalise repeated tokens; 1.0 = off (default %(default)s)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="lower the logit of every token seen "
+                                                                              "once; 0 = off (default %(default)s)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="lower a token's logit per "
+                                                                               "occurrence; 0 = off (default %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="random seed: same seed, same output")
 
 
@@ -339,9 +362,9 @@ def _add_runtime_args(p: argparse.ArgumentParser, serving: bool = False) -> None
 def _add_server_args(p: argparse.ArgumentParser, port: bool = True) -> None:
     group = p.add_argument_group("server")
     if port:
-        group.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; "
+        group.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s; "
                                                                "0.0.0.0 for every interface)")
-        group.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+        group.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
     group.add_argument("--api-key", default=os.environ.get("KIMI_API_KEY"),
                        help="require 'Authorization: Bearer KEY' on /v1 (default: $KIMI_API_KEY, else the "
                             "cluster config's api_key, else none)")
@@ -349,10 +372,12 @@ def _add_server_args(p: argparse.ArgumentParser, port: bool = True) -> None:
                        help="sequences decoded together in one batch (default: the cluster config's, else "
                             f"{DEFAULT_MAX_SEQUENCES}); more wait in a queue")
     group.add_argument("--step-tokens", type=int, default=512,
-                       help="most token rows in one step (default 512): decoding sequences take one each, new "
+                       help="most token rows in one step (default %(default)s): decoding sequences take one each, new "
                             "prompts are prefilled in chunks of what is left; lower it to keep decoding smooth "
                             "while long prompts arrive, raise it for faster prefill")
     group.add_argument("--model-name", default=None, help="the model id clients use (default: the file name)")
+    group.add_argument("--quiet", action="store_true",
+                       help="no access line per request (status, tokens, time to first token, tokens/s)")
 
 
 def _add_cluster_args(p: argparse.ArgumentParser) -> None:
@@ -366,7 +391,7 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     group.add_argument("--head-memory", type=float, default=None, metavar="GB",
                        help="with --workers: memory for the head's own weights and expert share")
     group.add_argument("--reserve-gb", type=float, default=0.5,
-                       help="with --workers: memory kept free on each node (default 0.5)")
+                       help="with --workers: memory kept free on each node (default %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -436,9 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output .gguf path")
     p.add_argument("--preset", default="tiny", choices=["tiny", "small", "k2-slice"],
                    help="tiny: 256 wide, for tests; small: 1024 wide, 32 experts; k2-slice: K2's real widths, "
-                        "3 layers, 16 experts")
+                        "3 layers, 16 experts (default %(default)s)")
     p.add_argument("--quant", default=None, help="quantize, e.g. Q8_0, Q4_K_M, Q2_K (default: unquantized)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default %(default)s)")
     p.set_defaults(func=cmd_make_model)
 
     p = sub.add_parser("demo", help="serve the built-in demo model on 2 local expert workers and chat once",
@@ -455,6 +480,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, systemd, docker stop): shut down as cleanly as for Ctrl-C, then exit 0."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # ggml's OpenMP threads spin between ops instead of sleeping: ~25% faster per token. Must be set before
@@ -465,14 +498,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("serve", "chat", "demo") or getattr(args, "workers", 0):
         os.environ.setdefault("GOMP_SPINCOUNT", "300000")
     if args.command in ("serve", "chat", "demo"):
-        # `kill`, systemd and docker stop a server with SIGTERM: shut down cleanly, as for Ctrl-C.
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _terminate)
     from runtime.gguf_file import GGUFError
     try:
         args.func(args)
     except (GGUFError, ValueError, RuntimeError, OSError) as e:
         print(f"kimi-cluster: error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("kimi-cluster: stopped (SIGTERM)", file=sys.stderr)
+        return 0
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -212,6 +212,9 @@ def _token(top: _Section, base: Path, source: str) -> str | None:
         path = base / Path(token_file).expanduser()
         try:
             token = path.read_text().strip()
+        except FileNotFoundError:
+            raise ClusterConfigError(f"{source}: 'token_file' {path} does not exist; create it with "
+                                     f"`(umask 077 && openssl rand -hex 32 > {path})` (readable by you only)") from None
         except OSError as e:
             raise ClusterConfigError(f"{source}: cannot read 'token_file' {path}: {e.strerror}") from None
         where = f"the token in {path}"

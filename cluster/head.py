@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import signal
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -112,17 +115,27 @@ class ExpertCluster:
         self.actors: dict[str, ray.actor.ActorHandle] = {}
         self.remote: RemoteExperts | None = None
         self._started_ray = False
+        self._ray_temp_dir: str | None = None
         self._stream_error = ""
 
     def nodes(self) -> list[ClusterNode]:
         if not ray.is_initialized():
-            local = {}
+            options = {"address": self.config.ray_address}
             if self.config.ray_address is None:
-                # A Ray of our own on this machine: keep all of its traffic on loopback.
+                # A Ray of our own on this machine: all of its traffic on loopback, no dashboard (it and its
+                # module processes cost about a GB for nothing here), session files in a folder removed at close.
                 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-                local = {"_node_ip_address": "127.0.0.1"}
-            ray.init(address=self.config.ray_address, logging_level="ERROR", log_to_driver=False, **local)
+                self._ray_temp_dir = tempfile.mkdtemp(prefix="kimi-ray-")
+                options = {"address": "local", "_node_ip_address": "127.0.0.1", "include_dashboard": False,
+                           "_temp_dir": self._ray_temp_dir}
+            handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+            ray.init(logging_level="ERROR", log_to_driver=False, **options)
             self._started_ray = True
+            if threading.current_thread() is threading.main_thread():
+                # Ray's core worker installs a crash handler that dumps stacks on SIGTERM and exits 15;
+                # keep the clean shutdown the caller set up.
+                for signum, handler in handlers.items():
+                    signal.signal(signum, handler)
         if self.local_workers:
             return local_nodes(self.local_workers, self.worker_memory_gb, self.head_memory_gb)
         return ray_nodes(self.config)
@@ -249,6 +262,8 @@ class ExpertCluster:
         self.actors.clear()
         if self._started_ray:
             ray.shutdown()
+        if self._ray_temp_dir is not None:
+            shutil.rmtree(self._ray_temp_dir, ignore_errors=True)
 
     def __enter__(self) -> "ExpertCluster":
         return self

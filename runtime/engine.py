@@ -166,6 +166,15 @@ class Engine:
     def busy(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @property
+    def num_running(self) -> int:
+        """Sequences in the batch, not counting cancelled ones that the next step drops."""
+        return sum(not s.cancelled for s in self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(not s.cancelled for s in self.waiting)
+
     # ---- stepping ----
 
     def step(self) -> int:

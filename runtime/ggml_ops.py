@@ -323,6 +323,9 @@ def quantize(values: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:
     n_per_row = values.shape[-1]
     nrows = values.size // n_per_row
     block_size, type_size = GGML_QUANT_SIZES[ggml_type]
+    if n_per_row % block_size:  # ggml would write past the end of `out`
+        raise ValueError(f"{ggml_type.name} quantizes rows in blocks of {block_size} values; a row of {n_per_row} "
+                         f"is not a multiple of {block_size}")
     out = np.zeros(values.shape[:-1] + (n_per_row // block_size * type_size,), np.uint8)
     imatrix = np.ones(n_per_row, np.float32) if ggml.ggml_quantize_requires_imatrix(int(ggml_type)) else None
     ggml.ggml_quantize_chunk(int(ggml_type), values.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),

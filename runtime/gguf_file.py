@@ -67,6 +67,9 @@ class _BoundsCheckedReader(GGUFReader):
 
 
 def _open_reader(path: Path) -> GGUFReader:
+    if path.is_dir():
+        raise GGUFError(f"{path}: is a directory; give the path of a .gguf file (of a split set, its "
+                        f"-00001-of-NNNNN.gguf part){_ggufs_inside(path)}")
     if not path.is_file():
         raise GGUFError(f"{path}: no such file")
     with open(path, "rb") as f:
@@ -79,6 +82,15 @@ def _open_reader(path: Path) -> GGUFReader:
         raise GGUFError(f"{path}: {e}") from None
     except (ValueError, IndexError, KeyError, UnicodeDecodeError, OverflowError) as e:
         raise GGUFError(f"{path}: the GGUF header is truncated or corrupt ({e}); download the file again") from None
+
+
+def _ggufs_inside(folder: Path) -> str:
+    """A hint naming the model files in a folder (or one level down, where downloads put them)."""
+    found = sorted(str(p.relative_to(folder)) for p in [*folder.glob("*.gguf"), *folder.glob("*/*.gguf")]
+                   if (match := SPLIT_NAME.match(p.name)) is None or match["no"] == "00001")
+    if not found:
+        return "; it holds no .gguf file"
+    return f"; it holds {', '.join(found[:3])}{' ...' if len(found) > 3 else ''}"
 
 
 def field_value(field) -> Any:

@@ -21,6 +21,15 @@ def _is_real(value: object) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
+class SamplingParamError(ValueError):
+    """A sampling setting out of range; `field` names it, so each front end can say it in its own terms
+    (an API field, a command-line flag)."""
+
+    def __init__(self, field: str, allowed: str, value: object):
+        super().__init__(f"{field} must be {allowed}, got {value!r}")
+        self.field, self.allowed, self.value = field, allowed, value
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0  # 0 = greedy
@@ -50,7 +59,7 @@ class SamplingParams:
         ]
         for name, ok, allowed in checks:
             if not ok:
-                raise ValueError(f"SamplingParams.{name} must be {allowed}, got {getattr(self, name)!r}")
+                raise SamplingParamError(name, allowed, getattr(self, name))
 
     @property
     def has_penalties(self) -> bool:

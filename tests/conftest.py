@@ -1,7 +1,10 @@
 """Shared fixtures: the project's own small Kimi-layout models, written once per test session."""
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import signal
 import sys
 import threading
 import time
@@ -13,6 +16,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import pytest
 
 from runtime.demo_model import make_model
+
+LEFTOVER_GRACE_S = 20
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +52,57 @@ def tiny_q4km(make_tiny) -> Path:
 def pytest_configure(config):
     # Tests share two cores with llama.cpp subprocesses; keep BLAS from oversubscribing them.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+
+
+def pytest_sessionstart(session):
+    """Become a subreaper: a process that a test's children leave behind when they exit (Ray's agents when
+    a raylet dies, a worker when its server is killed) becomes a child of this process instead of init's,
+    so that the check at the end of the session finds it."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run if a process started by a test is still alive once every test and fixture is done,
+    naming it; then stop it, so that the run leaves nothing behind either way."""
+    deadline = time.monotonic() + LEFTOVER_GRACE_S  # Ray's processes take a few seconds to exit
+    while (leftovers := _live_descendants()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if not leftovers:
+        return
+    sys.stderr.write("\nprocesses started by the tests are still running after them:\n" +
+                     "".join(f"  {pid} {name}\n" for pid, name in leftovers.items()))
+    for pid in leftovers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _live_descendants() -> dict[int, str]:
+    """pid -> command line of every live process below this one (zombies are reaped, not counted)."""
+    parents, names = {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            names[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # it ended meanwhile
+            continue
+        state, ppid = stat[stat.rindex(")") + 2:].split()[:2]
+        if state == "Z":
+            if int(ppid) == os.getpid():
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(int(entry.name), os.WNOHANG)
+            continue
+        parents[int(entry.name)] = int(ppid)
+    found, frontier = {}, {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier and pid not in found}
+        found.update({pid: names[pid][:200] for pid in frontier})
+    return found
 
 
 def pytest_unconfigure(config):

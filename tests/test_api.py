@@ -107,11 +107,11 @@ def test_sixteen_concurrent_streams_each_equal_their_solo_run(server, client):
         return "".join(text for text, _ in parts), parts[-1][1]
 
     alone = [stream(p) for p in PROMPTS]  # one at a time: each runs alone in its steps
-    rows = []
+    rows, observe_metrics = [], server.service.engine.on_step
     server.service.engine.on_step = lambda count, seconds: rows.append(count)
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         together = list(pool.map(stream, PROMPTS))
-    server.service.engine.on_step = server.service._on_step
+    server.service.engine.on_step = observe_metrics
     assert together == alone
     assert all(finish in ("stop", "length") for _, finish in together)
     assert max(rows) >= 8  # the streams really shared steps
@@ -184,6 +184,14 @@ GOOD = {"model": "tiny", "prompt": "hello", "max_tokens": 2}
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}, KEY, 400,
      "invalid_value", "role"),
     ("/v1/chat/completions", {"model": "tiny", "messages": "hi"}, KEY, 400, "invalid_value", "messages"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": None}]}, KEY, 400,
+     "invalid_value", "a 'user' message needs 'content'"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "system", "content": None},
+                                                            {"role": "user", "content": "hi"}]}, KEY, 400,
+     "invalid_value", "a 'system' message needs 'content'"),
+    ("/v1/completions", '{"model": "tiny", "prompt": "hello", "repetition_penalty": Infinity}', KEY, 400, None,
+     "Infinity is not a JSON value"),
+    ("/v1/completions", {**GOOD, "top_p": 0}, KEY, 400, "invalid_value", "invalid value for 'top_p'"),
     ("/v1/nothing-here", GOOD, KEY, 404, "not_found", "Not Found"),
     ("/v1/completions", {**GOOD, "echo": True}, KEY, 400, "unsupported_parameter", "'echo' is not supported"),
     ("/v1/completions", {**GOOD, "logit_bias": {"5": 10}}, KEY, 400, "unsupported_parameter", "logit_bias"),
@@ -212,10 +220,14 @@ def test_a_client_that_goes_away_frees_its_sequence(server):
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")
         assert engine.running
+        assert metric_values(server)["kimi_running_sequences"] >= 1
     deadline = time.monotonic() + 5
     while engine.running and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not engine.running and not engine.waiting
+    # The gauges are read at the scrape: no step need run after the sequence left for them to say so.
+    assert httpx.get(f"{server.url}/health").json()["running"] == 0
+    assert metric_values(server)["kimi_running_sequences"] == 0
 
 
 def test_a_full_queue_answers_503_and_serves_again(parts):

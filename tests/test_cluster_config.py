@@ -2,7 +2,9 @@
 the command-line settings that go with it."""
 from __future__ import annotations
 
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -123,8 +125,17 @@ def test_token_file_is_read_relative_to_the_config(tmp_path):
     config = ClusterConfig.from_yaml(write(tmp_path, {"model": "m.gguf", "token_file": "secrets/token"}))
     assert config.token == TOKEN
 
-    with pytest.raises(ClusterConfigError, match="cannot read 'token_file'"):
-        ClusterConfig.from_yaml(write(tmp_path, {"model": "m.gguf", "token_file": "secrets/nothing"}))
+
+
+def test_a_missing_token_file_error_says_how_to_create_it_and_that_works(tmp_path):
+    config_path = write(tmp_path, {"model": "m.gguf", "token_file": "secrets/new-token"})
+    (tmp_path / "secrets").mkdir()
+    with pytest.raises(ClusterConfigError, match="does not exist; create it with") as error:
+        ClusterConfig.from_yaml(config_path)
+    command = re.search(r"`([^`]+)`", str(error.value))[1]
+    subprocess.run(["bash", "-c", command], check=True)
+    assert len(ClusterConfig.from_yaml(config_path).token) == 64
+    assert (tmp_path / "secrets" / "new-token").stat().st_mode & 0o777 == 0o600
 
 
 def test_tls_files_must_exist(tmp_path):

@@ -26,12 +26,32 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "cluster.cli", *args]
 
 
+def start(command: list[str], **options) -> subprocess.Popen:
+    """A child that answers SIGINT with KeyboardInterrupt even when this run ignores SIGINT (started in the
+    background, or by a CI runner): an ignored signal stays ignored across exec, a handled one does not."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(command, **options)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM first, so the server stops its Ray cluster; SIGKILL only if it does not exit."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 @pytest.fixture(scope="module")
 def served(make_tiny):
     path = make_tiny("Q4_K_M")
-    process = subprocess.Popen(cli("serve", str(path), "--workers", "2", "--port", "0", "--threads", "1"),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "KIMI_API_KEY": ""})
+    process = start(cli("serve", str(path), "--workers", "2", "--port", "0", "--threads", "1"),
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "KIMI_API_KEY": ""})
     url = None
     for line in process.stderr:  # the first line names the address, before the model loads
         if (match := re.search(r"(http://127\.0\.0\.1:\d+)/v1", line)):
@@ -43,8 +63,7 @@ def served(make_tiny):
         assert process.poll() is None and time.monotonic() < deadline, "serve did not become ready"
         time.sleep(0.2)
     yield path, url, process
-    if process.poll() is None:
-        process.kill()
+    stop(process)
 
 
 def generate(path, *extra: str) -> str:
@@ -98,6 +117,22 @@ def expert_worker_pids() -> list[int]:
     return pids
 
 
+def all_gone(pids, timeout_s: float = 10) -> bool:
+    """Whether every one of `pids` has exited (a zombie waiting to be reaped counts as exited)."""
+    def alive(pid: int) -> bool:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        return stat[stat.rindex(")") + 2] != "Z"
+    deadline = time.monotonic() + timeout_s
+    while any(alive(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 def test_a_dead_worker_turns_requests_and_health_into_errors_naming_it(served):
     _, url, process = served
     workers = expert_worker_pids()
@@ -116,10 +151,12 @@ def test_a_dead_worker_turns_requests_and_health_into_errors_naming_it(served):
 
 def test_ctrl_c_stops_the_server_and_its_workers(served):
     _, url, process = served
+    workers = expert_worker_pids()
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=30) == 130
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/health")
+    assert all_gone(workers)
 
 
 def test_chat_keeps_the_conversation_and_reset_forgets_it(make_tiny):
@@ -134,12 +171,20 @@ def test_chat_keeps_the_conversation_and_reset_forgets_it(make_tiny):
     assert replies[1] != replies[0]  # with the first exchange in the prompt, the answer changes
 
 
-def test_sigterm_stops_a_server_cleanly(make_tiny):
-    process = subprocess.Popen(cli("serve", str(make_tiny("Q4_K_M")), "--port", "0"), stderr=subprocess.PIPE,
-                               stdout=subprocess.DEVNULL, text=True)
-    for line in process.stderr:
-        if "ready at" in line:
-            break
-    process.terminate()
-    assert process.wait(timeout=30) == 130
-    assert "interrupted" in process.stderr.read()
+def test_sigterm_stops_a_server_and_its_workers_cleanly_with_one_line(make_tiny):
+    others = set(expert_worker_pids())
+    process = start(cli("serve", str(make_tiny("Q4_K_M")), "--port", "0", "--workers", "1", "--threads", "1"),
+                    stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        for line in process.stderr:
+            if "ready at" in line:
+                break
+        workers = set(expert_worker_pids()) - others
+        assert workers
+        process.terminate()
+        assert process.wait(timeout=30) == 0
+        after = process.stderr.read()
+        assert after.strip().splitlines() == ["kimi-cluster: stopped (SIGTERM)"], after  # no Ray stack dump
+        assert all_gone(workers)
+    finally:
+        stop(process)
