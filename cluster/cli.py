@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 DEMO_PATH = Path.home() / ".cache" / "kimi-cluster" / "kimi-demo-tiny.gguf"
 DEMO_PROMPT = "Write one sentence about pooling the memory of several computers."
 DEFAULT_CONTEXT, DEFAULT_MAX_SEQUENCES = 4096, 16
@@ -162,11 +164,15 @@ def cmd_plan(args) -> None:
 
 
 def cmd_inspect(args) -> None:
-    from runtime.config import ModelConfig
+    """Print what the file holds, once its header, tensors and tokenizer have been checked (no tensor data read)."""
+    from cluster.placement import format_bytes
     from runtime.gguf_file import GGUFModelFile
+    from runtime.model import checked_config
+    from runtime.tokenizer import Tokenizer
     model_file = GGUFModelFile(args.model)
-    config = ModelConfig.from_metadata(model_file.metadata, str(model_file.path))
-    print(f"file: {', '.join(str(p) for p in model_file.paths)}  ({model_file.file_bytes / 1e9:.2f} GB)")
+    config = checked_config(model_file)
+    tokenizer = Tokenizer.from_metadata(model_file.metadata)
+    print(f"file: {', '.join(str(p) for p in model_file.paths)}  ({format_bytes(model_file.file_bytes)})")
     print(f"architecture: {model_file.architecture}  name: {model_file.metadata.get('general.name', '?')}")
     print(f"layers: {config.num_layers} ({config.num_dense_layers} dense)  n_embd: {config.n_embd}  "
           f"heads: {config.num_heads}  q_lora: {config.q_lora_rank}  kv_lora: {config.kv_lora_rank}  "
@@ -176,7 +182,9 @@ def cmd_inspect(args) -> None:
           f"shared, n_ff {config.n_ff_expert}  gating: {'sigmoid' if config.gating_func == 2 else 'softmax'}  "
           f"scale: {config.expert_weights_scale:.4g}  groups: {config.num_expert_groups}")
     print(f"context: {config.context_length}  rope: {config.rope_scaling_type} x{config.rope_factor:g} "
-          f"base {config.rope_base:g}  vocab: {config.vocab_size}")
+          f"base {config.rope_base:g}  vocab: {config.vocab_size} tokens ({tokenizer.vocab_size} in the tokenizer, "
+          f"pre-tokenizer {model_file.metadata.get('tokenizer.ggml.pre')}, "
+          f"chat template {'yes' if tokenizer.chat_template else 'none'})")
     by_type: dict[str, list[int]] = {}
     for info in model_file.tensors.values():
         entry = by_type.setdefault(info.ggml_type.name, [0, 0])
@@ -186,8 +194,10 @@ def cmd_inspect(args) -> None:
     other_bytes = sum(info.nbytes for info in model_file.tensors.values()) - expert_bytes
     print("tensor types:")
     for name, (count, nbytes) in sorted(by_type.items(), key=lambda kv: -kv[1][1]):
-        print(f"  {name:8s} {count:5d} tensors  {nbytes / 1e9:10.3f} GB")
-    print(f"routed experts: {expert_bytes / 1e9:.3f} GB   everything else (head node): {other_bytes / 1e9:.3f} GB")
+        print(f"  {name:8s} {count:5d} tensors  {format_bytes(nbytes):>10s}")
+    print(f"routed experts: {format_bytes(expert_bytes)}   everything else (head node): {format_bytes(other_bytes)}")
+    print("checked: every tensor the model reads is present, with the shape the metadata implies and a type "
+          "ggml computes; the tokenizer loads")
 
 
 def cmd_make_model(args) -> None:
@@ -309,27 +319,35 @@ def cmd_demo(args) -> None:
     from cluster.client import stream_chat
     from runtime.demo_model import make_model
     _sampling_params(args)
-    path = Path(args.model) if args.model else DEMO_PATH
+    path = Path(args.model)
     if not path.exists():
         print(f"writing the demo model to {path} ...", file=sys.stderr)
         make_model(path, preset="tiny")
     args.model = str(path)
     with _serving(args, args.host, args.port) as url:
         print(f"prompt: {DEMO_PROMPT}\nreply (random weights, so the words are random too):")
-        started, text, usage = time.perf_counter(), [], {}
+        started, first_at, usage = time.perf_counter(), None, {}
         for choice in stream_chat(url, [{"role": "user", "content": DEMO_PROMPT}], args.api_key,
                                   max_tokens=args.max_tokens, temperature=args.temperature):
             usage = choice.get("usage", usage)
-            text.append(choice.get("delta", {}).get("content") or "")
-            print(text[-1], end="", flush=True)
-        seconds = time.perf_counter() - started
-        print(f"\n[{usage.get('completion_tokens', 0)} tokens in {seconds:.2f} s: "
-              f"{usage.get('completion_tokens', 0) / seconds:.1f} tokens/s through the API, experts on "
-              f"{args.workers} workers]")
+            text = choice.get("delta", {}).get("content") or ""
+            if text and first_at is None:
+                first_at = time.perf_counter()
+            print(text, end="", flush=True)
+        print(f"\n[{_demo_speed(usage.get('completion_tokens', 0), started, first_at, time.perf_counter())}, "
+              f"through the API with the experts on {args.workers} workers]")
         if args.once:
             return
         print(f"serving at {url}/v1 (try: kimi-cluster chat --url {url}); Ctrl-C stops", file=sys.stderr)
         _wait_for_ctrl_c()
+
+
+def _demo_speed(tokens: int, started: float, first_at: float | None, ended: float) -> str:
+    """The first token (prompt processing and the first step) apart from the decode rate after it."""
+    if first_at is None or tokens < 2:
+        return f"{tokens} tokens in {ended - started:.2f} s"
+    return (f"first token after {first_at - started:.2f} s, then {tokens - 1} tokens at "
+            f"{(tokens - 1) / (ended - first_at):.1f} tokens/s")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -470,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write the demo model if missing, start a local Ray cluster with 2 expert "
                                    "workers, serve it, send one chat completion through the API, print the reply "
                                    "and tokens/s, and keep serving until Ctrl-C (--once: exit after the reply).")
-    p.add_argument("--model", default=None, help=f"demo model path (default {DEMO_PATH})")
+    p.add_argument("--model", default=str(DEMO_PATH), help="demo model path, written if missing (default %(default)s)")
     p.add_argument("--once", action="store_true", help="exit after the first reply")
     _add_server_args(p)
     _add_sampling_args(p)
@@ -503,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except (GGUFError, ValueError, RuntimeError, OSError) as e:
-        print(f"kimi-cluster: error: {e}", file=sys.stderr)
+        # One line, even when it quotes a damaged file's strings.
+        print(f"kimi-cluster: error: {CONTROL_CHARACTERS.sub(lambda m: repr(m[0])[1:-1], str(e))}", file=sys.stderr)
         return 2
     except Terminated:
         print("kimi-cluster: stopped (SIGTERM)", file=sys.stderr)

@@ -112,11 +112,11 @@ class Placement:
         for node, per_layer in self.experts.items():
             counts = [len(per_layer.get(layer, ())) for layer in layers]
             shares = [100 * c / experts_in_layer[layer] for c, layer in zip(counts, layers)]
-            rows.append([_node_label(node, self.head_node), _span(counts, "{}"), _gib(self.bytes_per_node[node]),
-                         _gib(self.budgets[node]), _span(shares, "{:.1f}%")])
-        rows.append(["total", _span(list(experts_in_layer.values()), "{}"), _gib(sum(self.bytes_per_node.values())),
-                     _gib(sum(self.budgets.values())), "100%" if layers else ""])
-        header = ["node", "experts/layer", "experts GiB", "usable GiB", "share of layer"]
+            rows.append([_node_label(node, self.head_node), _span(counts, "{}"), format_bytes(self.bytes_per_node[node]),
+                         format_bytes(self.budgets[node]), _span(shares, "{:.1f}%")])
+        rows.append(["total", _span(list(experts_in_layer.values()), "{}"), format_bytes(sum(self.bytes_per_node.values())),
+                     format_bytes(sum(self.budgets.values())), "100%" if layers else ""])
+        header = ["node", "experts/layer", "experts", "usable", "share of layer"]
         lines = [f"{len(layers)} MoE layers over {len(self.experts)} nodes", _render(header, rows)]
         if self.disk_backed:
             lines.append("disk-backed: experts exceed some nodes' memory; those workers page them from local disk")
@@ -145,9 +145,9 @@ def plan(inventory: Inventory, nodes: list[NodeBudget], reserve_bytes: int = DEF
         raise PlacementError(f"reserve_bytes must not be negative, not {reserve_bytes}")
     if head.memory_bytes - reserve_bytes < inventory.head_bytes:
         raise PlacementError(
-            f"head node '{head.name}' needs {_gib(inventory.head_bytes)} GiB for attention, dense layers, shared "
-            f"experts, embeddings and the KV cache ({_gib(inventory.kv_cache_bytes)} GiB of it), but offers "
-            f"{_gib(head.memory_bytes - reserve_bytes)} GiB after the {_gib(reserve_bytes)} GiB reserve; give it "
+            f"head node '{head.name}' needs {format_bytes(inventory.head_bytes)} for attention, dense layers, shared "
+            f"experts, embeddings and the KV cache ({format_bytes(inventory.kv_cache_bytes)} of it), but offers "
+            f"{format_bytes(head.memory_bytes - reserve_bytes)} after the {format_bytes(reserve_bytes)} reserve; give it "
             "more memory, make a bigger machine the head, or lower context / max_sequences")
     usable = [max(0, n.memory_bytes - reserve_bytes - (inventory.head_bytes if n is head else 0)) for n in nodes]
     # With no memory left anywhere (only possible with allow_disk), share the disk paging equally.
@@ -157,8 +157,8 @@ def plan(inventory: Inventory, nodes: list[NodeBudget], reserve_bytes: int = DEF
     if total > available:
         if not allow_disk:
             raise PlacementError(_shortfall(inventory, nodes, head, reserve_bytes, usable, owner,
-                                            f"the routed experts need {_gib(total)} GiB but the {len(nodes)} "
-                                            f"nodes have {_gib(available)} GiB usable for them"))
+                                            f"the routed experts need {format_bytes(total)} but the {len(nodes)} "
+                                            f"nodes have {format_bytes(available)} usable for them"))
         fits = False
     else:
         fits = _fit_to_budgets(owner, inventory, weights, usable)
@@ -262,13 +262,13 @@ def _placement(inventory: Inventory, nodes: list[NodeBudget], head: NodeBudget, 
 def _shortfall(inventory: Inventory, nodes: list[NodeBudget], head: NodeBudget, reserve_bytes: int,
                usable: list[int], owner: np.ndarray, problem: str) -> str:
     needed = _bytes_per_node(owner, inventory, len(nodes))
-    rows = [[_node_label(node.name, head.name), _gib(node.memory_bytes), _gib(reserve_bytes),
-             _gib(inventory.head_bytes) if node is head else "", _gib(usable[n]), _gib(needed[n]),
-             _gib(max(0, needed[n] - usable[n]))] for n, node in enumerate(nodes)]
-    rows.append(["total", _gib(sum(n.memory_bytes for n in nodes)), _gib(reserve_bytes * len(nodes)),
-                 _gib(inventory.head_bytes), _gib(sum(usable)), _gib(sum(needed)),
-                 _gib(sum(max(0, need - room) for need, room in zip(needed, usable)))])
-    header = ["node", "memory GiB", "reserve GiB", "head GiB", "usable GiB", "experts need GiB", "short GiB"]
+    rows = [[_node_label(node.name, head.name), format_bytes(node.memory_bytes), format_bytes(reserve_bytes),
+             format_bytes(inventory.head_bytes) if node is head else "", format_bytes(usable[n]), format_bytes(needed[n]),
+             format_bytes(max(0, needed[n] - usable[n]))] for n, node in enumerate(nodes)]
+    rows.append(["total", format_bytes(sum(n.memory_bytes for n in nodes)), format_bytes(reserve_bytes * len(nodes)),
+                 format_bytes(inventory.head_bytes), format_bytes(sum(usable)), format_bytes(sum(needed)),
+                 format_bytes(sum(max(0, need - room) for need, room in zip(needed, usable)))])
+    header = ["node", "memory", "reserve", "head", "usable", "experts need", "short"]
     return f"{problem}:\n{_render(header, rows)}\n{ALLOW_DISK_HINT}"
 
 
@@ -276,8 +276,12 @@ def _node_label(name: str, head_name: str) -> str:
     return f"{name} (head)" if name == head_name else name
 
 
-def _gib(nbytes: int) -> str:
-    return f"{nbytes / GiB:.1f}"
+def format_bytes(nbytes: int) -> str:
+    """In the unit that shows the number: '512.0 MiB', '1.3 GiB' (GiB is 2^30 bytes, as `free -g` counts)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(nbytes) < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} B" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
 
 
 def _span(values: list, fmt: str) -> str:

@@ -8,6 +8,8 @@ from typing import Any, Mapping
 from .gguf_file import GGUFError
 
 GATING_SOFTMAX, GATING_SIGMOID = 1, 2
+MAX_LAYERS, MAX_EXPERTS = 512, 512  # llama.cpp's limits (src/llama-hparams.h)
+MAX_SIZE = 1 << 24  # no width, count or context of a real model comes near it
 
 
 @dataclass(frozen=True)
@@ -57,48 +59,79 @@ class ModelConfig:
                                 "by a deepseek2-aware converter")
             return default
 
-        num_layers = int(get("block_count"))
+        def count(key: str, default: int | None = None, at_least: int = 1, at_most: int = MAX_SIZE) -> int:
+            value = get(key, default)
+            if not isinstance(value, int) or isinstance(value, bool) or not at_least <= value <= at_most:
+                raise GGUFError(f"{source}: metadata '{arch}.{key}' is {value!r}; it must be an integer from "
+                                f"{at_least} to {at_most:,}, so the file is corrupt or not a deepseek2 model")
+            return value
+
+        def number(key: str, default: float | None = None) -> float:
+            value = get(key, default)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise GGUFError(f"{source}: metadata '{arch}.{key}' is {value!r}; it must be a finite number, so "
+                                "the file is corrupt")
+            return float(value)
+
+        num_layers = count("block_count", at_most=MAX_LAYERS)
         has_mla_keys = f"{arch}.attention.key_length_mla" in metadata and f"{arch}.attention.value_length_mla" in metadata
-        rope_dim = int(get("rope.dimension_count"))
+        rope_dim = count("rope.dimension_count")
         scaling_type = str(get("rope.scaling.type", "none"))
         # llama.cpp stores yarn_log_multiplier pre-multiplied by 0.1 for deepseek2 and divides it back out.
-        yarn_log_mul = float(get("rope.scaling.yarn_log_multiplier", 0.0)) / 0.1
-        vocab_size = int(get("vocab_size", len(metadata.get("tokenizer.ggml.tokens", [])) or None))
-        return cls(
+        yarn_log_mul = number("rope.scaling.yarn_log_multiplier", 0.0) / 0.1
+        vocab_size = count("vocab_size", len(metadata.get("tokenizer.ggml.tokens", [])) or None)
+        config = cls(
             arch=arch,
             num_layers=num_layers,
-            context_length=int(get("context_length")),
-            n_embd=int(get("embedding_length")),
-            n_ff_dense=int(get("feed_forward_length")),
-            num_heads=int(get("attention.head_count")),
-            rms_eps=float(get("attention.layer_norm_rms_epsilon")),
-            num_experts=int(get("expert_count")),
-            num_experts_used=int(get("expert_used_count")),
-            num_expert_groups=int(get("expert_group_count", 1)),
-            num_expert_groups_used=int(get("expert_group_used_count", 1)),
+            context_length=count("context_length"),
+            n_embd=count("embedding_length"),
+            n_ff_dense=count("feed_forward_length"),
+            num_heads=count("attention.head_count"),
+            rms_eps=number("attention.layer_norm_rms_epsilon"),
+            num_experts=count("expert_count", at_most=MAX_EXPERTS),
+            num_experts_used=count("expert_used_count"),
+            num_expert_groups=count("expert_group_count", 1),
+            num_expert_groups_used=count("expert_group_used_count", 1),
             # Absent means softmax in llama.cpp (old DeepSeek V2 files); Kimi files always say sigmoid.
-            gating_func=int(get("expert_gating_func", GATING_SOFTMAX)),
-            num_dense_layers=int(get("leading_dense_block_count", 0)),
+            gating_func=count("expert_gating_func", GATING_SOFTMAX, at_most=GATING_SIGMOID),
+            num_dense_layers=count("leading_dense_block_count", 0, at_least=0),
             vocab_size=vocab_size,
-            q_lora_rank=int(get("attention.q_lora_rank")),
-            kv_lora_rank=int(get("attention.kv_lora_rank")),
-            head_dim_qk=int(get("attention.key_length_mla") if has_mla_keys else get("attention.key_length")),
-            head_dim_v=int(get("attention.value_length_mla") if has_mla_keys else get("attention.value_length")),
-            n_ff_expert=int(get("expert_feed_forward_length")),
-            num_shared_experts=int(get("expert_shared_count")),
-            expert_weights_scale=float(get("expert_weights_scale", 1.0)),
+            q_lora_rank=count("attention.q_lora_rank"),
+            kv_lora_rank=count("attention.kv_lora_rank"),
+            head_dim_qk=count("attention.key_length_mla" if has_mla_keys else "attention.key_length"),
+            head_dim_v=count("attention.value_length_mla" if has_mla_keys else "attention.value_length"),
+            n_ff_expert=count("expert_feed_forward_length"),
+            num_shared_experts=count("expert_shared_count", at_least=0),
+            expert_weights_scale=number("expert_weights_scale", 1.0),
             expert_weights_norm=bool(get("expert_weights_norm", False)),
             rope_dim=rope_dim,
-            rope_base=float(get("rope.freq_base", 10000.0)),
+            rope_base=number("rope.freq_base", 10000.0),
             rope_scaling_type=scaling_type,
-            rope_factor=float(get("rope.scaling.factor", 1.0)) if scaling_type != "none" else 1.0,
-            rope_orig_context=int(get("rope.scaling.original_context_length", get("context_length"))),
+            rope_factor=number("rope.scaling.factor", 1.0) if scaling_type != "none" else 1.0,
+            rope_orig_context=count("rope.scaling.original_context_length", count("context_length")),
             yarn_log_mul=yarn_log_mul,
             # llama.cpp's deepseek2 loader ignores the file's yarn_beta_* keys and uses these defaults.
             yarn_beta_fast=32.0,
             yarn_beta_slow=1.0,
             is_mla=has_mla_keys,
         )
+        config._check_consistency(source)
+        return config
+
+    def _check_consistency(self, source: str) -> None:
+        """Values that are each in range but cannot go together."""
+        problems = [
+            (self.num_experts_used <= self.num_experts, f"uses {self.num_experts_used} of {self.num_experts} experts"),
+            (self.num_dense_layers <= self.num_layers,
+             f"has {self.num_dense_layers} dense layers of {self.num_layers}"),
+            (self.num_experts % self.num_expert_groups == 0 and self.num_expert_groups_used <= self.num_expert_groups,
+             f"groups {self.num_experts} experts in {self.num_expert_groups} groups, using "
+             f"{self.num_expert_groups_used}"),
+            (self.rope_dim < self.head_dim_qk, f"rotates {self.rope_dim} of {self.head_dim_qk} query dimensions"),
+        ]
+        for ok, what in problems:
+            if not ok:
+                raise GGUFError(f"{source}: the metadata {what}, which cannot be; the file is corrupt")
 
     @property
     def head_dim_nope(self) -> int:

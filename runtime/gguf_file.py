@@ -14,13 +14,11 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
 
+from .gguf_reader import GGUFError, open_reader
+
 SUPPORTED_ARCHITECTURES = ("deepseek2",)
 SPLIT_NAME = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 EXPERT_TENSOR_KINDS = ("gate", "up", "down", "gate_up")
-
-
-class GGUFError(ValueError):
-    """A GGUF file that cannot be used, with the file named and what to do about it."""
 
 
 @dataclass(frozen=True)
@@ -45,43 +43,13 @@ class ByteRange:
     nbytes: int
 
 
-class _BoundsCheckedReader(GGUFReader):
-    """GGUFReader that names the tensor whose data lies past the end of the file, or whose type is unknown."""
-
-    def _build_tensors(self, start_offs: int, fields: list) -> None:
-        file_size = len(self.data)
-        for field in fields:
-            _, name_data, _, dims, raw_type, tensor_offset = field.parts
-            name = bytes(name_data).decode("utf-8", "replace")
-            try:
-                ggml_type = GGMLQuantizationType(int(raw_type[0]))
-            except ValueError:
-                raise GGUFError(f"tensor '{name}' has ggml type id {int(raw_type[0])}, which this build does not "
-                                "know; update kimi-cluster (and its gguf package) or re-quantize the file") from None
-            block_size, type_size = GGML_QUANT_SIZES[ggml_type]
-            end = start_offs + int(tensor_offset[0]) + int(np.prod(dims)) * type_size // block_size
-            if end > file_size:
-                raise GGUFError(f"tensor '{name}' needs bytes up to {end:,} but the file has only {file_size:,} "
-                                "bytes: the file is truncated or corrupt; download it again")
-        super()._build_tensors(start_offs, fields)
-
-
 def _open_reader(path: Path) -> GGUFReader:
     if path.is_dir():
         raise GGUFError(f"{path}: is a directory; give the path of a .gguf file (of a split set, its "
                         f"-00001-of-NNNNN.gguf part){_ggufs_inside(path)}")
     if not path.is_file():
         raise GGUFError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise GGUFError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
-    try:
-        return _BoundsCheckedReader(path)
-    except GGUFError as e:
-        raise GGUFError(f"{path}: {e}") from None
-    except (ValueError, IndexError, KeyError, UnicodeDecodeError, OverflowError) as e:
-        raise GGUFError(f"{path}: the GGUF header is truncated or corrupt ({e}); download the file again") from None
+    return open_reader(path)
 
 
 def _ggufs_inside(folder: Path) -> str:

@@ -22,6 +22,16 @@ from .router import route
 REPACK_CHOICES = ("none", "experts", "head", "all")
 
 
+def checked_config(model_file: GGUFModelFile) -> ModelConfig:
+    """The file's hyperparameters, once every tensor the model reads is there with the shape they imply and
+    a type ggml computes (a GGUFError otherwise). Reads headers only."""
+    config = ModelConfig.from_metadata(model_file.metadata, source=str(model_file.path))
+    shapes, optional = config.tensor_shapes(
+        has_fused_gate_up=model_file.has(f"blk.{config.num_dense_layers}.ffn_gate_up_exps.weight"))
+    model_file.check_tensors(shapes, optional, COMPUTABLE_TYPES)
+    return config
+
+
 class KimiModel:
     """repack: which weights get copied into ggml's faster interleaved layout: "none" (everything read
     in place from the mapped file), "experts" (the routed experts only), "head" (the weights the head node
@@ -37,10 +47,7 @@ class KimiModel:
         if repack not in REPACK_CHOICES:
             raise ValueError(f"repack must be one of {', '.join(REPACK_CHOICES)}, not '{repack}'")
         self.file = model_file
-        self.config = ModelConfig.from_metadata(model_file.metadata, source=str(model_file.path))
-        shapes, optional = self.config.tensor_shapes(
-            has_fused_gate_up=model_file.has(f"blk.{self.config.num_dense_layers}.ffn_gate_up_exps.weight"))
-        model_file.check_tensors(shapes, optional, COMPUTABLE_TYPES)
+        self.config = checked_config(model_file)
         self.runner = runner or GgmlRunner()
         self.repack_head = repack in ("head", "all")
         self.experts = experts or self._local_experts(repack in ("experts", "all"), progress)

@@ -82,7 +82,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 def _live_descendants() -> dict[int, str]:
     """pid -> command line of every live process below this one (zombies are reaped, not counted)."""
-    parents, names = {}, {}
+    parents, names, zombies = {}, {}, set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -92,17 +92,18 @@ def _live_descendants() -> dict[int, str]:
         except OSError:  # it ended meanwhile
             continue
         state, ppid = stat[stat.rindex(")") + 2:].split()[:2]
-        if state == "Z":
-            if int(ppid) == os.getpid():
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(int(entry.name), os.WNOHANG)
-            continue
         parents[int(entry.name)] = int(ppid)
-    found, frontier = {}, {os.getpid()}
+        if state == "Z":
+            zombies.add(int(entry.name))
+    found, frontier = set(), {os.getpid()}
     while frontier:
         frontier = {pid for pid, ppid in parents.items() if ppid in frontier and pid not in found}
-        found.update({pid: names[pid][:200] for pid in frontier})
-    return found
+        found |= frontier
+    for pid in found & zombies:
+        if parents[pid] == os.getpid():
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+    return {pid: names[pid][:200] for pid in sorted(found - zombies)}
 
 
 def pytest_unconfigure(config):

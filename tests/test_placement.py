@@ -212,3 +212,12 @@ def test_inventory_kv_cache_of_a_legacy_attention_file(make_tiny):
     inventory = Inventory.from_model(model_file, config, context=100, max_sequences=1)
     per_token_layer = config.num_heads * (config.head_dim_qk + config.head_dim_v)
     assert inventory.kv_cache_bytes == 2 * per_token_layer * config.num_layers * 100
+
+
+def test_a_small_model_plan_shows_its_sizes_in_units_that_show_them():
+    inventory = uniform_inventory(num_layers=2, num_experts=16, expert_bytes=640 * 1024, head_bytes=30 * 2**20)
+    placement = plan(inventory, [NodeBudget("head", GiB, is_head=True), NodeBudget("worker", GiB)], reserve_bytes=0)
+    table = placement.format_table()
+    assert "10.0 MiB" in table and "20.0 MiB" in table and "0.0 GiB" not in table  # 16 experts of 640 KiB per node
+    with pytest.raises(PlacementError, match=r"needs 30.0 MiB .* offers 20.0 MiB"):
+        plan(inventory, [NodeBudget("head", 20 * 2**20, is_head=True)], reserve_bytes=0)
