@@ -129,9 +129,9 @@ class Tokenizer:
         self._types = [int(t) for t in token_types]  # gguf.TokenType values; 0 (undefined) is allowed
         self.pre = pre
         for name, token_id in (("bos", bos_id), ("eos", eos_id)):
-            if not 0 <= token_id < len(self._texts):
-                raise ValueError(f"tokenizer.ggml.{name}_token_id is {token_id}, outside the {len(self._texts)}-token "
-                                 "vocabulary; fix the GGUF's tokenizer metadata")
+            if not isinstance(token_id, int) or isinstance(token_id, bool) or not 0 <= token_id < len(self._texts):
+                raise ValueError(f"tokenizer.ggml.{name}_token_id is {token_id!r}, not an id in the "
+                                 f"{len(self._texts)}-token vocabulary; fix the GGUF's tokenizer metadata")
         self._bos_id, self._eos_id, self.add_bos, self.chat_template = bos_id, eos_id, add_bos, chat_template
 
         vocab = {text: i for i, text in enumerate(self._texts)}
@@ -172,15 +172,15 @@ class Tokenizer:
             raise ValueError(f"tokenizer.ggml.pre is {pre!r}; supported pre-tokenizers are "
                              f"{', '.join(PRE_TOKENIZER_PATTERNS)}. Re-convert the model with a current "
                              "llama.cpp convert_hf_to_gguf.py, or add its regexes to PRE_TOKENIZER_PATTERNS")
-        tokens = metadata.get("tokenizer.ggml.tokens")
+        tokens = _metadata_list(metadata, "tokenizer.ggml.tokens", str)
         if not tokens:
             raise ValueError("the GGUF has no tokenizer.ggml.tokens; it carries no vocabulary")
-        token_types = metadata.get("tokenizer.ggml.token_type") or [TokenType.NORMAL] * len(tokens)
+        token_types = _metadata_list(metadata, "tokenizer.ggml.token_type", int) or [TokenType.NORMAL] * len(tokens)
         if len(token_types) != len(tokens):
             raise ValueError(f"tokenizer.ggml.token_type has {len(token_types)} entries for {len(tokens)} tokens; "
                              "the file's tokenizer metadata is inconsistent")
         if "tokenizer.ggml.merges" in metadata:
-            merges = [_split_merge(m) for m in metadata["tokenizer.ggml.merges"]]
+            merges = [_split_merge(m) for m in _metadata_list(metadata, "tokenizer.ggml.merges", str)]
         elif pre == "kimi-k2":
             # Rebuild the merges from the rank order as llama.cpp's converter (and tiktoken) would. llama.cpp
             # itself loads such a file but merges nothing (every byte its own token); converter-written
@@ -192,11 +192,13 @@ class Tokenizer:
         else:
             raise ValueError(f"the GGUF has no tokenizer.ggml.merges, which pre-tokenizer {pre!r} needs; "
                              "re-convert the model with llama.cpp's convert_hf_to_gguf.py")
+        template = metadata.get("tokenizer.chat_template")
+        if template is not None and not isinstance(template, str):
+            raise ValueError(f"tokenizer.chat_template is a {type(template).__name__}, not text; the file is corrupt")
         return cls(tokens, token_types, merges, pre,
-                   bos_id=int(metadata.get("tokenizer.ggml.bos_token_id", DEFAULT_BOS_ID)),
-                   eos_id=int(metadata.get("tokenizer.ggml.eos_token_id", DEFAULT_EOS_ID)),
-                   add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
-                   chat_template=metadata.get("tokenizer.chat_template"))
+                   bos_id=metadata.get("tokenizer.ggml.bos_token_id", DEFAULT_BOS_ID),
+                   eos_id=metadata.get("tokenizer.ggml.eos_token_id", DEFAULT_EOS_ID),
+                   add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", False)), chat_template=template)
 
     @property
     def vocab_size(self) -> int:
@@ -300,6 +302,15 @@ class StreamDecoder:
     def flush(self) -> str:
         """Whatever is held back, as U+FFFD if the stream ended inside a character."""
         return self._utf8.decode(b"", final=True)
+
+
+def _metadata_list(metadata: Mapping[str, Any], key: str, item_type: type) -> list:
+    """A list-valued key whose items are all of item_type (absent: an empty list)."""
+    values = metadata.get(key, [])
+    if not isinstance(values, list) or not all(isinstance(v, item_type) for v in values):
+        raise ValueError(f"{key} must be a list of {item_type.__name__} values; the file's tokenizer metadata is "
+                         "corrupt")
+    return values
 
 
 def _split_merge(merge: str) -> tuple[str, str]:

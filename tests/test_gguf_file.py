@@ -172,3 +172,25 @@ def test_fused_gate_up_experts_have_the_same_bytes(tiny_q4km, tmp_path):
         gate_up = fused.byte_view(fused.expert_range(1, expert, "gate_up"))
         gate, up = (plain.byte_view(plain.expert_range(1, expert, k)) for k in ("gate", "up"))
         assert np.array_equal(gate_up, np.concatenate([gate, up]))
+
+
+U32, STR, F32 = GGUFValueType.UINT32, GGUFValueType.STRING, GGUFValueType.FLOAT32
+
+
+@pytest.mark.parametrize("key, value, value_type, words", [
+    ("deepseek2.block_count", 2**31 - 1, U32, "'deepseek2.block_count' is 2147483647; it must be an integer from 1 to 512"),
+    ("deepseek2.block_count", "three", STR, "'deepseek2.block_count' is 'three'; it must be an integer"),
+    ("deepseek2.block_count", 2.5, F32, "'deepseek2.block_count' is 2.5; it must be an integer"),
+    ("deepseek2.block_count", 0, U32, "'deepseek2.block_count' is 0; it must be an integer from 1"),
+    ("deepseek2.expert_used_count", 99, U32, "the metadata uses 99 of 16 experts, which cannot be"),
+    ("deepseek2.expert_gating_func", 7, U32, "'deepseek2.expert_gating_func' is 7; it must be an integer from 1 to 2"),
+    ("deepseek2.attention.layer_norm_rms_epsilon", "tiny", STR, "must be a finite number"),
+    ("tokenizer.ggml.eos_token_id", "x", STR, "tokenizer.ggml.eos_token_id is 'x', not an id in the 2891-token"),
+])
+def test_metadata_of_the_wrong_type_or_range_is_named(tiny_q4km, tmp_path, key, value, value_type, words, capsys):
+    """Checked before anything uses it: a layer count of 2^31 once made the tensor check run for hours."""
+    from cluster import cli
+    path = rewrite_gguf(tiny_q4km, tmp_path / "bad.gguf", set_keys={key: (value, value_type)})
+    assert cli.main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "invalid literal" not in err, err
