@@ -259,9 +259,10 @@ class ExpertCluster:
             self.remote.close()
         for actor in self.actors.values():
             ray.kill(actor)
-        self.actors.clear()
         if self._started_ray:
             ray.shutdown()
+        # Dropped only now: handles that go out of scope while Ray shuts down log an error each.
+        self.actors.clear()
         if self._ray_temp_dir is not None:
             shutil.rmtree(self._ray_temp_dir, ignore_errors=True)
 

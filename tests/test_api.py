@@ -26,8 +26,8 @@ PROMPTS = [f"Request {i}: tell me about {topic}" for i, topic in
            enumerate(["memory", "experts", "routers", "caches", "GPUs", "Ray", "gRPC", "YaRN"] * 2)]
 
 
-def start_server(model, tokenizer, api_key=KEY, **engine_options) -> SimpleNamespace:
-    service = Service("tiny", tokenizer, CONTEXT, api_key=api_key)
+def start_server(model, tokenizer, api_key=KEY, access_log=None, **engine_options) -> SimpleNamespace:
+    service = Service("tiny", tokenizer, CONTEXT, api_key=api_key, access_log=access_log)
     api = ApiServer(service, "127.0.0.1", 0)
     url = f"http://127.0.0.1:{api.start()}"
     if model is not None:
@@ -241,6 +241,30 @@ def test_a_full_queue_answers_503_and_serves_again(parts):
         busy = next(r for r in responses if r.status_code == 503)
         assert busy.json()["error"]["code"] == "server_busy" and busy.headers["retry-after"]
         assert post(server, "/v1/completions", GOOD).status_code == 200
+    finally:
+        stop_server(server)
+
+
+def test_one_access_line_per_finished_request(parts):
+    lines = []
+    server = start_server(*parts, access_log=lines.append)
+    try:
+        post(server, "/v1/completions", {**GOOD, "max_tokens": 5, "temperature": 0})
+        assert lines[-1].startswith("POST /v1/completions 200 in ")
+        assert "prompt + 5 generated tokens, first after " in lines[-1] and lines[-1].endswith("tokens/s")
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                          json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True},
+                          timeout=60) as response:
+            count = len(lines)
+            body = [line for line in response.iter_lines() if line]
+            assert body[-1] == "data: [DONE]"
+        deadline = time.monotonic() + 5
+        while len(lines) == count and time.monotonic() < deadline:  # logged once the stream has ended
+            time.sleep(0.01)
+        assert len(lines) == count + 1 and " + 3 generated tokens" in lines[-1]
+        post(server, "/v1/completions", {**GOOD, "temperature": 9})
+        assert lines[-1].startswith("POST /v1/completions 400 in ") and "generated" not in lines[-1]
+        assert len(lines) == 3
     finally:
         stop_server(server)
 

@@ -117,6 +117,22 @@ def expert_worker_pids() -> list[int]:
     return pids
 
 
+def descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text() if entry.name.isdigit() else None
+        except OSError:
+            continue
+        if stat:
+            children.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(entry.name))
+    found, frontier = set(), [pid]
+    while frontier:
+        frontier = [child for parent in frontier for child in children.get(parent, ())]
+        found.update(frontier)
+    return found
+
+
 def all_gone(pids, timeout_s: float = 10) -> bool:
     """Whether every one of `pids` has exited (a zombie waiting to be reaped counts as exited)."""
     def alive(pid: int) -> bool:
@@ -181,10 +197,17 @@ def test_sigterm_stops_a_server_and_its_workers_cleanly_with_one_line(make_tiny)
                 break
         workers = set(expert_worker_pids()) - others
         assert workers
+        ray_commands = [Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+                        for pid in descendants(process.pid)]
+        assert not any("ray-dashboard-" in command for command in ray_commands)  # no dashboard modules
+        session_dirs = {match[0] for command in ray_commands for match in [re.search(r"/tmp/kimi-ray-\w+", command)]
+                        if match}
+        assert len(session_dirs) == 1
         process.terminate()
         assert process.wait(timeout=30) == 0
         after = process.stderr.read()
         assert after.strip().splitlines() == ["kimi-cluster: stopped (SIGTERM)"], after  # no Ray stack dump
         assert all_gone(workers)
+        assert not Path(session_dirs.pop()).exists()  # Ray's session files went with it
     finally:
         stop(process)
