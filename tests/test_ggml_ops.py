@@ -65,3 +65,9 @@ def test_repacked_3d_weights_serve_experts_only():
     packed = repack(quantized_weight(Q.Q4_0, 64, 32, 4))
     with pytest.raises(ValueError, match="expert_ffn only"):
         GgmlRunner(1).matmul(packed, np.zeros((4, 3, 64), np.float32))
+
+
+def test_quantize_refuses_rows_that_are_not_whole_blocks():
+    # Q6_K works in blocks of 256: ggml would write past the end of the output and corrupt the heap.
+    with pytest.raises(ValueError, match="Q6_K quantizes rows in blocks of 256 values; a row of 128"):
+        quantize(np.zeros((4, 128), np.float32), Q.Q6_K)

@@ -180,6 +180,7 @@ def test_chat_keeps_the_conversation_and_reset_forgets_it(make_tiny):
     session = subprocess.run(cli("chat", str(path), "--max-tokens", "8"), input="hello\nhello\n/reset\nhello\n",
                              capture_output=True, text=True, timeout=120)
     assert session.returncode == 0, session.stderr
+    assert "http://" not in session.stderr and "/reset forgets the conversation, Ctrl-D quits" in session.stderr
     # stdout: a "> " prompt before each line read, each reply after its prompt; /reset answers nothing.
     replies = [part.strip("\n") for part in session.stdout.split("> ")[1:] if part.strip("\n")]
     assert len(replies) == 3
