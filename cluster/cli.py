@@ -394,8 +394,9 @@ def _add_server_args(p: argparse.ArgumentParser, port: bool = True) -> None:
                             "prompts are prefilled in chunks of what is left; lower it to keep decoding smooth "
                             "while long prompts arrive, raise it for faster prefill")
     group.add_argument("--model-name", default=None, help="the model id clients use (default: the file name)")
-    group.add_argument("--quiet", action="store_true",
-                       help="no access line per request (status, tokens, time to first token, tokens/s)")
+    group.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False,
+                       help="leave out the line printed per request (status, tokens, time to first token, "
+                            "tokens/s) (default %(default)s)")
 
 
 def _add_cluster_args(p: argparse.ArgumentParser) -> None:
@@ -478,9 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write a random model with Kimi K2's layout and tokenizer, for tests and "
                                    "benchmarks; --quant uses llama.cpp's quantizer (needs llama-cpp-python).")
     p.add_argument("out", help="output .gguf path")
-    p.add_argument("--preset", default="tiny", choices=["tiny", "small", "k2-slice"],
-                   help="tiny: 256 wide, for tests; small: 1024 wide, 32 experts; k2-slice: K2's real widths, "
-                        "3 layers, 16 experts (default %(default)s)")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small", "k2-depth", "k2-slice"],
+                   help="tiny: 256 wide, for tests; small: 1024 wide, 32 experts; k2-depth: K2's 61 layers and "
+                        "384 experts at tiny widths, for the framework's cost per layer; k2-slice: K2's real "
+                        "widths, 3 layers, 16 experts (default %(default)s)")
     p.add_argument("--quant", default=None, help="quantize, e.g. Q8_0, Q4_K_M, Q2_K (default: unquantized)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default %(default)s)")
     p.set_defaults(func=cmd_make_model)
@@ -495,7 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     _add_runtime_args(p, serving=True)
     _add_cluster_args(p)
-    p.set_defaults(func=cmd_demo, max_tokens=32, workers=2, model_name="kimi-demo")
+    # Quiet: an access line would land in the middle of the streamed reply it prints.
+    p.set_defaults(func=cmd_demo, max_tokens=32, workers=2, model_name="kimi-demo", quiet=True)
     return parser
 
 

@@ -1,0 +1,77 @@
+"""Decode speed at Kimi K2's depth: one process, `--workers 1` and `--workers 2` against llama.cpp.
+
+    python tests/bench/bench_depth.py [MODEL.gguf] [--threads N] [--rounds R] [--tokens N]
+
+Without MODEL it writes the k2-depth preset (61 layers, 384 experts, 8 used, tiny widths) quantized to
+Q4_K_M by llama.cpp, so that what is measured is the framework's cost per layer rather than the math.
+Each round runs the four in turn in fresh processes (greedy, the same prompt and thread count); the
+medians over rounds are compared, and each is also given as milliseconds per token per layer.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO_ROOT))
+
+from runtime.config import ModelConfig  # noqa: E402
+from runtime.gguf_file import GGUFModelFile  # noqa: E402
+from runtime.tokenizer import Tokenizer  # noqa: E402
+from tests.bench.bench_decode import LLAMA_SCRIPT, prompt_of_exact_length, run_with_peak_rss  # noqa: E402
+
+
+def depth_model(path: str | None) -> Path:
+    model = Path(path) if path else REPO_ROOT / "build" / "k2-depth-Q4_K_M.gguf"
+    if not model.exists():
+        from runtime.demo_model import make_model
+        print(f"writing {model} (k2-depth, Q4_K_M) ...", flush=True)
+        make_model(model, "k2-depth", "Q4_K_M")
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", nargs="?", help="GGUF file (default: make the k2-depth Q4_K_M file)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=32, help="tokens to generate per run")
+    args = parser.parse_args()
+
+    model = depth_model(args.model)
+    model_file = GGUFModelFile(model)
+    num_layers = ModelConfig.from_metadata(model_file.metadata).num_layers
+    text, ids = prompt_of_exact_length(Tokenizer.from_metadata(model_file.metadata))
+    ours = [sys.executable, "-m", "cluster.cli", "generate", str(model), "--prompt", text, "--max-tokens",
+            str(args.tokens), "--threads", str(args.threads), "--json"]
+    commands = {
+        "one process": ours,
+        "--workers 1": ours + ["--workers", "1"],
+        "--workers 2": ours + ["--workers", "2"],
+        "llama.cpp": [sys.executable, "-c", LLAMA_SCRIPT, json.dumps({"model": str(model), "prompt": ids,
+                                                                       "tokens": args.tokens,
+                                                                       "threads": args.threads})],
+    }
+    print(f"model: {model} ({model_file.file_bytes / 1e9:.2f} GB, {num_layers} layers), threads: {args.threads}, "
+          f"generate: {args.tokens} tokens, rounds: {args.rounds} (+1 warm-up)")
+    speeds: dict[str, list[float]] = {name: [] for name in commands}
+    for round_no in range(args.rounds + 1):
+        for name, command in commands.items():
+            result, _ = run_with_peak_rss(command)
+            if round_no > 0:  # the first round warms the page cache for all
+                speeds[name].append(result["tokens_per_s"])
+                print(f"  round {round_no} {name:12s} decode {result['tokens_per_s']:7.2f} tok/s", flush=True)
+
+    one_process, llama = statistics.median(speeds["one process"]), statistics.median(speeds["llama.cpp"])
+    print("\nmedian decode     tok/s  ms/token  ms/token/layer  vs one process  vs llama.cpp")
+    for name, values in speeds.items():
+        rate = statistics.median(values)
+        print(f"  {name:12s} {rate:8.2f} {1000 / rate:9.2f} {1000 / rate / num_layers:15.3f} "
+              f"{rate / one_process:14.2f}x {rate / llama:12.2f}x")
+
+
+if __name__ == "__main__":
+    main()
