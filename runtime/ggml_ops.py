@@ -13,6 +13,7 @@ import ctypes
 import os
 import threading
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -107,6 +108,24 @@ class Weight:
         raw = self.data.reshape(-1)[start * per_item: stop * per_item]
         return Weight(self.ggml_type, self.ne[:-1] + (stop - start,), raw)
 
+    @cached_property
+    def header(self) -> "_TensorHeader":
+        """The ggml tensor over these bytes, made once: making it anew for every graph cost about as much
+        as a small matmul itself."""
+        return _TensorHeader(int(self.ggml_type), self.ne, self.data.ctypes.data)
+
+
+class _TensorHeader:
+    """A ggml tensor header over external bytes, in a context of its own that lives as long as it does."""
+
+    def __init__(self, ggml_type: int, ne: tuple[int, ...], address: int):
+        self._ctx = ggml.ggml_init(ggml.ggml_init_params(mem_size=_TENSOR_OVERHEAD, mem_buffer=None, no_alloc=True))
+        self.tensor = ggml.ggml_new_tensor_4d(self._ctx, ggml_type, *(tuple(int(n) for n in ne) + (1,) * (4 - len(ne))))
+        self.tensor.contents.data = ctypes.c_void_p(address)
+
+    def __del__(self):
+        ggml.ggml_free(self._ctx)
+
 
 class RepackedWeight:
     """A weight copied into ggml's CPU repack buffer: same type and shape, private interleaved bytes."""
@@ -149,23 +168,19 @@ def repack(w: Weight) -> Weight | RepackedWeight:
 
 
 class _Graph:
-    """One computation: a no-alloc context for tensors over external memory, an arena for the rest."""
+    """One computation: a no-alloc context for tensors over external memory, an arena for the rest. Both
+    contexts belong to the calling thread and are reset, not made anew, for each graph."""
 
     def __init__(self, runner: "GgmlRunner", arena_bytes: int):
         self.runner = runner
         self._keep: list[object] = []
-        self.refs = ggml.ggml_init(ggml.ggml_init_params(mem_size=64 * _TENSOR_OVERHEAD, mem_buffer=None,
-                                                         no_alloc=True))
-        arena = runner.arena(arena_bytes + 256 * _TENSOR_OVERHEAD + _GRAPH_OVERHEAD)
-        self.ctx = ggml.ggml_init(ggml.ggml_init_params(mem_size=arena.nbytes, mem_buffer=arena.ctypes.data,
-                                                        no_alloc=False))
+        self.refs, self.ctx = runner.contexts(arena_bytes + 256 * _TENSOR_OVERHEAD + _GRAPH_OVERHEAD)
 
     def __enter__(self) -> "_Graph":
         return self
 
     def __exit__(self, *exc) -> None:
-        ggml.ggml_free(self.ctx)
-        ggml.ggml_free(self.refs)
+        self.runner.release_contexts()
 
     def _external(self, ggml_type: int, ne: tuple[int, ...], address: int, owner: object):
         ne = tuple(int(n) for n in ne) + (1,) * (4 - len(ne))
@@ -175,10 +190,8 @@ class _Graph:
         return t
 
     def weight(self, w: Weight | RepackedWeight):
-        if isinstance(w, RepackedWeight):
-            self._keep.append(w)
-            return w.tensor
-        return self._external(int(w.ggml_type), w.ne, w.data.ctypes.data, w)
+        self._keep.append(w)
+        return w.tensor if isinstance(w, RepackedWeight) else w.header.tensor
 
     def input(self, array: np.ndarray):
         """A float32 or int32 numpy array as a ggml tensor (numpy shape reversed = ggml ne)."""
@@ -202,6 +215,30 @@ class _Graph:
         return np.ctypeslib.as_array(buf).reshape(shape).copy()
 
 
+class _ThreadContexts:
+    """One thread's ggml contexts, reset for each graph rather than made anew (which cost ~10 us a graph)."""
+
+    def __init__(self, arena_bytes: int):
+        self.arena = np.empty(arena_bytes, np.uint8)
+        self.refs = ggml.ggml_init(ggml.ggml_init_params(mem_size=64 * _TENSOR_OVERHEAD, mem_buffer=None,
+                                                         no_alloc=True))
+        self.ctx = ggml.ggml_init(ggml.ggml_init_params(mem_size=self.arena.nbytes, mem_buffer=self.arena.ctypes.data,
+                                                        no_alloc=False))
+        self.in_use = False
+
+    def take(self):
+        if self.in_use:
+            raise RuntimeError("a ggml graph is already being built on this thread")
+        self.in_use = True
+        ggml.ggml_reset(self.refs)
+        ggml.ggml_reset(self.ctx)
+        return self.refs, self.ctx
+
+    def __del__(self):
+        ggml.ggml_free(self.refs)
+        ggml.ggml_free(self.ctx)
+
+
 class GgmlRunner:
     """Runs ggml graphs with a fixed thread count, reusing an arena and a work buffer between calls
     (one pair per calling thread, so a server's threads can share a runner)."""
@@ -217,8 +254,16 @@ class GgmlRunner:
             setattr(self._buffers, kind, buffer)
         return buffer
 
-    def arena(self, nbytes: int) -> np.ndarray:
-        return self._buffer("arena", nbytes)
+    def contexts(self, arena_bytes: int):
+        """(refs, ctx) for one graph on this thread: a no-alloc context for tensors over external memory and
+        one over the arena, both emptied. One graph at a time per thread."""
+        contexts = getattr(self._buffers, "contexts", None)
+        if contexts is None or contexts.arena.nbytes < arena_bytes:
+            contexts = self._buffers.contexts = _ThreadContexts(arena_bytes)
+        return contexts.take()
+
+    def release_contexts(self) -> None:
+        self._buffers.contexts.in_use = False
 
     def work_buffer(self, nbytes: int) -> np.ndarray:
         return self._buffer("work", nbytes)
