@@ -76,6 +76,7 @@ class ModelConfig:
         num_layers = count("block_count", at_most=MAX_LAYERS)
         has_mla_keys = f"{arch}.attention.key_length_mla" in metadata and f"{arch}.attention.value_length_mla" in metadata
         rope_dim = count("rope.dimension_count")
+        context_length = count("context_length")
         scaling_type = str(get("rope.scaling.type", "none"))
         # llama.cpp stores yarn_log_multiplier pre-multiplied by 0.1 for deepseek2 and divides it back out.
         yarn_log_mul = number("rope.scaling.yarn_log_multiplier", 0.0) / 0.1
@@ -83,7 +84,7 @@ class ModelConfig:
         config = cls(
             arch=arch,
             num_layers=num_layers,
-            context_length=count("context_length"),
+            context_length=context_length,
             n_embd=count("embedding_length"),
             n_ff_dense=count("feed_forward_length"),
             num_heads=count("attention.head_count"),
@@ -108,7 +109,7 @@ class ModelConfig:
             rope_base=number("rope.freq_base", 10000.0),
             rope_scaling_type=scaling_type,
             rope_factor=number("rope.scaling.factor", 1.0) if scaling_type != "none" else 1.0,
-            rope_orig_context=count("rope.scaling.original_context_length", count("context_length")),
+            rope_orig_context=count("rope.scaling.original_context_length", context_length),
             yarn_log_mul=yarn_log_mul,
             # llama.cpp's deepseek2 loader ignores the file's yarn_beta_* keys and uses these defaults.
             yarn_beta_fast=32.0,

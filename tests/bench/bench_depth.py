@@ -21,16 +21,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from runtime.config import ModelConfig  # noqa: E402
 from runtime.gguf_file import GGUFModelFile  # noqa: E402
 from runtime.tokenizer import Tokenizer  # noqa: E402
-from tests.bench.bench_decode import LLAMA_SCRIPT, prompt_of_exact_length, run_with_peak_rss  # noqa: E402
-
-
-def depth_model(path: str | None) -> Path:
-    model = Path(path) if path else REPO_ROOT / "build" / "k2-depth-Q4_K_M.gguf"
-    if not model.exists():
-        from runtime.demo_model import make_model
-        print(f"writing {model} (k2-depth, Q4_K_M) ...", flush=True)
-        make_model(model, "k2-depth", "Q4_K_M")
-    return model
+from tests.bench.bench_decode import LLAMA_SCRIPT, bench_model, prompt_of_exact_length, run_with_peak_rss  # noqa: E402
 
 
 def main() -> None:
@@ -41,7 +32,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="tokens to generate per run")
     args = parser.parse_args()
 
-    model = depth_model(args.model)
+    model = bench_model(args.model, preset="k2-depth")
     model_file = GGUFModelFile(model)
     num_layers = ModelConfig.from_metadata(model_file.metadata).num_layers
     text, ids = prompt_of_exact_length(Tokenizer.from_metadata(model_file.metadata))
