@@ -324,6 +324,9 @@ class RemoteExperts:
             return total
         return result
 
+    def graph_weights(self, layer: int) -> None:
+        return None  # the experts are spread over processes: the head's graph stops at their router
+
     def _notify(self, node: str, pairs: int, round_trip_s: float | None) -> None:
         for observer in self.observers:
             observer(node, pairs, round_trip_s)

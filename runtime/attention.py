@@ -9,6 +9,7 @@ Shapes: T new tokens, S cached positions, H heads, L = kv_lora_rank, R = rope_di
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -81,6 +82,9 @@ class YarnRope:
         return out
 
 
+_cache_serials = itertools.count()
+
+
 @dataclass
 class KVCache:
     """One sequence's float16 cache, as llama.cpp's default F16 cache holds it; `length` positions filled.
@@ -93,6 +97,8 @@ class KVCache:
     keys: list[np.ndarray] = field(init=False)
     values: list[np.ndarray] = field(init=False)
     length: int = 0
+    # Graphs are planned for particular caches (they point into their arrays): a serial names each cache.
+    serial: int = field(init=False, default_factory=lambda: next(_cache_serials))
 
     def __post_init__(self):
         c, n = self.config, self.capacity

@@ -1,4 +1,5 @@
-"""Routed experts behind one seam: the model calls experts.start(layer, hidden, ids, weights).result().
+"""Routed experts behind one seam: the model calls experts.start(layer, hidden, ids, weights)() or, when
+every expert is in this process, builds graph_weights(layer) into its own graph.
 
 ExpertShard owns the weights of some (layer, expert) pairs and runs them with ggml: either as views of
 the mapped GGUF (only the pages of its own experts are ever read) or from compact buffers holding just
@@ -22,6 +23,11 @@ class Experts(Protocol):
         """Begin sum_j weights[t, j] * expert_{ids[t, j]}(hidden[t]) for hidden [T, D], ids and weights
         [T, k]; the returned callable gives the [T, D] result. Work may run while the caller does other
         work (the shared expert) before it asks for the result."""
+        ...
+
+    def graph_weights(self, layer: int) -> Mapping[str, Weight | RepackedWeight] | None:
+        """Every expert of a layer as ggml tensors by kind (gate, up, down or gate_up, down) when they are
+        all in this process, so the model may compute them inside its own graph; otherwise None."""
         ...
 
 
@@ -141,3 +147,6 @@ class LocalExperts:
 
     def start(self, layer: int, hidden: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> Callable[[], np.ndarray]:
         return lambda: self.shard.forward(layer, hidden, ids, weights)
+
+    def graph_weights(self, layer: int) -> Mapping[str, Weight | RepackedWeight]:
+        return self.shard.tensors[layer]

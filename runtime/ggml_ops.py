@@ -293,10 +293,7 @@ class GgmlRunner:
         x = np.ascontiguousarray(x, dtype=np.float32)
         num_tokens, n_ff = x.shape[0], gate.ne[1]
         with _Graph(self, 4 * num_tokens * (3 * n_ff + down.ne[1])) as g:
-            xt = g.input(x)
-            act = ggml.ggml_swiglu_split(g.ctx, ggml.ggml_mul_mat(g.ctx, g.weight(gate), xt),
-                                         ggml.ggml_mul_mat(g.ctx, g.weight(up), xt))
-            return g.compute(ggml.ggml_mul_mat(g.ctx, g.weight(down), act), 2)
+            return g.compute(swiglu_subgraph(g.ctx, g.weight(gate), g.weight(up), g.weight(down), g.input(x)), 2)
 
     def attention(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, first_pos: int,
                   scale: float) -> np.ndarray:
@@ -333,30 +330,44 @@ class GgmlRunner:
         if x.shape != (num_tokens, n_embd) or weights.shape != ids.shape:
             raise ValueError(f"expert inputs disagree: x {x.shape}, ids {ids.shape}, weights {weights.shape}, "
                              f"n_embd {n_embd}")
-        x = np.ascontiguousarray(x, dtype=np.float32).reshape(num_tokens, 1, n_embd)
+        x = np.ascontiguousarray(x, dtype=np.float32)
         ids = np.ascontiguousarray(ids, dtype=np.int32)
         weights = np.ascontiguousarray(weights, dtype=np.float32).reshape(num_tokens, k, 1)
         arena = 4 * num_tokens * k * (4 * n_ff + 3 * n_embd) + 4 * num_tokens * n_embd * k
         with _Graph(self, arena) as g:
-            ctx, xt, idt = g.ctx, g.input(x), g.input(ids)
-            if gate_up is not None:
-                fused = ggml.ggml_mul_mat_id(ctx, g.weight(gate_up), xt, idt)  # [2F, k, T]
-                nb1, nb2 = fused.contents.nb[1], fused.contents.nb[2]
-                g_out = ggml.ggml_view_3d(ctx, fused, n_ff, k, num_tokens, nb1, nb2, 0)
-                u_out = ggml.ggml_view_3d(ctx, fused, n_ff, k, num_tokens, nb1, nb2, n_ff * 4)
-            else:
-                u_out = ggml.ggml_mul_mat_id(ctx, g.weight(up), xt, idt)  # [F, k, T]
-                g_out = ggml.ggml_mul_mat_id(ctx, g.weight(gate), xt, idt)
-            act = ggml.ggml_swiglu_split(ctx, g_out, u_out)
-            experts = ggml.ggml_mul_mat_id(ctx, g.weight(down), act, idt)  # [D, k, T]
-            experts = ggml.ggml_mul(ctx, experts, g.input(weights))
-            nb1, nb2 = experts.contents.nb[1], experts.contents.nb[2]
-            total = ggml.ggml_view_2d(ctx, experts, n_embd, num_tokens, nb2, 0)
-            for j in range(1, k):
-                total = ggml.ggml_add(ctx, total, ggml.ggml_view_2d(ctx, experts, n_embd, num_tokens, nb2, j * nb1))
-            if k == 1:
-                total = ggml.ggml_cont(ctx, total)
-            return g.compute(total, 2)
+            tensor = lambda w: None if w is None else g.weight(w)  # noqa: E731
+            return g.compute(moe_subgraph(g.ctx, tensor(gate), tensor(up), tensor(down), tensor(gate_up), g.input(x),
+                                          g.input(ids), g.input(weights)), 2)
+
+
+def swiglu_subgraph(ctx, gate, up, down, x):
+    """Dense SwiGLU ops: x [D, T] -> down @ (silu(gate @ x) * (up @ x)), with ggml's own silu."""
+    return ggml.ggml_mul_mat(ctx, down, ggml.ggml_swiglu_split(ctx, ggml.ggml_mul_mat(ctx, gate, x),
+                                                               ggml.ggml_mul_mat(ctx, up, x)))
+
+
+def moe_subgraph(ctx, gate, up, down, gate_up, x, ids, weights):
+    """Routed SwiGLU expert ops as llama.cpp's build_moe_ffn adds them: x [D, T], ids [k, T] (int32) and
+    weights [1, k, T] -> [D, T] = sum over slots j = 0..k-1, in that order, of weights[j] * expert_ids[j](x).
+    Gate and up come as two tensors or one fused gate_up [D, 2F, E]."""
+    n_embd, k, num_tokens = x.contents.ne[0], ids.contents.ne[0], ids.contents.ne[1]
+    x = ggml.ggml_reshape_3d(ctx, x, n_embd, 1, num_tokens)
+    if gate_up is not None:
+        n_ff = gate_up.contents.ne[1] // 2
+        fused = ggml.ggml_mul_mat_id(ctx, gate_up, x, ids)  # [2F, k, T]
+        nb1, nb2 = fused.contents.nb[1], fused.contents.nb[2]
+        g_out = ggml.ggml_view_3d(ctx, fused, n_ff, k, num_tokens, nb1, nb2, 0)
+        u_out = ggml.ggml_view_3d(ctx, fused, n_ff, k, num_tokens, nb1, nb2, n_ff * 4)
+    else:
+        u_out = ggml.ggml_mul_mat_id(ctx, up, x, ids)  # [F, k, T]
+        g_out = ggml.ggml_mul_mat_id(ctx, gate, x, ids)
+    experts = ggml.ggml_mul_mat_id(ctx, down, ggml.ggml_swiglu_split(ctx, g_out, u_out), ids)  # [D, k, T]
+    experts = ggml.ggml_mul(ctx, experts, weights)
+    nb1, nb2 = experts.contents.nb[1], experts.contents.nb[2]
+    total = ggml.ggml_view_2d(ctx, experts, n_embd, num_tokens, nb2, 0)
+    for j in range(1, k):
+        total = ggml.ggml_add(ctx, total, ggml.ggml_view_2d(ctx, experts, n_embd, num_tokens, nb2, j * nb1))
+    return ggml.ggml_cont(ctx, total) if k == 1 else total
 
 
 def quantize(values: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:

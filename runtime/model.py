@@ -5,21 +5,24 @@ Shapes: T tokens in the step, D = n_embd, V = vocab size.
 """
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
 
-from .attention import KVCache, MLAttention, Segment, rms_norm
+from .attention import KVCache, Segment
 from .config import ModelConfig
 from .experts import Experts, LocalExperts
+from .ggml_forward import StepGraphs, StepShape
 from .ggml_ops import COMPUTABLE_TYPES, GgmlRunner, RepackedWeight, Weight, repack
 from .gguf_file import GGUFModelFile
-from .router import route
 
 
 REPACK_CHOICES = ("none", "experts", "head", "all")
+STEP_SHAPES_KEPT = 4
 
 
 def checked_config(model_file: GGUFModelFile) -> ModelConfig:
@@ -51,8 +54,10 @@ class KimiModel:
         self.runner = runner or GgmlRunner()
         self.repack_head = repack in ("head", "all")
         self.experts = experts or self._local_experts(repack in ("experts", "all"), progress)
-        self.attention = MLAttention(self.config, self.runner, self.layer_weight)
         self.output_name = "output.weight" if model_file.has("output.weight") else "token_embd.weight"
+        self._steps: OrderedDict[StepShape, StepGraphs] = OrderedDict()
+        self._watched_caches: set[int] = set()
+        self._dropped_caches: list[int] = []
 
     def _local_experts(self, interleave: bool, progress: bool) -> LocalExperts:
         """Every routed expert in this process; interleaving copies them all, with a progress bar over bytes."""
@@ -96,35 +101,50 @@ class KimiModel:
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(self.config, capacity)
 
+    def experts_in_graph(self, layer: int):
+        """The layer's expert tensors if the forward graph computes them itself: every expert is in this
+        process and routing needs no group limit (llama.cpp's in-graph routing; the host does the rest)."""
+        if self.config.num_expert_groups > 1:
+            return None
+        return self.experts.graph_weights(layer)
+
+    @lru_cache(maxsize=None)
+    def router_bias(self, layer: int) -> np.ndarray | None:
+        name = f"blk.{layer}.exp_probs_b.bias"
+        return self.weight(name) if self.file.has(name) else None
+
     def forward(self, tokens: np.ndarray, segments: Sequence[Segment], all_logits: bool = False) -> np.ndarray:
         """tokens: [T] for the rows of every segment; advances each segment's cache by its row count.
 
         Returns logits [T, V] if all_logits, else the last row of each segment: [len(segments), V].
         """
-        c = self.config
         segments = list(segments)
-        x = self.runner.get_rows(self.weight("token_embd.weight"), np.asarray(tokens, np.int32))  # [T, D]
-        for layer in range(c.num_layers):
-            w = lambda name: self.layer_weight(layer, name)  # noqa: E731
-            x = x + self.attention.forward(layer, rms_norm(x, w("attn_norm.weight"), c.rms_eps), segments)
-            h = rms_norm(x, w("ffn_norm.weight"), c.rms_eps)
-            x = x + (self._moe(layer, h) if c.is_moe_layer(layer) else self._swiglu(layer, h, ""))
+        graphs = self._step_graphs(StepShape.of(segments, all_logits), segments)
+        logits = graphs.run(np.asarray(tokens, np.int32), segments)
         for seg in segments:
             seg.cache.length += seg.count
-        if not all_logits:
-            x = x[[s.start + s.count - 1 for s in segments]]
-        return self.runner.matmul(self.weight(self.output_name), rms_norm(x, self.weight("output_norm.weight"), c.rms_eps))
+        return logits
 
-    def _swiglu(self, layer: int, h: np.ndarray, suffix: str) -> np.ndarray:
-        """Dense (suffix "") or shared-expert ("_shexp") FFN: down @ (silu(gate @ h) * (up @ h))."""
-        w = lambda name: self.layer_weight(layer, f"ffn_{name}{suffix}.weight")  # noqa: E731
-        return self.runner.ffn(w("gate"), w("up"), w("down"), h)
+    def _step_graphs(self, shape: StepShape, segments: list[Segment]) -> StepGraphs:
+        """The planned graphs of this step shape: reused while it holds (decode rebuilds once per KV_PAD
+        positions), dropped with the last cache they write into or when STEP_SHAPES_KEPT newer shapes ran."""
+        while self._dropped_caches:
+            serial = self._dropped_caches.pop()
+            for old in [k for k in self._steps if any(seg[0] == serial for seg in k.segments)]:
+                del self._steps[old]
+        graphs = self._steps.pop(shape, None)
+        if graphs is None:
+            graphs = StepGraphs(self, shape, segments)
+            for seg in segments:
+                if seg.cache.serial not in self._watched_caches:
+                    self._watched_caches.add(seg.cache.serial)
+                    weakref.finalize(seg.cache, self._forget_cache, seg.cache.serial)
+        self._steps[shape] = graphs
+        while len(self._steps) > STEP_SHAPES_KEPT:
+            self._steps.popitem(last=False)
+        return graphs
 
-    def _moe(self, layer: int, h: np.ndarray) -> np.ndarray:
-        router_logits = self.runner.matmul(self.layer_weight(layer, "ffn_gate_inp.weight"), h)  # [T, E]
-        bias_name = f"blk.{layer}.exp_probs_b.bias"
-        bias = self.weight(bias_name) if self.file.has(bias_name) else None
-        ids, weights = route(router_logits, bias, self.config)
-        routed = self.experts.start(layer, h, ids, weights)
-        shared = self._swiglu(layer, h, "_shexp")  # computed while remote experts work
-        return routed() + shared
+    def _forget_cache(self, serial: int) -> None:
+        # Runs wherever the cache is collected, maybe inside forward(): only note it here.
+        self._watched_caches.discard(serial)
+        self._dropped_caches.append(serial)

@@ -1,0 +1,279 @@
+"""The deepseek2 forward pass as ggml graphs, built op for op as llama.cpp's src/models/deepseek2.cpp builds it.
+
+One step shape (which caches, how many new rows each, how many cached positions each attends) gets one
+StepGraphs, built once and reused while the shape holds. With every routed expert in this process the
+whole forward pass is ONE graph, routing (top-k) included. Where a layer's experts live elsewhere the pass
+is cut there: one graph runs up to that layer's router logits, the host routes and hands the hidden rows
+to the experts, a second graph runs the shared expert meanwhile, and the next graph resumes from
+ffn_inp + (routed + shared), in llama.cpp's order of additions.
+
+Cached positions are attended in blocks of KV_PAD (llama.cpp pads its cache the same way): the unwritten
+positions are masked out, and one step's graphs serve the next steps until a sequence crosses a block.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from .attention import KVCache, Segment
+from .config import GATING_SIGMOID
+from .ggml_graph import PlannedGraph
+from .ggml_ops import ggml, moe_subgraph, swiglu_subgraph
+from .router import MIN_WEIGHT_SUM, route
+
+if TYPE_CHECKING:
+    from .model import KimiModel
+
+KV_PAD = 256
+ROPE_NORM_MODE = 0  # deepseek2 rotates adjacent pairs
+TENSORS_PER_LAYER, TENSORS_PER_SEGMENT = 96, 24
+
+
+def kv_positions(cache: KVCache, new_rows: int) -> int:
+    """How many cached positions a step with new_rows attends: the filled ones rounded up to KV_PAD."""
+    end = cache.length + new_rows
+    if end > cache.capacity:
+        raise ValueError(f"sequence needs {end} positions but its KV cache holds {cache.capacity}; "
+                         "raise the context size")
+    return min(cache.capacity, -(-end // KV_PAD) * KV_PAD)
+
+
+@dataclass(frozen=True)
+class StepShape:
+    segments: tuple[tuple[int, int, int], ...]  # per segment: cache serial, new rows, cached positions attended
+    all_logits: bool
+
+    @classmethod
+    def of(cls, segments: Sequence[Segment], all_logits: bool) -> "StepShape":
+        return cls(tuple((s.cache.serial, s.count, kv_positions(s.cache, s.count)) for s in segments), all_logits)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(count for _, count, _ in self.segments)
+
+
+class StepGraphs:
+    """Every graph of one step shape, the input arrays they share, and how to run them in turn."""
+
+    def __init__(self, model: "KimiModel", shape: StepShape, segments: Sequence[Segment]):
+        self.model, self.shape, c = model, shape, model.config
+        num_tokens = shape.num_tokens
+        self.tokens = np.zeros(num_tokens, np.int32)
+        self.positions = np.zeros(num_tokens, np.int32)
+        self.out_rows = np.zeros(num_tokens if shape.all_logits else len(segments), np.int32)
+        self.write_rows = [np.zeros(count, np.int64) for _, count, _ in shape.segments]
+        self.masks = [np.zeros((count, kv), np.float32) for _, count, kv in shape.segments]
+        # Layers whose routed experts run outside the graph: the pass is cut after their router.
+        self.cuts = [layer for layer in c.moe_layers if model.experts_in_graph(layer) is None]
+        bounds = [-1] + self.cuts + [c.num_layers - 1]
+        self.pieces = [self._piece(bounds[i] + 1, bounds[i + 1], segments) for i in range(len(bounds) - 1)]
+        self.shared = {layer: self._shared_expert(layer) for layer in self.cuts}
+
+    # -- running -----------------------------------------------------------------------------------------
+
+    def run(self, tokens: np.ndarray, segments: Sequence[Segment]) -> np.ndarray:
+        self._write_step_inputs(tokens, segments)
+        carry = None
+        for piece, cut in zip(self.pieces, self.cuts + [None]):
+            if carry is not None:
+                for name, value in carry.items():
+                    piece.inputs[name][...] = value
+            piece.graph.compute()
+            if cut is None:
+                return piece.graph.read("logits", 2)
+            carry = self._experts_at_cut(cut, piece.graph)
+
+    def _experts_at_cut(self, layer: int, graph: PlannedGraph) -> dict[str, np.ndarray]:
+        """Route on the host, start the experts, run the shared expert while they work, collect both."""
+        model, c = self.model, self.model.config
+        ffn_inp, hidden = graph.read("ffn_inp", 2), graph.read("ffn_norm", 2)
+        ids, weights = route(graph.read("router_logits", 2), model.router_bias(layer), c)
+        pending = model.experts.start(layer, hidden, ids, weights)
+        shared = self.shared[layer]
+        shared.inputs["hidden"][...] = hidden
+        shared.graph.compute()
+        return {"ffn_inp": ffn_inp, "shared": shared.graph.read("out", 2), "routed": pending()}
+
+    def _write_step_inputs(self, tokens: np.ndarray, segments: Sequence[Segment]) -> None:
+        self.tokens[...] = tokens
+        for i, seg in enumerate(segments):
+            first = seg.cache.length
+            positions = np.arange(first, first + seg.count)
+            self.positions[seg.start: seg.start + seg.count] = positions
+            self.write_rows[i][...] = positions
+            visible = np.arange(self.masks[i].shape[1])[None, :] <= positions[:, None]
+            self.masks[i][...] = np.where(visible, np.float32(0), np.float32(-np.inf))
+        self.out_rows[...] = (np.arange(len(self.tokens)) if self.shape.all_logits
+                              else [s.start + s.count - 1 for s in segments])
+
+    # -- building ------------------------------------------------------------------------------------------
+
+    def _piece(self, first_layer: int, last_layer: int, segments: Sequence[Segment]) -> "_Piece":
+        """Layers first_layer..last_layer; stops after last_layer's router if it is a cut, else at the logits."""
+        c = self.model.config
+        num_layers = last_layer - first_layer + 1
+        piece = _Piece(PlannedGraph(self.model.runner, 64 + num_layers * (
+            TENSORS_PER_LAYER + TENSORS_PER_SEGMENT * len(segments))))
+        g, ctx, num_tokens = piece.graph, piece.graph.ctx, len(self.tokens)
+        step = {"tokens": g.external(self.tokens), "positions": g.external(self.positions)}
+        step["write_rows"] = [g.external(rows) for rows in self.write_rows]
+        step["masks"] = [g.external(mask) for mask in self.masks]
+        if first_layer == 0:
+            x = ggml.ggml_get_rows(ctx, g.weight(self.model.weight("token_embd.weight")), step["tokens"])
+        else:
+            ffn_inp, routed, shared = (piece.input(name, (num_tokens, c.n_embd)) for name in ("ffn_inp", "routed", "shared"))
+            x = ggml.ggml_add(ctx, ggml.ggml_add(ctx, routed, shared), ffn_inp)
+        layer_graph = _LayerGraph(self, g, step, segments)
+        for layer in range(first_layer, last_layer + 1):
+            ffn_inp = ggml.ggml_add(ctx, layer_graph.attention(layer, layer_graph.norm(x, layer, "attn_norm")), x)
+            hidden = layer_graph.norm(ffn_inp, layer, "ffn_norm")
+            if layer in self.cuts:
+                router_logits = ggml.ggml_mul_mat(ctx, layer_graph.weight(layer, "ffn_gate_inp"), hidden)
+                g.plan({"ffn_inp": ffn_inp, "ffn_norm": hidden, "router_logits": router_logits})
+                return piece
+            x = ggml.ggml_add(ctx, layer_graph.ffn(layer, hidden), ffn_inp)
+        if not self.shape.all_logits:
+            x = ggml.ggml_get_rows(ctx, x, g.external(self.out_rows))
+        x = ggml.ggml_mul(ctx, ggml.ggml_rms_norm(ctx, x, c.rms_eps), g.weight(self.model.weight("output_norm.weight")))
+        g.plan({"logits": ggml.ggml_mul_mat(ctx, g.weight(self.model.weight(self.model.output_name)), x)})
+        return piece
+
+    def _shared_expert(self, layer: int) -> "_Piece":
+        piece = _Piece(PlannedGraph(self.model.runner, 64))
+        hidden = piece.input("hidden", (len(self.tokens), self.model.config.n_embd))
+        w = lambda kind: piece.graph.weight(self.model.layer_weight(layer, f"ffn_{kind}_shexp.weight"))  # noqa: E731
+        piece.graph.plan({"out": swiglu_subgraph(piece.graph.ctx, w("gate"), w("up"), w("down"), hidden)})
+        return piece
+
+
+class _Piece:
+    """One planned graph and its own inputs (the rows carried across a cut)."""
+
+    def __init__(self, graph: PlannedGraph):
+        self.graph, self.inputs = graph, {}
+
+    def input(self, name: str, shape: tuple[int, ...]):
+        self.inputs[name], tensor = self.graph.input(shape, np.float32)
+        return tensor
+
+
+class _LayerGraph:
+    """Builds one layer's ops into a graph; shapes in ggml order (fastest axis first), as in deepseek2.cpp."""
+
+    def __init__(self, step: StepGraphs, graph: PlannedGraph, step_inputs: dict, segments: Sequence[Segment]):
+        # The graph points into the caches' arrays but keeps no cache object: a dropped cache frees its graphs.
+        self.step, self.g, self.ctx, self.inputs, self.segments = step, graph, graph.ctx, step_inputs, segments
+        self.model, self.c = step.model, step.model.config
+
+    def weight(self, layer: int, name: str):
+        return self.g.weight(self.model.layer_weight(layer, f"{name}.weight"))
+
+    def norm(self, x, layer: int, name: str):
+        return ggml.ggml_mul(self.ctx, ggml.ggml_rms_norm(self.ctx, x, self.c.rms_eps), self.weight(layer, name))
+
+    def rope(self, x):
+        c = self.c
+        return ggml.ggml_rope_ext(self.ctx, x, self.inputs["positions"], None, c.rope_dim, ROPE_NORM_MODE,
+                                  c.rope_orig_context, c.rope_base, c.freq_scale,
+                                  1.0 if c.rope_scaling_type == "yarn" else 0.0, c.yarn_attn_factor,
+                                  c.yarn_beta_fast, c.yarn_beta_slow)
+
+    def attention(self, layer: int, x):
+        """MLA attention of x [D, T]; writes the new cache rows of every segment. Returns [D, T]."""
+        c, ctx, w = self.c, self.ctx, (lambda name: self.weight(layer, name))
+        num_tokens, heads, nope, rope, lora = len(self.step.tokens), c.num_heads, c.head_dim_nope, c.rope_dim, c.kv_lora_rank
+        q = ggml.ggml_mul_mat(ctx, w("attn_q_b"), self.norm(ggml.ggml_mul_mat(ctx, w("attn_q_a"), x), layer,
+                                                            "attn_q_a_norm"))  # [H * (N + R), T]
+        row = 4 * c.head_dim_qk
+        q_nope = ggml.ggml_view_3d(ctx, q, nope, heads, num_tokens, row, row * heads, 0)
+        q_pe = self.rope(ggml.ggml_view_3d(ctx, q, rope, heads, num_tokens, row, row * heads, 4 * nope))
+        kv = ggml.ggml_mul_mat(ctx, w("attn_kv_a_mqa"), x)  # [L + R, T]
+        kv_row = 4 * (lora + rope)
+        latent = self.norm(ggml.ggml_view_2d(ctx, kv, lora, num_tokens, kv_row, 0), layer, "attn_kv_a_norm")
+        k_pe = self.rope(ggml.ggml_view_3d(ctx, kv, rope, 1, num_tokens, kv_row, kv_row, 4 * lora))
+        if c.is_mla:
+            # Absorb W_UK into the queries; the cache rows [latent | k_pe] are then the keys of one shared head.
+            q_abs = ggml.ggml_mul_mat(ctx, w("attn_k_b"), ggml.ggml_permute(ctx, q_nope, 0, 2, 1, 3))  # [L, T, H]
+            queries = ggml.ggml_concat(ctx, ggml.ggml_permute(ctx, q_abs, 0, 2, 1, 3), q_pe, 0)  # [L + R, H, T]
+            new_keys = ggml.ggml_concat(ctx, ggml.ggml_reshape_3d(ctx, latent, lora, 1, num_tokens), k_pe, 0)
+            new_values = None
+        else:
+            # Legacy attn_kv_b files: per-head keys and values, expanded before caching.
+            kv_b = ggml.ggml_mul_mat(ctx, w("attn_kv_b"), latent)  # [H * (N + V), T]
+            kv_b_row = 4 * (nope + c.head_dim_v)
+            k_nope = ggml.ggml_view_3d(ctx, kv_b, nope, heads, num_tokens, kv_b_row, kv_b_row * heads, 0)
+            new_values = ggml.ggml_cont(ctx, ggml.ggml_view_3d(ctx, kv_b, c.head_dim_v, heads, num_tokens, kv_b_row,
+                                                               kv_b_row * heads, 4 * nope))
+            queries = ggml.ggml_concat(ctx, q_nope, q_pe, 0)  # [N + R, H, T]
+            new_keys = ggml.ggml_concat(ctx, k_nope, ggml.ggml_repeat(ctx, k_pe, q_pe), 0)
+        out = [self._segment_attention(layer, i, queries, new_keys, new_values) for i in range(len(self.segments))]
+        kqv = out[0]
+        for part in out[1:]:
+            kqv = ggml.ggml_concat(ctx, kqv, part, 1)  # [Dv, T, H]
+        if c.is_mla:
+            kqv = ggml.ggml_mul_mat(ctx, w("attn_v_b"), kqv)  # [V, T, H]
+        kqv = ggml.ggml_cont_2d(ctx, ggml.ggml_permute(ctx, kqv, 0, 2, 1, 3), c.head_dim_v * heads, num_tokens)
+        return ggml.ggml_mul_mat(ctx, w("attn_output"), kqv)
+
+    def _segment_attention(self, layer: int, i: int, queries, new_keys, new_values):
+        """Write segment i's new rows into its cache, then attend over its cached positions (llama.cpp's
+        attention without flash attention). Returns [Dv, rows, H]."""
+        ctx, g, cache, start = self.ctx, self.g, self.segments[i].cache, self.segments[i].start
+        count, kv = self.step.shape.segments[i][1:]
+        rows, mask = self.inputs["write_rows"][i], self.inputs["masks"][i]
+        keys = self._write(g.external(cache.keys[layer]), new_keys, start, count, rows)
+        values = keys if new_values is None else self._write(g.external(cache.values[layer]), new_values, start, count,
+                                                              rows)
+        dim_k, heads_k = cache.keys[layer].shape[2], cache.keys[layer].shape[1]
+        dim_v = self.c.kv_lora_rank if new_values is None else cache.values[layer].shape[2]
+        k = ggml.ggml_view_3d(ctx, keys, dim_k, kv, heads_k, keys.contents.nb[1], 2 * dim_k, 0)  # [Dk, S, Hk]
+        v = ggml.ggml_view_3d(ctx, values, dim_v, kv, heads_k, values.contents.nb[1], 2 * dim_v, 0)  # [Dv, S, Hk]
+        q_nb = queries.contents.nb
+        q = ggml.ggml_permute(ctx, ggml.ggml_view_3d(ctx, queries, queries.contents.ne[0], queries.contents.ne[1],
+                                                     count, q_nb[1], q_nb[2], start * q_nb[2]), 0, 2, 1, 3)
+        scores = ggml.ggml_mul_mat(ctx, k, q)  # [S, rows, H]
+        ggml.ggml_mul_mat_set_prec(scores, ggml.GGML_PREC_F32)
+        probs = ggml.ggml_soft_max_ext(ctx, scores, mask, self.c.kq_scale, 0.0)
+        return ggml.ggml_mul_mat(ctx, ggml.ggml_cont(ctx, ggml.ggml_transpose(ctx, v)), probs)
+
+    def _write(self, cache, new_rows, start: int, count: int, rows):
+        """set_rows of new_rows [width..., T] (rows start..start+count) into a cache [width..., capacity];
+        returns the cache as [width, capacity] after the write, so readers depend on it."""
+        ne, nb = cache.contents.ne, new_rows.contents.nb
+        width = ne[0] * ne[1]
+        source = ggml.ggml_view_2d(self.ctx, new_rows, width, count, nb[2], start * nb[2])
+        return ggml.ggml_set_rows(self.ctx, ggml.ggml_view_2d(self.ctx, cache, width, ne[2], cache.contents.nb[2], 0),
+                                  source, rows)
+
+    def ffn(self, layer: int, hidden):
+        """The dense FFN, or the routed experts (routed in the graph) plus the shared expert."""
+        ctx, c = self.ctx, self.c
+        w = lambda name: self.weight(layer, name)  # noqa: E731
+        if not c.is_moe_layer(layer):
+            return swiglu_subgraph(ctx, w("ffn_gate"), w("ffn_up"), w("ffn_down"), hidden)
+        experts = {kind: self.g.weight(weight) for kind, weight in self.model.experts_in_graph(layer).items()}
+        ids, weights = self._route(layer, hidden)
+        routed = moe_subgraph(ctx, experts.get("gate"), experts.get("up"), experts["down"], experts.get("gate_up"),
+                              hidden, ids, weights)
+        return ggml.ggml_add(ctx, routed, swiglu_subgraph(ctx, w("ffn_gate_shexp"), w("ffn_up_shexp"),
+                                                          w("ffn_down_shexp"), hidden))
+
+    def _route(self, layer: int, hidden):
+        """llama.cpp's build_moe_ffn routing: expert ids [k, T] and weights [1, k, T]."""
+        ctx, c = self.ctx, self.c
+        num_tokens, k, num_experts = len(self.step.tokens), c.num_experts_used, c.num_experts
+        logits = ggml.ggml_mul_mat(ctx, self.weight(layer, "ffn_gate_inp"), hidden)  # [E, T]
+        probs = ggml.ggml_sigmoid(ctx, logits) if c.gating_func == GATING_SIGMOID else ggml.ggml_soft_max(ctx, logits)
+        bias = self.model.router_bias(layer)
+        selection = probs if bias is None else ggml.ggml_add(ctx, probs, self.g.weight(bias))
+        ids = ggml.ggml_argsort_top_k(ctx, selection, k)  # [k, T]
+        weights = ggml.ggml_get_rows(ctx, ggml.ggml_reshape_3d(ctx, probs, 1, num_experts, num_tokens), ids)
+        if c.expert_weights_norm:
+            weights = ggml.ggml_reshape_2d(ctx, weights, k, num_tokens)
+            total = ggml.ggml_clamp(ctx, ggml.ggml_sum_rows(ctx, weights), float(MIN_WEIGHT_SUM), float("inf"))
+            weights = ggml.ggml_reshape_3d(ctx, ggml.ggml_div(ctx, weights, total), 1, k, num_tokens)
+        if c.expert_weights_scale not in (0.0, 1.0):
+            weights = ggml.ggml_scale(ctx, weights, c.expert_weights_scale)
+        return ids, weights

@@ -1,0 +1,101 @@
+"""A ggml graph built once and computed many times.
+
+Building a graph from Python costs a few microseconds per op, and one compute call has a fixed cost of
+tens of microseconds; at Kimi K2's depth both outweigh the math of a narrow model. A PlannedGraph is
+therefore built once per step shape: its tensors live in a no-alloc context, its intermediates in one
+buffer planned by ggml's graph allocator (memory is reused along the graph, not held op by op), its
+inputs are numpy arrays that the caller rewrites before each compute, and its compute plan and work
+buffer are kept.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+from .ggml_ops import GgmlRunner, RepackedWeight, Weight, ggml
+
+_lib = ggml.lib
+_lib.ggml_backend_cpu_buffer_type.restype = ctypes.c_void_p  # ggml-python's declaration truncates it
+_CPU_BUFFER_TYPE = _lib.ggml_backend_cpu_buffer_type()
+_TENSOR_OVERHEAD = ggml.ggml_tensor_overhead()
+_GGML_TYPES = {np.dtype(np.float32): ggml.GGML_TYPE_F32, np.dtype(np.float16): ggml.GGML_TYPE_F16,
+               np.dtype(np.int32): ggml.GGML_TYPE_I32, np.dtype(np.int64): ggml.GGML_TYPE_I64}
+
+
+class PlannedGraph:
+    """Build with `ctx` and the tensor helpers, then `plan(outputs)`; afterwards write inputs (the numpy
+    arrays handed out by `input` or passed to `external`), `compute()`, and `read` the outputs."""
+
+    def __init__(self, runner: GgmlRunner, max_tensors: int):
+        self.runner, self.max_nodes = runner, max_tensors
+        self._ctx = ggml.ggml_init(ggml.ggml_init_params(
+            mem_size=max_tensors * _TENSOR_OVERHEAD + ggml.ggml_graph_overhead_custom(max_tensors, False),
+            mem_buffer=None, no_alloc=True))
+        self.ctx = self._ctx
+        self._keep: list[object] = []  # what external tensors point into, alive as long as the graph
+        self._outputs: dict[str, tuple[object, tuple[int, ...], np.dtype]] = {}
+        self._graph = self._allocator = self._plan = None
+        self._work = np.empty(0, np.uint8)
+
+    def weight(self, w: Weight | RepackedWeight | np.ndarray):
+        """A model weight: a ggml Weight (its cached header), its repacked copy, or a float32 vector."""
+        if isinstance(w, np.ndarray):
+            return self.external(w)
+        self._keep.append(w)
+        return w.tensor if isinstance(w, RepackedWeight) else w.header.tensor
+
+    def external(self, array: np.ndarray):
+        """A tensor over a contiguous numpy array (numpy shape reversed = ggml ne), read or written in place."""
+        if not array.flags.c_contiguous:
+            raise ValueError("external arrays must be contiguous")
+        ne = tuple(int(n) for n in reversed(array.shape)) + (1,) * (4 - array.ndim)
+        tensor = ggml.ggml_new_tensor_4d(self.ctx, _GGML_TYPES[array.dtype], *ne)
+        tensor.contents.data = ctypes.c_void_p(array.ctypes.data)
+        self._keep.append(array)
+        return tensor
+
+    def input(self, shape: tuple[int, ...], dtype) -> tuple[np.ndarray, object]:
+        """A new zeroed input array and its tensor; write the array before each compute."""
+        array = np.zeros(shape, dtype)
+        return array, self.external(array)
+
+    def plan(self, outputs: dict[str, object]) -> None:
+        """Fix the graph that computes `outputs` (name -> tensor) and plan its memory and threads once."""
+        graph = ggml.ggml_new_graph_custom(self.ctx, self.max_nodes, False)
+        for name, tensor in outputs.items():
+            ggml.ggml_set_output(tensor)
+            ggml.ggml_build_forward_expand(graph, tensor)
+            ne = tuple(reversed(tensor.contents.ne[:4]))
+            dtype = {ggml.GGML_TYPE_F32: np.float32, ggml.GGML_TYPE_I32: np.int32}[tensor.contents.type]
+            self._outputs[name] = (tensor, tuple(n for n in ne[:4]), np.dtype(dtype))
+        self._allocator = ggml.ggml_gallocr_new(_CPU_BUFFER_TYPE)
+        if not ggml.ggml_gallocr_alloc_graph(self._allocator, graph):
+            raise MemoryError("ggml could not allocate the memory of a step's graph")
+        self._graph = graph
+        self._plan = ggml.ggml_graph_plan(graph, self.runner.n_threads, None)
+        if self._plan.work_size:
+            self._work = np.empty(self._plan.work_size, np.uint8)
+            self._plan.work_data = self._work.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the planned intermediates and the work buffer."""
+        return int(ggml.ggml_gallocr_get_buffer_size(self._allocator, 0)) + self._work.nbytes
+
+    def compute(self) -> None:
+        status = ggml.ggml_graph_compute(self._graph, ctypes.byref(self._plan))
+        if status != 0:
+            raise RuntimeError(f"ggml graph computation failed with status {status}")
+
+    def read(self, name: str, ndim: int) -> np.ndarray:
+        """A copy of an output, as a numpy array of its last `ndim` numpy axes (ggml's first ndim)."""
+        tensor, shape, dtype = self._outputs[name]
+        shape = shape[4 - ndim:]
+        buffer = (ctypes.c_uint8 * (int(np.prod(shape)) * dtype.itemsize)).from_address(ggml.ggml_get_data(tensor))
+        return np.frombuffer(buffer, dtype).reshape(shape).copy()
+
+    def __del__(self):
+        if self._allocator is not None:
+            ggml.ggml_gallocr_free(self._allocator)
+        ggml.ggml_free(self._ctx)
