@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .attention import KVCache, Segment
+from .kv_cache import KVCache, Segment
 from .model import KimiModel
 from .sampling import Sampler, SamplingParams, largest
 

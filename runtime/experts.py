@@ -8,14 +8,19 @@ cluster/ provides the remote implementation (gRPC fan-out to shards on other mac
 """
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from typing import Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from .ggml_ops import GgmlRunner, RepackedWeight, Weight, repack
+from .ggml_graph import PlannedGraph
+from .ggml_ops import GgmlRunner, RepackedWeight, Weight, moe_subgraph, repack
 from .gguf_file import GGUFModelFile
 
 PAGE_BYTES = 4096
+PLANNED_SLOTS = 64  # calls with up to this many (row, slot) pairs run on planned graphs
+PLANNED_GRAPHS_KEPT = 512
 
 
 class Experts(Protocol):
@@ -40,6 +45,9 @@ class ExpertShard:
         self.runner = runner
         self.tensors = dict(tensors)
         self.local_index = dict(local_index)  # layer -> [num_experts] int32, -1 where not held
+        # Decode-sized calls reuse planned graphs (per layer and shape): building one costs more than its math.
+        self._graphs: OrderedDict[tuple[int, int, int], PlannedGraph] = OrderedDict()
+        self._graphs_lock = threading.Lock()
 
     @classmethod
     def from_model_file(cls, model_file: GGUFModelFile, runner: GgmlRunner, owned: Mapping[int, Sequence[int]],
@@ -83,9 +91,31 @@ class ExpertShard:
         return local
 
     def _ffn(self, layer: int, hidden: np.ndarray, local_ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        t = self.tensors[layer]
-        return self.runner.expert_ffn(t.get("gate"), t.get("up"), t["down"], hidden, local_ids, weights,
-                                      gate_up=t.get("gate_up"))
+        num_tokens, k = local_ids.shape
+        if num_tokens * k > PLANNED_SLOTS:  # prompt-sized: planned memory would be large, and building is cheap beside the math
+            t = self.tensors[layer]
+            return self.runner.expert_ffn(t.get("gate"), t.get("up"), t["down"], hidden, local_ids, weights,
+                                          gate_up=t.get("gate_up"))
+        with self._graphs_lock:
+            graph = self._graphs.pop((layer, num_tokens, k), None) or self._plan_ffn(layer, num_tokens, k)
+            self._graphs[(layer, num_tokens, k)] = graph
+            if len(self._graphs) > PLANNED_GRAPHS_KEPT:
+                self._graphs.popitem(last=False)
+            graph.inputs["hidden"][...] = hidden
+            graph.inputs["ids"][...] = local_ids
+            graph.inputs["weights"][...] = weights.reshape(num_tokens, k, 1)
+            graph.compute()
+            return graph.read("out", 2)
+
+    def _plan_ffn(self, layer: int, num_tokens: int, k: int) -> PlannedGraph:
+        """A planned graph of this layer's experts for num_tokens rows of k slots (decode-sized steps)."""
+        graph = PlannedGraph(self.runner, 64)
+        w = {kind: graph.weight(weight, num_tokens * k) for kind, weight in self.tensors[layer].items()}
+        hidden = graph.input("hidden", (num_tokens, self.tensors[layer]["down"].ne[1]))
+        ids, weights = graph.input("ids", (num_tokens, k), np.int32), graph.input("weights", (num_tokens, k, 1))
+        graph.plan({"out": moe_subgraph(graph.ctx, w.get("gate"), w.get("up"), w["down"], w.get("gate_up"), hidden, ids,
+                                        weights)})
+        return graph
 
     def forward(self, layer: int, hidden: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """hidden [T, D], ids and weights [T, k], every id held here -> [T, D] weighted sums (slot order)."""
@@ -98,12 +128,20 @@ class ExpertShard:
         Rows may carry any number of pairs. Pairs are added in the order given, so a row whose pairs come
         in slot order gets exactly the sum forward() would give it.
         """
-        if len(rows) == 0:
-            return np.zeros_like(hidden, dtype=np.float32)
-        local = self._local_ids(layer, experts)
-        outputs = self._ffn(layer, hidden[rows], local[:, None], np.asarray(weights, np.float32)[:, None])  # [P, D]
         partial = np.zeros_like(hidden, dtype=np.float32)
-        np.add.at(partial, rows, outputs)
+        if len(rows) == 0:
+            return partial
+        # One row per hidden row that has pairs, its pairs as slots in the order given; short rows are padded
+        # with weight-0 slots, which add exactly nothing after the real ones.
+        order = np.argsort(rows, kind="stable")
+        rows, experts, weights = rows[order], self._local_ids(layer, experts[order]), np.asarray(weights, np.float32)[order]
+        used, starts, counts = np.unique(rows, return_index=True, return_counts=True)
+        slot = np.arange(len(rows)) - np.repeat(starts, counts)
+        row = np.repeat(np.arange(len(used)), counts)
+        ids = np.full((len(used), counts.max()), experts[0], np.int32)
+        slot_weights = np.zeros(ids.shape, np.float32)
+        ids[row, slot], slot_weights[row, slot] = experts, weights
+        partial[used] = self._ffn(layer, np.ascontiguousarray(hidden[used], np.float32), ids, slot_weights)
         return partial
 
     def touch(self, on_bytes: Callable[[int], None] = lambda n: None) -> None:

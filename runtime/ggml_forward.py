@@ -7,8 +7,10 @@ is cut there: one graph runs up to that layer's router logits, the host routes a
 to the experts, a second graph runs the shared expert meanwhile, and the next graph resumes from
 ffn_inp + (routed + shared), in llama.cpp's order of additions.
 
-Cached positions are attended in blocks of KV_PAD (llama.cpp pads its cache the same way): the unwritten
-positions are masked out, and one step's graphs serve the next steps until a sequence crosses a block.
+Cached positions are attended in blocks (llama.cpp pads its cache the same way): the unwritten positions are
+masked out, and one step's graphs serve the next steps until a sequence crosses a block. Blocks grow with
+the length (a quarter of it, at least KV_BLOCK_MIN), so padding wastes at most a quarter of the attention
+and a long sequence rebuilds its graphs rarely (61 layers take ~40 ms to build).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from .attention import KVCache, Segment
+from .kv_cache import KVCache, Segment
 from .config import GATING_SIGMOID
 from .ggml_graph import PlannedGraph
 from .ggml_ops import ggml, moe_subgraph, swiglu_subgraph
@@ -26,18 +28,19 @@ from .router import MIN_WEIGHT_SUM, route
 if TYPE_CHECKING:
     from .model import KimiModel
 
-KV_PAD = 256
+KV_BLOCK_MIN = 64
 ROPE_NORM_MODE = 0  # deepseek2 rotates adjacent pairs
 TENSORS_PER_LAYER, TENSORS_PER_SEGMENT = 96, 24
 
 
 def kv_positions(cache: KVCache, new_rows: int) -> int:
-    """How many cached positions a step with new_rows attends: the filled ones rounded up to KV_PAD."""
+    """How many cached positions a step with new_rows attends: the filled ones rounded up to a block."""
     end = cache.length + new_rows
     if end > cache.capacity:
         raise ValueError(f"sequence needs {end} positions but its KV cache holds {cache.capacity}; "
                          "raise the context size")
-    return min(cache.capacity, -(-end // KV_PAD) * KV_PAD)
+    block = max(KV_BLOCK_MIN, (1 << (end.bit_length() - 1)) // 4)
+    return min(cache.capacity, -(-end // block) * block)
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,9 @@ class StepGraphs:
         self.out_rows = np.zeros(num_tokens if shape.all_logits else len(segments), np.int32)
         self.write_rows = [np.zeros(count, np.int64) for _, count, _ in shape.segments]
         self.masks = [np.zeros((count, kv), np.float32) for _, count, kv in shape.segments]
-        # Layers whose routed experts run outside the graph: the pass is cut after their router.
+        # Layers whose routed experts run outside the graph: the pass is cut after their router. llama.cpp's
+        # in-graph routing has no group limit; models with one are routed on the host.
+        self.routes_in_graph = c.num_expert_groups <= 1
         self.cuts = [layer for layer in c.moe_layers if model.experts_in_graph(layer) is None]
         bounds = [-1] + self.cuts + [c.num_layers - 1]
         self.pieces = [self._piece(bounds[i] + 1, bounds[i + 1], segments) for i in range(len(bounds) - 1)]
@@ -80,21 +85,24 @@ class StepGraphs:
             if carry is not None:
                 for name, value in carry.items():
                     piece.inputs[name][...] = value
-            piece.graph.compute()
+            piece.compute()
             if cut is None:
-                return piece.graph.read("logits", 2)
-            carry = self._experts_at_cut(cut, piece.graph)
+                return piece.read("logits", 2)
+            carry = self._experts_at_cut(cut, piece)
 
     def _experts_at_cut(self, layer: int, graph: PlannedGraph) -> dict[str, np.ndarray]:
         """Route on the host, start the experts, run the shared expert while they work, collect both."""
         model, c = self.model, self.model.config
         ffn_inp, hidden = graph.read("ffn_inp", 2), graph.read("ffn_norm", 2)
-        ids, weights = route(graph.read("router_logits", 2), model.router_bias(layer), c)
+        if self.routes_in_graph:
+            ids, weights = graph.read("expert_ids", 2), graph.read("expert_weights", 3)[:, :, 0]
+        else:
+            ids, weights = route(graph.read("router_logits", 2), model.router_bias(layer), c)
         pending = model.experts.start(layer, hidden, ids, weights)
         shared = self.shared[layer]
         shared.inputs["hidden"][...] = hidden
-        shared.graph.compute()
-        return {"ffn_inp": ffn_inp, "shared": shared.graph.read("out", 2), "routed": pending()}
+        shared.compute()
+        return {"ffn_inp": ffn_inp, "shared": shared.read("out", 2), "routed": pending()}
 
     def _write_step_inputs(self, tokens: np.ndarray, segments: Sequence[Segment]) -> None:
         self.tokens[...] = tokens
@@ -110,53 +118,46 @@ class StepGraphs:
 
     # -- building ------------------------------------------------------------------------------------------
 
-    def _piece(self, first_layer: int, last_layer: int, segments: Sequence[Segment]) -> "_Piece":
+    def _piece(self, first_layer: int, last_layer: int, segments: Sequence[Segment]) -> PlannedGraph:
         """Layers first_layer..last_layer; stops after last_layer's router if it is a cut, else at the logits."""
         c = self.model.config
         num_layers = last_layer - first_layer + 1
-        piece = _Piece(PlannedGraph(self.model.runner, 64 + num_layers * (
-            TENSORS_PER_LAYER + TENSORS_PER_SEGMENT * len(segments))))
-        g, ctx, num_tokens = piece.graph, piece.graph.ctx, len(self.tokens)
+        g = PlannedGraph(self.model.runner, 64 + num_layers * (TENSORS_PER_LAYER + TENSORS_PER_SEGMENT * len(segments)))
+        ctx, num_tokens = g.ctx, len(self.tokens)
         step = {"tokens": g.external(self.tokens), "positions": g.external(self.positions)}
         step["write_rows"] = [g.external(rows) for rows in self.write_rows]
         step["masks"] = [g.external(mask) for mask in self.masks]
         if first_layer == 0:
-            x = ggml.ggml_get_rows(ctx, g.weight(self.model.weight("token_embd.weight")), step["tokens"])
+            x = ggml.ggml_get_rows(ctx, g.weight(self.model.weight("token_embd.weight"), num_tokens), step["tokens"])
         else:
-            ffn_inp, routed, shared = (piece.input(name, (num_tokens, c.n_embd)) for name in ("ffn_inp", "routed", "shared"))
+            ffn_inp, routed, shared = (g.input(name, (num_tokens, c.n_embd)) for name in ("ffn_inp", "routed", "shared"))
             x = ggml.ggml_add(ctx, ggml.ggml_add(ctx, routed, shared), ffn_inp)
         layer_graph = _LayerGraph(self, g, step, segments)
         for layer in range(first_layer, last_layer + 1):
             ffn_inp = ggml.ggml_add(ctx, layer_graph.attention(layer, layer_graph.norm(x, layer, "attn_norm")), x)
             hidden = layer_graph.norm(ffn_inp, layer, "ffn_norm")
             if layer in self.cuts:
-                router_logits = ggml.ggml_mul_mat(ctx, layer_graph.weight(layer, "ffn_gate_inp"), hidden)
-                g.plan({"ffn_inp": ffn_inp, "ffn_norm": hidden, "router_logits": router_logits})
-                return piece
+                outputs = {"ffn_inp": ffn_inp, "ffn_norm": hidden}
+                if self.routes_in_graph:
+                    ids, weights = layer_graph.route(layer, hidden)
+                    outputs.update(expert_ids=ggml.ggml_cont(ctx, ids), expert_weights=weights)
+                else:
+                    outputs["router_logits"] = ggml.ggml_mul_mat(ctx, layer_graph.weight(layer, "ffn_gate_inp"), hidden)
+                g.plan(outputs)
+                return g
             x = ggml.ggml_add(ctx, layer_graph.ffn(layer, hidden), ffn_inp)
         if not self.shape.all_logits:
             x = ggml.ggml_get_rows(ctx, x, g.external(self.out_rows))
         x = ggml.ggml_mul(ctx, ggml.ggml_rms_norm(ctx, x, c.rms_eps), g.weight(self.model.weight("output_norm.weight")))
         g.plan({"logits": ggml.ggml_mul_mat(ctx, g.weight(self.model.weight(self.model.output_name)), x)})
-        return piece
+        return g
 
-    def _shared_expert(self, layer: int) -> "_Piece":
-        piece = _Piece(PlannedGraph(self.model.runner, 64))
-        hidden = piece.input("hidden", (len(self.tokens), self.model.config.n_embd))
-        w = lambda kind: piece.graph.weight(self.model.layer_weight(layer, f"ffn_{kind}_shexp.weight"))  # noqa: E731
-        piece.graph.plan({"out": swiglu_subgraph(piece.graph.ctx, w("gate"), w("up"), w("down"), hidden)})
-        return piece
-
-
-class _Piece:
-    """One planned graph and its own inputs (the rows carried across a cut)."""
-
-    def __init__(self, graph: PlannedGraph):
-        self.graph, self.inputs = graph, {}
-
-    def input(self, name: str, shape: tuple[int, ...]):
-        self.inputs[name], tensor = self.graph.input(shape, np.float32)
-        return tensor
+    def _shared_expert(self, layer: int) -> PlannedGraph:
+        g = PlannedGraph(self.model.runner, 64)
+        hidden = g.input("hidden", (len(self.tokens), self.model.config.n_embd))
+        w = lambda kind: g.weight(self.model.layer_weight(layer, f"ffn_{kind}_shexp.weight"))  # noqa: E731
+        g.plan({"out": swiglu_subgraph(g.ctx, w("gate"), w("up"), w("down"), hidden)})
+        return g
 
 
 class _LayerGraph:
@@ -253,14 +254,15 @@ class _LayerGraph:
         w = lambda name: self.weight(layer, name)  # noqa: E731
         if not c.is_moe_layer(layer):
             return swiglu_subgraph(ctx, w("ffn_gate"), w("ffn_up"), w("ffn_down"), hidden)
-        experts = {kind: self.g.weight(weight) for kind, weight in self.model.experts_in_graph(layer).items()}
-        ids, weights = self._route(layer, hidden)
+        rows_read = self.c.num_experts_used * len(self.step.tokens)
+        experts = {kind: self.g.weight(w, rows_read) for kind, w in self.model.experts_in_graph(layer).items()}
+        ids, weights = self.route(layer, hidden)
         routed = moe_subgraph(ctx, experts.get("gate"), experts.get("up"), experts["down"], experts.get("gate_up"),
                               hidden, ids, weights)
         return ggml.ggml_add(ctx, routed, swiglu_subgraph(ctx, w("ffn_gate_shexp"), w("ffn_up_shexp"),
                                                           w("ffn_down_shexp"), hidden))
 
-    def _route(self, layer: int, hidden):
+    def route(self, layer: int, hidden):
         """llama.cpp's build_moe_ffn routing: expert ids [k, T] and weights [1, k, T]."""
         ctx, c = self.ctx, self.c
         num_tokens, k, num_experts = len(self.step.tokens), c.num_experts_used, c.num_experts

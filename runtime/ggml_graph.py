@@ -19,13 +19,17 @@ _lib = ggml.lib
 _lib.ggml_backend_cpu_buffer_type.restype = ctypes.c_void_p  # ggml-python's declaration truncates it
 _CPU_BUFFER_TYPE = _lib.ggml_backend_cpu_buffer_type()
 _TENSOR_OVERHEAD = ggml.ggml_tensor_overhead()
+# Graphs whose weights average fewer bytes than this run on one thread. Every node of a graph ends in a
+# barrier of all its threads (measured ~6 us for two), and waking a passive OpenMP thread costs ~70 us: a
+# graph of many narrow matmuls (K2's depth at small widths) ran 1.6x faster on one thread than on two.
+MIN_BYTES_PER_WEIGHT_FOR_THREADS = 512 << 10
 _GGML_TYPES = {np.dtype(np.float32): ggml.GGML_TYPE_F32, np.dtype(np.float16): ggml.GGML_TYPE_F16,
                np.dtype(np.int32): ggml.GGML_TYPE_I32, np.dtype(np.int64): ggml.GGML_TYPE_I64}
 
 
 class PlannedGraph:
-    """Build with `ctx` and the tensor helpers, then `plan(outputs)`; afterwards write inputs (the numpy
-    arrays handed out by `input` or passed to `external`), `compute()`, and `read` the outputs."""
+    """Build with `ctx` and the tensor helpers, then `plan(outputs)`; afterwards write the inputs (the arrays
+    in `inputs`, or those passed to `external`), `compute()`, and `read` the outputs."""
 
     def __init__(self, runner: GgmlRunner, max_tensors: int):
         self.runner, self.max_nodes = runner, max_tensors
@@ -34,14 +38,19 @@ class PlannedGraph:
             mem_buffer=None, no_alloc=True))
         self.ctx = self._ctx
         self._keep: list[object] = []  # what external tensors point into, alive as long as the graph
-        self._outputs: dict[str, tuple[object, tuple[int, ...], np.dtype]] = {}
+        self.inputs: dict[str, np.ndarray] = {}
+        self._outputs: dict[str, np.ndarray] = {}
+        self.weight_bytes, self.weights_read = 0, 0  # what one compute reads: narrow graphs run on one thread
         self._graph = self._allocator = self._plan = None
         self._work = np.empty(0, np.uint8)
 
-    def weight(self, w: Weight | RepackedWeight | np.ndarray):
-        """A model weight: a ggml Weight (its cached header), its repacked copy, or a float32 vector."""
+    def weight(self, w: Weight | RepackedWeight | np.ndarray, items_read: int | None = None):
+        """A model weight: a ggml Weight (its cached header), its repacked copy, or a float32 vector.
+        items_read: how many items of its last axis one compute reads (experts), if not all."""
         if isinstance(w, np.ndarray):
             return self.external(w)
+        self.weight_bytes += w.nbytes if items_read is None else w.nbytes // w.ne[-1] * min(items_read, w.ne[-1])
+        self.weights_read += 1
         self._keep.append(w)
         return w.tensor if isinstance(w, RepackedWeight) else w.header.tensor
 
@@ -55,25 +64,31 @@ class PlannedGraph:
         self._keep.append(array)
         return tensor
 
-    def input(self, shape: tuple[int, ...], dtype) -> tuple[np.ndarray, object]:
-        """A new zeroed input array and its tensor; write the array before each compute."""
-        array = np.zeros(shape, dtype)
-        return array, self.external(array)
+    def input(self, name: str, shape: tuple[int, ...], dtype=np.float32):
+        """A tensor over a new zeroed array, inputs[name]: write it before each compute."""
+        self.inputs[name] = np.zeros(shape, dtype)
+        return self.external(self.inputs[name])
 
     def plan(self, outputs: dict[str, object]) -> None:
         """Fix the graph that computes `outputs` (name -> tensor) and plan its memory and threads once."""
         graph = ggml.ggml_new_graph_custom(self.ctx, self.max_nodes, False)
-        for name, tensor in outputs.items():
+        for tensor in outputs.values():
             ggml.ggml_set_output(tensor)
             ggml.ggml_build_forward_expand(graph, tensor)
-            ne = tuple(reversed(tensor.contents.ne[:4]))
-            dtype = {ggml.GGML_TYPE_F32: np.float32, ggml.GGML_TYPE_I32: np.int32}[tensor.contents.type]
-            self._outputs[name] = (tensor, tuple(n for n in ne[:4]), np.dtype(dtype))
         self._allocator = ggml.ggml_gallocr_new(_CPU_BUFFER_TYPE)
         if not ggml.ggml_gallocr_alloc_graph(self._allocator, graph):
             raise MemoryError("ggml could not allocate the memory of a step's graph")
+        for name, tensor in outputs.items():  # the planned addresses stay: view each output once
+            if not ggml.ggml_is_contiguous(tensor):
+                raise ValueError(f"graph output {name} must be contiguous")
+            shape = tuple(reversed(tensor.contents.ne[:4]))
+            dtype = np.dtype({ggml.GGML_TYPE_F32: np.float32, ggml.GGML_TYPE_I32: np.int32}[tensor.contents.type])
+            buffer = (ctypes.c_uint8 * (int(np.prod(shape)) * dtype.itemsize)).from_address(ggml.ggml_get_data(tensor))
+            self._outputs[name] = np.frombuffer(buffer, dtype).reshape(shape)
         self._graph = graph
-        self._plan = ggml.ggml_graph_plan(graph, self.runner.n_threads, None)
+        wide = self.weight_bytes >= MIN_BYTES_PER_WEIGHT_FOR_THREADS * max(1, self.weights_read)
+        threads = self.runner.n_threads if wide else 1
+        self._plan = ggml.ggml_graph_plan(graph, threads, None)
         if self._plan.work_size:
             self._work = np.empty(self._plan.work_size, np.uint8)
             self._plan.work_data = self._work.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
@@ -90,10 +105,8 @@ class PlannedGraph:
 
     def read(self, name: str, ndim: int) -> np.ndarray:
         """A copy of an output, as a numpy array of its last `ndim` numpy axes (ggml's first ndim)."""
-        tensor, shape, dtype = self._outputs[name]
-        shape = shape[4 - ndim:]
-        buffer = (ctypes.c_uint8 * (int(np.prod(shape)) * dtype.itemsize)).from_address(ggml.ggml_get_data(tensor))
-        return np.frombuffer(buffer, dtype).reshape(shape).copy()
+        output = self._outputs[name]
+        return output.reshape(output.shape[4 - ndim:]).copy()
 
     def __del__(self):
         if self._allocator is not None:

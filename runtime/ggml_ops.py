@@ -288,33 +288,6 @@ class GgmlRunner:
         with _Graph(self, len(ids) * w.ne[0] * 4) as g:
             return g.compute(ggml.ggml_get_rows(g.ctx, g.weight(w), g.input(ids)), 2)
 
-    def ffn(self, gate: Weight, up: Weight, down: Weight, x: np.ndarray) -> np.ndarray:
-        """Dense SwiGLU: x [T, D] -> down @ (silu(gate @ x) * (up @ x)), with ggml's own silu."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        num_tokens, n_ff = x.shape[0], gate.ne[1]
-        with _Graph(self, 4 * num_tokens * (3 * n_ff + down.ne[1])) as g:
-            return g.compute(swiglu_subgraph(g.ctx, g.weight(gate), g.weight(up), g.weight(down), g.input(x)), 2)
-
-    def attention(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, first_pos: int,
-                  scale: float) -> np.ndarray:
-        """Causal attention as llama.cpp runs it without flash attention, over a float16 cache.
-
-        q: [H, T, Dk] float32; keys: [Hk, S, Dk] and values: [Hk, S, Dv] float16, Hk = 1 (MQA) or H.
-        Query t sits at position first_pos + t. Returns [H, T, Dv].
-        """
-        num_heads, num_new, _ = q.shape
-        num_keys, dim_v = keys.shape[1], values.shape[2]
-        visible = np.arange(num_keys)[None, :] <= (first_pos + np.arange(num_new))[:, None]
-        mask = np.where(visible, 0.0, -np.inf).astype(np.float32)  # [T, S]
-        arena = 4 * num_heads * num_new * (2 * num_keys + dim_v) + 2 * keys.shape[0] * num_keys * dim_v
-        with _Graph(self, arena) as g:
-            ctx = g.ctx
-            scores = ggml.ggml_mul_mat(ctx, g.input(keys), g.input(q))  # [H, T, S]
-            ggml.ggml_mul_mat_set_prec(scores, ggml.GGML_PREC_F32)
-            probs = ggml.ggml_soft_max_ext(ctx, scores, g.input(mask), scale, 0.0)
-            values_t = ggml.ggml_cont(ctx, ggml.ggml_transpose(ctx, g.input(values)))  # [Hk, Dv, S]
-            return g.compute(ggml.ggml_mul_mat(ctx, values_t, probs), 3)
-
     def expert_ffn(self, gate: Weight | None, up: Weight | None, down: Weight, x: np.ndarray, ids: np.ndarray,
                    weights: np.ndarray, gate_up: Weight | None = None) -> np.ndarray:
         """Routed SwiGLU experts as llama.cpp's build_moe_ffn computes them.

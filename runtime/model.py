@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from .attention import KVCache, Segment
+from .kv_cache import KVCache, Segment
 from .config import ModelConfig
 from .experts import Experts, LocalExperts
 from .ggml_forward import StepGraphs, StepShape
@@ -126,8 +126,8 @@ class KimiModel:
         return logits
 
     def _step_graphs(self, shape: StepShape, segments: list[Segment]) -> StepGraphs:
-        """The planned graphs of this step shape: reused while it holds (decode rebuilds once per KV_PAD
-        positions), dropped with the last cache they write into or when STEP_SHAPES_KEPT newer shapes ran."""
+        """The planned graphs of this step shape: reused while it holds (decode rebuilds when a sequence crosses
+        a cache block), dropped with the last cache they write into or when STEP_SHAPES_KEPT newer shapes ran."""
         while self._dropped_caches:
             serial = self._dropped_caches.pop()
             for old in [k for k in self._steps if any(seg[0] == serial for seg in k.segments)]:

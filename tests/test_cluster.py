@@ -15,7 +15,7 @@ from cluster.config import ClusterConfig
 from cluster.head import ExpertCluster
 from cluster.placement import GiB, Inventory, PlacementError
 from cluster.transport import WorkerClient, WorkerFailed
-from runtime.attention import Segment
+from runtime.kv_cache import Segment
 from runtime.config import ModelConfig
 from runtime.engine import Engine
 from runtime.gguf_file import GGUFModelFile

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from runtime.attention import Segment
+from runtime.kv_cache import Segment
 from runtime.engine import Engine, EngineFull, Request, SequenceFailed, TokenOutput
 from runtime.experts import LocalExperts
 from runtime.ggml_ops import GgmlRunner, RepackedWeight
@@ -111,6 +111,9 @@ class FailingOnce:
             self.failed = True
             raise RuntimeError("node w1 failed: UNAVAILABLE")
         return self.inner.start(layer, hidden, ids, weights)
+
+    def graph_weights(self, layer):
+        return None  # like remote experts: the model's graph stops at the router
 
 
 def test_a_failed_step_fails_its_sequences_and_the_engine_serves_on(model):

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from runtime.attention import Segment
+from runtime.kv_cache import Segment
 from runtime.engine import Engine, GenerationStats
 from runtime.gguf_file import GGUFModelFile
 from runtime.model import KimiModel

@@ -1,0 +1,52 @@
+"""The KV cache of one sequence, and the segments that tie a step's rows to their caches.
+
+Absorbed MLA: the cache holds, per token, the normalised latent c (kv_lora_rank) and the shared rope key
+k_pe (rope_dim) in float16, as llama.cpp's default F16 cache does; the attention itself is built in
+ggml_forward.py. Legacy files (attn_kv_b) cache expanded per-head keys and values instead.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .config import ModelConfig
+
+_cache_serials = itertools.count()
+
+
+@dataclass
+class KVCache:
+    """One sequence's float16 cache, as llama.cpp's default F16 cache holds it; `length` positions filled.
+
+    Absorbed MLA: keys[layer] is [capacity, 1, L + R] (latent | rope key), and values are its first L columns.
+    Legacy attn_kv_b files: keys[layer] is [capacity, H, N + R] and values[layer] is [capacity, H, V].
+    """
+    config: ModelConfig
+    capacity: int
+    keys: list[np.ndarray] = field(init=False)
+    values: list[np.ndarray] = field(init=False)
+    length: int = 0
+    # Graphs are planned for particular caches (they point into their arrays): a serial names each cache.
+    serial: int = field(init=False, default_factory=lambda: next(_cache_serials))
+
+    def __post_init__(self):
+        c, n = self.config, self.capacity
+        if c.is_mla:
+            self.keys = [np.zeros((n, 1, c.kv_cache_width), np.float16) for _ in range(c.num_layers)]
+            self.values = [k[:, :, :c.kv_lora_rank] for k in self.keys]
+        else:
+            self.keys = [np.zeros((n, c.num_heads, c.head_dim_qk), np.float16) for _ in range(c.num_layers)]
+            self.values = [np.zeros((n, c.num_heads, c.head_dim_v), np.float16) for _ in range(c.num_layers)]
+
+    def nbytes(self) -> int:
+        return sum(k.nbytes for k in self.keys) + (0 if self.config.is_mla else sum(v.nbytes for v in self.values))
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The rows [start, start + count) of a step's flat batch that belong to one sequence's cache."""
+    cache: KVCache
+    start: int
+    count: int
