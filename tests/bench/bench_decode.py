@@ -4,8 +4,9 @@
 
 Without MODEL it writes the k2-slice preset (Kimi K2's real widths, 3 layers, 16 experts) quantized to
 Q4_K_M by llama.cpp. Each round runs our CLI and llama.cpp (llama-cpp-python, default settings) one
-after the other in fresh processes, with the same thread count, a 128-token prompt and greedy decoding;
-the medians over rounds are compared. Peak RSS is read from /proc while each process runs.
+after the other in fresh processes, with the same thread count and greedy decoding: once with a
+128-token prompt (decode speed), once with a 512-token prompt (prefill speed, one 512-row batch on both
+sides). The medians over rounds are compared. Peak RSS is read from /proc while each process runs.
 """
 from __future__ import annotations
 
@@ -23,25 +24,31 @@ sys.path.insert(0, str(REPO_ROOT))
 from runtime.gguf_file import GGUFModelFile  # noqa: E402
 from runtime.tokenizer import Tokenizer  # noqa: E402
 
-PROMPT_TOKENS = 128
+DECODE_PROMPT_TOKENS, PREFILL_PROMPT_TOKENS = 128, 512
 TEXT = ("Kimi pools the memory of several machines so that a model too large for any one of them can run. "
-        "Each layer's experts are spread over every node, and hidden states travel between them. ") * 20
+        "Each layer's experts are spread over every node, and hidden states travel between them. ") * 40
 
 LLAMA_SCRIPT = """
 import json, resource, sys, time
 import numpy as np
 import llama_cpp
 args = json.loads(sys.argv[1])
-llm = llama_cpp.Llama(model_path=args["model"], n_ctx=512, n_batch=512, n_threads=args["threads"],
+llm = llama_cpp.Llama(model_path=args["model"], n_ctx=1024, n_batch=512, n_threads=args["threads"],
                       n_threads_batch=args["threads"], verbose=False)
 start = time.perf_counter()
 llm.eval(args["prompt"])
 prompt_s = time.perf_counter() - start
-token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+
+
+def last_logits():  # Llama.scores is not filled without logits_all; read the context's own output row
+    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+
+
+token = int(np.argmax(last_logits()))
 start = time.perf_counter()
 for _ in range(args["tokens"] - 1):
     llm.eval([token])
-    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    token = int(np.argmax(last_logits()))
 decode_s = time.perf_counter() - start
 print(json.dumps({"prompt_tokens_per_s": len(args["prompt"]) / prompt_s,
                   "tokens_per_s": (args["tokens"] - 1) / decode_s,
@@ -67,12 +74,12 @@ def run_with_peak_rss(cmd: list[str]) -> tuple[dict, int]:
     return json.loads(out.strip().splitlines()[-1]), peak
 
 
-def prompt_of_exact_length(tokenizer: Tokenizer) -> tuple[str, list[int]]:
-    ids = tokenizer.encode(TEXT)[:PROMPT_TOKENS]
+def prompt_of_exact_length(tokenizer: Tokenizer, length: int = DECODE_PROMPT_TOKENS) -> tuple[str, list[int]]:
+    ids = tokenizer.encode(TEXT)[:length]
     text = tokenizer.decode(ids)
     ids = tokenizer.encode(text)
-    if len(ids) != PROMPT_TOKENS:
-        raise RuntimeError(f"prompt re-tokenizes to {len(ids)} tokens, expected {PROMPT_TOKENS}")
+    if len(ids) != length:
+        raise RuntimeError(f"prompt re-tokenizes to {len(ids)} tokens, expected {length}")
     return text, ids
 
 
@@ -96,35 +103,42 @@ def main() -> None:
 
     model = bench_model(args.model)
     model_file = GGUFModelFile(model)
-    text, ids = prompt_of_exact_length(Tokenizer.from_metadata(model_file.metadata))
-    ours_cmd = [sys.executable, "-m", "cluster.cli", "generate", str(model), "--prompt", text, "--max-tokens",
-                str(args.tokens), "--threads", str(args.threads), "--json"]
-    llama_cmd = [sys.executable, "-c", LLAMA_SCRIPT,
-                 json.dumps({"model": str(model), "prompt": ids, "tokens": args.tokens, "threads": args.threads})]
+    tokenizer = Tokenizer.from_metadata(model_file.metadata)
 
-    print(f"model: {model} ({model_file.file_bytes / 1e9:.2f} GB), threads: {args.threads}, "
-          f"prompt: {PROMPT_TOKENS} tokens, generate: {args.tokens} tokens, rounds: {args.rounds} (+1 warm-up)")
-    results: dict[str, list[tuple[dict, int]]] = {"kimi-cluster": [], "llama.cpp": []}
+    def commands(prompt_tokens: int) -> dict[str, list[str]]:
+        text, ids = prompt_of_exact_length(tokenizer, prompt_tokens)
+        return {"kimi-cluster": [sys.executable, "-m", "cluster.cli", "generate", str(model), "--prompt", text,
+                                 "--max-tokens", str(args.tokens), "--threads", str(args.threads), "--json"],
+                "llama.cpp": [sys.executable, "-c", LLAMA_SCRIPT, json.dumps(
+                    {"model": str(model), "prompt": ids, "tokens": args.tokens, "threads": args.threads})]}
+    runs = {"decode": commands(DECODE_PROMPT_TOKENS), "prefill": commands(PREFILL_PROMPT_TOKENS)}
+
+    print(f"model: {model} ({model_file.file_bytes / 1e9:.2f} GB), threads: {args.threads}, prompts: "
+          f"{DECODE_PROMPT_TOKENS} tokens (decode), {PREFILL_PROMPT_TOKENS} tokens (prefill), generate: "
+          f"{args.tokens} tokens, rounds: {args.rounds} (+1 warm-up)")
+    results: dict[tuple[str, str], list[tuple[dict, int]]] = {(kind, name): [] for kind in runs for name in runs[kind]}
     for round_no in range(args.rounds + 1):
-        for name, cmd in (("kimi-cluster", ours_cmd), ("llama.cpp", llama_cmd)):
-            result = run_with_peak_rss(cmd)
-            if round_no > 0:  # the first round warms the page cache for both
-                results[name].append(result)
-                print(f"  round {round_no} {name:12s} decode {result[0]['tokens_per_s']:7.2f} tok/s   "
-                      f"prompt {result[0]['prompt_tokens_per_s']:8.2f} tok/s   peak RSS {result[1] / 1e9:.2f} GB",
-                      flush=True)
+        for kind, cmds in runs.items():
+            for name, cmd in cmds.items():
+                result = run_with_peak_rss(cmd)
+                if round_no > 0:  # the first round warms the page cache for both
+                    results[kind, name].append(result)
+                    print(f"  round {round_no} {kind:7s} {name:12s} decode {result[0]['tokens_per_s']:7.2f} tok/s   "
+                          f"prompt {result[0]['prompt_tokens_per_s']:8.2f} tok/s   peak RSS {result[1] / 1e9:.2f} GB",
+                          flush=True)
 
-    def median(name: str, key: str) -> float:
-        return statistics.median(r[0][key] for r in results[name])
+    def median(kind: str, name: str, key: str) -> float:
+        return statistics.median(r[0][key] for r in results[kind, name])
 
-    print("\nmedians                 kimi-cluster    llama.cpp    ratio")
-    for label, key in (("decode tokens/s", "tokens_per_s"), ("prompt tokens/s", "prompt_tokens_per_s")):
-        ours, theirs = median("kimi-cluster", key), median("llama.cpp", key)
-        print(f"  {label:20s} {ours:12.2f} {theirs:12.2f} {ours / theirs:8.2f}x")
-    for name in results:
-        peak = max(r[1] for r in results[name])
+    print("\nmedians                                kimi-cluster    llama.cpp    ratio")
+    for label, kind, key in ((f"decode tokens/s ({DECODE_PROMPT_TOKENS}-token prompt)", "decode", "tokens_per_s"),
+                             (f"prompt tokens/s ({DECODE_PROMPT_TOKENS}-token prompt)", "decode", "prompt_tokens_per_s"),
+                             (f"prompt tokens/s ({PREFILL_PROMPT_TOKENS}-token prompt)", "prefill", "prompt_tokens_per_s")):
+        ours, theirs = median(kind, "kimi-cluster", key), median(kind, "llama.cpp", key)
+        print(f"  {label:36s} {ours:12.2f} {theirs:12.2f} {ours / theirs:8.2f}x")
+    for name in ("kimi-cluster", "llama.cpp"):
+        peak = max(r[1] for kind in runs for r in results[kind, name])
         print(f"  peak RSS {name:12s} {peak / 1e9:6.2f} GB = {peak / model_file.file_bytes:.2f}x the file size")
-
 
 if __name__ == "__main__":
     main()
