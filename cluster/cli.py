@@ -368,13 +368,28 @@ def _add_runtime_args(p: argparse.ArgumentParser, serving: bool = False) -> None
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
     p.add_argument("--context", type=int, default=None,
                    help=f"context size in tokens (default: the cluster config's, else {DEFAULT_CONTEXT})")
-    p.add_argument("--repack", choices=["none", "experts", "head", "all"], default="experts" if serving else "head",
+    p.add_argument("--repack", choices=["none", "experts", "head", "all"], default=None if serving else "head",
                    help="copy weights into ggml's faster interleaved layout, as llama.cpp does on x86: "
                         "experts = the routed experts, head = all but the routed experts, all = both (needs "
                         "RAM for the whole model), none = read everything in place from the file. Default: " +
-                        ("experts: with head or all, a sequence's tokens can depend on what else shares its "
-                         "batch (interleaved matmuls round rows in groups of four; experts run row by row)"
-                         if serving else "head"))
+                        ("all, the fastest; experts with --deterministic" if serving else "head"))
+    if serving:
+        p.add_argument("--deterministic", action="store_true",
+                       help="a sequence gets exactly the tokens it would get alone, whatever shares its batch: "
+                            "only the routed experts are interleaved (they run row by row), as interleaved "
+                            "matmuls round rows in groups of four. Without it, batched and solo runs agree to "
+                            "llama.cpp's own rounding, not bit for bit")
+
+
+def _resolve_repack(parser: argparse.ArgumentParser, args) -> None:
+    """--repack's serving default depends on --deterministic, which rules out the batch-dependent choices."""
+    if not getattr(args, "deterministic", False):
+        args.repack = args.repack or "all"
+    elif args.repack in ("head", "all"):
+        parser.error(f"--deterministic keeps the head's weights in place; it cannot be combined with "
+                     f"--repack {args.repack} (use none or experts)")
+    else:
+        args.repack = args.repack or "experts"
 
 
 def _add_server_args(p: argparse.ArgumentParser, port: bool = True) -> None:
@@ -511,7 +526,10 @@ def _terminate(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if hasattr(args, "repack"):
+        _resolve_repack(parser, args)
     # ggml's OpenMP threads spin between ops instead of sleeping: ~25% faster per token. Must be set before
     # ggml loads. Servers, and heads whose expert workers share their cores (--workers), spin only briefly
     # (GOMP_SPINCOUNT) and then sleep: an idle server costs nothing, and a head waiting for its workers does

@@ -10,6 +10,7 @@ buffer are kept.
 from __future__ import annotations
 
 import ctypes
+import os
 
 import numpy as np
 
@@ -19,9 +20,11 @@ _lib = ggml.lib
 _lib.ggml_backend_cpu_buffer_type.restype = ctypes.c_void_p  # ggml-python's declaration truncates it
 _CPU_BUFFER_TYPE = _lib.ggml_backend_cpu_buffer_type()
 _TENSOR_OVERHEAD = ggml.ggml_tensor_overhead()
-# Graphs whose weights average fewer bytes than this run on one thread. Every node of a graph ends in a
-# barrier of all its threads (measured ~6 us for two), and waking a passive OpenMP thread costs ~70 us: a
-# graph of many narrow matmuls (K2's depth at small widths) ran 1.6x faster on one thread than on two.
+# With passive OpenMP threads (they sleep rather than spin when idle), graphs whose weights average fewer
+# bytes than this run on one thread: every node of a graph ends in a barrier of all its threads, and
+# waking a sleeping thread costs ~70 us here, so a graph of many narrow matmuls (K2's depth at small
+# widths) ran 1.8x slower on two threads than on one. Spinning threads (the command line's choice) pay
+# neither cost, and two of them were 10-20% faster on the same graph.
 MIN_BYTES_PER_WEIGHT_FOR_THREADS = 512 << 10
 _GGML_TYPES = {np.dtype(np.float32): ggml.GGML_TYPE_F32, np.dtype(np.float16): ggml.GGML_TYPE_F16,
                np.dtype(np.int32): ggml.GGML_TYPE_I32, np.dtype(np.int64): ggml.GGML_TYPE_I64}
@@ -86,8 +89,8 @@ class PlannedGraph:
             buffer = (ctypes.c_uint8 * (int(np.prod(shape)) * dtype.itemsize)).from_address(ggml.ggml_get_data(tensor))
             self._outputs[name] = np.frombuffer(buffer, dtype).reshape(shape)
         self._graph = graph
-        wide = self.weight_bytes >= MIN_BYTES_PER_WEIGHT_FOR_THREADS * max(1, self.weights_read)
-        threads = self.runner.n_threads if wide else 1
+        narrow = self.weight_bytes < MIN_BYTES_PER_WEIGHT_FOR_THREADS * max(1, self.weights_read)
+        threads = 1 if narrow and os.environ.get("OMP_WAIT_POLICY") == "passive" else self.runner.n_threads
         self._plan = ggml.ggml_graph_plan(graph, threads, None)
         if self._plan.work_size:
             self._work = np.empty(self._plan.work_size, np.uint8)

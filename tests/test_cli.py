@@ -73,3 +73,20 @@ def test_a_bad_sampling_flag_names_the_flag_before_loading(tiny_f32, capsys, fla
     code, err = run(capsys, "generate", str(tiny_f32), "--prompt", "hi", flag, value)
     assert code == 2 and words in err and "SamplingParams" not in err
     assert "loading" not in err
+
+
+@pytest.mark.parametrize("flags, repack", [([], "all"), (["--deterministic"], "experts"),
+                                           (["--deterministic", "--repack", "none"], "none"),
+                                           (["--repack", "head"], "head")])
+def test_serve_runs_the_fastest_kernels_unless_asked_to_be_deterministic(flags, repack):
+    parser = cli.build_parser()
+    args = parser.parse_args(["serve", "m.gguf", *flags])
+    cli._resolve_repack(parser, args)
+    assert args.repack == repack
+
+
+def test_deterministic_refuses_an_interleaved_head(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", "m.gguf", "--deterministic", "--repack", "all"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--deterministic" in err and "--repack all" in err
