@@ -179,7 +179,7 @@ class ExpertCluster:
             scheduling_strategy=NodeAffinitySchedulingStrategy(node.ray_node_id, soft=False),
             runtime_env={"env_vars": self._worker_openmp_env()},
         ).remote(node.name, owned, self._model_path_on(node), port, self.token, threads, self._repack_experts,
-                 None, self._tls())
+                 None, self._tls(), grouped=self.repack == "all")
 
     def _worker_openmp_env(self) -> dict[str, str]:
         """Workers sharing the head's machine (--workers) sleep between ops at once, leaving the cores to the
@@ -204,6 +204,7 @@ class ExpertCluster:
                   leave=False) as bar:
             shard = ExpertShard.from_model_file(self.model_file, runner, owned, self._repack_experts, bar.update)
             shard.touch(bar.update)
+        shard.grouped = self.repack == "all"
         return shard
 
     def _tls(self) -> dict[str, str] | None:

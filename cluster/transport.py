@@ -324,7 +324,7 @@ class RemoteExperts:
             return total
         return result
 
-    def graph_weights(self, layer: int) -> None:
+    def graph_weights(self, layer: int, slots: int) -> None:
         return None  # the experts are spread over processes: the head's graph stops at their router
 
     def _notify(self, node: str, pairs: int, round_trip_s: float | None) -> None:

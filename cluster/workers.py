@@ -31,9 +31,10 @@ def rss_bytes() -> int:
 class ExpertWorker:
     def __init__(self, node: str, owned: dict[int, list[int]], model_path: str | None, port: int, token: str,
                  threads: int | None = None, repack: bool = False, cache_dir: str | None = None,
-                 tls: dict[str, str] | None = None):
+                 tls: dict[str, str] | None = None, grouped: bool = False):
         self.rss_at_start = rss_bytes()
         self.node, self.owned, self.repack = node, {int(k): v for k, v in owned.items()}, repack
+        self.grouped = grouped  # see ExpertShard.grouped
         self.runner = GgmlRunner(threads)
         self.cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR
         self.shard: ExpertShard | None = None
@@ -53,6 +54,7 @@ class ExpertWorker:
             self.total_bytes = model_file.routed_expert_bytes(self.owned)
             shard = ExpertShard.from_model_file(model_file, self.runner, self.owned, self.repack, self._count)
             shard.touch(self._count)
+            shard.grouped = self.grouped
             self.shard = shard
         except Exception as e:  # reported to the head through progress(), which names this node
             self.error = f"{type(e).__name__}: {e}"
@@ -62,7 +64,9 @@ class ExpertWorker:
         def expect(manifest: dict) -> None:
             self.total_bytes = manifest["total_bytes"]
         path, manifest = shard_transfer.receive_shard(chunks, self.cache_dir, self._count, expect)
-        self.shard = shard_transfer.load_shard(path, manifest, self.runner, self.repack)
+        shard = shard_transfer.load_shard(path, manifest, self.runner, self.repack)
+        shard.grouped = self.grouped
+        self.shard = shard
         return manifest["total_bytes"]
 
     def _health(self) -> dict:

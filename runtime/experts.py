@@ -14,6 +14,7 @@ from typing import Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from .ggml_experts import grouped_expert_ffn, runs_grouped
 from .ggml_graph import PlannedGraph
 from .ggml_ops import GgmlRunner, RepackedWeight, Weight, moe_subgraph, repack
 from .gguf_file import GGUFModelFile
@@ -30,21 +31,26 @@ class Experts(Protocol):
         work (the shared expert) before it asks for the result."""
         ...
 
-    def graph_weights(self, layer: int) -> Mapping[str, Weight | RepackedWeight] | None:
+    def graph_weights(self, layer: int, slots: int) -> Mapping[str, Weight | RepackedWeight] | None:
         """Every expert of a layer as ggml tensors by kind (gate, up, down or gate_up, down) when they are
-        all in this process, so the model may compute them inside its own graph; otherwise None."""
+        all in this process, so the model may compute them inside its own graph for a step of `slots` (row,
+        slot) pairs; None when they run elsewhere or faster outside it."""
         ...
 
 
 class ExpertShard:
     """Experts of some layers, each layer's held as ggml tensors [in, out, held experts] per kind (gate,
-    up, down or gate_up, down), with a map from global expert id to index in those tensors."""
+    up, down or gate_up, down), with a map from global expert id to index in those tensors.
+
+    grouped: prompt-sized calls over interleaved experts may run grouped by expert (ggml_experts.py), which
+    is faster but rounds a row with its neighbours; off, every row's result is independent of the others."""
 
     def __init__(self, runner: GgmlRunner, tensors: Mapping[int, Mapping[str, Weight | RepackedWeight]],
                  local_index: Mapping[int, np.ndarray]):
         self.runner = runner
         self.tensors = dict(tensors)
         self.local_index = dict(local_index)  # layer -> [num_experts] int32, -1 where not held
+        self.grouped = False
         # Decode-sized calls reuse planned graphs (per layer and shape): building one costs more than its math.
         self._graphs: OrderedDict[tuple[int, int, int], PlannedGraph] = OrderedDict()
         self._graphs_lock = threading.Lock()
@@ -77,6 +83,10 @@ class ExpertShard:
             local_index[layer] = index
         return cls(runner, tensors, local_index)
 
+    def runs_grouped(self, layer: int, slots: int) -> bool:
+        """Whether a call with this many (row, slot) pairs runs grouped by expert."""
+        return self.grouped and runs_grouped(self.tensors[layer], slots)
+
     def owned(self, layer: int) -> np.ndarray:
         """Global ids of the experts this shard holds for a layer, ascending."""
         return np.nonzero(self.local_index[layer] >= 0)[0]
@@ -92,8 +102,10 @@ class ExpertShard:
 
     def _ffn(self, layer: int, hidden: np.ndarray, local_ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         num_tokens, k = local_ids.shape
+        t = self.tensors[layer]
+        if self.runs_grouped(layer, num_tokens * k):
+            return grouped_expert_ffn(self.runner, t, hidden, local_ids, weights)
         if num_tokens * k > PLANNED_SLOTS:  # prompt-sized: planned memory would be large, and building is cheap beside the math
-            t = self.tensors[layer]
             return self.runner.expert_ffn(t.get("gate"), t.get("up"), t["down"], hidden, local_ids, weights,
                                           gate_up=t.get("gate_up"))
         with self._graphs_lock:
@@ -179,12 +191,13 @@ class LocalExperts:
     """Every routed expert of every MoE layer, in this process."""
 
     def __init__(self, model_file: GGUFModelFile, runner: GgmlRunner, moe_layers: Sequence[int], num_experts: int,
-                 repack: bool = False, on_bytes: Callable[[int], None] = lambda n: None):
+                 repack: bool = False, on_bytes: Callable[[int], None] = lambda n: None, grouped: bool = False):
         self.shard = ExpertShard.from_model_file(model_file, runner, {layer: range(num_experts) for layer in moe_layers},
                                                  repack, on_bytes)
+        self.shard.grouped = grouped
 
     def start(self, layer: int, hidden: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> Callable[[], np.ndarray]:
         return lambda: self.shard.forward(layer, hidden, ids, weights)
 
-    def graph_weights(self, layer: int) -> Mapping[str, Weight | RepackedWeight]:
-        return self.shard.tensors[layer]
+    def graph_weights(self, layer: int, slots: int) -> Mapping[str, Weight | RepackedWeight] | None:
+        return None if self.shard.runs_grouped(layer, slots) else self.shard.tensors[layer]

@@ -21,7 +21,7 @@ import numpy as np
 
 from .kv_cache import KVCache, Segment
 from .config import GATING_SIGMOID
-from .ggml_graph import PlannedGraph
+from .ggml_graph import GraphMemory, PlannedGraph
 from .ggml_ops import ggml, moe_subgraph, swiglu_subgraph
 from .router import MIN_WEIGHT_SUM, route
 
@@ -71,10 +71,12 @@ class StepGraphs:
         # Layers whose routed experts run outside the graph: the pass is cut after their router. llama.cpp's
         # in-graph routing has no group limit; models with one are routed on the host.
         self.routes_in_graph = c.num_expert_groups <= 1
-        self.cuts = [layer for layer in c.moe_layers if model.experts_in_graph(layer) is None]
+        self.cuts = [layer for layer in c.moe_layers if model.experts_in_graph(layer, num_tokens) is None]
         bounds = [-1] + self.cuts + [c.num_layers - 1]
+        self.memory = GraphMemory()  # the graphs run one after another: one buffer serves them all
         self.pieces = [self._piece(bounds[i] + 1, bounds[i + 1], segments) for i in range(len(bounds) - 1)]
         self.shared = {layer: self._shared_expert(layer) for layer in self.cuts}
+        self.memory.allocate()
 
     # -- running -----------------------------------------------------------------------------------------
 
@@ -122,7 +124,8 @@ class StepGraphs:
         """Layers first_layer..last_layer; stops after last_layer's router if it is a cut, else at the logits."""
         c = self.model.config
         num_layers = last_layer - first_layer + 1
-        g = PlannedGraph(self.model.runner, 64 + num_layers * (TENSORS_PER_LAYER + TENSORS_PER_SEGMENT * len(segments)))
+        g = PlannedGraph(self.model.runner, 64 + num_layers * (TENSORS_PER_LAYER + TENSORS_PER_SEGMENT * len(segments)),
+                         self.memory)
         ctx, num_tokens = g.ctx, len(self.tokens)
         step = {"tokens": g.external(self.tokens), "positions": g.external(self.positions)}
         step["write_rows"] = [g.external(rows) for rows in self.write_rows]
@@ -153,7 +156,7 @@ class StepGraphs:
         return g
 
     def _shared_expert(self, layer: int) -> PlannedGraph:
-        g = PlannedGraph(self.model.runner, 64)
+        g = PlannedGraph(self.model.runner, 64, self.memory)
         hidden = g.input("hidden", (len(self.tokens), self.model.config.n_embd))
         w = lambda kind: g.weight(self.model.layer_weight(layer, f"ffn_{kind}_shexp.weight"))  # noqa: E731
         g.plan({"out": swiglu_subgraph(g.ctx, w("gate"), w("up"), w("down"), hidden)})
@@ -255,7 +258,8 @@ class _LayerGraph:
         if not c.is_moe_layer(layer):
             return swiglu_subgraph(ctx, w("ffn_gate"), w("ffn_up"), w("ffn_down"), hidden)
         rows_read = self.c.num_experts_used * len(self.step.tokens)
-        experts = {kind: self.g.weight(w, rows_read) for kind, w in self.model.experts_in_graph(layer).items()}
+        experts = {kind: self.g.weight(w, rows_read)
+                   for kind, w in self.model.experts_in_graph(layer, len(self.step.tokens)).items()}
         ids, weights = self.route(layer, hidden)
         routed = moe_subgraph(ctx, experts.get("gate"), experts.get("up"), experts["down"], experts.get("gate_up"),
                               hidden, ids, weights)

@@ -133,15 +133,35 @@ class RepackedWeight:
     def __init__(self, ggml_type: GGMLQuantizationType, ne: tuple[int, ...], ctx, tensor, buffer: int):
         self.ggml_type, self.ne = ggml_type, ne
         self._ctx, self.tensor, self._buffer = ctx, tensor, buffer
+        self._experts_ctx = None
 
     @property
     def nbytes(self) -> int:
         block_size, type_size = GGML_QUANT_SIZES[self.ggml_type]
         return int(np.prod(self.ne)) // block_size * type_size
 
+    @cached_property
+    def experts(self) -> list:
+        """Each item of a 3-D (expert) weight as a 2-D tensor of its own over the same interleaved bytes, so
+        that one expert's rows run the dense interleaved GEMM. Rows are interleaved in groups of at most 8
+        within each expert's matrix (its row count is a multiple of 8), so expert e starts at e * nb[2]."""
+        if len(self.ne) != 3 or self.ne[1] % 8:
+            raise ValueError(f"a repacked weight of shape {list(self.ne)} has no per-expert matrices")
+        self._experts_ctx = ggml.ggml_init(ggml.ggml_init_params(mem_size=self.ne[2] * _TENSOR_OVERHEAD,
+                                                                 mem_buffer=None, no_alloc=True))
+        parent, headers = self.tensor.contents, []
+        for e in range(self.ne[2]):
+            header = ggml.ggml_new_tensor_2d(self._experts_ctx, int(self.ggml_type), self.ne[0], self.ne[1])
+            header.contents.data = ctypes.c_void_p(parent.data + e * parent.nb[2])
+            header.contents.buffer, header.contents.extra = parent.buffer, parent.extra
+            headers.append(header)
+        return headers
+
     def __del__(self):
         _lib.ggml_backend_buffer_free(self._buffer)
         ggml.ggml_free(self._ctx)
+        if self._experts_ctx is not None:
+            ggml.ggml_free(self._experts_ctx)
 
 
 def repack(w: Weight) -> Weight | RepackedWeight:

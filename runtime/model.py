@@ -23,6 +23,7 @@ from .gguf_file import GGUFModelFile
 
 REPACK_CHOICES = ("none", "experts", "head", "all")
 STEP_SHAPES_KEPT = 4
+MAX_TOKENS_OF_KEPT_STEPS = 64
 
 
 def checked_config(model_file: GGUFModelFile) -> ModelConfig:
@@ -41,8 +42,9 @@ class KimiModel:
     holds: attention, dense and shared FFNs, output; the default) or "all" (both).
 
     Interleaved matmuls round rows in groups of four, so with "head" or "all" a row's logits depend on
-    the rows that share its step. Routed experts run one row at a time even when interleaved, so "none"
-    and "experts" give every sequence the same logits whatever it is batched with.
+    the rows that share its step (and with "all", prompt-sized steps run the experts grouped by expert,
+    as dense interleaved GEMMs). Routed experts otherwise run one row at a time even when interleaved, so
+    "none" and "experts" give every sequence the same logits whatever it is batched with.
     """
 
     def __init__(self, model_file: GGUFModelFile, runner: GgmlRunner | None = None, experts: Experts | None = None,
@@ -65,7 +67,7 @@ class KimiModel:
         with tqdm(total=total, unit="B", unit_scale=True, desc="interleaving experts",
                   disable=not (progress and interleave), leave=False) as bar:
             return LocalExperts(self.file, self.runner, self.config.moe_layers, self.config.num_experts,
-                                repack=interleave, on_bytes=bar.update)
+                                repack=interleave, on_bytes=bar.update, grouped=self.repack_head)
 
     @lru_cache(maxsize=None)
     def weight(self, name: str) -> Weight | RepackedWeight | np.ndarray:
@@ -101,12 +103,13 @@ class KimiModel:
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(self.config, capacity)
 
-    def experts_in_graph(self, layer: int):
-        """The layer's expert tensors if the forward graph computes them itself: every expert is in this
-        process and routing needs no group limit (llama.cpp's in-graph routing; the host does the rest)."""
+    def experts_in_graph(self, layer: int, num_tokens: int):
+        """The layer's expert tensors if the forward graph computes them itself for a step of num_tokens:
+        every expert is in this process, they run no faster outside, and routing needs no group limit
+        (llama.cpp's in-graph routing; the host does the rest)."""
         if self.config.num_expert_groups > 1:
             return None
-        return self.experts.graph_weights(layer)
+        return self.experts.graph_weights(layer, num_tokens * self.config.num_experts_used)
 
     @lru_cache(maxsize=None)
     def router_bias(self, layer: int) -> np.ndarray | None:
@@ -127,7 +130,8 @@ class KimiModel:
 
     def _step_graphs(self, shape: StepShape, segments: list[Segment]) -> StepGraphs:
         """The planned graphs of this step shape: reused while it holds (decode rebuilds when a sequence crosses
-        a cache block), dropped with the last cache they write into or when STEP_SHAPES_KEPT newer shapes ran."""
+        a cache block), dropped with the last cache they write into or when STEP_SHAPES_KEPT newer shapes ran.
+        Prompt-sized steps are built for each use."""
         while self._dropped_caches:
             serial = self._dropped_caches.pop()
             for old in [k for k in self._steps if any(seg[0] == serial for seg in k.segments)]:
@@ -139,7 +143,8 @@ class KimiModel:
                 if seg.cache.serial not in self._watched_caches:
                     self._watched_caches.add(seg.cache.serial)
                     weakref.finalize(seg.cache, self._forget_cache, seg.cache.serial)
-        self._steps[shape] = graphs
+        if shape.num_tokens <= MAX_TOKENS_OF_KEPT_STEPS:  # a prompt chunk's graphs hold hundreds of MB
+            self._steps[shape] = graphs
         while len(self._steps) > STEP_SHAPES_KEPT:
             self._steps.popitem(last=False)
         return graphs

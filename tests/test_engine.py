@@ -112,7 +112,7 @@ class FailingOnce:
             raise RuntimeError("node w1 failed: UNAVAILABLE")
         return self.inner.start(layer, hidden, ids, weights)
 
-    def graph_weights(self, layer):
+    def graph_weights(self, layer, slots):
         return None  # like remote experts: the model's graph stops at the router
 
 
