@@ -368,11 +368,11 @@ def _add_runtime_args(p: argparse.ArgumentParser, serving: bool = False) -> None
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
     p.add_argument("--context", type=int, default=None,
                    help=f"context size in tokens (default: the cluster config's, else {DEFAULT_CONTEXT})")
-    p.add_argument("--repack", choices=["none", "experts", "head", "all"], default=None if serving else "head",
+    p.add_argument("--repack", choices=["none", "experts", "head", "all"], default=None if serving else "all",
                    help="copy weights into ggml's faster interleaved layout, as llama.cpp does on x86: "
                         "experts = the routed experts, head = all but the routed experts, all = both (needs "
                         "RAM for the whole model), none = read everything in place from the file. Default: " +
-                        ("all, the fastest; experts with --deterministic" if serving else "head"))
+                        ("all, the fastest; experts with --deterministic" if serving else "all, the fastest"))
     if serving:
         p.add_argument("--deterministic", action="store_true",
                        help="a sequence gets exactly the tokens it would get alone, whatever shares its batch: "

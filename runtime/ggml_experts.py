@@ -13,19 +13,21 @@ from typing import Mapping
 import numpy as np
 
 from .ggml_graph import PlannedGraph
-from .ggml_ops import GgmlRunner, RepackedWeight, ggml
+from .ggml_ops import GgmlRunner, RepackedWeight, Weight, ggml
 
 GROUPED_MIN_SLOTS = 128  # (row, slot) pairs from which grouping pays (16 tokens of 8 experts)
 
 
-def runs_grouped(tensors: Mapping[str, object], slots: int) -> bool:
-    """Whether a call with this many (row, slot) pairs over these expert tensors runs grouped by expert."""
-    return slots >= GROUPED_MIN_SLOTS and all(isinstance(w, RepackedWeight) and w.ne[1] % 8 == 0
-                                              for w in tensors.values())
+def runs_grouped(tensors: Mapping[str, Weight | RepackedWeight], slots: int) -> bool:
+    """Whether a call with this many (row, slot) pairs over these expert tensors runs grouped by expert:
+    when some of them are interleaved (types without interleaved kernels, such as Q6_K, run their
+    per-expert matrices in place, as fast as in mul_mat_id)."""
+    repacked = [w for w in tensors.values() if isinstance(w, RepackedWeight)]
+    return slots >= GROUPED_MIN_SLOTS and bool(repacked) and all(w.ne[1] % 8 == 0 for w in repacked)
 
 
-def grouped_expert_ffn(runner: GgmlRunner, tensors: Mapping[str, RepackedWeight], x: np.ndarray, ids: np.ndarray,
-                       weights: np.ndarray) -> np.ndarray:
+def grouped_expert_ffn(runner: GgmlRunner, tensors: Mapping[str, Weight | RepackedWeight], x: np.ndarray,
+                       ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """The same sum as ggml_ops.moe_subgraph (x [T, D], ids and weights [T, k] -> [T, D], slots added in
     order), with each used expert's rows gathered and run through its own matrices."""
     num_tokens, k = ids.shape

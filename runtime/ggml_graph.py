@@ -95,8 +95,8 @@ class PlannedGraph:
         self._keep.append(w)
         return w.tensor if isinstance(w, RepackedWeight) else w.header.tensor
 
-    def expert_weight(self, w: RepackedWeight, expert: int):
-        """One expert's matrix of a repacked 3-D weight, as a 2-D tensor (see RepackedWeight.experts)."""
+    def expert_weight(self, w: Weight | RepackedWeight, expert: int):
+        """One expert's matrix of a 3-D weight, as a 2-D tensor (see the weights' `experts`)."""
         self.weight_bytes += w.nbytes // w.ne[-1]
         self.weights_read += 1
         self._keep.append(w)

@@ -114,6 +114,17 @@ class Weight:
         as a small matmul itself."""
         return _TensorHeader(int(self.ggml_type), self.ne, self.data.ctypes.data)
 
+    @cached_property
+    def expert_headers(self) -> list["_TensorHeader"]:
+        """Each item of a 3-D (expert) weight as a 2-D tensor over its own bytes."""
+        per_expert = self.nbytes // self.ne[2]
+        return [_TensorHeader(int(self.ggml_type), self.ne[:2], self.data.ctypes.data + e * per_expert)
+                for e in range(self.ne[2])]
+
+    @cached_property
+    def experts(self) -> list:
+        return [header.tensor for header in self.expert_headers]
+
 
 class _TensorHeader:
     """A ggml tensor header over external bytes, in a context of its own that lives as long as it does."""

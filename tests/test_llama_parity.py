@@ -69,8 +69,9 @@ def llama_greedy(path, repack: bool) -> dict:
 
 
 # Our weight layout and the llama.cpp path that uses the same kernels: everything read in place
-# against llama.cpp's plain kernels; our default (head weights repacked) against llama.cpp's default.
-MODES = {"in-place": ("none", False), "repacked": ("head", True)}
+# against llama.cpp's plain kernels; head weights, or every weight, repacked (our default: the prompt's
+# experts then run grouped by expert) against llama.cpp's default.
+MODES = {"in-place": ("none", False), "repacked": ("head", True), "all-repacked": ("all", True)}
 
 
 @pytest.fixture(scope="session")
@@ -141,3 +142,15 @@ def test_cli_generate_json_and_logits_out(tiny_q4km, tmp_path):
     logits = np.load(logits_file)
     assert logits.dtype == np.float32 and logits.shape == reference["logits"][0].shape
     assert relative_to_range(logits, reference["logits"][0]) <= LOGITS_TOLERANCE
+
+
+def test_a_prompt_whose_experts_run_grouped_matches_llama_cpp(tiny_q4km):
+    """A prompt long enough that `--repack all` runs each layer's experts grouped by expert (dense
+    interleaved GEMMs instead of mul_mat_id) still gives llama.cpp's logits and tokens."""
+    prompt = prompt_tokens(tiny_q4km) * 4
+    model = KimiModel(GGUFModelFile(tiny_q4km), repack="all")
+    assert model.experts.shard.runs_grouped(1, len(prompt) * model.config.num_experts_used)
+    reference = llama_oracle.generate(tiny_q4km, prompt, 8, repack=True)
+    tokens, prompt_logits = our_greedy(tiny_q4km, prompt, "all")
+    assert relative_to_range(prompt_logits, reference["logits"][0]) <= LOGITS_TOLERANCE
+    assert common_prefix(tokens, reference["tokens"]) >= 6
