@@ -50,7 +50,8 @@ def stop(process: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def served(make_tiny):
     path = make_tiny("Q4_K_M")
-    process = start(cli("serve", str(path), "--workers", "2", "--port", "0", "--threads", "1"),
+    # --deterministic: the same kernels as `generate --repack none` below, so the same text exactly.
+    process = start(cli("serve", str(path), "--workers", "2", "--port", "0", "--threads", "1", "--deterministic"),
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "KIMI_API_KEY": ""})
     url = None
     for line in process.stderr:  # the first line names the address, before the model loads
