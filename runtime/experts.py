@@ -143,17 +143,18 @@ class ExpertShard:
         partial = np.zeros_like(hidden, dtype=np.float32)
         if len(rows) == 0:
             return partial
-        # One row per hidden row that has pairs, its pairs as slots in the order given; short rows are padded
-        # with weight-0 slots, which add exactly nothing after the real ones.
+        # One graph row per pair, then each hidden row's pairs summed in order. (Rows of several slots
+        # would need padding, and ggml's interleaved mul_mat_id miscomputes rows that name an expert twice.)
         order = np.argsort(rows, kind="stable")
-        rows, experts, weights = rows[order], self._local_ids(layer, experts[order]), np.asarray(weights, np.float32)[order]
+        rows, weights = rows[order], np.asarray(weights, np.float32)[order]
+        local = self._local_ids(layer, experts[order])
+        outputs = self._ffn(layer, np.ascontiguousarray(hidden[rows], np.float32), local[:, None], weights[:, None])
         used, starts, counts = np.unique(rows, return_index=True, return_counts=True)
-        slot = np.arange(len(rows)) - np.repeat(starts, counts)
-        row = np.repeat(np.arange(len(used)), counts)
-        ids = np.full((len(used), counts.max()), experts[0], np.int32)
-        slot_weights = np.zeros(ids.shape, np.float32)
-        ids[row, slot], slot_weights[row, slot] = experts, weights
-        partial[used] = self._ffn(layer, np.ascontiguousarray(hidden[used], np.float32), ids, slot_weights)
+        sums = outputs[starts]
+        for j in range(1, counts.max()):  # slot by slot, as ggml adds them (np.add.reduceat adds in another order)
+            more = counts > j
+            sums[more] += outputs[starts[more] + j]
+        partial[used] = sums
         return partial
 
     def touch(self, on_bytes: Callable[[int], None] = lambda n: None) -> None:

@@ -119,3 +119,24 @@ def test_experts_grouped_by_expert_compute_the_routed_sum():
     shard.grouped = True
     assert shard.runs_grouped(1, num_tokens * k) and not shard.runs_grouped(1, GROUPED_MIN_SLOTS - 1)
     np.testing.assert_array_equal(shard.forward(1, x, ids, weights), grouped)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_pairs_sent_to_a_worker_sum_as_the_rows_slots_do(make_tiny, interleaved):
+    """A worker gets (row, expert, weight) pairs, a different number per row; each row must come out exactly
+    as forward() computes its slots. (Interleaved mul_mat_id miscomputes a row that names an expert twice,
+    so pairs must never be padded into rows with repeated experts.)"""
+    model_file = GGUFModelFile(make_tiny("Q4_K_M"))
+    shard = ExpertShard.from_model_file(model_file, GgmlRunner(2), {1: range(16)}, repack_experts=interleaved)
+    rng = np.random.default_rng(5)
+    hidden = rng.standard_normal((24, 256), dtype=np.float32)
+    ids = np.stack([rng.permutation(16)[:4] for _ in range(24)]).astype(np.int32)
+    weights = rng.random((24, 4), dtype=np.float32)
+    keep = rng.random((24, 4)) < 0.6  # this worker's share of each row's slots
+    keep[:, 0] = True
+    rows, slots = np.nonzero(keep)
+    partial = shard.forward_pairs(1, hidden, rows.astype(np.int32), ids[rows, slots], weights[rows, slots])
+    for row in range(24):
+        mine = keep[row]
+        expected = shard.forward(1, hidden[row:row + 1], ids[row:row + 1, mine], weights[row:row + 1, mine])
+        np.testing.assert_array_equal(partial[row], expected[0])
