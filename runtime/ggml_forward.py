@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 KV_BLOCK_MIN = 64
 ROPE_NORM_MODE = 0  # deepseek2 rotates adjacent pairs
-TENSORS_PER_LAYER, TENSORS_PER_SEGMENT = 96, 24
+TENSORS_PER_LAYER, TENSORS_PER_SEGMENT = 96, 32  # with room: running out aborts the process
 
 
 def kv_positions(cache: KVCache, new_rows: int) -> int:
