@@ -115,15 +115,9 @@ class Weight:
         return _TensorHeader(int(self.ggml_type), self.ne, self.data.ctypes.data)
 
     @cached_property
-    def expert_headers(self) -> list["_TensorHeader"]:
+    def experts(self) -> "_ExpertMatrices":
         """Each item of a 3-D (expert) weight as a 2-D tensor over its own bytes."""
-        per_expert = self.nbytes // self.ne[2]
-        return [_TensorHeader(int(self.ggml_type), self.ne[:2], self.data.ctypes.data + e * per_expert)
-                for e in range(self.ne[2])]
-
-    @cached_property
-    def experts(self) -> list:
-        return [header.tensor for header in self.expert_headers]
+        return _ExpertMatrices(int(self.ggml_type), self.ne, self.data.ctypes.data, self.nbytes // self.ne[2])
 
 
 class _TensorHeader:
@@ -138,13 +132,33 @@ class _TensorHeader:
         ggml.ggml_free(self._ctx)
 
 
+class _ExpertMatrices:
+    """experts[e]: the 2-D tensor of item e of a 3-D weight [in, out, experts] whose items lie `stride` bytes
+    apart; repacked weights pass their buffer and kernel traits (extra) on. One context holds them all."""
+
+    def __init__(self, ggml_type: int, ne: tuple[int, ...], address: int, stride: int, buffer=None, extra=None):
+        self._ctx = ggml.ggml_init(ggml.ggml_init_params(mem_size=ne[2] * _TENSOR_OVERHEAD, mem_buffer=None,
+                                                         no_alloc=True))
+        self._tensors = []
+        for e in range(ne[2]):
+            tensor = ggml.ggml_new_tensor_2d(self._ctx, ggml_type, ne[0], ne[1])
+            tensor.contents.data = ctypes.c_void_p(address + e * stride)
+            tensor.contents.buffer, tensor.contents.extra = buffer, extra
+            self._tensors.append(tensor)
+
+    def __getitem__(self, expert: int):
+        return self._tensors[expert]
+
+    def __del__(self):
+        ggml.ggml_free(self._ctx)
+
+
 class RepackedWeight:
     """A weight copied into ggml's CPU repack buffer: same type and shape, private interleaved bytes."""
 
     def __init__(self, ggml_type: GGMLQuantizationType, ne: tuple[int, ...], ctx, tensor, buffer: int):
         self.ggml_type, self.ne = ggml_type, ne
         self._ctx, self.tensor, self._buffer = ctx, tensor, buffer
-        self._experts_ctx = None
 
     @property
     def nbytes(self) -> int:
@@ -152,27 +166,18 @@ class RepackedWeight:
         return int(np.prod(self.ne)) // block_size * type_size
 
     @cached_property
-    def experts(self) -> list:
+    def experts(self) -> _ExpertMatrices:
         """Each item of a 3-D (expert) weight as a 2-D tensor of its own over the same interleaved bytes, so
         that one expert's rows run the dense interleaved GEMM. Rows are interleaved in groups of at most 8
         within each expert's matrix (its row count is a multiple of 8), so expert e starts at e * nb[2]."""
         if len(self.ne) != 3 or self.ne[1] % 8:
             raise ValueError(f"a repacked weight of shape {list(self.ne)} has no per-expert matrices")
-        self._experts_ctx = ggml.ggml_init(ggml.ggml_init_params(mem_size=self.ne[2] * _TENSOR_OVERHEAD,
-                                                                 mem_buffer=None, no_alloc=True))
-        parent, headers = self.tensor.contents, []
-        for e in range(self.ne[2]):
-            header = ggml.ggml_new_tensor_2d(self._experts_ctx, int(self.ggml_type), self.ne[0], self.ne[1])
-            header.contents.data = ctypes.c_void_p(parent.data + e * parent.nb[2])
-            header.contents.buffer, header.contents.extra = parent.buffer, parent.extra
-            headers.append(header)
-        return headers
+        parent = self.tensor.contents
+        return _ExpertMatrices(int(self.ggml_type), self.ne, parent.data, parent.nb[2], parent.buffer, parent.extra)
 
     def __del__(self):
         _lib.ggml_backend_buffer_free(self._buffer)
         ggml.ggml_free(self._ctx)
-        if self._experts_ctx is not None:
-            ggml.ggml_free(self._experts_ctx)
 
 
 def repack(w: Weight) -> Weight | RepackedWeight:
