@@ -68,9 +68,7 @@ class StepGraphs:
         self.out_rows = np.zeros(num_tokens if shape.all_logits else len(segments), np.int32)
         self.write_rows = [np.zeros(count, np.int64) for _, count, _ in shape.segments]
         self.masks = [np.zeros((count, kv), np.float32) for _, count, kv in shape.segments]
-        # Layers whose routed experts run outside the graph: the pass is cut after their router. llama.cpp's
-        # in-graph routing has no group limit; models with one are routed on the host.
-        self.routes_in_graph = c.num_expert_groups <= 1
+        # Layers whose routed experts run outside the graph: the pass is cut after their router.
         self.cuts = [layer for layer in c.moe_layers if model.experts_in_graph(layer, num_tokens) is None]
         bounds = [-1] + self.cuts + [c.num_layers - 1]
         self.memory = GraphMemory()  # the graphs run one after another: one buffer serves them all
@@ -96,7 +94,7 @@ class StepGraphs:
         """Route on the host, start the experts, run the shared expert while they work, collect both."""
         model, c = self.model, self.model.config
         ffn_inp, hidden = graph.read("ffn_inp", 2), graph.read("ffn_norm", 2)
-        if self.routes_in_graph:
+        if model.routes_in_graph:
             ids, weights = graph.read("expert_ids", 2), graph.read("expert_weights", 3)[:, :, 0]
         else:
             ids, weights = route(graph.read("router_logits", 2), model.router_bias(layer), c)
@@ -141,7 +139,7 @@ class StepGraphs:
             hidden = layer_graph.norm(ffn_inp, layer, "ffn_norm")
             if layer in self.cuts:
                 outputs = {"ffn_inp": ffn_inp, "ffn_norm": hidden}
-                if self.routes_in_graph:
+                if self.model.routes_in_graph:
                     ids, weights = layer_graph.route(layer, hidden)
                     outputs.update(expert_ids=ggml.ggml_cont(ctx, ids), expert_weights=weights)
                 else:

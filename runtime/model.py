@@ -103,11 +103,15 @@ class KimiModel:
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(self.config, capacity)
 
+    @property
+    def routes_in_graph(self) -> bool:
+        """llama.cpp's in-graph routing has no group limit; models with one are routed on the host."""
+        return self.config.num_expert_groups <= 1
+
     def experts_in_graph(self, layer: int, num_tokens: int):
         """The layer's expert tensors if the forward graph computes them itself for a step of num_tokens:
-        every expert is in this process, they run no faster outside, and routing needs no group limit
-        (llama.cpp's in-graph routing; the host does the rest)."""
-        if self.config.num_expert_groups > 1:
+        every expert is in this process, they run no faster outside, and the graph can route."""
+        if not self.routes_in_graph:
             return None
         return self.experts.graph_weights(layer, num_tokens * self.config.num_experts_used)
 

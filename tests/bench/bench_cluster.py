@@ -11,7 +11,6 @@ many bytes between two processes.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import multiprocessing
@@ -25,7 +24,8 @@ import grpc
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import LLAMA_SCRIPT, bench_model, prompt_of_exact_length, run_with_peak_rss  # noqa: E402
+from bench_decode import (LLAMA_SCRIPT, bench_model, bench_parser, median_decode_speeds,  # noqa: E402
+                          prompt_of_exact_length)
 
 from cluster.transport import ExpertServicer, RemoteExperts, WorkerClient, serve  # noqa: E402
 from protos import expert_pb2  # noqa: E402
@@ -112,12 +112,8 @@ def round_trips(path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", nargs="?", help="GGUF file (default: make the k2-slice Q4_K_M file)")
+    parser = bench_parser(__doc__)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     model = bench_model(args.model)
     text, ids = prompt_of_exact_length(Tokenizer.from_metadata(GGUFModelFile(model).metadata))
@@ -131,17 +127,10 @@ def main() -> None:
                       json.dumps({"model": str(model), "prompt": ids, "tokens": args.tokens, "threads": args.threads})],
     }
     print(f"model: {model}, threads: {args.threads}, generate: {args.tokens} tokens, rounds: {args.rounds} (+1 warm-up)")
-    results: dict[str, list[float]] = {name: [] for name in runs}
-    for round_no in range(args.rounds + 1):
-        for name, cmd in runs.items():
-            result, _ = run_with_peak_rss(cmd)
-            if round_no:
-                results[name].append(result["tokens_per_s"])
-                print(f"  round {round_no} {name:12s} decode {result['tokens_per_s']:7.2f} tok/s", flush=True)
-    single, llama = statistics.median(results["one process"]), statistics.median(results["llama.cpp"])
+    results = median_decode_speeds(runs, args.rounds)
+    single, llama = results["one process"], results["llama.cpp"]
     print("\nmedian decode tokens/s      tokens/s   vs one process   vs llama.cpp")
-    for name, values in results.items():
-        value = statistics.median(values)
+    for name, value in results.items():
         print(f"  {name:24s} {value:9.2f} {value / single:13.2f}x {value / llama:13.2f}x")
     round_trips(model)
 

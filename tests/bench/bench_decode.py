@@ -83,6 +83,29 @@ def prompt_of_exact_length(tokenizer: Tokenizer, length: int = DECODE_PROMPT_TOK
     return text, ids
 
 
+def bench_parser(description: str, preset: str = "k2-slice") -> argparse.ArgumentParser:
+    """The options every decode benchmark takes: MODEL, --threads, --rounds, --tokens."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", nargs="?", help=f"GGUF file (default: make the {preset} Q4_K_M file)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=32, help="tokens to generate per run")
+    return parser
+
+
+def median_decode_speeds(commands: dict[str, list[str]], rounds: int) -> dict[str, float]:
+    """Run every command once per round, in turn, after one warm-up round (it fills the page cache for
+    all); median decode tokens/s of each."""
+    speeds: dict[str, list[float]] = {name: [] for name in commands}
+    for round_no in range(rounds + 1):
+        for name, command in commands.items():
+            result, _ = run_with_peak_rss(command)
+            if round_no > 0:
+                speeds[name].append(result["tokens_per_s"])
+                print(f"  round {round_no} {name:12s} decode {result['tokens_per_s']:7.2f} tok/s", flush=True)
+    return {name: statistics.median(values) for name, values in speeds.items()}
+
+
 def bench_model(path: str | None, preset: str = "k2-slice") -> Path:
     """The given GGUF, or the preset's Q4_K_M file in build/, written on first use."""
     model = Path(path) if path else REPO_ROOT / "build" / f"{preset}-Q4_K_M.gguf"
@@ -94,12 +117,7 @@ def bench_model(path: str | None, preset: str = "k2-slice") -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", nargs="?", help="GGUF file (default: make the k2-slice Q4_K_M file)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--tokens", type=int, default=32, help="tokens to generate per run")
-    args = parser.parse_args()
+    args = bench_parser(__doc__).parse_args()
 
     model = bench_model(args.model)
     model_file = GGUFModelFile(model)

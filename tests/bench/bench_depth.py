@@ -9,9 +9,7 @@ medians over rounds are compared, and each is also given as milliseconds per tok
 """
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -21,16 +19,12 @@ sys.path.insert(0, str(REPO_ROOT))
 from runtime.config import ModelConfig  # noqa: E402
 from runtime.gguf_file import GGUFModelFile  # noqa: E402
 from runtime.tokenizer import Tokenizer  # noqa: E402
-from tests.bench.bench_decode import LLAMA_SCRIPT, bench_model, prompt_of_exact_length, run_with_peak_rss  # noqa: E402
+from tests.bench.bench_decode import (LLAMA_SCRIPT, bench_model, bench_parser, median_decode_speeds,  # noqa: E402
+                                     prompt_of_exact_length)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", nargs="?", help="GGUF file (default: make the k2-depth Q4_K_M file)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--tokens", type=int, default=32, help="tokens to generate per run")
-    args = parser.parse_args()
+    args = bench_parser(__doc__, preset="k2-depth").parse_args()
 
     model = bench_model(args.model, preset="k2-depth")
     model_file = GGUFModelFile(model)
@@ -48,18 +42,10 @@ def main() -> None:
     }
     print(f"model: {model} ({model_file.file_bytes / 1e9:.2f} GB, {num_layers} layers), threads: {args.threads}, "
           f"generate: {args.tokens} tokens, rounds: {args.rounds} (+1 warm-up)")
-    speeds: dict[str, list[float]] = {name: [] for name in commands}
-    for round_no in range(args.rounds + 1):
-        for name, command in commands.items():
-            result, _ = run_with_peak_rss(command)
-            if round_no > 0:  # the first round warms the page cache for all
-                speeds[name].append(result["tokens_per_s"])
-                print(f"  round {round_no} {name:12s} decode {result['tokens_per_s']:7.2f} tok/s", flush=True)
-
-    one_process, llama = statistics.median(speeds["one process"]), statistics.median(speeds["llama.cpp"])
+    speeds = median_decode_speeds(commands, args.rounds)
+    one_process, llama = speeds["one process"], speeds["llama.cpp"]
     print("\nmedian decode     tok/s  ms/token  ms/token/layer  vs one process  vs llama.cpp")
-    for name, values in speeds.items():
-        rate = statistics.median(values)
+    for name, rate in speeds.items():
         print(f"  {name:12s} {rate:8.2f} {1000 / rate:9.2f} {1000 / rate / num_layers:15.3f} "
               f"{rate / one_process:14.2f}x {rate / llama:12.2f}x")
 
