@@ -16,6 +16,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import pytest
 
 from runtime.demo_model import make_model
+from tests.processes import live_descendants
 
 LEFTOVER_GRACE_S = 20
 
@@ -68,7 +69,7 @@ def pytest_sessionfinish(session, exitstatus):
     """Fail the run if a process started by a test is still alive once every test and fixture is done,
     naming it; then stop it, so that the run leaves nothing behind either way."""
     deadline = time.monotonic() + LEFTOVER_GRACE_S  # Ray's processes take a few seconds to exit
-    while (leftovers := _live_descendants()) and time.monotonic() < deadline:
+    while (leftovers := live_descendants()) and time.monotonic() < deadline:
         time.sleep(0.5)
     if not leftovers:
         return
@@ -78,32 +79,6 @@ def pytest_sessionfinish(session, exitstatus):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
-
-
-def _live_descendants() -> dict[int, str]:
-    """pid -> command line of every live process below this one (zombies are reaped, not counted)."""
-    parents, names, zombies = {}, {}, set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            names[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:  # it ended meanwhile
-            continue
-        state, ppid = stat[stat.rindex(")") + 2:].split()[:2]
-        parents[int(entry.name)] = int(ppid)
-        if state == "Z":
-            zombies.add(int(entry.name))
-    found, frontier = set(), {os.getpid()}
-    while frontier:
-        frontier = {pid for pid, ppid in parents.items() if ppid in frontier and pid not in found}
-        found |= frontier
-    for pid in found & zombies:
-        if parents[pid] == os.getpid():
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
-    return {pid: names[pid][:200] for pid in sorted(found - zombies)}
 
 
 def pytest_unconfigure(config):

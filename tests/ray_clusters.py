@@ -1,9 +1,14 @@
 """Starting a real multi-node Ray cluster on this machine (ray.cluster_utils) for the slow tests."""
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import time
 
 from ray.cluster_utils import Cluster
+
+from tests.processes import live_descendants
 
 ATTEMPTS = 3
 
@@ -11,14 +16,19 @@ ATTEMPTS = 3
 def start_cluster(**head_node_args) -> Cluster:
     """A Cluster whose head node is up. Now and then a head's raylet fails to register within Ray's 30 s
     on a loaded 2-core machine (seen right after another test module's cluster shut down, the raylet
-    having written no log at all); the next attempt starts cleanly, so try again before giving up."""
+    having written no log at all); the next attempt starts cleanly, so try again before giving up. The
+    failed head's other processes (GCS, dashboard, monitors) are not the Cluster's to stop: kill them."""
     for attempt in range(1, ATTEMPTS + 1):
+        before = set(live_descendants())
         cluster = Cluster()
         try:
             cluster.add_node(**head_node_args)  # the first node added is the head
             return cluster
         except Exception:
             cluster.shutdown()
+            for pid in set(live_descendants()) - before:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             if attempt == ATTEMPTS:
                 raise
             time.sleep(5)
