@@ -139,13 +139,14 @@ class Service:
     api_key: str | None = None
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     engine: Engine | None = None
-    workers_health: Callable[[], dict[str, str]] = dict  # node -> "ok" or what is wrong
+    # {"workers": node -> "ok" or what is wrong, "down": node -> why, since when, who covers it}
+    cluster_status: Callable[[], dict] = dict
     load_error: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     access_log: Callable[[str], None] | None = None  # gets one line per finished /v1 request
 
-    def ready(self, engine: Engine, workers_health: Callable[[], dict[str, str]] = dict) -> None:
-        self.workers_health = workers_health
+    def ready(self, engine: Engine, cluster_status: Callable[[], dict] = dict) -> None:
+        self.cluster_status = cluster_status
         engine.on_step = lambda rows, seconds: self.metrics.step_rows.observe(rows)
         # Read at every scrape, so they agree with /health even when no step has run since a sequence left.
         self.metrics.running.set_function(lambda: engine.num_running)
@@ -331,11 +332,15 @@ def create_app(service: Service) -> FastAPI:
             return JSONResponse({"status": "error", "error": service.load_error}, status_code=503)
         if service.engine is None:
             return JSONResponse({"status": "loading"}, status_code=503)
-        workers = await asyncio.to_thread(service.workers_health)
-        ok = all(state == "ok" for state in workers.values())
-        return JSONResponse({"status": "ok" if ok else "error", "workers": workers,
-                             "running": service.engine.num_running, "waiting": service.engine.num_waiting},
-                            status_code=200 if ok else 503)
+        cluster = await asyncio.to_thread(service.cluster_status)
+        workers, down = cluster.get("workers", {}), cluster.get("down", {})
+        # Degraded still serves: lost workers' experts are computed elsewhere until they are back.
+        ok = not down and all(state == "ok" for state in workers.values())
+        body = {"status": "ok" if ok else "degraded", "workers": workers,
+                "running": service.engine.num_running, "waiting": service.engine.num_waiting}
+        if down:
+            body["down"] = down
+        return JSONResponse(body)
 
     @app.get("/metrics")
     async def metrics():

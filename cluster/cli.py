@@ -30,7 +30,8 @@ def _cluster_config(args):
         config = ClusterConfig.from_dict({"model": args.model, "reserve_gb": args.reserve_gb}, "--workers")
     else:
         return None
-    given = {"context": getattr(args, "context", None), "max_sequences": getattr(args, "max_sequences", None)}
+    given = {"context": getattr(args, "context", None), "max_sequences": getattr(args, "max_sequences", None),
+             "replicas": getattr(args, "replicas", None)}
     return dataclasses.replace(config, **{key: value for key, value in given.items() if value is not None})
 
 
@@ -155,12 +156,13 @@ def cmd_plan(args) -> None:
         with cluster:
             budgets = [n.budget for n in cluster.nodes()]
     try:
-        placement = plan(cluster.inventory(), budgets, config.reserve_bytes, config.allow_disk)
+        placement = plan(cluster.inventory(), budgets, config.reserve_bytes, config.allow_disk, config.replicas)
     except PlacementError as e:
         print(e)
         sys.exit(1)
     print(placement.format_table())
-    print("fits: every expert has a place" + (" (some paged from disk)" if placement.disk_backed else ""))
+    print("fits: every expert has a place" + (" (some paged from disk)" if placement.disk_backed else "")
+          + (f"; {placement.replica_count} second copies of workers' experts" if placement.replicas else ""))
 
 
 def cmd_inspect(args) -> None:
@@ -241,8 +243,9 @@ def _serving(args, host: str, port: int, announce: bool = True):
         with _model_session(args, config, model_file, service.tokenizer) as (model, _, cluster):
             if cluster is not None:
                 cluster.remote.observers.append(service.metrics.observe_experts)
+                service.metrics.watch_failover(cluster.failover, cluster.placement.replica_count)
             engine = Engine(model, context, max_sequences=max_sequences, max_step_tokens=args.step_tokens)
-            service.ready(engine, cluster.health if cluster is not None else dict)
+            service.ready(engine, cluster.status if cluster is not None else dict)
             try:
                 yield url
             finally:
@@ -427,6 +430,10 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     group.add_argument("--reserve-gb", type=float, default=0.5,
                        help="with --workers: GiB kept free per process on this machine, for Ray and Python "
                             "(default %(default)s; measured: Ray, the head and 2 workers take 0.75 GiB in all)")
+    group.add_argument("--replicas", choices=("0", "1", "auto"), default=None,
+                       help="second copies of workers' experts, so a lost worker costs no fallback to the head: "
+                            "0 none, 1 every expert twice (refused if it does not fit), auto as many as the memory "
+                            "left over holds (default: the cluster config's, else 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,9 +34,9 @@ def wait_until_ready(base_url: str, timeout_s: float = 600) -> None:
     while True:
         try:
             with _open(f"{base_url}/health", None, None, 5) as response:
-                if json.loads(response.read()).get("status") == "ok":
+                if json.loads(response.read()).get("status") in ("ok", "degraded"):  # degraded serves too
                     return
-            last = "its /health is not ok yet"
+            last = "its /health says it is not serving yet"
         except ApiClientError as e:
             last = str(e)
         if time.monotonic() > deadline:

@@ -12,13 +12,13 @@ from typing import Any, Mapping
 
 import yaml
 
-from .placement import GiB, NodeBudget
+from .placement import REPLICA_MODES, GiB, NodeBudget
 
 WIRE_DTYPES = ("f32", "f16", "bf16")
 MIN_TOKEN_CHARS = 16
 TOP_LEVEL_KEYS = ("ray_address", "model", "model_paths", "nodes", "reserve_gb", "port", "token", "token_file",
                   "tls", "wire_dtype", "allow_disk", "context", "max_sequences", "threads", "deadline_s",
-                  "api_key")
+                  "api_key", "replicas")
 NODE_KEYS = ("name", "address", "memory_gb", "head")
 TLS_KEYS = ("cert", "key", "ca")
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
@@ -62,8 +62,9 @@ class ClusterConfig:
     context: int = 4096
     max_sequences: int = 16
     threads: int | None = None  # None: every core Ray gives the process
-    deadline_s: float = 10.0
+    deadline_s: float = 3.0  # per worker request (and per 512 pairs in it); then the worker counts as failed
     api_key: str | None = None  # clients of `serve` must send it as a Bearer token; None: no key
+    replicas: str = "0"  # second copies of workers' experts: "0" none, "1" all (or refuse), "auto" what fits
     source: str = "<dict>"  # where this came from, for later error messages
 
     @classmethod
@@ -100,6 +101,7 @@ class ClusterConfig:
             threads=top.get("threads", int, nullable=True, at_least=1),
             deadline_s=top.get("deadline_s", float, above=0),
             api_key=top.get("api_key", str, nullable=True),
+            replicas=_replicas(top, source),
         )
         # Keys left out of the file take the dataclass defaults above.
         return cls(**{k: v for k, v in values.items() if v is not _ABSENT}, source=source)
@@ -224,6 +226,16 @@ def _token(top: _Section, base: Path, source: str) -> str | None:
         raise ClusterConfigError(f"{source}: {where} has {len(token)} characters; use at least {MIN_TOKEN_CHARS}, "
                                  "e.g. from `openssl rand -hex 32`")
     return token
+
+
+def _replicas(top: _Section, source: str) -> Any:
+    value = top.data.get("replicas", _ABSENT)
+    if value is _ABSENT:
+        return value
+    if str(value) not in REPLICA_MODES or isinstance(value, bool):
+        raise ClusterConfigError(f"{source}: 'replicas' must be 0 (none), 1 (every worker's expert twice) or auto "
+                                 f"(as many as the memory left over holds), not {value!r}")
+    return str(value)
 
 
 def _tls(data: Mapping[str, Any] | None, base: Path, source: str) -> TLSFiles | None:

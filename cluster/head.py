@@ -1,5 +1,6 @@
 """Bring-up on the head: connect to Ray, plan the placement, start one ExpertWorker per other node, load
 the head's own share, wait for every shard (with progress bars), and wire RemoteExperts into the model.
+Workers that die meanwhile, or later, are covered (failover.py) and brought back (recovery.py).
 
 Nodes and budgets come from the cluster config, or from what Ray reports about each live node; with
 `local_workers` the workers are extra processes on this machine (for trying things out).
@@ -23,7 +24,9 @@ from tqdm import tqdm
 
 from cluster import shard_transfer
 from cluster.config import ClusterConfig
+from cluster.failover import FailoverState, HeadFallback
 from cluster.placement import GiB, Inventory, NodeBudget, Placement, plan
+from cluster.recovery import WorkerRecovery
 from cluster.transport import RemoteExperts, WorkerClient, WorkerFailed
 from cluster.workers import ExpertWorker
 from runtime.config import ModelConfig
@@ -33,6 +36,10 @@ from runtime.gguf_file import GGUFModelFile
 from runtime.model import KimiModel
 
 HEAD = "head"
+
+
+class WorkerDied(RuntimeError):
+    """A worker's actor died (Ray may be restarting it)."""
 
 
 @dataclass(frozen=True)
@@ -113,7 +120,11 @@ class ExpertCluster:
         self.streamed_nodes, self.worker_threads = streamed_nodes, worker_threads
         self.token = config.token or secrets.token_hex(16)
         self.actors: dict[str, ray.actor.ActorHandle] = {}
+        self.workers: dict[str, ClusterNode] = {}  # expert-holding nodes other than the head, by name
         self.remote: RemoteExperts | None = None
+        self.failover = FailoverState()
+        self.recovery: WorkerRecovery | None = None
+        self.recovery_error = ""  # the last check that went wrong while bringing a worker back
         self._started_ray = False
         self._ray_temp_dir: str | None = None
         self._stream_error = ""
@@ -145,20 +156,29 @@ class ExpertCluster:
         return Inventory.from_model(self.model_file, self.model_config, self.config.context, self.config.max_sequences)
 
     def plan(self, nodes: list[ClusterNode]) -> Placement:
-        return plan(self.inventory(), [n.budget for n in nodes], self.config.reserve_bytes, self.config.allow_disk)
+        return plan(self.inventory(), [n.budget for n in nodes], self.config.reserve_bytes, self.config.allow_disk,
+                    self.config.replicas)
 
     def start(self) -> KimiModel:
         nodes = self.nodes()
         self.placement = self.plan(nodes)  # refuses an oversized pool before anything loads
         runner = GgmlRunner(self.config.threads)
         workers = [n for n in nodes if not n.budget.is_head and self.placement.experts.get(n.name)]
-        shared_ips = {n.address for n in workers if sum(m.address == n.address for m in workers) > 1}
+        self.workers = {n.name: n for n in workers}
         for node in workers:
-            self.actors[node.name] = self._spawn(node, port=0 if node.address in shared_ips else self.config.port)
+            self.actors[node.name] = self._spawn(node)
         head_share = self._load_head_share(runner)
-        clients = self._wait_for_workers(workers)
+        clients, died = self._wait_for_workers(workers)
         owners = owner_arrays(self.placement, [n.name for n in workers], self.model_config.num_experts)
-        self.remote = RemoteExperts(owners, clients, head_share, self.config.wire_dtype)
+        fallback = HeadFallback(self.model_file, runner, self._repack_experts, grouped=self.repack == "all")
+        replicas = {index: self.placement.replicas[n.name] for index, n in enumerate(workers)
+                    if n.name in self.placement.replicas}
+        self.remote = RemoteExperts(owners, clients, head_share, self.config.wire_dtype, fallback, replicas,
+                                    self.failover)
+        for index, client in enumerate(clients):
+            if client.node in died:
+                self.remote.mark_down(index, WorkerFailed(client.node, died[client.node]))
+        self.recovery = WorkerRecovery(self, self.remote)
         model = KimiModel(self.model_file, runner, experts=self.remote,
                           repack="head" if self.repack in ("head", "all") else "none")
         model.load(self.progress)
@@ -170,8 +190,11 @@ class ExpertCluster:
         path = self.config.model_path_for(node.name)
         return None if path is None else str(path)
 
-    def _spawn(self, node: ClusterNode, port: int):
-        owned = {int(layer): list(experts) for layer, experts in self.placement.experts[node.name].items()}
+    def _spawn(self, node: ClusterNode):
+        owned = {int(layer): list(experts) for layer, experts in self.placement.held(node.name).items()}
+        # Workers sharing an address (local ones) each take a free port; others listen on the configured one.
+        shared = sum(n.address == node.address for n in self.workers.values()) > 1
+        port = 0 if shared else self.config.port
         # Local workers share this machine's cores with the head and each other.
         shared_cores = max(1, len(os.sched_getaffinity(0)) // (self.local_workers + 1)) if self.local_workers else None
         threads = self.worker_threads or self.config.threads or shared_cores
@@ -179,7 +202,7 @@ class ExpertCluster:
             scheduling_strategy=NodeAffinitySchedulingStrategy(node.ray_node_id, soft=False),
             runtime_env={"env_vars": self._worker_openmp_env()},
         ).remote(node.name, owned, self._model_path_on(node), port, self.token, threads, self._repack_experts,
-                 None, self._tls(), grouped=self.repack == "all")
+                 None, self.tls(), grouped=self.repack == "all")
 
     def _worker_openmp_env(self) -> dict[str, str]:
         """Workers sharing the head's machine (--workers) sleep between ops at once, leaving the cores to the
@@ -197,7 +220,7 @@ class ExpertCluster:
         return self.repack in ("experts", "all") and not self.placement.disk_backed
 
     def _load_head_share(self, runner: GgmlRunner) -> ExpertShard | None:
-        owned = self.placement.experts.get(self.placement.head_node)
+        owned = self.placement.held(self.placement.head_node)
         if not owned:
             return None
         with tqdm(total=self.model_file.routed_expert_bytes(owned), unit="B", unit_scale=True, desc=f"{'head':>16s}", disable=not self.progress,
@@ -207,22 +230,52 @@ class ExpertCluster:
         shard.grouped = self.repack == "all"
         return shard
 
-    def _tls(self) -> dict[str, str] | None:
+    def respawn(self, name: str) -> None:
+        """A worker whose actor is gone for good (its node died): start it again once a node with the same
+        address is back in the Ray cluster. While its old node lives, Ray restarts the actor itself."""
+        node = self.workers[name]
+        alive = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
+        if node.ray_node_id in alive:
+            return
+        back = next((n for n in alive.values() if n["NodeManagerAddress"] == node.address), None)
+        if back is not None:
+            self.workers[name] = node = ClusterNode(node.name, back["NodeID"], node.address, node.budget)
+            self.actors[name] = self._spawn(node)
+
+    def streams_to(self, name: str) -> bool:
+        """Whether the head sends this node its experts (it has no copy of the file)."""
+        return self._model_path_on(self.workers[name]) is None
+
+    def tls(self) -> dict[str, str] | None:
         return None if self.config.tls is None else {k: str(v) for k, v in vars(self.config.tls).items()}
 
-    def _wait_for_workers(self, workers: list[ClusterNode]) -> list[WorkerClient]:
-        clients = [WorkerClient(n.name, self._get(n.name, self.actors[n.name].address.remote()), self.token,
-                                self.config.deadline_s, self._tls()) for n in workers]
-        streams = [threading.Thread(target=self._stream_shard, args=(client,), daemon=True)
-                   for node, client in zip(workers, clients) if self._model_path_on(node) is None]
+    def _wait_for_workers(self, workers: list[ClusterNode]) -> tuple[list[WorkerClient], dict[str, str]]:
+        """A client per worker once all have loaded, and the workers that died meanwhile (with why): those
+        start down, covered by the others, and are brought back while the cluster serves."""
+        died: dict[str, str] = {}
+        addresses = {}
+        for node in workers:
+            try:
+                addresses[node.name] = self._get(node.name, self.actors[node.name].address.remote())
+            except WorkerDied as e:
+                died[node.name], addresses[node.name] = str(e), "unknown"
+        clients = [WorkerClient(n.name, addresses[n.name], self.token, self.config.deadline_s, self.tls())
+                   for n in workers]
+        streams = [threading.Thread(target=self.stream_shard, args=(client,), daemon=True)
+                   for client in clients if self.streams_to(client.node) and client.node not in died]
         for thread in streams:
             thread.start()
         bars = {n.name: tqdm(total=1, unit="B", unit_scale=True, desc=f"{n.name:>16s}", position=i,
                              disable=not self.progress, leave=False) for i, n in enumerate(workers)}
-        pending = set(bars)
+        pending = set(bars) - set(died)
         while pending:
             for name in sorted(pending):
-                state = self._get(name, self.actors[name].progress.remote())
+                try:
+                    state = self._get(name, self.actors[name].progress.remote())
+                except WorkerDied as e:
+                    died[name] = str(e)
+                    pending.discard(name)
+                    continue
                 if state["error"] or self._stream_error:
                     raise RuntimeError(f"the expert worker on node {name} could not load its experts: "
                                        f"{state['error'] or self._stream_error}")
@@ -234,11 +287,11 @@ class ExpertCluster:
             time.sleep(0.1)
         for bar in bars.values():
             bar.close()
-        return clients
+        return clients, died
 
-    def _stream_shard(self, client: WorkerClient) -> None:
+    def stream_shard(self, client: WorkerClient) -> None:
         try:
-            manifest = shard_transfer.build_manifest(self.model_file, self.placement.experts[client.node])
+            manifest = shard_transfer.build_manifest(self.model_file, self.placement.held(client.node))
             client.load_shard(shard_transfer.stream_shard(self.model_file, manifest))
         except (WorkerFailed, OSError, ValueError) as e:
             self._stream_error = str(e)
@@ -247,15 +300,26 @@ class ExpertCluster:
         try:
             return ray.get(ref, timeout=max(60.0, self.config.deadline_s))
         except ray.exceptions.RayActorError as e:
-            raise RuntimeError(f"the expert worker on node {node} died: {e}") from None
+            raise WorkerDied(f"the expert worker on node {node} died while loading: {e}") from None
         except ray.exceptions.GetTimeoutError:
             raise RuntimeError(f"the expert worker on node {node} does not answer") from None
 
-    def health(self) -> dict[str, str]:
-        """Per worker node: "ok", or what is wrong with it."""
-        return {client.node: client.state() for client in (self.remote.workers if self.remote else [])}
+    def status(self) -> dict:
+        """For /health: each worker's state ("ok" or what is wrong), and per node down: why, for how long,
+        who covers its experts and whether it is loading again."""
+        down = self.failover.report()
+        workers = {}
+        for index, client in enumerate(self.remote.workers if self.remote else []):
+            if client.node in down:
+                covered = ", ".join(down[client.node]["covered_by"]) or "nobody yet"
+                workers[client.node] = f"down ({down[client.node]['reason']}); its experts computed by {covered}"
+            else:
+                workers[client.node] = client.state()
+        return {"workers": workers, "down": down}
 
     def close(self) -> None:
+        if self.recovery is not None:
+            self.recovery.stop()
         if self.remote is not None:
             self.remote.close()
         for actor in self.actors.values():

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from cluster.failover import FailoverState
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 ROUND_TRIP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
@@ -38,5 +41,36 @@ class ServerMetrics:
         if round_trip_s is not None:
             self.worker_round_trip.labels(node).observe(round_trip_s)
 
+    def watch_failover(self, state: FailoverState, replicas: int) -> None:
+        """Failovers, rejoins, time degraded and who computed lost experts, read from `state` at each scrape."""
+        self.registry.register(_FailoverCollector(state, replicas))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _FailoverCollector:
+    def __init__(self, state: FailoverState, replicas: int):
+        self.state, self.replicas = state, replicas
+
+    def collect(self):
+        failovers = CounterMetricFamily("kimi_worker_failovers", "Times a worker failed and others took over its "
+                                        "experts", labels=["node"])
+        rejoins = CounterMetricFamily("kimi_worker_rejoins", "Times a failed worker came back and took its experts "
+                                      "again", labels=["node"])
+        for node, count in self.state.failovers.items():
+            failovers.add_metric([node], count)
+        for node, count in self.state.rejoins.items():
+            rejoins.add_metric([node], count)
+        yield failovers
+        yield rejoins
+        yield CounterMetricFamily("kimi_degraded_seconds", "Seconds with at least one worker down",
+                                  value=self.state.degraded_seconds())
+        yield CounterMetricFamily("kimi_fallback_expert_activations", "(token, expert) pairs of down workers that "
+                                  "the head computed from its own mapping of the file", value=self.state.fallback_pairs)
+        yield CounterMetricFamily("kimi_replica_expert_activations", "(token, expert) pairs of down workers computed "
+                                  "from replicas", value=self.state.replica_pairs)
+        down = GaugeMetricFamily("kimi_workers_down", "Workers down now", value=len(self.state.down))
+        yield down
+        yield GaugeMetricFamily("kimi_expert_replicas", "Second copies of (layer, expert) placed on other nodes",
+                                value=self.replicas)

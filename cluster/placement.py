@@ -3,11 +3,13 @@
 Inventory (bytes of every (layer, expert) and of everything the head holds, from GGUF tensor infos) +
 NodeBudgets (from the cluster config or Ray) -> plan() -> Placement, printable as a table. Every MoE
 layer is spread over every node in proportion to its usable memory, so each layer's expert work runs
-on all machines at once. No ray, grpc or ggml here: this is data logic, tested on its own.
+on all machines at once. Replicas (second copies of workers' experts, for failover) go into the
+memory left over. No ray, grpc or ggml here: this is data logic, tested on its own.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
 GiB = 1 << 30
 DEFAULT_RESERVE_BYTES = 2 * GiB
 KV_BYTES_PER_VALUE = 2  # the KV cache is float16, as llama.cpp's default cache
+REPLICA_MODES = ("0", "1", "auto")
 ALLOW_DISK_HINT = "add memory or a node, or set allow_disk: true to let workers page experts from their local disk"
 
 
@@ -86,6 +89,19 @@ class Placement:
     budgets: dict[str, int]  # usable bytes: memory - reserve, and - head bytes on the head
     disk_backed: bool  # experts exceed some node's budget; workers page them from disk
     head_node: str
+    # node -> MoE layer -> sorted ids of other nodes' experts it also holds (second copies, for failover)
+    replicas: dict[str, dict[int, tuple[int, ...]]] = field(default_factory=dict)
+    replica_bytes: dict[str, int] = field(default_factory=dict)  # bytes of the replicas each node holds
+
+    def held(self, node: str) -> dict[int, tuple[int, ...]]:
+        """Every expert the node loads: its own and its replicas, per layer."""
+        own, copies = self.experts.get(node, {}), self.replicas.get(node, {})
+        return {layer: tuple(sorted(set(own.get(layer, ())) | set(copies.get(layer, ()))))
+                for layer in sorted(set(own) | set(copies))}
+
+    @property
+    def replica_count(self) -> int:
+        return sum(len(ids) for per_layer in self.replicas.values() for ids in per_layer.values())
 
     @cached_property
     def _owners(self) -> dict[tuple[int, int], tuple[str, ...]]:
@@ -114,9 +130,15 @@ class Placement:
             shares = [100 * c / experts_in_layer[layer] for c, layer in zip(counts, layers)]
             rows.append([_node_label(node, self.head_node), _span(counts, "{}"), format_bytes(self.bytes_per_node[node]),
                          format_bytes(self.budgets[node]), _span(shares, "{:.1f}%")])
+            if self.replicas:
+                rows[-1].insert(3, f"{sum(len(ids) for ids in self.replicas.get(node, {}).values())} "
+                                   f"({format_bytes(self.replica_bytes.get(node, 0))})")
         rows.append(["total", _span(list(experts_in_layer.values()), "{}"), format_bytes(sum(self.bytes_per_node.values())),
                      format_bytes(sum(self.budgets.values())), "100%" if layers else ""])
         header = ["node", "experts/layer", "experts", "usable", "share of layer"]
+        if self.replicas:
+            rows[-1].insert(3, f"{self.replica_count} ({format_bytes(sum(self.replica_bytes.values()))})")
+            header.insert(3, "replicas")
         lines = [f"{len(layers)} MoE layers over {len(self.experts)} nodes", _render(header, rows)]
         if self.disk_backed:
             lines.append("disk-backed: experts exceed some nodes' memory; those workers page them from local disk")
@@ -127,19 +149,29 @@ class Placement:
         return {"experts": {node: [[layer, list(ids)] for layer, ids in per_layer.items()]
                             for node, per_layer in self.experts.items()},
                 "bytes_per_node": dict(self.bytes_per_node), "budgets": dict(self.budgets),
-                "disk_backed": self.disk_backed, "head_node": self.head_node}
+                "disk_backed": self.disk_backed, "head_node": self.head_node,
+                "replicas": {node: [[layer, list(ids)] for layer, ids in per_layer.items()]
+                             for node, per_layer in self.replicas.items()},
+                "replica_bytes": dict(self.replica_bytes)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Placement:
-        experts = {node: {int(layer): tuple(int(e) for e in ids) for layer, ids in pairs}
-                   for node, pairs in data["experts"].items()}
-        return cls(experts, {k: int(v) for k, v in data["bytes_per_node"].items()},
-                   {k: int(v) for k, v in data["budgets"].items()}, bool(data["disk_backed"]), str(data["head_node"]))
+        def per_node(section):
+            return {node: {int(layer): tuple(int(e) for e in ids) for layer, ids in pairs}
+                    for node, pairs in section.items()}
+        return cls(per_node(data["experts"]), {k: int(v) for k, v in data["bytes_per_node"].items()},
+                   {k: int(v) for k, v in data["budgets"].items()}, bool(data["disk_backed"]), str(data["head_node"]),
+                   per_node(data.get("replicas", {})), {k: int(v) for k, v in data.get("replica_bytes", {}).items()})
 
 
 def plan(inventory: Inventory, nodes: list[NodeBudget], reserve_bytes: int = DEFAULT_RESERVE_BYTES,
-         allow_disk: bool = False) -> Placement:
-    """Spread every MoE layer's experts over all nodes by usable memory; each expert placed exactly once."""
+         allow_disk: bool = False, replicas: str = "0", heat: np.ndarray | None = None) -> Placement:
+    """Spread every MoE layer's experts over all nodes by usable memory; each expert placed exactly once.
+    Then replicas: "0" none; "1" a second copy of every worker's expert on another node, refused if it
+    does not fit; "auto" as many second copies as the memory left over holds, the most routed first
+    (heat: [num_layers, num_experts] routing counts, when known)."""
+    if replicas not in REPLICA_MODES:
+        raise PlacementError(f"replicas must be one of {', '.join(REPLICA_MODES)}, not {replicas!r}")
     head = _head_node(nodes)
     if reserve_bytes < 0:
         raise PlacementError(f"reserve_bytes must not be negative, not {reserve_bytes}")
@@ -166,7 +198,54 @@ def plan(inventory: Inventory, nodes: list[NodeBudget], reserve_bytes: int = DEF
             raise PlacementError(_shortfall(inventory, nodes, head, reserve_bytes, usable, owner,
                                             "the routed experts fit in total but not node by node, "
                                             "whole experts being too coarse for the room left"))
-    return _placement(inventory, nodes, head, usable, owner, disk_backed=not fits)
+    placement = _placement(inventory, nodes, head, usable, owner, disk_backed=not fits)
+    if replicas == "0" or not fits:  # disk-backed: no memory is left over to copy into
+        return placement
+    copies, copy_bytes = _replicas(inventory, nodes, nodes.index(head), owner, usable, replicas == "1", heat)
+    return dataclasses.replace(placement, replicas=copies, replica_bytes=copy_bytes)
+
+
+def _replicas(inventory: Inventory, nodes: list[NodeBudget], head: int, owner: np.ndarray, usable: list[int],
+              every_expert: bool, heat: np.ndarray | None) -> tuple[dict, dict]:
+    """Second copies of the workers' experts (the head's own need none: it cannot fail alone) in the room
+    each node has left. A worker's share of a layer goes whole to one other node where it can, so that
+    node can take the share over as one request; what does not fit there goes to the node with the most room."""
+    spare = [u - b for u, b in zip(usable, _bytes_per_node(owner, inventory, len(nodes)))]
+    layers, experts = np.nonzero((owner >= 0) & (owner != head))
+    if every_expert:
+        needed = int(inventory.expert_bytes[layers, experts].sum())
+        if needed > sum(max(0, s) for s in spare):
+            raise PlacementError(f"replicas: 1 needs {format_bytes(needed)} for a second copy of every worker's "
+                                 f"experts, but the nodes have {format_bytes(sum(max(0, s) for s in spare))} left "
+                                 "after their own share; use replicas: auto (as many as fit) or add memory")
+    else:  # the most routed first; without counts, each layer's first experts before any layer's later ones
+        rank = np.zeros_like(owner) if heat is None else -np.asarray(heat)
+        within = np.array([np.count_nonzero(owner[layer, :expert] == owner[layer, expert])
+                           for layer, expert in zip(layers, experts)], dtype=np.int64)
+        order = np.lexsort((experts, layers, within, rank[layers, experts]))
+        layers, experts = layers[order], experts[order]
+    copies: list[dict[int, list[int]]] = [{} for _ in nodes]
+    taken: dict[tuple[int, int], int] = {}  # (source node, layer) -> the node holding that share's copies
+    for layer, expert in zip(layers.tolist(), experts.tolist()):
+        source, size = int(owner[layer, expert]), int(inventory.expert_bytes[layer, expert])
+        target = taken.get((source, layer))
+        if target is None or spare[target] < size:
+            room = [n for n in range(len(nodes)) if n != source and spare[n] >= size]
+            if not room:
+                if every_expert:
+                    raise PlacementError(f"replicas: 1 does not fit node by node: no node other than "
+                                         f"'{nodes[source].name}' has {format_bytes(size)} left for a copy of its "
+                                         f"expert {expert} of layer {layer}; use replicas: auto or add memory")
+                continue
+            target = max(room, key=lambda n: (spare[n], -n))
+            taken[source, layer] = target
+        copies[target].setdefault(layer, []).append(expert)
+        spare[target] -= size
+    replicas = {nodes[n].name: {layer: tuple(sorted(ids)) for layer, ids in sorted(per_layer.items())}
+                for n, per_layer in enumerate(copies) if per_layer}
+    replica_bytes = {nodes[n].name: sum(int(inventory.expert_bytes[layer, ids].sum()) for layer, ids in per_layer.items())
+                     for n, per_layer in enumerate(copies) if per_layer}
+    return replicas, replica_bytes
 
 
 def _head_node(nodes: list[NodeBudget]) -> NodeBudget:

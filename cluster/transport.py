@@ -3,28 +3,35 @@ the head's Experts implementation that fans each layer out to the workers holdin
 
 Per layer, RemoteExperts sends every worker one request with only the rows it needs (all sent before
 any reply is awaited), computes the head's own share meanwhile, then adds the partial sums. A worker
-that errors or misses the deadline raises WorkerFailed naming its node: never a hang.
+that errors or misses its deadline is down: its share goes to replicas or the head (failover.py), and
+only experts nobody can compute fail the step, naming the nodes: never a hang.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import math
 import queue
 import threading
 import time
 from concurrent import futures
-from typing import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping, Sequence
 
 import grpc
 import msgpack
 import numpy as np
 
 from protos import expert_pb2, expert_pb2_grpc
-from runtime.experts import ExpertShard
+from cluster.failover import FailoverState, HeadFallback
+from runtime.experts import ExpertShard, sum_pairs
 
 TOKEN_HEADER = "x-kimi-token"
 MAX_MESSAGE_BYTES = 512 << 20  # a 512-token prefill of K2 is 14.7 MB per direction in f32
 WIRE_DTYPES = {"f32": expert_pb2.F32, "f16": expert_pb2.F16, "bf16": expert_pb2.BF16}
 ITEM_BYTES = {expert_pb2.F32: 4, expert_pb2.F16: 2, expert_pb2.BF16: 2}
+DEADLINE_PAIRS = 512  # a request gets deadline_s per this many (token, expert) pairs begun
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 
@@ -201,10 +208,12 @@ def open_channel(address: str, tls: Mapping[str, str] | None = None) -> grpc.Cha
 
 
 class WorkerClient:
-    """One worker's long-lived Forward stream: send() never blocks, receive() waits up to the deadline.
+    """One worker's long-lived Forward stream: send() never blocks and returns a ticket; receive(ticket)
+    waits for that request's reply (replies come in request order) up to its deadline.
 
     Replies are read on the caller's thread (a thread hop costs more than the whole loopback round
-    trip); a watchdog thread cancels the stream when a reply is overdue, which ends the wait.
+    trip); a watchdog thread cancels the stream when the oldest unanswered request is overdue, which
+    ends the wait. A failed client stays failed: the head makes a new one when the worker is back.
     """
 
     def __init__(self, node: str, address: str, token: str, deadline_s: float, tls: Mapping[str, str] | None = None):
@@ -215,44 +224,65 @@ class WorkerClient:
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = object()
         self._responses = self.stub.Forward(iter(self._requests.get, self._closed), metadata=self.metadata)
-        self._waiting_since: float | None = None
+        self._sent = self._read = 0
+        self._due: collections.deque[float] = collections.deque()  # per unread request, when it is overdue
+        self._unclaimed: dict[int, expert_pb2.ForwardReply] = {}
         self._overdue = False
         self._failure: WorkerFailed | None = None
         threading.Thread(target=self._watch, daemon=True, name=f"watchdog-{node}").start()
 
+    @property
+    def failure(self) -> WorkerFailed | None:
+        return self._failure
+
+    def deadline_for(self, pairs: int) -> float:
+        """deadline_s per DEADLINE_PAIRS (token, expert) pairs begun: prompt chunks compute longer than decode steps."""
+        return self.deadline_s * max(1, math.ceil(pairs / DEADLINE_PAIRS))
+
     def _watch(self) -> None:
         while self._failure is None:
             time.sleep(min(0.05, self.deadline_s / 10))
-            since = self._waiting_since
-            if since is not None and time.monotonic() - since > self.deadline_s:
+            due = self._due
+            if due and time.monotonic() > due[0]:
                 self._overdue = True
                 self._responses.cancel()
                 return
 
-    def send(self, request: expert_pb2.ForwardRequest) -> None:
-        self._requests.put(request)
-
-    def receive(self, step: int) -> expert_pb2.ForwardReply:
-        if self._failure is not None:  # a failed stream stays failed: every later call says why
-            raise self._failure
-        self._waiting_since = time.monotonic()
-        try:
-            reply = next(self._responses)
-        except StopIteration:
-            self._failure = WorkerFailed(self.node, "the worker closed its stream")
-        except grpc.RpcError as e:
-            reason = (f"no answer within the {self.deadline_s:g} s deadline" if self._overdue
-                      else f"{e.code().name}: {e.details()}")
-            self._failure = WorkerFailed(self.node, reason)
-        finally:
-            self._waiting_since = None
+    def send(self, request: expert_pb2.ForwardRequest) -> int:
         if self._failure is not None:
             raise self._failure
+        self._sent += 1
+        self._due.append(time.monotonic() + self.deadline_for(len(request.pair_rows) // 4))
+        self._requests.put(request)
+        return self._sent
+
+    def receive(self, ticket: int, step: int) -> expert_pb2.ForwardReply:
+        while self._read < ticket and self._failure is None:
+            try:
+                reply = next(self._responses)
+            except StopIteration:
+                self._failure = WorkerFailed(self.node, "the worker closed its stream")
+            except grpc.RpcError as e:
+                reason = ("no answer within its deadline" if self._overdue else f"{e.code().name}: {e.details()}")
+                self._failure = WorkerFailed(self.node, reason)
+            else:
+                self._read += 1
+                self._due.popleft()
+                self._unclaimed[self._read] = reply
+        reply = self._unclaimed.pop(ticket, None)
+        if reply is None:  # never arrived (the stream failed), or claimed already
+            raise self._failure or WorkerFailed(self.node, f"request {ticket} has no reply")
         if reply.error:
             raise WorkerFailed(self.node, reply.error)
         if reply.step != step:
             raise WorkerFailed(self.node, f"answered step {reply.step} while step {step} was expected")
         return reply
+
+    def forget(self, ticket: int) -> None:
+        """Read and drop the reply of a request nobody will claim (a step that ended early), so that
+        later requests are not blamed for it."""
+        with contextlib.suppress(WorkerFailed):
+            self.receive(ticket, -1)
 
     def health(self, timeout_s: float | None = None) -> expert_pb2.HealthReply:
         return self.stub.Health(expert_pb2.HealthRequest(), metadata=self.metadata,
@@ -285,14 +315,61 @@ class WorkerClient:
         self.channel.close()
 
 
+HEAD_SHARD, FALLBACK = -1, -2  # holders that are not workers: the head's planned shard, the head's file
+
+
+class SharesLost(WorkerFailed):
+    """No one can compute some experts: every holder is down and the head has no fallback."""
+
+    def __init__(self, layer: int, experts: list[int], down: Mapping[str, str]):
+        RuntimeError.__init__(self, f"experts {experts} of layer {layer} have no holder left and the head has no "
+                                    "copy to compute them from; down: " +
+                              "; ".join(f"{node} ({reason})" for node, reason in down.items()))
+        self.node = ", ".join(down)
+
+
+@dataclass
+class _Share:
+    """One planned worker's part of a layer: the hidden rows it needs and its (row, expert, weight) pairs,
+    rows ascending and each row's pairs in slot order. `sent` holds what is in flight for it: per holder,
+    the pairs it computes (None: the whole share, as one request) and the ticket of the request."""
+    owner: int
+    rows: np.ndarray
+    pair_rows: np.ndarray
+    experts: np.ndarray
+    weights: np.ndarray
+    sent: list = field(default_factory=list)
+
+
 class RemoteExperts:
-    """Experts spread over the head (an in-process shard) and remote workers (gRPC)."""
+    """Experts spread over the head (an in-process shard) and remote workers (gRPC), surviving workers that fail.
+
+    Each layer's pairs are split by planned owner (a share per worker). A share whose worker is down, or
+    fails in flight, is computed by whoever else can: workers holding replicas of its experts, the head's
+    own shard, then the head's fallback (its mapping of the file). Partial sums are always added share by
+    share in the planned order, and a share split over several holders is computed pair by pair and summed
+    as its worker would have, so a failover changes no bits (with the f32 wire and the worker's kernels).
+    """
 
     def __init__(self, owners: Mapping[int, np.ndarray], workers: list[WorkerClient], local: ExpertShard | None,
-                 wire_dtype: str = "f32"):
+                 wire_dtype: str = "f32", fallback: HeadFallback | None = None,
+                 replicas: Mapping[int, Mapping[int, Sequence[int]]] | None = None,
+                 state: FailoverState | None = None):
         self.owners = dict(owners)  # layer -> [num_experts] worker index, -1 = head
-        self.workers, self.local = workers, local
+        self.workers, self.local, self.fallback = list(workers), local, fallback
         self.dtype = WIRE_DTYPES[wire_dtype]
+        self.state = state or FailoverState()
+        self.down: set[int] = set()  # indices of workers whose shares others compute
+        # layer -> [(worker index, [num_experts] bool: holds a copy)], the replicas of other workers' experts
+        self._copies: dict[int, list[tuple[int, np.ndarray]]] = {}
+        for index, per_layer in (replicas or {}).items():
+            for layer, experts in per_layer.items():
+                held = np.zeros(len(self.owners[layer]), bool)
+                held[list(experts)] = True
+                self._copies.setdefault(layer, []).append((index, held))
+        self._returning: dict[int, WorkerClient] = {}
+        self._in_flight = False  # a layer is between start() and its result
+        self._layer_lock = threading.Lock()
         self._step = 0
         # Called as observer(node, pairs, round_trip_seconds) for every share of every layer; the head's own
         # share has no round trip (None). Metrics and benchmarks listen here.
@@ -300,14 +377,15 @@ class RemoteExperts:
 
     def start(self, layer: int, hidden: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> Callable[[], np.ndarray]:
         # hidden [T, D]; ids, weights [T, k]
+        with self._layer_lock:
+            self._take_back_returning()
+            self._in_flight = True
         self._step += 1
         step, owner = self._step, self.owners[layer][ids]  # [T, k]
-        sent = []
-        for index, worker in enumerate(self.workers):
-            rows, request = self._request(layer, step, hidden, ids, weights, owner == index)
-            if request is not None:
-                worker.send(request)
-                sent.append((worker, rows, len(request.pair_rows) // 4, time.perf_counter()))
+        shares = [share for index in range(len(self.workers))
+                  if (share := self._share(index, ids, weights, owner == index)) is not None]
+        for share in shares:
+            self._send(layer, step, hidden, share)
         local_mask = owner < 0
         local_partial = None
         if self.local is not None and local_mask.any():
@@ -317,30 +395,168 @@ class RemoteExperts:
 
         def result() -> np.ndarray:
             total = np.zeros_like(hidden, dtype=np.float32) if local_partial is None else local_partial
-            for worker, rows, pairs, sent_at in sent:
-                reply = worker.receive(step)
-                self._notify(worker.node, pairs, time.perf_counter() - sent_at)
-                total[rows] += decode(reply.partial, self.dtype, hidden.shape[1])
+            try:
+                for share in shares:
+                    total[share.rows] += self._collect(layer, step, hidden, share)
+            finally:
+                for share in shares:  # a step that failed leaves no replies to be misread later
+                    self._forget(share)
+                with self._layer_lock:
+                    self._in_flight = False
             return total
         return result
 
     def graph_weights(self, layer: int, slots: int) -> None:
         return None  # the experts are spread over processes: the head's graph stops at their router
 
+    # ---- failure and return ----
+
+    def rejoin(self, index: int, client: WorkerClient) -> None:
+        """A worker is back, serving its planned share: it takes it over now, or after the layer in flight
+        (any thread)."""
+        with self._layer_lock:
+            self._returning[index] = client
+            if not self._in_flight:
+                self._take_back_returning()
+
+    def rejoining(self, index: int) -> bool:
+        return index in self._returning
+
+    def _take_back_returning(self) -> None:
+        returning, self._returning = self._returning, {}
+        for index, client in returning.items():
+            self.workers[index].close()
+            self.workers[index] = client
+            self.down.discard(index)
+            if self.fallback is not None:
+                self.fallback.drop(index)
+            self.state.rejoined(client.node)
+
+    def mark_down(self, index: int, error: WorkerFailed) -> None:
+        """From now on the worker's share is computed by others, until it rejoins."""
+        if index not in self.down:
+            self.down.add(index)
+            self.workers[index].close()
+            self.state.failed(self.workers[index].node, str(error))
+
+    # ---- one share ----
+
+    def _share(self, index: int, ids: np.ndarray, weights: np.ndarray, mask: np.ndarray) -> _Share | None:
+        rows = np.nonzero(mask.any(axis=1))[0]
+        if len(rows) == 0:
+            return None
+        t, j = np.nonzero(mask[rows])
+        return _Share(index, rows, t.astype(np.int32), ids[rows][t, j].astype(np.int32),
+                      weights[rows][t, j].astype(np.float32))
+
+    def _send(self, layer: int, step: int, hidden: np.ndarray, share: _Share) -> None:
+        """Send the share to its worker, or, when it is down, to whoever covers it (head parts wait for _collect)."""
+        if share.owner not in self.down:
+            try:
+                ticket = self.workers[share.owner].send(self._request(layer, step, hidden, share, None))
+                share.sent = [(share.owner, None, ticket, time.perf_counter())]
+                return
+            except WorkerFailed as e:
+                self.mark_down(share.owner, e)
+        share.sent = []
+        for holder, pairs in self._cover(layer, share):
+            ticket = None
+            if holder >= 0:
+                try:
+                    ticket = self.workers[holder].send(self._request(layer, step, hidden, share, pairs))
+                except WorkerFailed as e:
+                    self.mark_down(holder, e)
+            share.sent.append((holder, pairs, ticket, time.perf_counter()))
+
+    def _collect(self, layer: int, step: int, hidden: np.ndarray, share: _Share) -> np.ndarray:
+        """The share's partial sums [rows, D]; holders that fail meanwhile are replaced until one answers."""
+        while True:
+            try:
+                return self._gather(layer, step, hidden, share)
+            except WorkerFailed as e:
+                self.mark_down(next(i for i, w in enumerate(self.workers) if w.node == e.node), e)
+                self._forget(share)
+                self._send(layer, step, hidden, share)
+
+    def _forget(self, share: _Share) -> None:
+        """Drop the replies still due for a share (from holders that are up), so none is misread later."""
+        for holder, _, ticket, _ in share.sent:
+            if holder >= 0 and ticket is not None and holder not in self.down:
+                self.workers[holder].forget(ticket)
+        share.sent = []
+
+    def _gather(self, layer: int, step: int, hidden: np.ndarray, share: _Share) -> np.ndarray:
+        whole = len(share.sent) == 1 and share.sent[0][1] is None
+        outputs = None if whole else np.empty((len(share.experts), hidden.shape[1]), np.float32)
+        for number, (holder, pairs, ticket, sent_at) in enumerate(share.sent):
+            count = len(share.experts) if pairs is None else len(pairs)
+            if holder >= 0:
+                if ticket is None:
+                    raise self.workers[holder].failure
+                reply = self.workers[holder].receive(ticket, step)
+                share.sent[number] = (holder, pairs, None, sent_at)  # claimed
+                result = decode(reply.partial, self.dtype, hidden.shape[1])
+                self._notify(self.workers[holder].node, count, time.perf_counter() - sent_at)
+            else:
+                result = self._on_head(holder, layer, hidden, share, pairs)
+                self._notify("head", count, None)
+            if holder != share.owner:
+                self.state.covered(self.workers[share.owner].node, self._holder_name(holder), count,
+                                   fallback=holder == FALLBACK)
+            if whole:
+                return result
+            outputs[pairs] = result
+        return sum_pairs(share.pair_rows, outputs, len(share.rows))
+
+    def _cover(self, layer: int, share: _Share) -> list[tuple[int, np.ndarray | None]]:
+        """Who computes a lost share: per pair the first up worker holding a replica of its expert, else the
+        head's shard, else the head's fallback. One holder takes the whole share as one request."""
+        holder = np.full(len(share.experts), FALLBACK, np.int32)
+        if self.local is not None:
+            holder[self.local.holds(layer, share.experts)] = HEAD_SHARD
+        for index, held in reversed(self._copies.get(layer, [])):
+            if index not in self.down:
+                holder[held[share.experts]] = index
+        if self.fallback is None and (holder == FALLBACK).any():
+            raise SharesLost(layer, sorted(set(share.experts[holder == FALLBACK].tolist())),
+                             {node: outage["reason"] for node, outage in self.state.report().items()})
+        holders = np.unique(holder)
+        if len(holders) == 1:
+            return [(int(holders[0]), None)]
+        return [(int(h), np.nonzero(holder == h)[0]) for h in holders]
+
+    def _on_head(self, holder: int, layer: int, hidden: np.ndarray, share: _Share, pairs: np.ndarray | None
+                 ) -> np.ndarray:
+        rows, pair_rows, experts, weights = self._pairs(hidden, share, pairs)
+        rows = decode(encode(rows, self.dtype), self.dtype, hidden.shape[1])  # as the wire would round it
+        if holder == HEAD_SHARD:
+            partial = self.local.forward_pairs(layer, rows, pair_rows, experts, weights)
+        else:
+            partial = self.fallback.forward_pairs(share.owner, layer, np.nonzero(self.owners[layer] == share.owner)[0],
+                                                  rows, pair_rows, experts, weights)
+        return decode(encode(partial, self.dtype), self.dtype, hidden.shape[1])
+
+    @staticmethod
+    def _pairs(hidden: np.ndarray, share: _Share, pairs: np.ndarray | None):
+        """(hidden rows, pair rows, experts, weights) of the whole share, or of some of its pairs one row each."""
+        if pairs is None:
+            return hidden[share.rows], share.pair_rows, share.experts, share.weights
+        return (hidden[share.rows[share.pair_rows[pairs]]], np.arange(len(pairs), dtype=np.int32),
+                share.experts[pairs], share.weights[pairs])
+
+    def _request(self, layer: int, step: int, hidden: np.ndarray, share: _Share, pairs: np.ndarray | None
+                 ) -> expert_pb2.ForwardRequest:
+        rows, pair_rows, experts, weights = self._pairs(hidden, share, pairs)
+        return expert_pb2.ForwardRequest(
+            layer=layer, step=step, num_rows=len(rows), dtype=self.dtype, hidden=encode(rows, self.dtype),
+            pair_rows=pair_rows.tobytes(), pair_experts=experts.tobytes(), pair_weights=weights.tobytes())
+
+    def _holder_name(self, holder: int) -> str:
+        return {HEAD_SHARD: "head", FALLBACK: "head (from its file)"}.get(holder) or self.workers[holder].node
+
     def _notify(self, node: str, pairs: int, round_trip_s: float | None) -> None:
         for observer in self.observers:
             observer(node, pairs, round_trip_s)
-
-    def _request(self, layer, step, hidden, ids, weights, mask):
-        """The rows a worker needs and their (row, expert, weight) pairs, in slot order per row."""
-        rows = np.nonzero(mask.any(axis=1))[0]
-        if len(rows) == 0:
-            return rows, None
-        t, j = np.nonzero(mask[rows])
-        return rows, expert_pb2.ForwardRequest(
-            layer=layer, step=step, num_rows=len(rows), dtype=self.dtype, hidden=encode(hidden[rows], self.dtype),
-            pair_rows=t.astype(np.int32).tobytes(), pair_experts=ids[rows][t, j].astype(np.int32).tobytes(),
-            pair_weights=weights[rows][t, j].astype(np.float32).tobytes())
 
     def close(self) -> None:
         for worker in self.workers:

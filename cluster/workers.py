@@ -27,7 +27,9 @@ def rss_bytes() -> int:
         return int(statm.read().split()[1]) * resource.getpagesize()
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
+# Ray restarts a worker whose process dies, for as long as its node lives; the head covers its share
+# meanwhile and gives it back once the new process has loaded it (recovery.py).
+@ray.remote(num_cpus=0, max_restarts=-1)
 class ExpertWorker:
     def __init__(self, node: str, owned: dict[int, list[int]], model_path: str | None, port: int, token: str,
                  threads: int | None = None, repack: bool = False, cache_dir: str | None = None,

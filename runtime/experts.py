@@ -140,22 +140,20 @@ class ExpertShard:
         Rows may carry any number of pairs. Pairs are added in the order given, so a row whose pairs come
         in slot order gets exactly the sum forward() would give it.
         """
-        partial = np.zeros_like(hidden, dtype=np.float32)
         if len(rows) == 0:
-            return partial
+            return np.zeros_like(hidden, dtype=np.float32)
         # One graph row per pair, then each hidden row's pairs summed in order. (Rows of several slots
         # would need padding, and ggml's interleaved mul_mat_id miscomputes rows that name an expert twice.)
         order = np.argsort(rows, kind="stable")
         rows, weights = rows[order], np.asarray(weights, np.float32)[order]
         local = self._local_ids(layer, experts[order])
         outputs = self._ffn(layer, np.ascontiguousarray(hidden[rows], np.float32), local[:, None], weights[:, None])
-        used, starts, counts = np.unique(rows, return_index=True, return_counts=True)
-        sums = outputs[starts]
-        for j in range(1, counts.max()):  # slot by slot, as ggml adds them (np.add.reduceat adds in another order)
-            more = counts > j
-            sums[more] += outputs[starts[more] + j]
-        partial[used] = sums
-        return partial
+        return sum_pairs(rows, outputs, len(hidden))
+
+    def holds(self, layer: int, experts: np.ndarray) -> np.ndarray:
+        """Per expert id, whether this shard holds it for the layer."""
+        index = self.local_index.get(layer)
+        return np.zeros(len(experts), bool) if index is None else index[experts] >= 0
 
     def touch(self, on_bytes: Callable[[int], None] = lambda n: None) -> None:
         """Read every page of the held experts once, so the first tokens do not wait on the disk."""
@@ -178,6 +176,20 @@ class ExpertShard:
             held = int((self.local_index[layer] >= 0).sum())
             total += sum(w.nbytes // w.ne[-1] * held for w in kinds.values())
         return total
+
+
+def sum_pairs(rows: np.ndarray, outputs: np.ndarray, num_rows: int) -> np.ndarray:
+    """[num_rows, D] sums of the pair outputs [P, D] of each row, rows ascending (stable), added slot by
+    slot in the order given, as ggml adds a row's slots (np.add.reduceat adds in another order). Whoever
+    computes the outputs, the same pairs give the same bits."""
+    partial = np.zeros((num_rows, outputs.shape[1]), np.float32)
+    used, starts, counts = np.unique(rows, return_index=True, return_counts=True)
+    sums = outputs[starts]
+    for j in range(1, counts.max(initial=1)):
+        more = counts > j
+        sums[more] += outputs[starts[more] + j]
+    partial[used] = sums
+    return partial
 
 
 def _gather_experts(weight: Weight, experts: Sequence[int]) -> Weight:

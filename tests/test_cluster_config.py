@@ -51,13 +51,18 @@ def test_example_documents_every_key():
     assert set(TLS_KEYS) <= keys
 
 
+@pytest.mark.parametrize("written, meant", [(0, "0"), (1, "1"), ("auto", "auto"), ("1", "1")])
+def test_replicas_are_none_every_expert_or_what_fits(written, meant):
+    assert ClusterConfig.from_dict({"model": "m.gguf", "replicas": written}).replicas == meant
+
+
 def test_defaults(tmp_path):
     config = ClusterConfig.from_yaml(write(tmp_path, {"model": "/models/k2.gguf"}))
     assert config == ClusterConfig(model=Path("/models/k2.gguf"), source=str(tmp_path / "cluster.yaml"))
     assert (config.ray_address, config.nodes, config.model_paths) == (None, (), {})
     assert (config.reserve_gb, config.port, config.wire_dtype, config.allow_disk) == (4.0, 50551, "f32", False)
-    assert (config.context, config.max_sequences, config.threads, config.deadline_s) == (4096, 16, None, 10.0)
-    assert (config.token, config.tls, config.api_key) == (None, None, None)
+    assert (config.context, config.max_sequences, config.threads, config.deadline_s) == (4096, 16, None, 3.0)
+    assert (config.token, config.tls, config.api_key, config.replicas) == (None, None, None, "0")
     assert config.node_budgets() == []
     # A key written but left empty in YAML is null: empty lists mean the same as leaving them out.
     blank = ClusterConfig.from_dict({"model": "/models/k2.gguf", "nodes": None, "model_paths": None})
@@ -88,6 +93,8 @@ def test_unknown_keys_are_refused_naming_key_and_file(tmp_path, data, expected):
     ({"port": 70000}, r"'port' must be at most 65535, not 70000"),
     ({"deadline_s": 0}, r"'deadline_s' must be more than 0, not 0.0"),
     ({"wire_dtype": "f8"}, r"'wire_dtype' must be one of f32, f16, bf16, not 'f8'"),
+    ({"replicas": 2}, r"'replicas' must be 0 \(none\), 1 \(every worker's expert twice\) or auto .*not 2"),
+    ({"replicas": True}, r"'replicas' must be 0 .*not True"),
     ({"token": "short"}, r"'token' has 5 characters; use at least 16"),
     ({"nodes": [{"name": "a", "memory_gb": 64}]}, r"missing required key 'address' in nodes\[0\]"),
     ({"nodes": [{"name": "a", "address": "x", "memory_gb": 64}, {"name": "a", "address": "y", "memory_gb": 64}]},

@@ -221,3 +221,76 @@ def test_a_small_model_plan_shows_its_sizes_in_units_that_show_them():
     assert "10.0 MiB" in table and "20.0 MiB" in table and "0.0 GiB" not in table  # 16 experts of 640 KiB per node
     with pytest.raises(PlacementError, match=r"needs 30.0 MiB .* offers 20.0 MiB"):
         plan(inventory, [NodeBudget("head", 20 * 2**20, is_head=True)], reserve_bytes=0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(problems(), st.sampled_from(["1", "auto"]), st.booleans())
+def test_replicas_are_second_copies_elsewhere_within_budgets(problem, mode, hot):
+    inventory, nodes, _ = problem
+    try:
+        primary = plan(inventory, nodes, reserve_bytes=RESERVE)
+    except PlacementError:
+        return
+    heat = np.arange(inventory.expert_bytes.size).reshape(inventory.expert_bytes.shape) if hot else None
+    try:
+        placement = plan(inventory, nodes, reserve_bytes=RESERVE, replicas=mode, heat=heat)
+    except PlacementError as e:
+        assert mode == "1" and "replicas: 1" in str(e) and "replicas: auto" in str(e)
+        event("replicas: 1 refused")
+        return
+    assert placement.experts == primary.experts  # replicas never move an expert's own place
+    head = placement.head_node
+    for node, per_layer in placement.replicas.items():
+        for layer, ids in per_layer.items():
+            for expert in ids:
+                assert node not in primary.owners(layer, expert) and head not in primary.owners(layer, expert)
+    for node in placement.budgets:  # own share plus copies within the node's usable memory
+        assert placement.bytes_per_node[node] + placement.replica_bytes.get(node, 0) <= placement.budgets[node]
+        held = placement.held(node)
+        assert sum(int(inventory.expert_bytes[layer, list(ids)].sum()) for layer, ids in held.items()) == \
+            placement.bytes_per_node[node] + placement.replica_bytes.get(node, 0)
+    copied = {(layer, e) for per_layer in placement.replicas.values() for layer, ids in per_layer.items() for e in ids}
+    workers_experts = {(layer, e) for node, per_layer in primary.experts.items() if node != head
+                       for layer, ids in per_layer.items() for e in ids}
+    if mode == "1":
+        assert copied == workers_experts
+    elif hot and copied:  # the most routed are copied first: any expert left out fits nowhere or is colder
+        smallest = min(int(heat[layer, e]) for layer, e in copied)
+        left_out = workers_experts - copied
+        assert all(int(heat[layer, e]) < smallest or _fits_nowhere(placement, inventory, layer, e)
+                   for layer, e in left_out)
+    assert Placement.from_dict(msgpack.unpackb(msgpack.packb(placement.to_dict()))) == placement
+
+
+def _fits_nowhere(placement: Placement, inventory: Inventory, layer: int, expert: int) -> bool:
+    size = inventory.expert_bytes[layer, expert]
+    owner = placement.owners(layer, expert)[0]
+    return all(placement.budgets[n] - placement.bytes_per_node[n] - placement.replica_bytes.get(n, 0) < size
+               for n in placement.budgets if n != owner)
+
+
+def test_replicas_keep_each_workers_layer_share_on_one_node_and_show_in_the_plan():
+    inventory = uniform_inventory()
+    nodes = [NodeBudget("atlas", 20 * GiB, is_head=True), NodeBudget("borealis", 8 * GiB),
+             NodeBudget("cirrus", 8 * GiB)]
+    placement = plan(inventory, nodes, reserve_bytes=GiB, replicas="1")
+    for worker in ("borealis", "cirrus"):
+        for layer, ids in placement.experts[worker].items():
+            holders = {node for node, per_layer in placement.replicas.items() if set(ids) & set(per_layer.get(layer, ()))}
+            assert len(holders) == 1 and worker not in holders
+    table = placement.format_table()
+    assert "replicas" in table.splitlines()[1] and f"{placement.replica_count} (" in table
+    assert placement.replica_count == sum(len(ids) for node in ("borealis", "cirrus")
+                                          for ids in placement.experts[node].values())
+
+
+def test_replicas_that_do_not_fit_are_refused_or_fill_what_is_left():
+    inventory = uniform_inventory()  # 4 GiB of experts
+    nodes = [NodeBudget("atlas", 12 * GiB, is_head=True), NodeBudget("borealis", 3 * GiB),
+             NodeBudget("cirrus", 3 * GiB)]
+    with pytest.raises(PlacementError, match=r"replicas: 1 needs .* use replicas: auto"):
+        plan(inventory, nodes, reserve_bytes=GiB, replicas="1")
+    placement = plan(inventory, nodes, reserve_bytes=GiB, replicas="auto")
+    assert 0 < placement.replica_count < 4 * 64
+    for node in placement.budgets:
+        assert placement.bytes_per_node[node] + placement.replica_bytes.get(node, 0) <= placement.budgets[node]

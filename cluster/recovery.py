@@ -1,0 +1,84 @@
+"""Bringing lost expert workers back while the cluster serves.
+
+A worker that failed is covered by others (transport.RemoteExperts); this loop watches each down worker
+until it can serve its planned share again, then hands it back between layers. It comes back because
+Ray restarts its actor (the process died), because it answers again (it was stopped or cut off), or
+because its node's Ray returns (a new actor is started there). A restarted worker loads its share from
+its own copy of the file, or the head streams it again; generation goes on meanwhile.
+"""
+from __future__ import annotations
+
+import threading
+
+import ray
+
+from cluster.transport import RemoteExperts, WorkerClient
+
+CHECK_INTERVAL_S = 0.5
+
+
+class WorkerRecovery:
+    def __init__(self, cluster, remote: RemoteExperts):
+        """cluster: the ExpertCluster (its actors, how to reach, respawn and stream to a worker)."""
+        self.cluster, self.remote = cluster, remote
+        self._probes: dict[str, ray.ObjectRef] = {}  # node -> pending progress() of its actor
+        self._streaming: dict[str, threading.Thread] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="worker-recovery")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(CHECK_INTERVAL_S):
+            for index in sorted(self.remote.down):
+                if self.remote.rejoining(index):
+                    continue
+                try:
+                    self._check(index)
+                except Exception as e:  # noqa: BLE001 - one bad check must not end recovery for everyone
+                    self.remote.state.loading.discard(self.remote.workers[index].node)
+                    self._probes.pop(self.remote.workers[index].node, None)
+                    self.cluster.recovery_error = f"{type(e).__name__}: {e}"
+
+    def _check(self, index: int) -> None:
+        node = self.remote.workers[index].node
+        actor = self.cluster.actors[node]
+        probe = self._probes.get(node)
+        if probe is None:
+            self._probes[node] = actor.progress.remote()
+            return
+        if not ray.wait([probe], timeout=0)[0]:
+            return  # restarting, stopped, or far away: ask again when it answers
+        del self._probes[node]
+        try:
+            progress = ray.get(probe)
+        except ray.exceptions.ActorDiedError:
+            self.cluster.respawn(node)  # its node went away: start it again where that node now is, if anywhere
+            return
+        except ray.exceptions.RayActorError:
+            return  # died while answering; Ray restarts it
+        if progress["error"]:
+            return
+        if not progress["ready"]:
+            self.remote.state.loading.add(node)
+            self._stream_if_needed(node, actor)
+            return
+        client = WorkerClient(node, ray.get(actor.address.remote(), timeout=30), self.cluster.token,
+                              self.cluster.config.deadline_s, self.cluster.tls())
+        if client.state() != "ok":
+            client.close()
+            return
+        self.remote.rejoin(index, client)
+
+    def _stream_if_needed(self, node: str, actor) -> None:
+        """A restarted worker without its own copy of the file waits for its experts from the head."""
+        running = self._streaming.get(node)
+        if not self.cluster.streams_to(node) or (running is not None and running.is_alive()):
+            return
+        client = WorkerClient(node, ray.get(actor.address.remote(), timeout=30), self.cluster.token,
+                              self.cluster.config.deadline_s, self.cluster.tls())
+        self._streaming[node] = threading.Thread(target=self.cluster.stream_shard, args=(client,), daemon=True)
+        self._streaming[node].start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
