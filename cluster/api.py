@@ -340,6 +340,8 @@ def create_app(service: Service) -> FastAPI:
                 "running": service.engine.num_running, "waiting": service.engine.num_waiting}
         if down:
             body["down"] = down
+            if cluster.get("recovery_error"):
+                body["recovery_error"] = cluster["recovery_error"]
         return JSONResponse(body)
 
     @app.get("/metrics")

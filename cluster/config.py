@@ -18,7 +18,7 @@ WIRE_DTYPES = ("f32", "f16", "bf16")
 MIN_TOKEN_CHARS = 16
 TOP_LEVEL_KEYS = ("ray_address", "model", "model_paths", "nodes", "reserve_gb", "port", "token", "token_file",
                   "tls", "wire_dtype", "allow_disk", "context", "max_sequences", "threads", "deadline_s",
-                  "api_key", "replicas")
+                  "api_key", "replicas", "respread_after_s")
 NODE_KEYS = ("name", "address", "memory_gb", "head")
 TLS_KEYS = ("cert", "key", "ca")
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
@@ -65,6 +65,7 @@ class ClusterConfig:
     deadline_s: float = 3.0  # per worker request (and per 512 pairs in it); then the worker counts as failed
     api_key: str | None = None  # clients of `serve` must send it as a Bearer token; None: no key
     replicas: str = "0"  # second copies of workers' experts: "0" none, "1" all (or refuse), "auto" what fits
+    respread_after_s: float = 30.0  # a worker down this long has its experts loaded by survivors with room
     source: str = "<dict>"  # where this came from, for later error messages
 
     @classmethod
@@ -102,6 +103,7 @@ class ClusterConfig:
             deadline_s=top.get("deadline_s", float, above=0),
             api_key=top.get("api_key", str, nullable=True),
             replicas=_replicas(top, source),
+            respread_after_s=top.get("respread_after_s", float, at_least=0),
         )
         # Keys left out of the file take the dataclass defaults above.
         return cls(**{k: v for k, v in values.items() if v is not _ABSENT}, source=source)

@@ -78,6 +78,7 @@ class FailoverState:
     def __init__(self):
         self.down: dict[str, Outage] = {}
         self.loading: set[str] = set()  # down nodes whose worker is back and loading its share
+        self.taking_over: dict[str, set[str]] = {}  # down node -> nodes loading its experts to compute them
         self.failovers: dict[str, int] = {}
         self.rejoins: dict[str, int] = {}
         self.fallback_pairs = 0
@@ -107,6 +108,7 @@ class FailoverState:
         with self._lock:
             outage = self.down.pop(node, None)
             self.loading.discard(node)
+            self.taking_over.pop(node, None)
             if outage is not None:
                 self.rejoins[node] = self.rejoins.get(node, 0) + 1
                 if not self.down:
@@ -118,8 +120,10 @@ class FailoverState:
             return self._degraded_s + (time.monotonic() - self._degraded_since if self.down else 0.0)
 
     def report(self) -> dict[str, dict]:
-        """Per down node: why, for how long, who covers its experts, whether its worker is loading again."""
+        """Per down node: why, for how long, who covers its experts, whether its worker is loading again,
+        and which nodes are loading its experts to take them over."""
         with self._lock:
             now = time.monotonic()
             return {node: {"reason": o.reason, "down_s": round(now - o.since, 1), "covered_by": sorted(o.covered_by),
-                           "loading": node in self.loading} for node, o in self.down.items()}
+                           "loading": node in self.loading, "taken_over_by": sorted(self.taking_over.get(node, ()))}
+                    for node, o in self.down.items()}

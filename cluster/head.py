@@ -25,7 +25,7 @@ from tqdm import tqdm
 from cluster import shard_transfer
 from cluster.config import ClusterConfig
 from cluster.failover import FailoverState, HeadFallback
-from cluster.placement import GiB, Inventory, NodeBudget, Placement, plan
+from cluster.placement import GiB, Inventory, NodeBudget, Placement, plan, with_copies
 from cluster.recovery import WorkerRecovery
 from cluster.transport import RemoteExperts, WorkerClient, WorkerFailed
 from cluster.workers import ExpertWorker
@@ -125,6 +125,7 @@ class ExpertCluster:
         self.failover = FailoverState()
         self.recovery: WorkerRecovery | None = None
         self.recovery_error = ""  # the last check that went wrong while bringing a worker back
+        self._inventory: Inventory | None = None
         self._started_ray = False
         self._ray_temp_dir: str | None = None
         self._stream_error = ""
@@ -153,7 +154,10 @@ class ExpertCluster:
 
     def inventory(self) -> Inventory:
         """What must be placed: every expert's bytes, and what the head holds (weights and KV cache)."""
-        return Inventory.from_model(self.model_file, self.model_config, self.config.context, self.config.max_sequences)
+        if self._inventory is None:
+            self._inventory = Inventory.from_model(self.model_file, self.model_config, self.config.context,
+                                                   self.config.max_sequences)
+        return self._inventory
 
     def plan(self, nodes: list[ClusterNode]) -> Placement:
         return plan(self.inventory(), [n.budget for n in nodes], self.config.reserve_bytes, self.config.allow_disk,
@@ -242,6 +246,24 @@ class ExpertCluster:
             self.workers[name] = node = ClusterNode(node.name, back["NodeID"], node.address, node.budget)
             self.actors[name] = self._spawn(node)
 
+    def take_over(self, name: str, per_layer: dict[int, tuple[int, ...]]) -> None:
+        """Have worker `name` load these experts (a lost worker's) beside its own, then compute them while
+        their worker is down: from its copy of the file, or streamed from the head."""
+        owned = {int(layer): list(ids) for layer, ids in per_layer.items()}
+        if self.streams_to(name):
+            client = WorkerClient(name, self._get(name, self.actors[name].address.remote()), self.token,
+                                  self.config.deadline_s, self.tls())
+            try:
+                self.stream_shard(client, owned)
+            finally:
+                client.close()
+        else:
+            ray.get(self.actors[name].add_experts.remote(owned, str(self._model_path_on(self.workers[name]))))
+        index = [client.node for client in self.remote.workers].index(name)
+        self.remote.add_copies(index, owned)
+        nbytes = {name: self.model_file.routed_expert_bytes(owned)}
+        self.placement = with_copies(self.placement, {name: per_layer}, nbytes)
+
     def streams_to(self, name: str) -> bool:
         """Whether the head sends this node its experts (it has no copy of the file)."""
         return self._model_path_on(self.workers[name]) is None
@@ -261,7 +283,7 @@ class ExpertCluster:
                 died[node.name], addresses[node.name] = str(e), "unknown"
         clients = [WorkerClient(n.name, addresses[n.name], self.token, self.config.deadline_s, self.tls())
                    for n in workers]
-        streams = [threading.Thread(target=self.stream_shard, args=(client,), daemon=True)
+        streams = [threading.Thread(target=self._stream_at_bring_up, args=(client,), daemon=True)
                    for client in clients if self.streams_to(client.node) and client.node not in died]
         for thread in streams:
             thread.start()
@@ -289,10 +311,14 @@ class ExpertCluster:
             bar.close()
         return clients, died
 
-    def stream_shard(self, client: WorkerClient) -> None:
+    def stream_shard(self, client: WorkerClient, owned: dict[int, list[int]] | None = None) -> None:
+        """Send a worker without the file its experts (all it holds, or `owned`)."""
+        manifest = shard_transfer.build_manifest(self.model_file, owned or self.placement.held(client.node))
+        client.load_shard(shard_transfer.stream_shard(self.model_file, manifest))
+
+    def _stream_at_bring_up(self, client: WorkerClient) -> None:
         try:
-            manifest = shard_transfer.build_manifest(self.model_file, self.placement.held(client.node))
-            client.load_shard(shard_transfer.stream_shard(self.model_file, manifest))
+            self.stream_shard(client)
         except (WorkerFailed, OSError, ValueError) as e:
             self._stream_error = str(e)
 
@@ -315,7 +341,10 @@ class ExpertCluster:
                 workers[client.node] = f"down ({down[client.node]['reason']}); its experts computed by {covered}"
             else:
                 workers[client.node] = client.state()
-        return {"workers": workers, "down": down}
+        status = {"workers": workers, "down": down}
+        if down and self.recovery_error:
+            status["recovery_error"] = self.recovery_error
+        return status
 
     def close(self) -> None:
         if self.recovery is not None:

@@ -224,28 +224,66 @@ def _replicas(inventory: Inventory, nodes: list[NodeBudget], head: int, owner: n
                            for layer, expert in zip(layers, experts)], dtype=np.int64)
         order = np.lexsort((experts, layers, within, rank[layers, experts]))
         layers, experts = layers[order], experts[order]
-    copies: list[dict[int, list[int]]] = [{} for _ in nodes]
+    return _place_copies(inventory, layers, experts, owner[layers, experts], [n.name for n in nodes], spare,
+                         every_expert)
+
+
+def _place_copies(inventory: Inventory, layers: np.ndarray, experts: np.ndarray, sources: np.ndarray,
+                  names: list[str], spare: list[int], strict: bool) -> tuple[dict, dict]:
+    """Copies of (layer, expert) pairs, in the order given, each on a node other than its source (index into
+    names) with room: the node already taking that source's share of the layer while it has room, else the
+    one with the most. Pairs that fit nowhere are left out, or refused when strict (replicas: 1)."""
+    copies: list[dict[int, list[int]]] = [{} for _ in names]
     taken: dict[tuple[int, int], int] = {}  # (source node, layer) -> the node holding that share's copies
-    for layer, expert in zip(layers.tolist(), experts.tolist()):
-        source, size = int(owner[layer, expert]), int(inventory.expert_bytes[layer, expert])
+    for layer, expert, source in zip(layers.tolist(), experts.tolist(), sources.tolist()):
+        size = int(inventory.expert_bytes[layer, expert])
         target = taken.get((source, layer))
         if target is None or spare[target] < size:
-            room = [n for n in range(len(nodes)) if n != source and spare[n] >= size]
+            room = [n for n in range(len(names)) if n != source and spare[n] >= size]
             if not room:
-                if every_expert:
+                if strict:
                     raise PlacementError(f"replicas: 1 does not fit node by node: no node other than "
-                                         f"'{nodes[source].name}' has {format_bytes(size)} left for a copy of its "
+                                         f"'{names[source]}' has {format_bytes(size)} left for a copy of its "
                                          f"expert {expert} of layer {layer}; use replicas: auto or add memory")
                 continue
             target = max(room, key=lambda n: (spare[n], -n))
             taken[source, layer] = target
         copies[target].setdefault(layer, []).append(expert)
         spare[target] -= size
-    replicas = {nodes[n].name: {layer: tuple(sorted(ids)) for layer, ids in sorted(per_layer.items())}
+    replicas = {names[n]: {layer: tuple(sorted(ids)) for layer, ids in sorted(per_layer.items())}
                 for n, per_layer in enumerate(copies) if per_layer}
-    replica_bytes = {nodes[n].name: sum(int(inventory.expert_bytes[layer, ids].sum()) for layer, ids in per_layer.items())
+    replica_bytes = {names[n]: sum(int(inventory.expert_bytes[layer, ids].sum()) for layer, ids in per_layer.items())
                      for n, per_layer in enumerate(copies) if per_layer}
     return replicas, replica_bytes
+
+
+def respread(placement: Placement, inventory: Inventory, lost: str, up: list[str]) -> tuple[dict, dict]:
+    """Where a lost node's experts go while it is away: copies on the `up` nodes (workers that answer) in
+    the room left after their own share and copies, each layer's part whole on one node where it fits.
+    Experts with a copy on an up node or on the head need none; what fits nowhere stays with the head's
+    fallback. Returns (copies, their bytes) per node, to add to placement.replicas."""
+    covered = {(layer, e) for node in [*up, placement.head_node]
+               for layer, ids in placement.held(node).items() for e in ids}
+    pairs = [(layer, e) for layer, ids in placement.experts.get(lost, {}).items() for e in ids
+             if (layer, e) not in covered]
+    names = [lost, *up]
+    spare = [0] + [placement.budgets[n] - placement.bytes_per_node[n] - placement.replica_bytes.get(n, 0) for n in up]
+    layers = np.array([layer for layer, _ in pairs], np.int64)
+    experts = np.array([e for _, e in pairs], np.int64)
+    return _place_copies(inventory, layers, experts, np.zeros(len(pairs), np.int64), names, spare, strict=False)
+
+
+def with_copies(placement: Placement, copies: dict, copy_bytes: dict) -> Placement:
+    """The placement with more second copies (from respread) added to its replicas."""
+    replicas = {node: dict(per_layer) for node, per_layer in placement.replicas.items()}
+    for node, per_layer in copies.items():
+        for layer, ids in per_layer.items():
+            mine = replicas.setdefault(node, {})
+            mine[layer] = tuple(sorted(set(mine.get(layer, ())) | set(ids)))
+    replica_bytes = dict(placement.replica_bytes)
+    for node, nbytes in copy_bytes.items():
+        replica_bytes[node] = replica_bytes.get(node, 0) + nbytes
+    return dataclasses.replace(placement, replicas=replicas, replica_bytes=replica_bytes)
 
 
 def _head_node(nodes: list[NodeBudget]) -> NodeBudget:

@@ -5,13 +5,18 @@ until it can serve its planned share again, then hands it back between layers. I
 Ray restarts its actor (the process died), because it answers again (it was stopped or cut off), or
 because its node's Ray returns (a new actor is started there). A restarted worker loads its share from
 its own copy of the file, or the head streams it again; generation goes on meanwhile.
+
+A worker still down after respread_after_s has its experts re-spread: survivors with memory left load
+them in the background and take them over, so the head stops computing them from its file.
 """
 from __future__ import annotations
 
 import threading
+import time
 
 import ray
 
+from cluster.placement import respread
 from cluster.transport import RemoteExperts, WorkerClient
 
 CHECK_INTERVAL_S = 0.5
@@ -23,6 +28,7 @@ class WorkerRecovery:
         self.cluster, self.remote = cluster, remote
         self._probes: dict[str, ray.ObjectRef] = {}  # node -> pending progress() of its actor
         self._streaming: dict[str, threading.Thread] = {}
+        self._respread: set[str] = set()  # down nodes whose experts survivors are taking over (or took)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="worker-recovery")
         self._thread.start()
@@ -33,6 +39,7 @@ class WorkerRecovery:
                 if self.remote.rejoining(index):
                     continue
                 try:
+                    self._respread_if_due(index)
                     self._check(index)
                 except Exception as e:  # noqa: BLE001 - one bad check must not end recovery for everyone
                     self.remote.state.loading.discard(self.remote.workers[index].node)
@@ -69,6 +76,29 @@ class WorkerRecovery:
             return
         self.remote.rejoin(index, client)
 
+    def _respread_if_due(self, index: int) -> None:
+        node = self.remote.workers[index].node
+        outage = self.remote.state.down.get(node)
+        if (outage is None or node in self._respread
+                or time.monotonic() - outage.since < self.cluster.config.respread_after_s):
+            return
+        self._respread.add(node)
+        up = [w.node for i, w in enumerate(self.remote.workers) if i not in self.remote.down]
+        copies, _ = respread(self.cluster.placement, self.cluster.inventory(), node, up)
+        for target, per_layer in copies.items():
+            self.remote.state.taking_over.setdefault(node, set()).add(target)
+            threading.Thread(target=self._take_over, args=(node, target, per_layer), daemon=True,
+                             name=f"take-over-{target}").start()
+
+    def _take_over(self, lost: str, target: str, per_layer: dict[int, tuple[int, ...]]) -> None:
+        try:
+            self.cluster.take_over(target, per_layer)
+        except Exception as e:  # noqa: BLE001 - the target failed too: try again while the node is down
+            self.cluster.recovery_error = f"{target} could not take over experts of {lost}: {type(e).__name__}: {e}"
+            self._respread.discard(lost)
+        finally:
+            self.remote.state.taking_over.get(lost, set()).discard(target)
+
     def _stream_if_needed(self, node: str, actor) -> None:
         """A restarted worker without its own copy of the file waits for its experts from the head."""
         running = self._streaming.get(node)
@@ -76,8 +106,16 @@ class WorkerRecovery:
             return
         client = WorkerClient(node, ray.get(actor.address.remote(), timeout=30), self.cluster.token,
                               self.cluster.config.deadline_s, self.cluster.tls())
-        self._streaming[node] = threading.Thread(target=self.cluster.stream_shard, args=(client,), daemon=True)
+        self._streaming[node] = threading.Thread(target=self._stream, args=(client,), daemon=True)
         self._streaming[node].start()
+
+    def _stream(self, client: WorkerClient) -> None:
+        try:
+            self.cluster.stream_shard(client)
+        except Exception as e:  # noqa: BLE001 - said in /health's recovery_error; tried again next time
+            self.cluster.recovery_error = f"streaming {client.node} its experts failed: {type(e).__name__}: {e}"
+        finally:
+            client.close()
 
     def stop(self) -> None:
         self._stop.set()

@@ -9,7 +9,6 @@ only experts nobody can compute fail the step, naming the nodes: never a hang.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import math
 import queue
@@ -212,8 +211,10 @@ class WorkerClient:
     waits for that request's reply (replies come in request order) up to its deadline.
 
     Replies are read on the caller's thread (a thread hop costs more than the whole loopback round
-    trip); a watchdog thread cancels the stream when the oldest unanswered request is overdue, which
-    ends the wait. A failed client stays failed: the head makes a new one when the worker is back.
+    trip); a watchdog thread cancels the stream when a wait for a reply outlasts that request's deadline,
+    which ends the wait. The clock starts when the head begins to wait, not when it sent: a reply that
+    came while the head was waiting on another worker is not late. A failed client stays failed: the
+    head makes a new one when the worker is back.
     """
 
     def __init__(self, node: str, address: str, token: str, deadline_s: float, tls: Mapping[str, str] | None = None):
@@ -225,7 +226,8 @@ class WorkerClient:
         self._closed = object()
         self._responses = self.stub.Forward(iter(self._requests.get, self._closed), metadata=self.metadata)
         self._sent = self._read = 0
-        self._due: collections.deque[float] = collections.deque()  # per unread request, when it is overdue
+        self._deadlines: dict[int, float] = {}  # seconds each unclaimed request may take
+        self._wait_until: float | None = None
         self._unclaimed: dict[int, expert_pb2.ForwardReply] = {}
         self._overdue = False
         self._failure: WorkerFailed | None = None
@@ -242,8 +244,8 @@ class WorkerClient:
     def _watch(self) -> None:
         while self._failure is None:
             time.sleep(min(0.05, self.deadline_s / 10))
-            due = self._due
-            if due and time.monotonic() > due[0]:
+            wait_until = self._wait_until
+            if wait_until is not None and time.monotonic() > wait_until:
                 self._overdue = True
                 self._responses.cancel()
                 return
@@ -252,11 +254,13 @@ class WorkerClient:
         if self._failure is not None:
             raise self._failure
         self._sent += 1
-        self._due.append(time.monotonic() + self.deadline_for(len(request.pair_rows) // 4))
+        self._deadlines[self._sent] = self.deadline_for(len(request.pair_rows) // 4)
         self._requests.put(request)
         return self._sent
 
     def receive(self, ticket: int, step: int) -> expert_pb2.ForwardReply:
+        if self._read < ticket:
+            self._wait_until = time.monotonic() + self._deadlines.get(ticket, self.deadline_s)
         while self._read < ticket and self._failure is None:
             try:
                 reply = next(self._responses)
@@ -267,8 +271,9 @@ class WorkerClient:
                 self._failure = WorkerFailed(self.node, reason)
             else:
                 self._read += 1
-                self._due.popleft()
                 self._unclaimed[self._read] = reply
+        self._wait_until = None
+        self._deadlines.pop(ticket, None)
         reply = self._unclaimed.pop(ticket, None)
         if reply is None:  # never arrived (the stream failed), or claimed already
             raise self._failure or WorkerFailed(self.node, f"request {ticket} has no reply")
@@ -360,13 +365,10 @@ class RemoteExperts:
         self.dtype = WIRE_DTYPES[wire_dtype]
         self.state = state or FailoverState()
         self.down: set[int] = set()  # indices of workers whose shares others compute
-        # layer -> [(worker index, [num_experts] bool: holds a copy)], the replicas of other workers' experts
-        self._copies: dict[int, list[tuple[int, np.ndarray]]] = {}
-        for index, per_layer in (replicas or {}).items():
-            for layer, experts in per_layer.items():
-                held = np.zeros(len(self.owners[layer]), bool)
-                held[list(experts)] = True
-                self._copies.setdefault(layer, []).append((index, held))
+        # worker index -> layer -> [num_experts] bool: the copies of other workers' experts it holds, as
+        # planned (replicas) and as taken over since (add_copies)
+        self._planned_copies = {index: self._masks(per_layer) for index, per_layer in (replicas or {}).items()}
+        self._copies = {index: dict(masks) for index, masks in self._planned_copies.items()}
         self._returning: dict[int, WorkerClient] = {}
         self._in_flight = False  # a layer is between start() and its result
         self._layer_lock = threading.Lock()
@@ -419,6 +421,24 @@ class RemoteExperts:
             if not self._in_flight:
                 self._take_back_returning()
 
+    def add_copies(self, index: int, per_layer: Mapping[int, Sequence[int]]) -> None:
+        """Worker `index` now also holds these experts (a lost worker's, taken over): it computes them
+        whenever their own worker is down, from the next layer on (any thread)."""
+        with self._layer_lock:
+            masks = self._copies.setdefault(index, {})
+            for layer, mask in self._masks(per_layer).items():
+                masks[layer] = masks[layer] | mask if layer in masks else mask
+
+    def copies_of(self, index: int) -> dict[int, np.ndarray]:
+        return dict(self._copies.get(index, {}))
+
+    def _masks(self, per_layer: Mapping[int, Sequence[int]]) -> dict[int, np.ndarray]:
+        masks = {}
+        for layer, experts in per_layer.items():
+            masks[layer] = np.zeros(len(self.owners[layer]), bool)
+            masks[layer][list(experts)] = True
+        return masks
+
     def rejoining(self, index: int) -> bool:
         return index in self._returning
 
@@ -428,6 +448,8 @@ class RemoteExperts:
             self.workers[index].close()
             self.workers[index] = client
             self.down.discard(index)
+            # A restarted process holds what it was planned to; copies taken over since were lost with the old one.
+            self._copies[index] = dict(self._planned_copies.get(index, {}))
             if self.fallback is not None:
                 self.fallback.drop(index)
             self.state.rejoined(client.node)
@@ -514,8 +536,9 @@ class RemoteExperts:
         holder = np.full(len(share.experts), FALLBACK, np.int32)
         if self.local is not None:
             holder[self.local.holds(layer, share.experts)] = HEAD_SHARD
-        for index, held in reversed(self._copies.get(layer, [])):
-            if index not in self.down:
+        for index in sorted(self._copies, reverse=True):  # the lowest index wins
+            held = self._copies[index].get(layer)
+            if held is not None and index not in self.down:
                 holder[held[share.experts]] = index
         if self.fallback is None and (holder == FALLBACK).any():
             raise SharesLost(layer, sorted(set(share.experts[holder == FALLBACK].tolist())),

@@ -14,7 +14,7 @@ import ray
 
 from cluster import shard_transfer
 from cluster.transport import ExpertServicer, serve
-from runtime.experts import ExpertShard
+from runtime.experts import ExpertShard, ShardSet
 from runtime.ggml_ops import GgmlRunner
 from runtime.gguf_file import GGUFModelFile
 
@@ -28,8 +28,9 @@ def rss_bytes() -> int:
 
 
 # Ray restarts a worker whose process dies, for as long as its node lives; the head covers its share
-# meanwhile and gives it back once the new process has loaded it (recovery.py).
-@ray.remote(num_cpus=0, max_restarts=-1)
+# meanwhile and gives it back once the new process has loaded it (recovery.py). Calls run on threads of
+# their own, so progress() answers while add_experts() loads.
+@ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=4)
 class ExpertWorker:
     def __init__(self, node: str, owned: dict[int, list[int]], model_path: str | None, port: int, token: str,
                  threads: int | None = None, repack: bool = False, cache_dir: str | None = None,
@@ -39,7 +40,8 @@ class ExpertWorker:
         self.grouped = grouped  # see ExpertShard.grouped
         self.runner = GgmlRunner(threads)
         self.cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR
-        self.shard: ExpertShard | None = None
+        self.shard: ExpertShard | ShardSet | None = None
+        self._shard_lock = threading.Lock()
         self.loaded_bytes, self.total_bytes, self.error = 0, 0, ""
         servicer = ExpertServicer(node, lambda: self.shard, self._receive, self._health)
         # Listen on the node's own address (the one Ray and the head use), not on every interface.
@@ -57,7 +59,7 @@ class ExpertWorker:
             shard = ExpertShard.from_model_file(model_file, self.runner, self.owned, self.repack, self._count)
             shard.touch(self._count)
             shard.grouped = self.grouped
-            self.shard = shard
+            self._hold(shard)
         except Exception as e:  # reported to the head through progress(), which names this node
             self.error = f"{type(e).__name__}: {e}"
 
@@ -68,8 +70,24 @@ class ExpertWorker:
         path, manifest = shard_transfer.receive_shard(chunks, self.cache_dir, self._count, expect)
         shard = shard_transfer.load_shard(path, manifest, self.runner, self.repack)
         shard.grouped = self.grouped
-        self.shard = shard
+        self._hold(shard)
         return manifest["total_bytes"]
+
+    def _hold(self, shard: ExpertShard) -> None:
+        """Serve these experts too (the first shard, or a lost worker's experts taken over later)."""
+        with self._shard_lock:
+            self.shard = ShardSet.combine(self.shard, shard)
+
+    def add_experts(self, owned: dict[int, list[int]], model_path: str) -> int:
+        """Load more experts from this node's copy of the file and serve them too (taking over a lost
+        worker's share); returns their bytes once they are served. Nodes without a copy get them from the
+        head through LoadShard instead."""
+        shard = ExpertShard.from_model_file(GGUFModelFile(model_path), self.runner,
+                                            {int(k): v for k, v in owned.items()}, self.repack)
+        shard.touch()
+        shard.grouped = self.grouped
+        self._hold(shard)
+        return shard.nbytes
 
     def _health(self) -> dict:
         return {"ready": self.shard is not None, "shard_bytes": self.total_bytes, "loaded_bytes": self.loaded_bytes,

@@ -178,6 +178,41 @@ class ExpertShard:
         return total
 
 
+class ShardSet:
+    """Several shards served as one: a worker that took over a lost worker's experts after it started.
+    Pairs split over shards are computed one row each and summed as one shard would sum them."""
+
+    def __init__(self, shards: Sequence[ExpertShard]):
+        self.shards = list(shards)
+
+    @classmethod
+    def combine(cls, held: "ExpertShard | ShardSet | None", more: ExpertShard) -> "ExpertShard | ShardSet":
+        if held is None:
+            return more
+        return cls([*(held.shards if isinstance(held, ShardSet) else [held]), more])
+
+    def holds(self, layer: int, experts: np.ndarray) -> np.ndarray:
+        return np.logical_or.reduce([shard.holds(layer, experts) for shard in self.shards])
+
+    def forward_pairs(self, layer: int, hidden: np.ndarray, rows: np.ndarray, experts: np.ndarray,
+                      weights: np.ndarray) -> np.ndarray:
+        which = np.full(len(experts), -1)
+        for index in reversed(range(len(self.shards))):  # the first shard holding an expert computes it
+            which[self.shards[index].holds(layer, experts)] = index
+        if (which < 0).any():
+            raise KeyError(f"this shard does not hold experts {sorted(set(experts[which < 0].tolist()))} of layer {layer}")
+        if (which == which[0]).all():
+            return self.shards[which[0]].forward_pairs(layer, hidden, rows, experts, weights)
+        order = np.argsort(rows, kind="stable")
+        rows, experts, weights, which = rows[order], experts[order], np.asarray(weights, np.float32)[order], which[order]
+        outputs = np.empty((len(rows), hidden.shape[1]), np.float32)
+        for index in np.unique(which):
+            mine = which == index
+            outputs[mine] = self.shards[index].forward_pairs(layer, hidden[rows[mine]], np.arange(mine.sum()),
+                                                             experts[mine], weights[mine])
+        return sum_pairs(rows, outputs, len(hidden))
+
+
 def sum_pairs(rows: np.ndarray, outputs: np.ndarray, num_rows: int) -> np.ndarray:
     """[num_rows, D] sums of the pair outputs [P, D] of each row, rows ascending (stable), added slot by
     slot in the order given, as ggml adds a row's slots (np.add.reduceat adds in another order). Whoever

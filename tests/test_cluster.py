@@ -203,6 +203,37 @@ def test_with_a_replica_of_every_expert_a_kill_costs_no_fallback_to_the_head(ray
         wait_for_rejoins(cluster)
 
 
+def copies_on_others(cluster: ExpertCluster, node: str) -> set[tuple[int, int]]:
+    return {(layer, e) for holder, per_layer in cluster.placement.replicas.items() if holder != node
+            for layer, ids in per_layer.items() for e in ids}
+
+
+def test_a_worker_down_for_long_has_its_experts_taken_over_by_a_survivor(ray_cluster, make_tiny, single_process):
+    with_workers(ray_cluster, 2)
+    path = make_tiny("Q4_K_M")
+    expected = single_process["Q4_K_M"][0]
+    with ExpertCluster(path, config(path, respread_after_s=0), progress=False) as cluster:
+        model = cluster.start()
+        victim, pid = sorted(worker_pids(cluster).items())[0]
+        os.kill(pid, signal.SIGSTOP)  # hung: Ray does not restart it, so it stays down until continued
+        try:
+            assert run(model, expected)[0] == expected
+            lost = {(layer, e) for layer, ids in cluster.placement.experts[victim].items() for e in ids}
+            deadline = time.monotonic() + 60
+            while not lost <= copies_on_others(cluster, victim) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert lost <= copies_on_others(cluster, victim)
+            fallback, replica = cluster.failover.fallback_pairs, cluster.failover.replica_pairs
+            assert run(model, expected)[0] == expected
+            # The survivors compute the lost experts now; the head's file is left alone.
+            assert cluster.failover.fallback_pairs == fallback and cluster.failover.replica_pairs > replica
+            assert set(cluster.failover.report()[victim]["covered_by"]) - {"head (from its file)"} <= set(cluster.actors)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_for_rejoins(cluster)
+        assert run(model, expected)[0] == expected
+
+
 def test_a_worker_that_dies_during_bring_up_leaves_a_serving_correct_cluster(ray_cluster, make_tiny, single_process):
     with_workers(ray_cluster, 2)
     path = make_tiny("Q4_K_M")
@@ -211,10 +242,11 @@ def test_a_worker_that_dies_during_bring_up_leaves_a_serving_correct_cluster(ray
         started = {}
         bring_up = threading.Thread(target=lambda: started.setdefault("model", cluster.start()))
         bring_up.start()
-        while len(cluster.actors) < 2:  # spawned: kill one as soon as its process exists
+        workers = len([n for n in ray.nodes() if n["Alive"]]) - 1
+        while len(cluster.actors) < workers:  # all spawned: kill one as soon as its process exists
             time.sleep(0.01)
         victim = sorted(cluster.actors)[0]
-        os.kill(worker_pids(cluster)[victim], signal.SIGKILL)
+        os.kill(ray.get(cluster.actors[victim].__ray_call__.remote(lambda self: os.getpid())), signal.SIGKILL)
         bring_up.join(timeout=120)
         assert run(started["model"], expected)[0] == expected
         wait_for_rejoins(cluster)

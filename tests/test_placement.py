@@ -7,7 +7,7 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from cluster.placement import GiB, Inventory, NodeBudget, Placement, PlacementError, plan
+from cluster.placement import GiB, Inventory, NodeBudget, Placement, PlacementError, plan, respread, with_copies
 from runtime.config import ModelConfig
 from runtime.gguf_file import GGUFModelFile
 
@@ -294,3 +294,24 @@ def test_replicas_that_do_not_fit_are_refused_or_fill_what_is_left():
     assert 0 < placement.replica_count < 4 * 64
     for node in placement.budgets:
         assert placement.bytes_per_node[node] + placement.replica_bytes.get(node, 0) <= placement.budgets[node]
+
+
+def test_a_lost_workers_experts_are_respread_to_survivors_with_room_unless_copied_already():
+    inventory = uniform_inventory()
+    nodes = [NodeBudget("atlas", 20 * GiB, is_head=True), NodeBudget("borealis", 8 * GiB),
+             NodeBudget("cirrus", 8 * GiB), NodeBudget("dione", 1500 * 2**20)]
+    placement = plan(inventory, nodes, reserve_bytes=GiB)
+    lost = placement.experts["borealis"]
+    copies, copy_bytes = respread(placement, inventory, "borealis", ["cirrus", "dione"])
+    assert set(copies) == {"cirrus"}  # dione has no room left after its own share
+    assert copies["cirrus"] == lost and copy_bytes["cirrus"] == placement.bytes_per_node["borealis"]
+    grown = with_copies(placement, copies, copy_bytes)
+    assert grown.held("cirrus") == {layer: tuple(sorted(set(placement.experts["cirrus"][layer]) | set(lost[layer])))
+                                    for layer in lost}
+    # Lost again later: its experts have a copy on an up node now, so nothing more is loaded.
+    assert respread(grown, inventory, "borealis", ["cirrus", "dione"]) == ({}, {})
+    # What fits nowhere stays with the head's fallback.
+    copies, copy_bytes = respread(grown, inventory, "cirrus", ["dione"])
+    room = grown.budgets["dione"] - grown.bytes_per_node["dione"]
+    assert set(copies) == {"dione"} and 0 < copy_bytes["dione"] <= room
+    assert copy_bytes["dione"] < grown.bytes_per_node["cirrus"]
