@@ -146,6 +146,13 @@ def test_tls_between_the_head_and_its_workers(ray_cluster, make_tiny, single_pro
             WorkerClient("plaintext", address, cluster.token, 3.0).health()
 
 
+@pytest.fixture
+def tiny_on_two_workers(ray_cluster, make_tiny, single_process):
+    """(path, greedy tokens of one process) for the Q4_K_M tiny model, with at least 2 worker nodes up."""
+    with_workers(ray_cluster, 2)
+    return make_tiny("Q4_K_M"), single_process["Q4_K_M"][0]
+
+
 def worker_pids(cluster: ExpertCluster) -> dict[str, int]:
     return {name: ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
             for name, actor in cluster.actors.items()}
@@ -158,11 +165,8 @@ def wait_for_rejoins(cluster: ExpertCluster, timeout_s: float = 90) -> None:
     assert cluster.failover.report() == {}, cluster.failover.report()
 
 
-def test_killing_every_worker_mid_generation_completes_from_the_head_then_they_rejoin(ray_cluster, make_tiny,
-                                                                                      single_process):
-    with_workers(ray_cluster, 2)
-    path = make_tiny("Q4_K_M")
-    expected = single_process["Q4_K_M"][0]
+def test_killing_every_worker_mid_generation_completes_from_the_head_then_they_rejoin(tiny_on_two_workers):
+    path, expected = tiny_on_two_workers
     with ExpertCluster(path, config(path), progress=False) as cluster:
         model = cluster.start()
         before = worker_pids(cluster)
@@ -185,10 +189,8 @@ def test_killing_every_worker_mid_generation_completes_from_the_head_then_they_r
         assert answered == set(before) | {"head"} and cluster.failover.fallback_pairs == fallback
 
 
-def test_with_a_replica_of_every_expert_a_kill_costs_no_fallback_to_the_head(ray_cluster, make_tiny, single_process):
-    with_workers(ray_cluster, 2)
-    path = make_tiny("Q4_K_M")
-    expected = single_process["Q4_K_M"][0]
+def test_with_a_replica_of_every_expert_a_kill_costs_no_fallback_to_the_head(tiny_on_two_workers):
+    path, expected = tiny_on_two_workers
     with ExpertCluster(path, config(path, replicas=1), progress=False) as cluster:
         model = cluster.start()
         assert cluster.placement.replica_count > 0
@@ -208,10 +210,8 @@ def copies_on_others(cluster: ExpertCluster, node: str) -> set[tuple[int, int]]:
             for layer, ids in per_layer.items() for e in ids}
 
 
-def test_a_worker_down_for_long_has_its_experts_taken_over_by_a_survivor(ray_cluster, make_tiny, single_process):
-    with_workers(ray_cluster, 2)
-    path = make_tiny("Q4_K_M")
-    expected = single_process["Q4_K_M"][0]
+def test_a_worker_down_for_long_has_its_experts_taken_over_by_a_survivor(tiny_on_two_workers):
+    path, expected = tiny_on_two_workers
     with ExpertCluster(path, config(path, respread_after_s=0), progress=False) as cluster:
         model = cluster.start()
         victim, pid = sorted(worker_pids(cluster).items())[0]
@@ -234,10 +234,8 @@ def test_a_worker_down_for_long_has_its_experts_taken_over_by_a_survivor(ray_clu
         assert run(model, expected)[0] == expected
 
 
-def test_a_worker_that_dies_during_bring_up_leaves_a_serving_correct_cluster(ray_cluster, make_tiny, single_process):
-    with_workers(ray_cluster, 2)
-    path = make_tiny("Q4_K_M")
-    expected = single_process["Q4_K_M"][0]
+def test_a_worker_that_dies_during_bring_up_leaves_a_serving_correct_cluster(tiny_on_two_workers):
+    path, expected = tiny_on_two_workers
     with ExpertCluster(path, config(path), progress=False) as cluster:
         started = {}
         bring_up = threading.Thread(target=lambda: started.setdefault("model", cluster.start()))
