@@ -234,17 +234,20 @@ class ExpertCluster:
         shard.grouped = self.repack == "all"
         return shard
 
-    def respawn(self, name: str) -> None:
-        """A worker whose actor is gone for good (its node died): start it again once a node with the same
-        address is back in the Ray cluster. While its old node lives, Ray restarts the actor itself."""
+    def respawn(self, name: str) -> bool:
+        """A worker whose node left the Ray cluster: start it again once a node with the same address is
+        back. While its node lives, Ray restarts the actor itself. True if a new actor was started."""
         node = self.workers[name]
         alive = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
         if node.ray_node_id in alive:
-            return
+            return False
         back = next((n for n in alive.values() if n["NodeManagerAddress"] == node.address), None)
-        if back is not None:
-            self.workers[name] = node = ClusterNode(node.name, back["NodeID"], node.address, node.budget)
-            self.actors[name] = self._spawn(node)
+        if back is None:
+            return False
+        ray.kill(self.actors[name])  # no more restarts on the node that is gone
+        self.workers[name] = node = ClusterNode(node.name, back["NodeID"], node.address, node.budget)
+        self.actors[name] = self._spawn(node)
+        return True
 
     def take_over(self, name: str, per_layer: dict[int, tuple[int, ...]]) -> None:
         """Have worker `name` load these experts (a lost worker's) beside its own, then compute them while

@@ -54,15 +54,17 @@ class WorkerRecovery:
             self._probes[node] = actor.progress.remote()
             return
         if not ray.wait([probe], timeout=0)[0]:
-            return  # restarting, stopped, or far away: ask again when it answers
+            # Restarting, stopped, or far away: ask again when it answers. But an actor whose node is gone
+            # never restarts: start it again where that node now is, if anywhere.
+            if self.cluster.respawn(node):
+                del self._probes[node]
+            return
         del self._probes[node]
         try:
             progress = ray.get(probe)
-        except ray.exceptions.ActorDiedError:
-            self.cluster.respawn(node)  # its node went away: start it again where that node now is, if anywhere
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError):
+            self.cluster.respawn(node)  # died while answering: Ray restarts it, unless its node is gone
             return
-        except ray.exceptions.RayActorError:
-            return  # died while answering; Ray restarts it
         if progress["error"]:
             return
         if not progress["ready"]:

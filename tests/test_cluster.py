@@ -234,6 +234,20 @@ def test_a_worker_down_for_long_has_its_experts_taken_over_by_a_survivor(tiny_on
         assert run(model, expected)[0] == expected
 
 
+def test_a_worker_whose_node_is_lost_is_started_again_on_a_node_at_its_address(tiny_on_two_workers, ray_cluster):
+    path, expected = tiny_on_two_workers
+    with ExpertCluster(path, config(path), progress=False) as cluster:
+        model = cluster.start()
+        victim = sorted(cluster.actors)[0]
+        lost_id = cluster.workers[victim].ray_node_id
+        ray_cluster.remove_node(next(n for n in ray_cluster.worker_nodes if n.node_id == lost_id))
+        assert run(model, expected)[0] == expected
+        with_workers(ray_cluster, 2)  # the machine's Ray comes back (on this machine every node is 127.0.0.1)
+        wait_for_rejoins(cluster)
+        assert cluster.workers[victim].ray_node_id != lost_id
+        assert run(model, expected)[0] == expected
+
+
 def test_a_worker_that_dies_during_bring_up_leaves_a_serving_correct_cluster(tiny_on_two_workers):
     path, expected = tiny_on_two_workers
     with ExpertCluster(path, config(path), progress=False) as cluster:
