@@ -7,6 +7,7 @@ Nodes and budgets come from the cluster config, or from what Ray reports about e
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import shutil
@@ -165,7 +166,7 @@ class ExpertCluster:
 
     def start(self) -> KimiModel:
         nodes = self.nodes()
-        self.placement = self.plan(nodes)  # refuses an oversized pool before anything loads
+        self.placement = self.planned = self.plan(nodes)  # refuses an oversized pool before anything loads
         runner = GgmlRunner(self.config.threads)
         workers = [n for n in nodes if not n.budget.is_head and self.placement.experts.get(n.name)]
         self.workers = {n.name: n for n in workers}
@@ -266,6 +267,17 @@ class ExpertCluster:
         self.remote.add_copies(index, owned)
         nbytes = {name: self.model_file.routed_expert_bytes(owned)}
         self.placement = with_copies(self.placement, {name: per_layer}, nbytes)
+
+    def forget_copies_of(self, name: str) -> None:
+        """A worker that rejoins holds its planned experts and replicas only (copies taken over since were
+        lost with its old process, or are dropped with it)."""
+        replicas = dict(self.placement.replicas)
+        replica_bytes = dict(self.placement.replica_bytes)
+        for source, target in ((self.planned.replicas, replicas), (self.planned.replica_bytes, replica_bytes)):
+            target.pop(name, None)
+            if name in source:
+                target[name] = source[name]
+        self.placement = dataclasses.replace(self.placement, replicas=replicas, replica_bytes=replica_bytes)
 
     def streams_to(self, name: str) -> bool:
         """Whether the head sends this node its experts (it has no copy of the file)."""

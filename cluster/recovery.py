@@ -77,6 +77,8 @@ class WorkerRecovery:
             client.close()
             return
         self.remote.rejoin(index, client)
+        self.cluster.forget_copies_of(node)
+        self._respread.discard(node)  # should it fail again, what covers it then is worked out anew
 
     def _respread_if_due(self, index: int) -> None:
         node = self.remote.workers[index].node

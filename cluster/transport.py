@@ -429,9 +429,6 @@ class RemoteExperts:
             for layer, mask in self._masks(per_layer).items():
                 masks[layer] = masks[layer] | mask if layer in masks else mask
 
-    def copies_of(self, index: int) -> dict[int, np.ndarray]:
-        return dict(self._copies.get(index, {}))
-
     def _masks(self, per_layer: Mapping[int, Sequence[int]]) -> dict[int, np.ndarray]:
         masks = {}
         for layer, experts in per_layer.items():
