@@ -8,6 +8,9 @@ import socket
 import pytest
 
 from cluster import cli
+from cluster.placement import GiB, Inventory
+from runtime.config import ModelConfig
+from runtime.gguf_file import GGUFModelFile
 
 REQUIRED = {"generate": ["m.gguf", "--prompt", "hi"], "serve": ["m.gguf"], "chat": [], "plan": ["m.gguf"],
             "inspect": ["m.gguf"], "make-model": ["out.gguf"], "demo": []}
@@ -90,3 +93,21 @@ def test_deterministic_refuses_an_interleaved_head(capsys):
         cli.main(["serve", "m.gguf", "--deterministic", "--repack", "all"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "--deterministic" in err and "--repack all" in err
+
+
+def test_plan_shows_replicas_and_refuses_ones_that_do_not_fit(make_tiny, capsys):
+    path = str(make_tiny("Q4_K_M"))
+    assert cli.main(["plan", path, "--workers", "2", "--replicas", "1"]) in (0, None)
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("node"))
+    assert "replicas" in header and "second copies of workers' experts" in out
+    # Every node gets room for its own third of the experts and a little more: not for a copy of every expert.
+    model_file = GGUFModelFile(path)
+    inventory = Inventory.from_model(model_file, ModelConfig.from_metadata(model_file.metadata), cli.DEFAULT_CONTEXT,
+                                     cli.DEFAULT_MAX_SEQUENCES)
+    share_gb = 1.2 * inventory.total_expert_bytes / 3 / GiB
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["plan", path, "--workers", "2", "--replicas", "1", "--reserve-gb", "0", "--worker-memory",
+                  str(share_gb), "--head-memory", str(share_gb + inventory.head_bytes / GiB)])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 1 and "replicas: 1" in out and "replicas: auto" in out
