@@ -143,7 +143,7 @@ def _generate(args, params, model, tokenizer, context: int) -> None:
 def cmd_plan(args) -> None:
     """Print where every expert would live, and whether the pool is big enough, without loading anything."""
     from cluster.head import ExpertCluster, local_budgets
-    from cluster.placement import PlacementError, plan
+    from cluster.placement import PlacementError
     config = _cluster_config(args)
     if config is None:
         raise ValueError("give --config FILE (your machines) or --workers N (processes on this machine)")
@@ -156,7 +156,7 @@ def cmd_plan(args) -> None:
         with cluster:
             budgets = [n.budget for n in cluster.nodes()]
     try:
-        placement = plan(cluster.inventory(), budgets, config.reserve_bytes, config.allow_disk, config.replicas)
+        placement = cluster.plan(budgets)
     except PlacementError as e:
         print(e)
         sys.exit(1)

@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -23,7 +24,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
-from cluster import shard_transfer
+from cluster import routing_counts, shard_transfer
 from cluster.config import ClusterConfig
 from cluster.failover import FailoverState, HeadFallback
 from cluster.placement import GiB, Inventory, NodeBudget, Placement, plan, with_copies
@@ -110,6 +111,8 @@ def owner_arrays(placement: Placement, worker_names: list[str], num_experts: int
 class ExpertCluster:
     """A running cluster for one model: `start()` returns a KimiModel whose experts live on the nodes."""
 
+    routing_dir = routing_counts.DEFAULT_DIR  # where routing counts are kept between runs
+
     def __init__(self, model_path: str | Path, config: ClusterConfig, local_workers: int = 0,
                  worker_memory_gb: float | None = None, head_memory_gb: float | None = None,
                  streamed_nodes: frozenset[str] = frozenset(), repack: str = "head",
@@ -160,13 +163,15 @@ class ExpertCluster:
                                                    self.config.max_sequences)
         return self._inventory
 
-    def plan(self, nodes: list[ClusterNode]) -> Placement:
-        return plan(self.inventory(), [n.budget for n in nodes], self.config.reserve_bytes, self.config.allow_disk,
-                    self.config.replicas)
+    def plan(self, budgets: list[NodeBudget]) -> Placement:
+        """Where every expert goes (replicas of the most routed first, by the counts of earlier runs)."""
+        inventory = self.inventory()
+        heat = routing_counts.load(self.model_file, inventory.expert_bytes.shape, self.routing_dir)
+        return plan(inventory, budgets, self.config.reserve_bytes, self.config.allow_disk, self.config.replicas, heat)
 
     def start(self) -> KimiModel:
         nodes = self.nodes()
-        self.placement = self.planned = self.plan(nodes)  # refuses an oversized pool before anything loads
+        self.placement = self.planned = self.plan([n.budget for n in nodes])  # refuses an oversized pool before anything loads
         runner = GgmlRunner(self.config.threads)
         workers = [n for n in nodes if not n.budget.is_head and self.placement.experts.get(n.name)]
         self.workers = {n.name: n for n in workers}
@@ -365,6 +370,10 @@ class ExpertCluster:
         if self.recovery is not None:
             self.recovery.stop()
         if self.remote is not None:
+            try:
+                routing_counts.add(self.model_file, self.remote.routed, self.routing_dir)
+            except OSError as e:  # only a hint for the next plan: say so, and close anyway
+                print(f"kimi-cluster: could not keep the routing counts in {self.routing_dir}: {e}", file=sys.stderr)
             self.remote.close()
         for actor in self.actors.values():
             ray.kill(actor)

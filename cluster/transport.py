@@ -373,6 +373,9 @@ class RemoteExperts:
         self._in_flight = False  # a layer is between start() and its result
         self._layer_lock = threading.Lock()
         self._step = 0
+        # [num_layers, num_experts] (token, expert) pairs routed so far, for replicas: auto (routing_counts.py)
+        self.routed = np.zeros((max(self.owners, default=-1) + 1, max((len(o) for o in self.owners.values()), default=0)),
+                               np.int64)
         # Called as observer(node, pairs, round_trip_seconds) for every share of every layer; the head's own
         # share has no round trip (None). Metrics and benchmarks listen here.
         self.observers: list[Callable[[str, int, float | None], None]] = []
@@ -383,6 +386,7 @@ class RemoteExperts:
             self._take_back_returning()
             self._in_flight = True
         self._step += 1
+        self.routed[layer] += np.bincount(ids.ravel(), minlength=self.routed.shape[1])
         step, owner = self._step, self.owners[layer][ids]  # [T, k]
         shares = [share for index in range(len(self.workers))
                   if (share := self._share(index, ids, weights, owner == index)) is not None]

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 
+from cluster import routing_counts
 from cluster.failover import FailoverState, HeadFallback
 from cluster.transport import RemoteExperts, SharesLost
 from runtime.experts import ExpertShard
@@ -111,3 +112,20 @@ def test_without_any_holder_the_step_fails_naming_the_node(model_file, start_wor
     workers[1].server.stop(grace=None)
     with pytest.raises(SharesLost, match=r"layer 1 have no holder left .*down: w1 \("):
         steps(remote, 1)
+
+
+def test_routing_counts_are_kept_across_runs_for_replicas_auto(model_file, start_worker, tmp_path):
+    remote, _ = cluster(model_file, start_worker, False)
+    outputs = steps(remote, 3, num_tokens=5)
+    assert len(outputs) == 6 and remote.routed.sum() == 3 * len(LAYERS) * 5 * 4  # steps x layers x tokens x k
+    expected = np.zeros_like(remote.routed)
+    for step in range(3):
+        ids = routing(5, seed=step)[1]
+        for layer in LAYERS:
+            np.add.at(expected[layer], ids.ravel(), 1)
+    assert np.array_equal(remote.routed, expected)
+    assert routing_counts.load(model_file, remote.routed.shape, tmp_path) is None
+    routing_counts.add(model_file, remote.routed, tmp_path)
+    routing_counts.add(model_file, remote.routed, tmp_path)
+    assert np.array_equal(routing_counts.load(model_file, remote.routed.shape, tmp_path), 2 * expected)
+    assert routing_counts.load(model_file, (1, 2), tmp_path) is None  # another model's shape: not used
