@@ -17,7 +17,7 @@ import time
 import ray
 
 from cluster.placement import respread
-from cluster.transport import RemoteExperts, WorkerClient
+from cluster.transport import RemoteExperts, WorkerClient, WorkerFailed
 
 CHECK_INTERVAL_S = 0.5
 
@@ -35,6 +35,10 @@ class WorkerRecovery:
 
     def _run(self) -> None:
         while not self._stop.wait(CHECK_INTERVAL_S):
+            try:
+                self._mark_lost_nodes()
+            except Exception as e:  # noqa: BLE001 - Ray's view is a hint; requests still find dead workers
+                self.cluster.recovery_error = f"{type(e).__name__}: {e}"
             for index in sorted(self.remote.down):
                 if self.remote.rejoining(index):
                     continue
@@ -45,6 +49,13 @@ class WorkerRecovery:
                     self.remote.state.loading.discard(self.remote.workers[index].node)
                     self._probes.pop(self.remote.workers[index].node, None)
                     self.cluster.recovery_error = f"{type(e).__name__}: {e}"
+
+    def _mark_lost_nodes(self) -> None:
+        """Workers on nodes Ray reports dead are down now, before a request waits out its deadline on them."""
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        for index, client in enumerate(self.remote.workers):
+            if index not in self.remote.down and self.cluster.workers[client.node].ray_node_id not in alive:
+                self.remote.mark_down(index, WorkerFailed(client.node, "Ray reports its node dead"))
 
     def _check(self, index: int) -> None:
         node = self.remote.workers[index].node

@@ -364,7 +364,8 @@ class RemoteExperts:
         self.workers, self.local, self.fallback = list(workers), local, fallback
         self.dtype = WIRE_DTYPES[wire_dtype]
         self.state = state or FailoverState()
-        self.down: set[int] = set()  # indices of workers whose shares others compute
+        self.down: frozenset[int] = frozenset()  # indices of workers whose shares others compute
+        self._down_lock = threading.Lock()
         # worker index -> layer -> [num_experts] bool: the copies of other workers' experts it holds, as
         # planned (replicas) and as taken over since (add_copies)
         self._planned_copies = {index: self._masks(per_layer) for index, per_layer in (replicas or {}).items()}
@@ -448,7 +449,8 @@ class RemoteExperts:
         for index, client in returning.items():
             self.workers[index].close()
             self.workers[index] = client
-            self.down.discard(index)
+            with self._down_lock:
+                self.down = self.down - {index}
             # A restarted process holds what it was planned to; copies taken over since were lost with the old one.
             self._copies[index] = dict(self._planned_copies.get(index, {}))
             if self.fallback is not None:
@@ -456,11 +458,14 @@ class RemoteExperts:
             self.state.rejoined(client.node)
 
     def mark_down(self, index: int, error: WorkerFailed) -> None:
-        """From now on the worker's share is computed by others, until it rejoins."""
-        if index not in self.down:
-            self.down.add(index)
-            self.workers[index].close()
-            self.state.failed(self.workers[index].node, str(error))
+        """From now on the worker's share is computed by others, until it rejoins (any thread: a wait on
+        it in flight ends with the closed connection and is covered like any failure)."""
+        with self._down_lock:
+            if index in self.down:
+                return
+            self.down = self.down | {index}  # replaced, not changed: readers may hold the old set
+        self.workers[index].close()
+        self.state.failed(self.workers[index].node, str(error))
 
     # ---- one share ----
 

@@ -241,6 +241,10 @@ def test_a_worker_whose_node_is_lost_is_started_again_on_a_node_at_its_address(t
         victim = sorted(cluster.actors)[0]
         lost_id = cluster.workers[victim].ray_node_id
         ray_cluster.remove_node(next(n for n in ray_cluster.worker_nodes if n.node_id == lost_id))
+        deadline = time.monotonic() + 30  # Ray's word is enough: no request has to wait out a deadline first
+        while victim not in cluster.failover.report() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "Ray reports its node dead" in cluster.failover.report()[victim]["reason"]
         assert run(model, expected)[0] == expected
         with_workers(ray_cluster, 2)  # the machine's Ray comes back (on this machine every node is 127.0.0.1)
         wait_for_rejoins(cluster)
