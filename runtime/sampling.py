@@ -91,20 +91,14 @@ class Sampler:
             order = largest(values, p.top_k)
             ids, values = ids[order], values[order]
         if p.top_p < 1:
-            # like llama.cpp, look at the 256 most likely tokens first and sort everything only if they fall short
-            order = largest(values, 256)
-            probs = _softmax(values)
-            if probs[order].sum() < p.top_p:
-                order = largest(values, values.size)
-            # keep the shortest prefix whose mass reaches top_p (always at least one token)
-            num_kept = int(np.searchsorted(np.cumsum(probs[order]), p.top_p, side="left")) + 1
-            order = order[:num_kept]
-            ids, values = ids[order], values[order]
+            kept = nucleus(values, p.top_p)
+            ids, values = ids[kept], values[kept]
         if p.min_p > 0:
             # p_i >= min_p * p_max  <=>  logit_i >= max_logit + log(min_p)
             keep = values >= values.max() + np.float32(math.log(p.min_p))
             ids, values = ids[keep], values[keep]
-        return int(ids[self._draw(_softmax(values / np.float32(p.temperature)))])
+        by_id = np.argsort(ids, kind="stable")  # draw in token order, whichever filters ran
+        return int(ids[by_id][self._draw(_softmax(values[by_id] / np.float32(p.temperature)))])
 
     def _penalize(self, logits: np.ndarray, previous_tokens: Sequence[int]) -> np.ndarray:
         tokens = np.asarray(previous_tokens, dtype=np.int64).reshape(-1)
@@ -139,6 +133,34 @@ def largest(values: np.ndarray, n: int) -> np.ndarray:
     else:
         candidates = np.arange(values.size)
     return candidates[np.argsort(-values[candidates], kind="stable")[:n]]
+
+
+NUCLEUS_BUCKETS = 4096
+
+
+def nucleus(values: np.ndarray, top_p: float) -> np.ndarray:
+    """Indices of the shortest run of most likely tokens (lower index first among equal values) whose
+    probability reaches top_p; always at least one.
+
+    Like llama.cpp, the 256 most likely tokens are looked at first. When they fall short (a flat
+    distribution over a 163,840-token vocabulary), the tokens are bucketed by logit instead of sorted:
+    only the bucket where the mass reaches top_p is sorted."""
+    probs = _softmax(values)
+    order = largest(values, 256)
+    if probs[order].sum() >= top_p or order.size == values.size:
+        return order[:int(np.searchsorted(np.cumsum(probs[order]), top_p, side="left")) + 1]
+    low = values[values > -np.inf].min()  # -inf logits (probability 0) go to the lowest bucket
+    span = values.max() - low
+    scale = NUCLEUS_BUCKETS / span if span > 0 else 0.0
+    buckets = np.minimum((np.maximum(values - low, 0) * scale).astype(np.int64), NUCLEUS_BUCKETS - 1)
+    mass_above = np.cumsum(np.bincount(buckets, weights=probs, minlength=NUCLEUS_BUCKETS)[::-1])[::-1]
+    # the highest bucket whose mass together with all above it reaches top_p
+    boundary = int(np.flatnonzero(mass_above >= top_p).max(initial=0))
+    above = mass_above[boundary + 1] if boundary + 1 < NUCLEUS_BUCKETS else 0.0
+    inside = np.flatnonzero(buckets == boundary)
+    inside = inside[np.lexsort((inside, -values[inside]))]
+    count = int(np.searchsorted(above + np.cumsum(probs[inside]), top_p, side="left")) + 1
+    return np.concatenate([np.flatnonzero(buckets > boundary), inside[:count]])
 
 
 def _softmax(values: np.ndarray) -> np.ndarray:

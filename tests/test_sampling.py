@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.sampling import Sampler, SamplingParams
+from runtime.sampling import Sampler, SamplingParams, nucleus
 
 logit_vectors = st.lists(st.floats(-20, 20, width=32), min_size=1, max_size=64).map(
     lambda values: np.array(values, np.float32))
@@ -122,3 +122,30 @@ def test_invalid_inputs_raise():
         sampler.sample(np.array([0.0, np.nan], np.float32), [])
     with pytest.raises(ValueError, match="-inf"):
         Sampler(SamplingParams(temperature=1.0)).sample(np.full(3, -np.inf, np.float32), [])
+
+
+def reference_nucleus(values: np.ndarray, top_p: float) -> set[int]:
+    """The definition, by a full sort: the shortest prefix (most likely first, lower id first on ties)
+    whose probability reaches top_p."""
+    order = np.lexsort((np.arange(values.size), -values))
+    mass = np.cumsum(_probs(values)[order])
+    return set(order[:int(np.searchsorted(mass, top_p, side="left")) + 1].tolist())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(-8, 8, width=32), min_size=300, max_size=3000), st.floats(0.05, 0.999),
+       st.sampled_from([1, 10, 1000]))
+def test_the_bucketed_nucleus_is_the_sorted_one(values, top_p, distinct):
+    values = np.round(np.array(values, np.float32) * distinct) / distinct  # coarse values: many ties
+    got, expected = set(nucleus(values, top_p).tolist()), reference_nucleus(values, top_p)
+    if got != expected:  # only where the running mass meets top_p within float summation order
+        probs = _probs(values)
+        assert abs(min(probs[list(got)].sum(), probs[list(expected)].sum()) - top_p) < 1e-9
+
+
+def test_recommended_kimi_sampling_over_the_real_vocabulary_stays_in_its_nucleus():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal(163_840).astype(np.float32)
+    sampler = Sampler(SamplingParams(temperature=0.6, top_p=0.95, min_p=0.01, seed=1))
+    allowed = reference_nucleus(logits, 0.95) & set(np.flatnonzero(_probs(logits) >= 0.01 * _probs(logits).max()))
+    assert all(sampler.sample(logits, []) in allowed for _ in range(20))
