@@ -86,19 +86,22 @@ class Sampler:
         if p.temperature == 0:
             return int(np.argmax(logits))  # first index on ties
 
-        ids, values = np.arange(logits.size), logits
+        # Candidates stay in token order (ids None: every token), so the draw does not depend on which
+        # filters ran.
+        ids, values = None, logits
         if p.top_k:
-            order = largest(values, p.top_k)
-            ids, values = ids[order], values[order]
-        if p.top_p < 1:
-            kept = nucleus(values, p.top_p)
-            ids, values = ids[kept], values[kept]
-        if p.min_p > 0:
+            ids = np.sort(largest(values, p.top_k))
+            values = values[ids]
+        kept = nucleus(values, p.top_p) if p.top_p < 1 else None
+        if p.min_p > 0:  # after top-p, which never drops the most likely token, so the same max
             # p_i >= min_p * p_max  <=>  logit_i >= max_logit + log(min_p)
-            keep = values >= values.max() + np.float32(math.log(p.min_p))
-            ids, values = ids[keep], values[keep]
-        by_id = np.argsort(ids, kind="stable")  # draw in token order, whichever filters ran
-        return int(ids[by_id][self._draw(_softmax(values[by_id] / np.float32(p.temperature)))])
+            near_top = values >= values.max() + np.float32(math.log(p.min_p))
+            kept = near_top if kept is None else kept & near_top
+        if kept is not None:
+            chosen = np.flatnonzero(kept)
+            ids, values = (chosen if ids is None else ids[chosen]), values[chosen]
+        drawn = self._draw(_weights(values / np.float32(p.temperature)))
+        return drawn if ids is None else int(ids[drawn])
 
     def _penalize(self, logits: np.ndarray, previous_tokens: Sequence[int]) -> np.ndarray:
         tokens = np.asarray(previous_tokens, dtype=np.int64).reshape(-1)
@@ -117,12 +120,18 @@ class Sampler:
         logits[seen] = values
         return logits
 
-    def _draw(self, probs: np.ndarray) -> int:
-        """Index i with probability probs[i]; one uniform draw per call, as llama.cpp's dist sampler."""
-        cumulative = np.cumsum(probs)
-        target = self._rng.random() * cumulative[-1]
-        # side="right" never lands on a zero-probability entry
-        return min(int(np.searchsorted(cumulative, target, side="right")), probs.size - 1)
+    def _draw(self, weights: np.ndarray) -> int:
+        """Index i with probability weights[i] / their sum; one uniform draw per call, as llama.cpp's dist
+        sampler. The running sum is taken over blocks first, then inside the one block the draw falls in
+        (a running sum over 163,840 entries costs more than the rest of sampling)."""
+        starts = np.arange(0, weights.size, DRAW_BLOCK)
+        block_sums = np.cumsum(np.add.reduceat(weights, starts, dtype=np.float64))
+        target = self._rng.random() * block_sums[-1]
+        # side="right" never lands on a zero-weight entry
+        block = min(int(np.searchsorted(block_sums, target, side="right")), starts.size - 1)
+        before = block_sums[block - 1] if block else 0.0
+        inside = before + np.cumsum(weights[starts[block]: starts[block] + DRAW_BLOCK], dtype=np.float64)
+        return min(int(starts[block] + np.searchsorted(inside, target, side="right")), weights.size - 1)
 
 
 def largest(values: np.ndarray, n: int) -> np.ndarray:
@@ -136,37 +145,46 @@ def largest(values: np.ndarray, n: int) -> np.ndarray:
 
 
 NUCLEUS_BUCKETS = 4096
+DRAW_BLOCK = 1024
 
 
 def nucleus(values: np.ndarray, top_p: float) -> np.ndarray:
-    """Indices of the shortest run of most likely tokens (lower index first among equal values) whose
+    """Boolean mask of the shortest run of most likely tokens (lower index first among equal values) whose
     probability reaches top_p; always at least one.
 
     Like llama.cpp, the 256 most likely tokens are looked at first. When they fall short (a flat
     distribution over a 163,840-token vocabulary), the tokens are bucketed by logit instead of sorted:
     only the bucket where the mass reaches top_p is sorted."""
-    probs = _softmax(values)
+    weights = _weights(values)
+    needed = top_p * weights.sum(dtype=np.float64)  # probabilities without dividing every weight
     order = largest(values, 256)
-    if probs[order].sum() >= top_p or order.size == values.size:
-        return order[:int(np.searchsorted(np.cumsum(probs[order]), top_p, side="left")) + 1]
-    low = values[values > -np.inf].min()  # -inf logits (probability 0) go to the lowest bucket
+    if weights[order].sum(dtype=np.float64) >= needed or order.size == values.size:
+        kept = np.zeros(values.size, bool)
+        kept[order[:int(np.searchsorted(np.cumsum(weights[order], dtype=np.float64), needed, side="left")) + 1]] = True
+        return kept
+    low = values.min()
+    if low == -np.inf:  # -inf logits (weight 0) go to the lowest bucket
+        low = values[values > -np.inf].min()
+        values = np.maximum(values, low)
     span = values.max() - low
-    scale = NUCLEUS_BUCKETS / span if span > 0 else 0.0
-    buckets = np.minimum((np.maximum(values - low, 0) * scale).astype(np.int64), NUCLEUS_BUCKETS - 1)
-    mass_above = np.cumsum(np.bincount(buckets, weights=probs, minlength=NUCLEUS_BUCKETS)[::-1])[::-1]
+    scale = np.float32(NUCLEUS_BUCKETS / span if span > 0 else 0.0)
+    buckets = np.minimum(((values - low) * scale).astype(np.int32), NUCLEUS_BUCKETS - 1)
+    mass_above = np.cumsum(np.bincount(buckets, weights=weights, minlength=NUCLEUS_BUCKETS)[::-1])[::-1]
     # the highest bucket whose mass together with all above it reaches top_p
-    boundary = int(np.flatnonzero(mass_above >= top_p).max(initial=0))
+    boundary = int(np.flatnonzero(mass_above >= needed).max(initial=0))
     above = mass_above[boundary + 1] if boundary + 1 < NUCLEUS_BUCKETS else 0.0
     inside = np.flatnonzero(buckets == boundary)
     inside = inside[np.lexsort((inside, -values[inside]))]
-    count = int(np.searchsorted(above + np.cumsum(probs[inside]), top_p, side="left")) + 1
-    return np.concatenate([np.flatnonzero(buckets > boundary), inside[:count]])
+    count = int(np.searchsorted(above + np.cumsum(weights[inside], dtype=np.float64), needed, side="left")) + 1
+    kept = buckets > boundary
+    kept[inside[:count]] = True
+    return kept
 
 
-def _softmax(values: np.ndarray) -> np.ndarray:
-    """float64 probabilities; -inf logits get 0."""
+def _weights(values: np.ndarray) -> np.ndarray:
+    """exp(value - max) in float32, as llama.cpp's samplers compute them (float64 exp costs ten times as
+    much here); -inf logits get 0."""
     top = values.max()
     if top == -np.inf:
         raise ValueError("every candidate logit is -inf; nothing can be sampled")
-    weights = np.exp(values.astype(np.float64) - top)
-    return weights / weights.sum()
+    return np.exp(values - top, dtype=np.float32)
