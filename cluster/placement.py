@@ -259,7 +259,8 @@ def _place_copies(inventory: Inventory, layers: np.ndarray, experts: np.ndarray,
 
 def respread(placement: Placement, inventory: Inventory, lost: str, up: list[str]) -> tuple[dict, dict]:
     """Where a lost node's experts go while it is away: copies on the `up` nodes (workers that answer) in
-    the room left after their own share and copies, each layer's part whole on one node where it fits.
+    the room left after their own share and copies (with allow_disk, where experts are paged from disk,
+    an even part each), each layer's part whole on one node where it fits.
     Experts with a copy on an up node or on the head need none; what fits nowhere stays with the head's
     fallback. Returns (copies, their bytes) per node, to add to placement.replicas."""
     covered = {(layer, e) for node in [*up, placement.head_node]
@@ -270,6 +271,10 @@ def respread(placement: Placement, inventory: Inventory, lost: str, up: list[str
     spare = [0] + [placement.budgets[n] - placement.bytes_per_node[n] - placement.replica_bytes.get(n, 0) for n in up]
     layers = np.array([layer for layer, _ in pairs], np.int64)
     experts = np.array([e for _, e in pairs], np.int64)
+    if placement.disk_backed and up:  # experts are paged from disk anyway: room on disk, shared evenly
+        sizes = inventory.expert_bytes[layers, experts]
+        even = int(sizes.sum()) // len(up) + int(sizes.max(initial=0))
+        spare = [0] + [max(room, even) for room in spare[1:]]
     return _place_copies(inventory, layers, experts, np.zeros(len(pairs), np.int64), names, spare, strict=False)
 
 

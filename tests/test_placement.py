@@ -315,3 +315,15 @@ def test_a_lost_workers_experts_are_respread_to_survivors_with_room_unless_copie
     room = grown.budgets["dione"] - grown.bytes_per_node["dione"]
     assert set(copies) == {"dione"} and 0 < copy_bytes["dione"] <= room
     assert copy_bytes["dione"] < grown.bytes_per_node["cirrus"]
+
+
+def test_with_allow_disk_a_lost_workers_experts_are_shared_out_on_disk():
+    inventory = uniform_inventory()  # 4 GiB of experts over nodes with 2 GiB for them in all: paged from disk
+    nodes = [NodeBudget("atlas", 11 * GiB, is_head=True), NodeBudget("borealis", 1536 * 2**20),
+             NodeBudget("cirrus", 1536 * 2**20), NodeBudget("dione", 1536 * 2**20)]
+    placement = plan(inventory, nodes, reserve_bytes=GiB, allow_disk=True)
+    assert placement.disk_backed
+    copies, copy_bytes = respread(placement, inventory, "borealis", ["cirrus", "dione"])
+    assert set(copies) == {"cirrus", "dione"}
+    assert sum(copy_bytes.values()) == placement.bytes_per_node["borealis"]
+    assert max(copy_bytes.values()) - min(copy_bytes.values()) <= 2 * int(inventory.expert_bytes.max())
