@@ -26,12 +26,12 @@ PROMPTS = [f"Request {i}: tell me about {topic}" for i, topic in
            enumerate(["memory", "experts", "routers", "caches", "GPUs", "Ray", "gRPC", "YaRN"] * 2)]
 
 
-def start_server(model, tokenizer, api_key=KEY, access_log=None, **engine_options) -> SimpleNamespace:
-    service = Service("tiny", tokenizer, CONTEXT, api_key=api_key, access_log=access_log)
+def start_server(model, tokenizer, api_key=KEY, access_log=None, context=CONTEXT, **engine_options) -> SimpleNamespace:
+    service = Service("tiny", tokenizer, context, api_key=api_key, access_log=access_log)
     api = ApiServer(service, "127.0.0.1", 0)
     url = f"http://127.0.0.1:{api.start()}"
     if model is not None:
-        service.ready(Engine(model, CONTEXT, **engine_options))
+        service.ready(Engine(model, context, **engine_options))
     return SimpleNamespace(url=url, service=service, api=api, model=model, tokenizer=tokenizer)
 
 
@@ -213,21 +213,27 @@ def test_unknown_parameters_are_ignored(server):
     assert response.status_code == 200 and response.json()["choices"][0]["finish_reason"] == "length"
 
 
-def test_a_client_that_goes_away_frees_its_sequence(server):
-    engine = server.service.engine
-    with httpx.stream("POST", f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
-                      json={**GOOD, "max_tokens": 200, "stream": True}, timeout=60) as response:
-        lines = response.iter_lines()
-        assert next(lines).startswith("data: ")
-        assert engine.running
-        assert metric_values(server)["kimi_running_sequences"] >= 1
-    deadline = time.monotonic() + 5
-    while engine.running and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not engine.running and not engine.waiting
-    # The gauges are read at the scrape: no step need run after the sequence left for them to say so.
-    assert httpx.get(f"{server.url}/health").json()["running"] == 0
-    assert metric_values(server)["kimi_running_sequences"] == 0
+def test_a_client_that_goes_away_frees_its_sequence(parts):
+    # A context long enough that the sequence cannot finish by itself while the test looks at it (200
+    # tokens of the tiny model took less than one scrape once, with the engine's thread holding the GIL).
+    server = start_server(*parts, context=4096)
+    try:
+        engine = server.service.engine
+        with httpx.stream("POST", f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                          json={**GOOD, "max_tokens": 4000, "stream": True}, timeout=60) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            assert engine.running
+            assert metric_values(server)["kimi_running_sequences"] >= 1
+        deadline = time.monotonic() + 5
+        while engine.running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not engine.running and not engine.waiting
+        # The gauges are read at the scrape: no step need run after the sequence left for them to say so.
+        assert httpx.get(f"{server.url}/health").json()["running"] == 0
+        assert metric_values(server)["kimi_running_sequences"] == 0
+    finally:
+        stop_server(server)
 
 
 def test_a_full_queue_answers_503_and_serves_again(parts):
