@@ -77,8 +77,8 @@ def _repack_that_fits(repack: str, model_file, available_bytes: int | None = Non
         return repack
     expert_bytes = model_file.routed_expert_bytes()
     if available_bytes is None:
-        with open("/proc/meminfo") as meminfo:
-            available_bytes = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+        from cluster.failover import available_memory_bytes
+        available_bytes = available_memory_bytes()
     if expert_bytes <= 0.9 * available_bytes:
         return repack
     fallback = {"experts": "none", "all": "head"}[repack]

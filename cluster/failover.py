@@ -23,6 +23,7 @@ MEMORY_USE_FOR_COPIES = 0.8  # of the head's available memory, for interleaved c
 
 
 def available_memory_bytes() -> int:
+    """What this machine can still give without swapping (MemAvailable)."""
     with open("/proc/meminfo") as meminfo:
         return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
 

@@ -260,8 +260,7 @@ class ExpertCluster:
         their worker is down: from its copy of the file, or streamed from the head."""
         owned = {int(layer): list(ids) for layer, ids in per_layer.items()}
         if self.streams_to(name):
-            client = WorkerClient(name, self._get(name, self.actors[name].address.remote()), self.token,
-                                  self.config.deadline_s, self.tls())
+            client = self.connect(name)
             try:
                 self.stream_shard(client, owned)
             finally:
@@ -284,6 +283,11 @@ class ExpertCluster:
                 target[name] = source[name]
         self.placement = dataclasses.replace(self.placement, replicas=replicas, replica_bytes=replica_bytes)
 
+    def connect(self, name: str, address: str | None = None) -> WorkerClient:
+        """A Forward stream to worker `name`, at `address` or where its actor says it listens now."""
+        address = address or self._get(name, self.actors[name].address.remote())
+        return WorkerClient(name, address, self.token, self.config.deadline_s, self.tls())
+
     def streams_to(self, name: str) -> bool:
         """Whether the head sends this node its experts (it has no copy of the file)."""
         return self._model_path_on(self.workers[name]) is None
@@ -301,8 +305,7 @@ class ExpertCluster:
                 addresses[node.name] = self._get(node.name, self.actors[node.name].address.remote())
             except WorkerDied as e:
                 died[node.name], addresses[node.name] = str(e), "unknown"
-        clients = [WorkerClient(n.name, addresses[n.name], self.token, self.config.deadline_s, self.tls())
-                   for n in workers]
+        clients = [self.connect(n.name, addresses[n.name]) for n in workers]
         streams = [threading.Thread(target=self._stream_at_bring_up, args=(client,), daemon=True)
                    for client in clients if self.streams_to(client.node) and client.node not in died]
         for thread in streams:

@@ -70,7 +70,6 @@ class _FailoverCollector:
                                   "the head computed from its own mapping of the file", value=self.state.fallback_pairs)
         yield CounterMetricFamily("kimi_replica_expert_activations", "(token, expert) pairs of down workers computed "
                                   "from replicas", value=self.state.replica_pairs)
-        down = GaugeMetricFamily("kimi_workers_down", "Workers down now", value=len(self.state.down))
-        yield down
+        yield GaugeMetricFamily("kimi_workers_down", "Workers down now", value=len(self.state.down))
         yield GaugeMetricFamily("kimi_expert_replicas", "Second copies of (layer, expert) placed on other nodes",
                                 value=self.replicas)

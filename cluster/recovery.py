@@ -80,10 +80,9 @@ class WorkerRecovery:
             return
         if not progress["ready"]:
             self.remote.state.loading.add(node)
-            self._stream_if_needed(node, actor)
+            self._stream_if_needed(node)
             return
-        client = WorkerClient(node, ray.get(actor.address.remote(), timeout=30), self.cluster.token,
-                              self.cluster.config.deadline_s, self.cluster.tls())
+        client = self.cluster.connect(node)
         if client.state() != "ok":
             client.close()
             return
@@ -114,13 +113,12 @@ class WorkerRecovery:
         finally:
             self.remote.state.taking_over.get(lost, set()).discard(target)
 
-    def _stream_if_needed(self, node: str, actor) -> None:
+    def _stream_if_needed(self, node: str) -> None:
         """A restarted worker without its own copy of the file waits for its experts from the head."""
         running = self._streaming.get(node)
         if not self.cluster.streams_to(node) or (running is not None and running.is_alive()):
             return
-        client = WorkerClient(node, ray.get(actor.address.remote(), timeout=30), self.cluster.token,
-                              self.cluster.config.deadline_s, self.cluster.tls())
+        client = self.cluster.connect(node)
         self._streaming[node] = threading.Thread(target=self._stream, args=(client,), daemon=True)
         self._streaming[node].start()
 
