@@ -21,7 +21,7 @@ import numpy as np
 
 from .kv_cache import KVCache, Segment
 from .model import KimiModel
-from .sampling import Sampler, SamplingParams, largest
+from .sampling import Sampler, SamplingParams, largest, sample_rows
 
 
 @dataclass(frozen=True)
@@ -200,15 +200,23 @@ class Engine:
         except Exception as e:  # the model or a worker failed: every sequence in this step ends with the reason
             self._fail([s for s, _ in batch], e)
             return len(tokens)
-        for (sequence, rows), row_logits in zip(batch, logits):
+        emitting = []  # indices into batch and logits of the sequences that get a token this step
+        for index, (sequence, rows) in enumerate(batch):
             if sequence.prefilling:
                 sequence.prefilled += len(rows)
                 if sequence.prefilling:
                     continue
-                sequence.last_logits = row_logits
+                sequence.last_logits = logits[index]
+            emitting.append(index)
+        sequences = [batch[i][0] for i in emitting]
+        rows = logits if len(emitting) == len(batch) else logits[emitting]
+        sampled = sample_rows([s.sampler for s in sequences], rows, [s.history for s in sequences])
+        for sequence, index, token in zip(sequences, emitting, sampled):
             try:
-                self._emit(sequence, row_logits)
-            except Exception as e:  # e.g. NaN logits: this sequence ends with the reason, the others go on
+                if isinstance(token, ValueError):  # e.g. NaN logits: this sequence ends, the others go on
+                    raise token
+                self._emit(sequence, logits[index], token)
+            except Exception as e:
                 self._fail([sequence], e)
         if self.on_step is not None:
             self.on_step(len(tokens), time.perf_counter() - started)
@@ -226,9 +234,8 @@ class Engine:
                 budget -= len(rows)
         return decoding + prefills
 
-    def _emit(self, sequence: SequenceState, logits: np.ndarray) -> None:
+    def _emit(self, sequence: SequenceState, logits: np.ndarray, token: int) -> None:
         request = sequence.request
-        token = sequence.sampler.sample(logits, sequence.history)
         sequence.history.append(token)
         sequence.generated += 1
         finish = "stop" if token in request.stop_tokens else \

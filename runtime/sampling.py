@@ -6,7 +6,10 @@ the lowest token id, so results do not depend on sort stability.
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -78,7 +81,7 @@ class Sampler:
         logits = np.asarray(logits, dtype=np.float32)
         if logits.ndim != 1 or logits.size == 0:
             raise ValueError(f"logits must be a non-empty 1-D vector, got shape {logits.shape}")
-        if np.isnan(logits).any():
+        if np.isnan(logits.max()):  # max is NaN exactly when some value is (a third of isnan's cost)
             raise ValueError("logits contain NaN; the forward pass produced invalid values")
         p = self.params
         if p.has_penalties:
@@ -86,22 +89,44 @@ class Sampler:
         if p.temperature == 0:
             return int(np.argmax(logits))  # first index on ties
 
-        # Candidates stay in token order (ids None: every token), so the draw does not depend on which
-        # filters ran.
-        ids, values = None, logits
-        if p.top_k:
+        ids, values = None, logits  # the candidates, in token order (ids None: every token)
+        if p.top_k and p.top_k < values.size:
             ids = np.sort(largest(values, p.top_k))
             values = values[ids]
-        kept = nucleus(values, p.top_p) if p.top_p < 1 else None
-        if p.min_p > 0:  # after top-p, which never drops the most likely token, so the same max
-            # p_i >= min_p * p_max  <=>  logit_i >= max_logit + log(min_p)
-            near_top = values >= values.max() + np.float32(math.log(p.min_p))
-            kept = near_top if kept is None else kept & near_top
-        if kept is not None:
+        top = values.max()
+        if top == -np.inf:
+            raise ValueError("every candidate logit is -inf; nothing can be sampled")
+        # p_i >= min_p * p_max  <=>  logit_i >= max_logit + log(min_p). min-p runs after top-p, which never
+        # drops the most likely token, so the max is the same.
+        kept = values >= top + np.float32(math.log(p.min_p)) if p.min_p > 0 else None
+        if p.top_p < 1:
+            kept = self._top_p(values, top, kept)
+        if kept is not None and np.count_nonzero(kept) < values.size // 8:  # few left: draw among them alone
             chosen = np.flatnonzero(kept)
-            ids, values = (chosen if ids is None else ids[chosen]), values[chosen]
-        drawn = self._draw(_weights(values / np.float32(p.temperature)))
+            ids, values, kept = (chosen if ids is None else ids[chosen]), values[chosen], None
+        weights = values - top
+        weights *= np.float32(1 / p.temperature)
+        np.exp(weights, out=weights)  # in place: no temporaries of the vocabulary's size
+        if kept is not None:
+            weights *= kept
+        drawn = self._draw(weights)
         return drawn if ids is None else int(ids[drawn])
+
+    def _top_p(self, values: np.ndarray, top: np.float32, min_p_kept: np.ndarray | None) -> np.ndarray:
+        """The mask of what top-p keeps, and min-p too if its mask is given."""
+        weights = np.exp(values - top, dtype=np.float32)
+        total = float(weights.sum())  # numpy sums float32 pairwise: float64 would add nothing that matters
+        if min_p_kept is None:
+            return nucleus(values, self.params.top_p, weights, total)
+        # Both filters keep a prefix of the tokens by logit, so together they keep the shorter. When min-p's
+        # holds less than top_p of the mass (a margin covers the float32 sum), it is; else top-p's is, and
+        # it lies among min-p's tokens.
+        if float(weights @ min_p_kept.astype(np.float32)) < self.params.top_p * total * (1 - 1e-4):
+            return min_p_kept
+        inside = np.flatnonzero(min_p_kept)
+        kept = np.zeros(values.size, bool)
+        kept[inside[nucleus(values[inside], self.params.top_p, weights[inside], total)]] = True
+        return kept
 
     def _penalize(self, logits: np.ndarray, previous_tokens: Sequence[int]) -> np.ndarray:
         tokens = np.asarray(previous_tokens, dtype=np.int64).reshape(-1)
@@ -124,14 +149,44 @@ class Sampler:
         """Index i with probability weights[i] / their sum; one uniform draw per call, as llama.cpp's dist
         sampler. The running sum is taken over blocks first, then inside the one block the draw falls in
         (a running sum over 163,840 entries costs more than the rest of sampling)."""
-        starts = np.arange(0, weights.size, DRAW_BLOCK)
-        block_sums = np.cumsum(np.add.reduceat(weights, starts, dtype=np.float64))
-        target = self._rng.random() * block_sums[-1]
-        # side="right" never lands on a zero-weight entry
-        block = min(int(np.searchsorted(block_sums, target, side="right")), starts.size - 1)
-        before = block_sums[block - 1] if block else 0.0
-        inside = before + np.cumsum(weights[starts[block]: starts[block] + DRAW_BLOCK], dtype=np.float64)
-        return min(int(starts[block] + np.searchsorted(inside, target, side="right")), weights.size - 1)
+        whole = weights.size // DRAW_BLOCK * DRAW_BLOCK
+        block_sums = weights[:whole].reshape(-1, DRAW_BLOCK).sum(axis=1, dtype=np.float32)
+        if whole < weights.size:
+            block_sums = np.append(block_sums, weights[whole:].sum(dtype=np.float32))
+        block_ends = np.cumsum(block_sums, dtype=np.float64)
+        target = self._rng.random() * block_ends[-1]
+        # side="right" never lands on a zero-weight block or entry
+        block = min(int(np.searchsorted(block_ends, target, side="right")), block_ends.size - 1)
+        start = block * DRAW_BLOCK
+        inside = weights[start: start + DRAW_BLOCK]
+        position = np.searchsorted(np.cumsum(inside, dtype=np.float64), target - (block_ends[block - 1] if block else 0),
+                                   side="right")
+        # the block's sum in float32 may exceed its running sum in float64 by a rounding step: stay on its
+        # last token that can be drawn
+        return start + min(int(position), int(np.flatnonzero(inside)[-1]))
+
+
+def sample_rows(samplers: Sequence[Sampler], logits: np.ndarray,
+                previous_tokens: Sequence[Sequence[int]]) -> list[int | ValueError]:
+    """One token per row of logits [n, V], row r by samplers[r] (each its own settings and generator).
+
+    Rows are sampled on a pool of threads, one per core: numpy releases the interpreter lock in its passes
+    over the vocabulary, so a batch costs its rows over the cores. (One numpy call over all rows at once is
+    slower: [16, 163,840] temporaries do not stay in cache.) A row that cannot be sampled (NaN logits, a
+    bad history) gets its ValueError in its place; the other rows are unaffected."""
+    def one(row: int) -> int | ValueError:
+        try:
+            return samplers[row].sample(logits[row], previous_tokens[row])
+        except ValueError as e:
+            return e
+    if len(samplers) == 1:
+        return [one(0)]
+    return list(_pool().map(one, range(len(samplers))))
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="sampling")
 
 
 def largest(values: np.ndarray, n: int) -> np.ndarray:
@@ -148,17 +203,21 @@ NUCLEUS_BUCKETS = 4096
 DRAW_BLOCK = 1024
 
 
-def nucleus(values: np.ndarray, top_p: float) -> np.ndarray:
+def nucleus(values: np.ndarray, top_p: float, weights: np.ndarray | None = None,
+            total: float | None = None) -> np.ndarray:
     """Boolean mask of the shortest run of most likely tokens (lower index first among equal values) whose
     probability reaches top_p; always at least one.
 
     Like llama.cpp, the 256 most likely tokens are looked at first. When they fall short (a flat
     distribution over a 163,840-token vocabulary), the tokens are bucketed by logit instead of sorted:
-    only the bucket where the mass reaches top_p is sorted."""
-    weights = _weights(values)
-    needed = top_p * weights.sum(dtype=np.float64)  # probabilities without dividing every weight
-    order = largest(values, 256)
-    if weights[order].sum(dtype=np.float64) >= needed or order.size == values.size:
+    only the bucket where the mass reaches top_p is sorted. weights: exp(values - max), if at hand; total:
+    the mass top_p is a fraction of, if not the sum of weights (values a part of the distribution)."""
+    weights = _weights(values) if weights is None else weights
+    total = weights.sum(dtype=np.float64) if total is None else total
+    needed = top_p * total  # probabilities without dividing every weight
+    # 256 tokens of weight at most 1 (the top one's) hold at most 256
+    order = largest(values, 256) if needed <= 256 or values.size <= 256 else np.empty(0, np.intp)
+    if order.size == values.size or (order.size and weights[order].sum(dtype=np.float64) >= needed):
         kept = np.zeros(values.size, bool)
         kept[order[:int(np.searchsorted(np.cumsum(weights[order], dtype=np.float64), needed, side="left")) + 1]] = True
         return kept
@@ -168,8 +227,10 @@ def nucleus(values: np.ndarray, top_p: float) -> np.ndarray:
         values = np.maximum(values, low)
     span = values.max() - low
     scale = np.float32(NUCLEUS_BUCKETS / span if span > 0 else 0.0)
-    buckets = np.minimum(((values - low) * scale).astype(np.int32), NUCLEUS_BUCKETS - 1)
-    mass_above = np.cumsum(np.bincount(buckets, weights=weights, minlength=NUCLEUS_BUCKETS)[::-1])[::-1]
+    # intp indices and float64 weights: bincount's own conversions cost five times its count
+    buckets = np.minimum(((values - low) * scale).astype(np.intp), NUCLEUS_BUCKETS - 1)
+    mass = np.bincount(buckets, weights=weights.astype(np.float64), minlength=NUCLEUS_BUCKETS)
+    mass_above = np.cumsum(mass[::-1])[::-1]
     # the highest bucket whose mass together with all above it reaches top_p
     boundary = int(np.flatnonzero(mass_above >= needed).max(initial=0))
     above = mass_above[boundary + 1] if boundary + 1 < NUCLEUS_BUCKETS else 0.0

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.sampling import Sampler, SamplingParams, nucleus
+from runtime.sampling import Sampler, SamplingParams, nucleus, sample_rows
 
 logit_vectors = st.lists(st.floats(-20, 20, width=32), min_size=1, max_size=64).map(
     lambda values: np.array(values, np.float32))
@@ -143,9 +143,38 @@ def test_the_bucketed_nucleus_is_the_sorted_one(values, top_p, distinct):
         assert abs(min(probs[list(got)].sum(), probs[list(expected)].sum()) - top_p) < 1e-9
 
 
-def test_recommended_kimi_sampling_over_the_real_vocabulary_stays_in_its_nucleus():
+@settings(max_examples=200)
+@given(logit_vectors, st.floats(0.01, 0.99), st.floats(0.001, 1.0), st.floats(0.1, 5), st.integers(0, 2**32))
+def test_top_p_and_min_p_together_keep_both_filters(logits, top_p, min_p, temperature, seed):
+    params = SamplingParams(temperature=temperature, top_p=top_p, min_p=min_p, seed=seed)
+    sampled = Sampler(params).sample(logits, [])
+    probs = _probs(logits)
+    assert probs[probs > probs[sampled]].sum() < top_p + 1e-9
+    assert probs[sampled] >= min_p * probs.max() * (1 - 1e-6)
+
+
+# flat logits: min-p alone keeps less than top-p's mass (scale 1), or nearly every token (scale 0.5)
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_recommended_kimi_sampling_over_the_real_vocabulary_stays_in_its_nucleus(scale):
     rng = np.random.default_rng(0)
-    logits = rng.standard_normal(163_840).astype(np.float32)
+    logits = rng.standard_normal(163_840).astype(np.float32) * np.float32(scale)
     sampler = Sampler(SamplingParams(temperature=0.6, top_p=0.95, min_p=0.01, seed=1))
     allowed = reference_nucleus(logits, 0.95) & set(np.flatnonzero(_probs(logits) >= 0.01 * _probs(logits).max()))
     assert all(sampler.sample(logits, []) in allowed for _ in range(20))
+
+
+def test_a_batch_of_rows_samples_as_each_row_alone():
+    rng = np.random.default_rng(5)
+    settings_per_row = [{}, {"temperature": 0.7}, {"temperature": 0.8, "top_k": 40, "top_p": 0.9},
+                        {"temperature": 0.6, "top_p": 0.95, "min_p": 0.01},
+                        {"temperature": 1.0, "repetition_penalty": 1.3, "frequency_penalty": 0.5},
+                        {"temperature": 1.0}, {"temperature": 0.6, "top_p": 0.95, "min_p": 0.01}]
+    logits = rng.standard_normal((len(settings_per_row), 5000)).astype(np.float32) * 2
+    logits[5, 7] = np.nan
+    histories = [rng.integers(0, 5000, 30).tolist() for _ in settings_per_row]
+    for seed in range(5):
+        params = [SamplingParams(**setting, seed=seed) for setting in settings_per_row]
+        batched = sample_rows([Sampler(p) for p in params], logits, histories)
+        assert isinstance(batched[5], ValueError) and "NaN" in str(batched[5])
+        assert [t for i, t in enumerate(batched) if i != 5] == \
+            [Sampler(p).sample(logits[i], histories[i]) for i, p in enumerate(params) if i != 5]

@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from runtime.engine import token_logprobs  # noqa: E402
-from runtime.sampling import Sampler, SamplingParams  # noqa: E402
+from runtime.sampling import Sampler, SamplingParams, sample_rows  # noqa: E402
 
 SETTINGS = {
     "greedy": {"temperature": 0.0},
@@ -31,6 +31,7 @@ SETTINGS = {
     "T 0.8, top-k 40, top-p 0.9": {"temperature": 0.8, "top_k": 40, "top_p": 0.9},
     "Kimi's: T 0.6, top-p 0.95, min-p 0.01": {"temperature": 0.6, "top_p": 0.95, "min_p": 0.01},
 }
+BATCH = 16
 PENALTIES = {"repetition_penalty": 1.1, "presence_penalty": 0.5, "frequency_penalty": 0.2}
 
 LLAMA_SCRIPT = """
@@ -126,6 +127,14 @@ def main() -> None:
     print(f"{label:40s} {ours[0]:7.2f} {'':14s}   {ours[1]:7.2f}")
     ours = [median_ms(lambda: token_logprobs(logits, 5, 20), args.repeats) for logits in (flat, peaked)]
     print(f"{'top 20 logprobs':40s} {ours[0]:7.2f} {'':14s}   {ours[1]:7.2f}")
+    print(f"batches of {BATCH} sequences (Kimi's settings, one sample_rows call), ms per sequence:")
+    for name, logits in (("flat", flat), ("peaked", peaked)):
+        batch = np.stack([np.roll(logits, 7 * i) for i in range(BATCH)])
+        samplers = [Sampler(SamplingParams(**SETTINGS["Kimi's: T 0.6, top-p 0.95, min-p 0.01"], seed=i))
+                    for i in range(BATCH)]
+        together = median_ms(lambda: sample_rows(samplers, batch, [[]] * BATCH), args.repeats) / BATCH
+        apart = median_ms(lambda: [s.sample(row, []) for s, row in zip(samplers, batch)], args.repeats) / BATCH
+        print(f"  {name:8s} {together:6.2f} batched, {apart:6.2f} one call per sequence")
 
 
 if __name__ == "__main__":
