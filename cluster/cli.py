@@ -20,6 +20,9 @@ DEMO_PROMPT = "Write one sentence about pooling the memory of several computers.
 DEFAULT_CONTEXT, DEFAULT_MAX_SEQUENCES = 4096, 16
 
 
+REPLICA_PRESET = "k2.6-replica"
+
+
 def _cluster_config(args):
     """The cluster settings for --config FILE or --workers N (None for a single process). --context and
     --max-sequences, when given, win over the file's: the head's KV cache is planned for what will run."""
@@ -174,7 +177,8 @@ def cmd_inspect(args) -> None:
     model_file = GGUFModelFile(args.model)
     config = checked_config(model_file)
     tokenizer = Tokenizer.from_metadata(model_file.metadata)
-    print(f"file: {', '.join(str(p) for p in model_file.paths)}  ({format_bytes(model_file.file_bytes)})")
+    parts = f" and {len(model_file.paths) - 1} more parts" if len(model_file.paths) > 1 else ""
+    print(f"file: {model_file.paths[0]}{parts}  ({format_bytes(model_file.file_bytes)})")
     print(f"architecture: {model_file.architecture}  name: {model_file.metadata.get('general.name', '?')}")
     print(f"layers: {config.num_layers} ({config.num_dense_layers} dense)  n_embd: {config.n_embd}  "
           f"heads: {config.num_heads}  q_lora: {config.q_lora_rank}  kv_lora: {config.kv_lora_rank}  "
@@ -204,6 +208,22 @@ def cmd_inspect(args) -> None:
 
 def cmd_make_model(args) -> None:
     from runtime.demo_model import make_model
+    from runtime.replica_model import write_sparse_replica
+    if args.sparse and args.preset != REPLICA_PRESET:
+        raise ValueError(f"--sparse writes the {REPLICA_PRESET} preset only (the others are small and written with "
+                         f"random weights): add --preset {REPLICA_PRESET}, or drop --sparse")
+    if args.preset == REPLICA_PRESET and not args.sparse:
+        raise ValueError(f"--preset {REPLICA_PRESET} is 340 GB: it is only written sparse (headers, with the tensor "
+                         "data left as file holes); add --sparse")
+    if args.sparse:
+        if args.quant:
+            raise ValueError(f"--quant does not apply to --preset {REPLICA_PRESET}: its types are Unsloth's "
+                             "UD-Q2_K_XL recipe (see `kimi-cluster inspect` on the result)")
+        paths = write_sparse_replica(args.out)
+        apparent, on_disk = (sum(getattr(p.stat(), key) for p in paths) for key in ("st_size", "st_blocks"))
+        print(f"wrote {paths[0]} and {len(paths) - 1} more parts: {apparent / 1e9:.1f} GB of tensors, all zeros, "
+              f"in {on_disk * 512 / 1e6:.1f} MB of disk")
+        return
     path = make_model(args.out, preset=args.preset, quant=args.quant, seed=args.seed)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
@@ -497,14 +517,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("make-model", help="write a small random model in the Kimi K2 GGUF layout",
+    p = sub.add_parser("make-model", help="write a random model in the Kimi K2 GGUF layout, or a sparse replica "
+                                          "of Kimi K2.6's 340 GB file set",
                        description="Write a random model with Kimi K2's layout and tokenizer, for tests and "
-                                   "benchmarks; --quant uses llama.cpp's quantizer (needs llama-cpp-python).")
-    p.add_argument("out", help="output .gguf path")
-    p.add_argument("--preset", default="tiny", choices=["tiny", "small", "k2-depth", "k2-slice"],
+                                   "benchmarks; --quant uses llama.cpp's quantizer (needs llama-cpp-python). "
+                                   f"--preset {REPLICA_PRESET} --sparse writes Kimi K2.6's real UD-Q2_K_XL file set "
+                                   "(8 parts, real metadata, shapes and a 163,840-token vocabulary) with every "
+                                   "tensor left as a file hole: 340 GB that read as zeros, in a few MB of disk.")
+    p.add_argument("out", help="output .gguf path (for a split set, its parts are named <out>-0000N-of-00008.gguf)")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small", "k2-depth", "k2-slice", REPLICA_PRESET],
                    help="tiny: 256 wide, for tests; small: 1024 wide, 32 experts; k2-depth: K2's 61 layers and "
                         "384 experts at tiny widths, for the framework's cost per layer; k2-slice: K2's real "
-                        "widths, 3 layers, 16 experts (default %(default)s)")
+                        f"widths, 3 layers, 16 experts; {REPLICA_PRESET}: the real model's size, with --sparse "
+                        "(default %(default)s)")
+    p.add_argument("--sparse", action="store_true",
+                   help="write headers only, tensor data as file holes (zeros); only with the replica preset")
     p.add_argument("--quant", default=None, help="quantize, e.g. Q8_0, Q4_K_M, Q2_K (default: unquantized)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default %(default)s)")
     p.set_defaults(func=cmd_make_model)

@@ -49,7 +49,7 @@ class TLSFiles:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    model: Path  # the GGUF's first file, as every node sees it
+    model: Path | None  # the GGUF's first file, as every node sees it (None: the command's MODEL)
     ray_address: str | None = None  # None: start a local Ray
     model_paths: dict[str, Path | None] = field(default_factory=dict)  # per-node override; None: no local copy
     nodes: tuple[NodeConfig, ...] = ()  # empty: use the nodes Ray reports
@@ -87,7 +87,7 @@ class ClusterConfig:
         nodes = tuple(_node(item, f"nodes[{i}]", source) for i, item in enumerate(top.get("nodes", list, [], nullable=True) or []))
         _check_nodes(nodes, source)
         values = dict(
-            model=Path(top.get("model", str, required=True)),
+            model=_optional_path(top.get("model", str, None, nullable=True)),
             ray_address=top.get("ray_address", str, nullable=True),
             model_paths=_model_paths(top.get("model_paths", dict, {}, nullable=True) or {}, nodes, source),
             nodes=nodes,
@@ -171,6 +171,10 @@ class _Section:
         if problem:
             raise ClusterConfigError(f"{self.source}: {name} must be {problem}, not {value!r}")
         return value
+
+
+def _optional_path(value: str | None) -> Path | None:
+    return None if value is None else Path(value)
 
 
 def _node(data: Any, where: str, source: str) -> NodeConfig:

@@ -119,6 +119,8 @@ class ExpertCluster:
                  worker_threads: int | None = None, progress: bool = True):
         self.model_file = GGUFModelFile(model_path)
         self.model_config = ModelConfig.from_metadata(self.model_file.metadata, str(self.model_file.path))
+        if config.model is None:  # nodes find the model where the head does
+            config = dataclasses.replace(config, model=Path(model_path))
         self.config, self.local_workers, self.repack, self.progress = config, local_workers, repack, progress
         self.worker_memory_gb, self.head_memory_gb = worker_memory_gb, head_memory_gb
         self.streamed_nodes, self.worker_threads = streamed_nodes, worker_threads

@@ -66,9 +66,10 @@ QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0",
                "IQ3_XXS", "IQ2_XXS", "IQ1_M", "TQ1_0")
 
 
-def _write_metadata(writer: GGUFWriter, p: Preset, vocab_size: int, legacy_attention: bool) -> None:
+def write_metadata(writer: GGUFWriter, p: Preset, vocab_size: int, legacy_attention: bool = False,
+                   name: str = "Kimi-K2 demo") -> None:
     a = ARCH
-    writer.add_string("general.name", "Kimi-K2 demo")
+    writer.add_string("general.name", name)
     u32 = {
         "block_count": p.num_layers, "context_length": 131072, "embedding_length": p.n_embd,
         "feed_forward_length": p.n_ff_dense, "attention.head_count": p.num_heads, "attention.head_count_kv": 1,
@@ -96,7 +97,7 @@ def _write_metadata(writer: GGUFWriter, p: Preset, vocab_size: int, legacy_atten
     writer.add_uint32("general.quantization_version", 2)
 
 
-def _tensor_specs(p: Preset, vocab_size: int, legacy_attention: bool):
+def tensor_specs(p: Preset, vocab_size: int, legacy_attention: bool = False):
     """(name, numpy shape, fan_in or None for norms/biases) in the converter's order."""
     d, h = p.n_embd, p.num_heads
     yield "token_embd.weight", (vocab_size, d), 1
@@ -151,10 +152,10 @@ def write_base_model(path: str | Path, preset: str = "tiny", seed: int = 0, lega
     vocab_size = len(tokenizer["tokenizer.ggml.tokens"])
     path = Path(path)
     writer = GGUFWriter(path, ARCH)
-    _write_metadata(writer, p, vocab_size, legacy_attention)
+    write_metadata(writer, p, vocab_size, legacy_attention)
     add_tokenizer_to(writer, tokenizer)
     rng = np.random.default_rng(seed)
-    for name, shape, fan_in in _tensor_specs(p, vocab_size, legacy_attention):
+    for name, shape, fan_in in tensor_specs(p, vocab_size, legacy_attention):
         values = _random_tensor(rng, name, shape, fan_in)
         # Like the converter: 1-D tensors and the router stay F32; matrices take the base dtype.
         keep_f32 = fan_in is None or name.endswith("ffn_gate_inp.weight") or p.base_dtype == "f32"

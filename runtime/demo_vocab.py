@@ -19,7 +19,7 @@ from tokenizers import Regex
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers, trainers
 
-from .tokenizer import KIMI_K2_PATTERN
+from .tokenizer import KIMI_K2_PATTERN, byte_to_unicode
 
 MAX_RANKS = 3000  # the corpus runs out of pairs first (~2,600 ranks)
 NUM_SPECIAL_SLOTS = 256
@@ -369,6 +369,32 @@ def train_bpe(corpus: Iterable[str], split_pattern: str | None = KIMI_K2_PATTERN
     if [vocab[t] for t in tokens] != list(range(len(tokens))):
         raise RuntimeError("the trained BPE has gaps in its ids; the tokenizers trainer changed behaviour")
     merges = [" ".join(pair) for pair in json.loads(bpe.to_str())["model"]["merges"]]  # [left, right]
+    return tokens, merges
+
+
+# Single characters that synthetic tokens are built from, most frequent in English text first: ' ' is
+# written "Ġ" in byte-level token texts, so "Ġt", "Ġth", ... begin words.
+SYNTHETIC_ALPHABET = (" etaoinshrdlcumwfgypbvkjxqz" "ETAOINSHRDLCUMWFGYPBVKJXQZ" "0123456789"
+                      "\n.,;:!?'\"-_()[]{}<>/\\|@#$%^&*+=~`")
+
+
+def synthetic_bpe(n_ranks: int) -> tuple[list[str], list[str]]:
+    """A byte-level BPE of exactly n_ranks token texts, built without a corpus (a corpus big enough for
+    Kimi's 163,584 ranks cannot be trained on in seconds): the 256 bytes, then every two-character
+    string over SYNTHETIC_ALPHABET, then three-character ones (a two-character token and one more
+    character), and so on. Every token is one merge of two earlier ones, so it tokenizes any text."""
+    table = byte_to_unicode()
+    tokens = [table[b] for b in range(256)]
+    if n_ranks < len(tokens):
+        raise ValueError(f"a byte-level BPE has at least 256 ranks, asked for {n_ranks}")
+    alphabet = [table[b] for b in SYNTHETIC_ALPHABET.encode()]
+    merges: list[str] = []
+    level = alphabet
+    while len(tokens) < n_ranks:
+        longer = [left + right for left in level for right in alphabet][:n_ranks - len(tokens)]
+        merges += [f"{token[:-1]} {token[-1]}" for token in longer]
+        tokens += longer
+        level = longer
     return tokens, merges
 
 

@@ -77,7 +77,33 @@ class _CheckedReader(GGUFReader):
             item_bytes = np.dtype(scalar).itemsize if scalar else 8 if item_type == GGUFValueType.STRING else 12
             if count * item_bytes > len(self.data) - orig_offs:
                 raise GGUFError(f"holds an array of {count:,} values, more than the rest of the file can")
+            if scalar or item_type == GGUFValueType.STRING:
+                return self._get_flat_array(orig_offs, item_type, count)
         return super()._get_field_parts(orig_offs, raw_type)
+
+    def _get_flat_array(self, orig_offs: int, item_type: int, count: int):
+        """gguf-py's parts for an array of scalars or strings, built from one plain view of the file:
+        gguf-py makes a memory-map slice per value, 15 s for the 163,840 tokens and 163,328 merges of a
+        Kimi vocabulary."""
+        data = self.data.view(np.ndarray)  # slices of a plain array cost a tenth of a memmap's
+        head = [self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)]
+        offs = orig_offs + 12
+        scalar = self.gguf_scalar_to_np.get(item_type)
+        if scalar:
+            end = offs + count * np.dtype(scalar).itemsize
+            if end > len(data):
+                raise GGUFError(f"holds an array of {count:,} values that runs past the end of the file")
+            values = data[offs:end].view(scalar)
+            return end - orig_offs, head + [values[i:i + 1] for i in range(count)], list(range(2, count + 2)), \
+                [GGUFValueType.ARRAY, GGUFValueType(item_type)]
+        parts, raw = list(head), memoryview(data)
+        for _ in range(count):
+            length = int.from_bytes(raw[offs:offs + 8], "little")
+            if offs + 8 + length > len(data):
+                raise GGUFError("holds a string that runs past the end of the file")
+            parts += [data[offs:offs + 8].view(np.uint64), data[offs + 8:offs + 8 + length]]
+            offs += 8 + length
+        return offs - orig_offs, parts, list(range(3, 2 * count + 2, 2)), [GGUFValueType.ARRAY, GGUFValueType.STRING]
 
     def _build_tensor_info(self, offs: int, count: int) -> tuple[int, list]:
         records = []

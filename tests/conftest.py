@@ -16,6 +16,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import pytest
 
 from runtime.demo_model import make_model
+from runtime.replica_model import write_sparse_replica
 from tests.processes import live_descendants
 
 LEFTOVER_GRACE_S = 20
@@ -48,6 +49,12 @@ def tiny_f32(make_tiny) -> Path:
 @pytest.fixture(scope="session")
 def tiny_q4km(make_tiny) -> Path:
     return make_tiny("Q4_K_M")
+
+
+@pytest.fixture(scope="session")
+def replica(model_dir) -> Path:
+    """The first part of Kimi K2.6's sparse replica (8 parts, 340 GB of holes, a few MB of disk)."""
+    return write_sparse_replica(model_dir / "replica" / "Kimi-K2.6-UD-Q2_K_XL.gguf")[0]
 
 
 def pytest_configure(config):

@@ -12,6 +12,7 @@ import yaml
 
 from cluster import cli
 from cluster.config import TLS_KEYS, TOP_LEVEL_KEYS, ClusterConfig, ClusterConfigError, NodeConfig
+from cluster.head import ExpertCluster
 from cluster.placement import GiB, NodeBudget
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "configs" / "cluster.example.yaml"
@@ -112,9 +113,10 @@ def test_wrong_types_and_values_are_refused(tmp_path, extra, expected):
     assert str(error.value).startswith(f"{path}: ")
 
 
-def test_missing_model(tmp_path):
-    with pytest.raises(ClusterConfigError, match="missing required key 'model'"):
-        ClusterConfig.from_yaml(write(tmp_path, {"port": 50551}))
+def test_without_model_every_node_reads_the_commands_model(tmp_path, make_tiny):
+    config = ClusterConfig.from_yaml(write(tmp_path, {"nodes": [{"name": "a", "address": "10.0.0.1", "memory_gb": 64}]}))
+    assert config.model is None
+    assert ExpertCluster(make_tiny("Q8_0"), config, progress=False).config.model_path_for("a") == make_tiny("Q8_0")
 
 
 def test_empty_and_missing_files(tmp_path):

@@ -33,7 +33,7 @@ def pools(draw, inventory: Inventory) -> list[NodeBudget]:
     num_nodes = draw(st.integers(1, 6))
     head = draw(st.integers(0, num_nodes - 1))
     total = inventory.total_expert_bytes
-    return [NodeBudget(f"node{n}", RESERVE + (HEAD_BYTES if n == head else 0) + total * permille // 1000,
+    return [NodeBudget(f"node{n}", RESERVE + (inventory.head_bytes if n == head else 0) + total * permille // 1000,
                        is_head=n == head)
             for n, permille in enumerate(draw(st.lists(st.integers(0, 1500), min_size=num_nodes,
                                                        max_size=num_nodes)))]
@@ -54,18 +54,36 @@ def counts(placement: Placement, inventory: Inventory) -> dict[str, np.ndarray]:
 @settings(max_examples=300, deadline=None)
 @given(problems())
 def test_plan_properties(problem):
-    inventory, nodes, allow_disk = problem
+    assert_plan_properties(*problem)
+
+
+@pytest.fixture(scope="module")
+def replica_inventory(replica) -> Inventory:
+    model_file = GGUFModelFile(replica)
+    return Inventory.from_model(model_file, ModelConfig.from_metadata(model_file.metadata), context=4096,
+                                max_sequences=8)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.data())
+def test_plan_properties_at_kimi_k2_6s_size(replica_inventory, data):
+    """The same properties with the real model's 23,040 (layer, expert) pairs and sizes."""
+    assert replica_inventory.expert_bytes[list(replica_inventory.moe_layers)].size == 23_040
+    assert_plan_properties(replica_inventory, data.draw(pools(replica_inventory)), data.draw(st.booleans()))
+
+
+def assert_plan_properties(inventory: Inventory, nodes: list[NodeBudget], allow_disk: bool) -> None:
     total = inventory.total_expert_bytes
     try:
         placement = plan(inventory, nodes, reserve_bytes=RESERVE, allow_disk=allow_disk)
     except PlacementError:
         assert not allow_disk
-        available = sum(n.memory_bytes - RESERVE - HEAD_BYTES * n.is_head for n in nodes)
+        available = sum(n.memory_bytes - RESERVE - inventory.head_bytes * n.is_head for n in nodes)
         # Fails only when the pool is short, or so nearly full that whole experts cannot be fitted.
         assert total > available - len(nodes) * int(inventory.expert_bytes.max())
         return
     usable = placement.budgets
-    assert usable == {n.name: n.memory_bytes - RESERVE - HEAD_BYTES * n.is_head for n in nodes}
+    assert usable == {n.name: n.memory_bytes - RESERVE - inventory.head_bytes * n.is_head for n in nodes}
 
     for layer in range(inventory.expert_bytes.shape[0]):
         held = sorted(e for per_layer in placement.experts.values() for e in per_layer.get(layer, ()))

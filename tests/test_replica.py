@@ -1,0 +1,58 @@
+"""Kimi K2.6's sparse replica: the real file set's layout, sizes and vocabulary, in a few MB of disk."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from gguf import GGMLQuantizationType as T
+
+from runtime.gguf_file import GGUFModelFile
+from runtime.model import checked_config
+from runtime.tokenizer import Tokenizer
+
+# Kimi's special tokens at their ids in the real 163,840-token vocabulary (KIMI_GGUF.md, section 4).
+REAL_SPECIAL_IDS = {"[BOS]": 163584, "[EOS]": 163585, "<|im_end|>": 163586, "<|im_user|>": 163587,
+                    "<|im_assistant|>": 163588, "<|im_system|>": 163594, "<|tool_calls_section_begin|>": 163595,
+                    "<|tool_call_begin|>": 163597, "<|im_middle|>": 163601, "<think>": 163606, "</think>": 163607,
+                    "[UNK]": 163838, "[PAD]": 163839}
+
+
+def test_the_replica_reads_back_as_kimi_k2_6(replica):
+    model_file = GGUFModelFile(replica)
+    assert [p.name for p in model_file.paths] == [f"Kimi-K2.6-UD-Q2_K_XL-{i:05d}-of-00008.gguf" for i in range(1, 9)]
+    config = checked_config(model_file)
+    assert (config.num_layers, config.num_dense_layers, config.n_embd, config.num_experts, config.n_ff_expert,
+            config.num_experts_used, config.kv_lora_rank, config.q_lora_rank) == (61, 1, 7168, 384, 2048, 8, 512, 1536)
+    assert len(model_file.tensors) == model_file.metadata["split.tensors.count"] == 1096
+    experts = [t for name, t in model_file.tensors.items() if name.endswith("_exps.weight")]
+    assert len(experts) == 180 and {t.ggml_type for t in experts} == {T.Q2_K}
+    assert experts[0].ne == (7168, 2048, 384)
+    assert model_file.tensors["token_embd.weight"].ne == (7168, 163840)
+
+    sizes = [p.stat() for p in model_file.paths]
+    assert 330e9 < sum(s.st_size for s in sizes) < 350e9, "the real UD-Q2_K_XL set is about 340 GB"
+    assert sum(s.st_blocks * 512 for s in sizes) < 50e6, "the tensor data is file holes"
+    assert max(s.st_size for s in sizes) < 1.2 * min(s.st_size for s in sizes), "parts of about equal size"
+
+    tokenizer = Tokenizer.from_metadata(model_file.metadata)
+    assert tokenizer.vocab_size == 163_840
+    assert {text: tokenizer.encode(text) for text in REAL_SPECIAL_IDS} == {t: [i] for t, i in REAL_SPECIAL_IDS.items()}
+    assert (tokenizer.bos_id, tokenizer.eos_id) == (163584, 163586)
+    text = "Hello, Kimi! Mixture-of-experts models route each token to 8 of 384 experts. 日本語"
+    ids = tokenizer.encode(text, parse_special=False)
+    assert tokenizer.decode(ids) == text and max(ids) < 163584 and len(ids) < 0.7 * len(text.encode())
+
+
+def test_inspect_and_plan_on_the_replica(replica, tmp_path):
+    inspect = subprocess.run([sys.executable, "-m", "cluster.cli", "inspect", str(replica)],
+                             capture_output=True, text=True, timeout=120)
+    assert inspect.returncode == 0, inspect.stderr
+    assert "and 7 more parts" in inspect.stdout and "vocab: 163840 tokens" in inspect.stdout
+    config = tmp_path / "cluster.yaml"
+    config.write_text("nodes:\n" + "".join(
+        f"  - {{name: n{i}, address: 10.0.0.{i + 1}, memory_gb: 128{', head: true' if i == 0 else ''}}}\n"
+        for i in range(4)) + "token_file: null\n")
+    plan = subprocess.run([sys.executable, "-m", "cluster.cli", "plan", str(replica), "--config", str(config)],
+                          capture_output=True, text=True, timeout=120)
+    assert plan.returncode == 0, plan.stderr
+    assert "60 MoE layers over 4 nodes" in plan.stdout and "fits: every expert has a place" in plan.stdout
