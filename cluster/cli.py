@@ -34,7 +34,7 @@ def _cluster_config(args):
     else:
         return None
     given = {"context": getattr(args, "context", None), "max_sequences": getattr(args, "max_sequences", None),
-             "replicas": getattr(args, "replicas", None)}
+             "replicas": getattr(args, "replicas", None), "allow_disk": getattr(args, "allow_disk", None)}
     return dataclasses.replace(config, **{key: value for key, value in given.items() if value is not None})
 
 
@@ -113,6 +113,8 @@ def _sampling_params(args):
 def cmd_generate(args) -> None:
     params = _sampling_params(args)
     config = _cluster_config(args)
+    if config is not None:  # one sequence: the head plans a KV cache for one, not for a server's batch
+        config = dataclasses.replace(config, max_sequences=1)
     with _model_session(args, config) as (model, tokenizer, _):
         _generate(args, params, model, tokenizer, _context(args, config))
 
@@ -450,6 +452,10 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     group.add_argument("--reserve-gb", type=float, default=0.5,
                        help="with --workers: GiB kept free per process on this machine, for Ray and Python "
                             "(default %(default)s; measured: Ray, the head and 2 workers take 0.75 GiB in all)")
+    group.add_argument("--allow-disk", action="store_true", default=None,
+                       help="when the pool's memory is short, place the rest of the experts anyway and page them "
+                            "from the model file on each node's disk, slowly (default: the cluster config's "
+                            "allow_disk, else refuse)")
     group.add_argument("--replicas", choices=("0", "1", "auto"), default=None,
                        help="second copies of workers' experts, so a lost worker costs no fallback to the head: "
                             "0 none, 1 every expert twice (refused if it does not fit), auto as many as the memory "

@@ -214,7 +214,7 @@ class ExpertCluster:
             scheduling_strategy=NodeAffinitySchedulingStrategy(node.ray_node_id, soft=False),
             runtime_env={"env_vars": self._worker_openmp_env()},
         ).remote(node.name, owned, self._model_path_on(node), port, self.token, threads, self._repack_experts,
-                 None, self.tls(), grouped=self.repack == "all")
+                 None, self.tls(), grouped=self.repack == "all", prefetch=self.placement.in_memory(node.name))
 
     def _worker_openmp_env(self) -> dict[str, str]:
         """Workers sharing the head's machine (--workers) sleep between ops at once, leaving the cores to the
@@ -238,7 +238,8 @@ class ExpertCluster:
         with tqdm(total=self.model_file.routed_expert_bytes(owned), unit="B", unit_scale=True, desc=f"{'head':>16s}", disable=not self.progress,
                   leave=False) as bar:
             shard = ExpertShard.from_model_file(self.model_file, runner, owned, self._repack_experts, bar.update)
-            shard.touch(bar.update)
+            if self.placement.in_memory(self.placement.head_node):  # else reading it all only evicts it
+                shard.touch(bar.update)
         shard.grouped = self.repack == "all"
         return shard
 

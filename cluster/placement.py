@@ -99,6 +99,10 @@ class Placement:
         return {layer: tuple(sorted(set(own.get(layer, ())) | set(copies.get(layer, ()))))
                 for layer in sorted(set(own) | set(copies))}
 
+    def in_memory(self, node: str) -> bool:
+        """Whether all the node holds fits its budget; else it pages some experts from disk (allow_disk)."""
+        return self.bytes_per_node.get(node, 0) + self.replica_bytes.get(node, 0) <= self.budgets.get(node, 0)
+
     @property
     def replica_count(self) -> int:
         return sum(len(ids) for per_layer in self.replicas.values() for ids in per_layer.values())

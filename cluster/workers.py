@@ -34,8 +34,11 @@ def rss_bytes() -> int:
 class ExpertWorker:
     def __init__(self, node: str, owned: dict[int, list[int]], model_path: str | None, port: int, token: str,
                  threads: int | None = None, repack: bool = False, cache_dir: str | None = None,
-                 tls: dict[str, str] | None = None, grouped: bool = False):
+                 tls: dict[str, str] | None = None, grouped: bool = False, prefetch: bool = True):
+        """prefetch: read every page of the experts at load, so that the first tokens do not wait on the
+        disk (False when they exceed the node's memory: reading them all would only evict the first)."""
         self.rss_at_start = rss_bytes()
+        self.prefetch = prefetch
         self.node, self.owned, self.repack = node, {int(k): v for k, v in owned.items()}, repack
         self.grouped = grouped  # see ExpertShard.grouped
         self.runner = GgmlRunner(threads)
@@ -57,7 +60,8 @@ class ExpertWorker:
             model_file = GGUFModelFile(model_path)
             self.total_bytes = model_file.routed_expert_bytes(self.owned)
             shard = ExpertShard.from_model_file(model_file, self.runner, self.owned, self.repack, self._count)
-            shard.touch(self._count)
+            if self.prefetch:
+                shard.touch(self._count)
             shard.grouped = self.grouped
             self._hold(shard)
         except Exception as e:  # reported to the head through progress(), which names this node
@@ -84,7 +88,8 @@ class ExpertWorker:
         head through LoadShard instead."""
         shard = ExpertShard.from_model_file(GGUFModelFile(model_path), self.runner,
                                             {int(k): v for k, v in owned.items()}, self.repack)
-        shard.touch()
+        if self.prefetch:
+            shard.touch()
         shard.grouped = self.grouped
         self._hold(shard)
         return shard.nbytes
