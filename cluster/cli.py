@@ -221,10 +221,10 @@ def cmd_make_model(args) -> None:
         if args.quant:
             raise ValueError(f"--quant does not apply to --preset {REPLICA_PRESET}: its types are Unsloth's "
                              "UD-Q2_K_XL recipe (see `kimi-cluster inspect` on the result)")
-        paths = write_sparse_replica(args.out)
+        paths = write_sparse_replica(args.out, seed=args.seed)
         apparent, on_disk = (sum(getattr(p.stat(), key) for p in paths) for key in ("st_size", "st_blocks"))
-        print(f"wrote {paths[0]} and {len(paths) - 1} more parts: {apparent / 1e9:.1f} GB of tensors, all zeros, "
-              f"in {on_disk * 512 / 1e6:.1f} MB of disk")
+        print(f"wrote {paths[0]} and {len(paths) - 1} more parts: {apparent / 1e9:.1f} GB of tensors, zeros but "
+              f"for the routers' biases, in {on_disk * 512 / 1e6:.1f} MB of disk")
         return
     path = make_model(args.out, preset=args.preset, quant=args.quant, seed=args.seed)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")

@@ -5,8 +5,9 @@ opening 8 parts, placing 23,040 (layer, expert) pairs, a 163,840-token vocabular
 messages at K2 widths, the memory a head needs. The parts carry Kimi K2.6's real metadata, tensor
 names, shapes and split layout, with the quantization types below; tensor data is left as file holes,
 which read as zeros, so the set takes a few MB of disk. A model of zeros computes at full cost but says
-nothing: every logit is equal and every router score too (the router then picks the same experts for
-every token).
+nothing: every logit is equal, and every router score too. Only the routers' selection biases are
+written (random, 92 KB in all), so that each layer sends its tokens to 8 experts of its own, spread
+over the nodes as a real model's are (the same 8 for every token, as the scores do not vary).
 
 The types follow Unsloth's dynamic 2-bit recipe as its pages describe it (routed experts in 2-bit
 K-quants, the layers that matter most upcast). The per-tensor types of the real files are not
@@ -23,8 +24,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable
-
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 
@@ -66,15 +65,14 @@ def part_paths(out: Path, parts: int = PARTS) -> list[Path]:
     return [out.with_name(f"{stem}-{i:05d}-of-{parts:05d}.gguf") for i in range(1, parts + 1)]
 
 
-def write_sparse_replica(out: str | Path, parts: int = PARTS,
-                         progress: Callable[[int, int], None] | None = None) -> list[Path]:
-    """Write the replica's parts next to `out` (see part_paths); returns their paths, the first one first.
-    progress(done, total) is called after each part."""
+def write_sparse_replica(out: str | Path, parts: int = PARTS, seed: int = 0) -> list[Path]:
+    """Write the replica's parts next to `out` (see part_paths); returns their paths, the first one first."""
     p, paths = K2_6, part_paths(Path(out), parts)
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     tokenizer = kimi_tokenizer_metadata(*synthetic_bpe(BPE_RANKS))
     vocab_size = len(tokenizer["tokenizer.ggml.tokens"])
     specs = [(name, shape, ud_q2_k_xl_type(name)) for name, shape, _ in tensor_specs(p, vocab_size)]
+    rng = np.random.default_rng(seed)
     for index, (path, tensors) in enumerate(zip(paths, _split_by_bytes(specs, parts))):
         writer = GGUFWriter(path, ARCH)
         if index == 0:  # model metadata lives in the first part only, as gguf-split writes it
@@ -85,19 +83,23 @@ def write_sparse_replica(out: str | Path, parts: int = PARTS,
         writer.add_uint16("split.no", index)
         writer.add_uint16("split.count", parts)
         writer.add_int32("split.tensors.count", len(specs))
-        data_bytes = 0
+        data_bytes, biases = 0, {}
         for name, shape, ggml_type in tensors:
             nbytes = tensor_bytes(shape, ggml_type)
             writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=ggml_type)
+            if name.endswith("exp_probs_b.bias"):
+                biases[data_bytes] = rng.standard_normal(shape, dtype=np.float32)
             data_bytes += GGUFWriter.ggml_pad(nbytes, writer.data_alignment)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        data_start = GGUFWriter.ggml_pad(writer.fout[0].tell(), writer.data_alignment)
-        writer.fout[0].truncate(data_start + data_bytes)  # the data: a hole, read back as zeros
+        out_file = writer.fout[0]
+        data_start = GGUFWriter.ggml_pad(out_file.tell(), writer.data_alignment)
+        out_file.truncate(data_start + data_bytes)  # the data: a hole, read back as zeros
+        for offset, values in biases.items():
+            out_file.seek(data_start + offset)
+            out_file.write(values.tobytes())
         writer.close()
-        if progress is not None:
-            progress(index + 1, parts)
     return paths
 
 

@@ -4,11 +4,19 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+import ray
 from gguf import GGMLQuantizationType as T
 
+from cluster.config import ClusterConfig
+from cluster.head import ExpertCluster
+from cluster.placement import GiB
+from runtime.engine import Engine
 from runtime.gguf_file import GGUFModelFile
 from runtime.model import checked_config
 from runtime.tokenizer import Tokenizer
+from tests.ray_clusters import start_cluster
 
 # Kimi's special tokens at their ids in the real 163,840-token vocabulary (KIMI_GGUF.md, section 4).
 REAL_SPECIAL_IDS = {"[BOS]": 163584, "[EOS]": 163585, "<|im_end|>": 163586, "<|im_user|>": 163587,
@@ -56,3 +64,33 @@ def test_inspect_and_plan_on_the_replica(replica, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert plan.returncode == 0, plan.stderr
     assert "60 MoE layers over 4 nodes" in plan.stdout and "fits: every expert has a place" in plan.stdout
+
+
+@pytest.mark.slow
+def test_the_replica_generates_on_a_multi_node_cluster(replica):
+    """Kimi K2.6's widths end to end: the head's 9 GiB of attention and embeddings, 3 worker nodes paging
+    their experts from the sparse files (allow_disk), hidden states over gRPC, 163,840 logits."""
+    cluster = start_cluster(num_cpus=1, memory=12 * GiB)  # the head holds everything but routed experts
+    try:
+        for _ in range(3):
+            cluster.add_node(num_cpus=1, memory=2 * GiB)
+        cluster.wait_for_nodes(timeout=120)
+        ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False, _node_ip_address="127.0.0.1")
+        config = ClusterConfig.from_dict({"model": str(replica), "reserve_gb": 0, "allow_disk": True, "context": 64,
+                                          "max_sequences": 1}, "test")
+        with ExpertCluster(replica, config, repack="none", progress=False) as experts:
+            model = experts.start()
+            assert experts.placement.disk_backed and len(experts.workers) == 3
+            prompt = [REAL_SPECIAL_IDS["<|im_user|>"], 300, 301, REAL_SPECIAL_IDS["<|im_middle|>"]]
+            tokens = list(Engine(model, context_size=64).generate(prompt, 3))
+            # Every weight is zero, so every logit is: greedy takes the lowest id.
+            assert tokens == [0, 0, 0]
+            routed = experts.remote.routed
+            serving = {owner for layer in range(1, 61) for expert in np.flatnonzero(routed[layer])
+                       for owner in experts.placement.owners(layer, int(expert))}
+            assert set(experts.workers) <= serving, "every worker computed experts"
+            assert routed[1:].sum() == 60 * 8 * (len(prompt) + 2)  # 8 experts a token in every MoE layer
+            assert experts.status()["down"] == {}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
