@@ -116,7 +116,7 @@ class Sampler:
         """The mask of what top-p keeps, and min-p too if its mask is given."""
         weights = np.exp(values - top, dtype=np.float32)
         total = float(weights.sum())  # numpy sums float32 pairwise: float64 would add nothing that matters
-        if min_p_kept is None:
+        if min_p_kept is None or np.count_nonzero(min_p_kept) == values.size:
             return nucleus(values, self.params.top_p, weights, total)
         # Both filters keep a prefix of the tokens by logit, so together they keep the shorter. When min-p's
         # holds less than top_p of the mass (a margin covers the float32 sum), it is; else top-p's is, and
@@ -226,7 +226,11 @@ def nucleus(values: np.ndarray, top_p: float, weights: np.ndarray | None = None,
         low = values[values > -np.inf].min()
         values = np.maximum(values, low)
     span = values.max() - low
-    scale = np.float32(NUCLEUS_BUCKETS / span if span > 0 else 0.0)
+    if span == 0:  # every logit equal (or -inf): weights of 1 (or 0), so the first ceil(needed) ids of weight 1
+        kept, count, finite = np.zeros(values.size, bool), max(1, math.ceil(needed)), weights > 0
+        kept[np.s_[:count] if finite.all() else np.flatnonzero(finite)[:count]] = True
+        return kept
+    scale = np.float32(NUCLEUS_BUCKETS / span)
     # intp indices and float64 weights: bincount's own conversions cost five times its count
     buckets = np.minimum(((values - low) * scale).astype(np.intp), NUCLEUS_BUCKETS - 1)
     mass = np.bincount(buckets, weights=weights.astype(np.float64), minlength=NUCLEUS_BUCKETS)

@@ -178,3 +178,10 @@ def test_a_batch_of_rows_samples_as_each_row_alone():
         assert isinstance(batched[5], ValueError) and "NaN" in str(batched[5])
         assert [t for i, t in enumerate(batched) if i != 5] == \
             [Sampler(p).sample(logits[i], histories[i]) for i, p in enumerate(params) if i != 5]
+
+
+def test_the_nucleus_of_equal_logits_is_the_first_ids_that_can_be_drawn():
+    values = np.zeros(1000, np.float32)
+    values[::3] = -np.inf  # 666 tokens left, of weight 1 each
+    kept = np.flatnonzero(nucleus(values, 0.5))
+    assert kept.tolist() == [i for i in range(1000) if i % 3][:333]
