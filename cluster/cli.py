@@ -1,4 +1,4 @@
-"""kimi-cluster command line: serve, chat, generate, plan, inspect, make-model, demo."""
+"""kimi-cluster command line: serve, chat, generate, plan, probe, inspect, make-model, demo."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import platform
 import re
 import signal
 import sys
@@ -13,14 +14,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 DEMO_PATH = Path.home() / ".cache" / "kimi-cluster" / "kimi-demo-tiny.gguf"
 DEMO_PROMPT = "Write one sentence about pooling the memory of several computers."
 DEFAULT_CONTEXT, DEFAULT_MAX_SEQUENCES = 4096, 16
-
-
 REPLICA_PRESET = "k2.6-replica"
+PROBE_CACHE = Path.home() / ".cache" / "kimi-cluster" / "probe"
 
 
 def _cluster_config(args):
@@ -61,6 +62,8 @@ def _model_session(args, config, model_file=None, tokenizer=None):
     if config is None:
         model = KimiModel(model_file, GgmlRunner(args.threads), repack=_repack_that_fits(args.repack, model_file),
                           progress=sys.stderr.isatty())
+        if not _experts_fit(model_file):  # paged from disk: see ExpertShard.read_on_demand
+            model.experts.read_on_demand(model_file)
         model.load(progress=sys.stderr.isatty())
         yield model, tokenizer, None
         return
@@ -78,17 +81,24 @@ def _repack_that_fits(repack: str, model_file, available_bytes: int | None = Non
     them in place instead (mapped pages, which the OS can drop and read again) rather than fail to load."""
     if repack not in ("experts", "all"):
         return repack
-    expert_bytes = model_file.routed_expert_bytes()
     if available_bytes is None:
         from cluster.failover import available_memory_bytes
         available_bytes = available_memory_bytes()
-    if expert_bytes <= 0.9 * available_bytes:
+    if _experts_fit(model_file, available_bytes):
         return repack
     fallback = {"experts": "none", "all": "head"}[repack]
-    print(f"kimi-cluster: the routed experts ({expert_bytes / 2**30:.1f} GiB) do not fit in this machine's "
-          f"{available_bytes / 2**30:.1f} GiB of free memory, so they are read in place from the file rather "
-          f"than interleaved (--repack {fallback})", file=sys.stderr)
+    print(f"kimi-cluster: the routed experts ({model_file.routed_expert_bytes() / 2**30:.1f} GiB) do not fit in "
+          f"this machine's {available_bytes / 2**30:.1f} GiB of free memory, so they are read in place from the "
+          f"file rather than interleaved (--repack {fallback})", file=sys.stderr)
     return fallback
+
+
+def _experts_fit(model_file, available_bytes: int | None = None) -> bool:
+    """Whether every routed expert fits in this machine's free memory (with a tenth to spare)."""
+    if available_bytes is None:
+        from cluster.failover import available_memory_bytes
+        available_bytes = available_memory_bytes()
+    return model_file.routed_expert_bytes() <= 0.9 * available_bytes
 
 
 def _prompt_tokens(tokenizer, text: str, chat: bool) -> list[int]:
@@ -147,13 +157,20 @@ def _generate(args, params, model, tokenizer, context: int) -> None:
 
 def cmd_plan(args) -> None:
     """Print where every expert would live, and whether the pool is big enough, without loading anything."""
+    from cluster.config import ClusterConfig
     from cluster.head import ExpertCluster, local_budgets
     from cluster.placement import PlacementError
     config = _cluster_config(args)
-    if config is None:
-        raise ValueError("give --config FILE (your machines) or --workers N (processes on this machine)")
+    if config is None:  # one process on this machine
+        given = {"model": args.model, "reserve_gb": args.reserve_gb, "allow_disk": bool(args.allow_disk),
+                 "context": args.context, "max_sequences": args.max_sequences}
+        config = ClusterConfig.from_dict({k: v for k, v in given.items() if v is not None}, "this machine")
     cluster = ExpertCluster(args.model, config, progress=False)
-    if args.workers:
+    here = args.workers or not args.config  # this machine's processes, not the config's machines
+    if args.estimate and not here and not config.nodes:
+        raise ValueError(f"--estimate needs the machines listed under 'nodes' in {config.source}, each with the "
+                         "`speed` that `kimi-cluster probe` printed on it")
+    if here:
         budgets = local_budgets(args.workers, args.worker_memory, args.head_memory)
     elif config.nodes:
         budgets = config.node_budgets()
@@ -168,6 +185,65 @@ def cmd_plan(args) -> None:
     print(placement.format_table())
     print("fits: every expert has a place" + (" (some paged from disk)" if placement.disk_backed else "")
           + (f"; {placement.replica_count} second copies of workers' experts" if placement.replicas else ""))
+    if args.estimate:
+        from cluster.estimate import ModelCost, estimate
+        cost = ModelCost.from_model(cluster.model_file, cluster.model_config)
+        speeds = _local_speeds(args, cost, budgets) if here else _config_speeds(config)
+        print(estimate(cost, placement, speeds, args.streams).format())
+        print("(an estimate: routing taken as uniform, figures as probed; expect the real figure within about 30%)")
+
+
+def _model_types(cost) -> set[str]:
+    return set(cost.head_bytes) | {t for per_type in cost.expert_bytes.values() for t in per_type}
+
+
+def _local_speeds(args, cost, budgets) -> dict:
+    """Head and --workers on this machine, with this machine's probe (kept from `kimi-cluster probe`)."""
+    from cluster.estimate import NodeSpeed
+    speed = _probe_here(_model_types(cost))
+    worker_threads = max(1, speed.cores // (args.workers + 1))
+    return {b.name: NodeSpeed("this machine", speed, speed.cores if b.is_head else worker_threads) for b in budgets}
+
+
+def _config_speeds(config) -> dict:
+    from cluster.estimate import NodeSpeed
+    missing = [n.name for n in config.nodes if n.speed is None]
+    if missing:
+        raise ValueError(f"no speed figures for {', '.join(missing)} in {config.source}: run `kimi-cluster probe "
+                         "MODEL` on each of those machines and paste what it prints under the node")
+    head = config.head_node
+    return {n.name: NodeSpeed(n.address, n.speed, n.speed.cores, 0.0 if n is head else n.round_trip_ms, n.link_gbps)
+            for n in config.nodes}
+
+
+def _probe_here(types: set[str]):
+    """This machine's figures: kept from an earlier probe that covered these types, else measured now."""
+    from cluster.estimate import MachineSpeed
+    from cluster.probe import probe
+    kept = PROBE_CACHE / f"{platform.node()}.json"
+    if kept.exists():
+        speed = MachineSpeed.from_dict(json.loads(kept.read_text()))
+        if types <= set(speed.read_gbps):
+            return speed
+    speed = probe(types, progress=lambda line: print(f"kimi-cluster probe: {line}", file=sys.stderr, flush=True))
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_text(json.dumps(speed.to_dict()))
+    return speed
+
+
+def cmd_probe(args) -> None:
+    from cluster.estimate import ModelCost
+    from runtime.gguf_file import GGUFModelFile
+    from runtime.model import checked_config
+    model_file = GGUFModelFile(args.model)
+    kept = PROBE_CACHE / f"{platform.node()}.json"
+    kept.unlink(missing_ok=True)  # measure afresh
+    speed = _probe_here(_model_types(ModelCost.from_model(model_file, checked_config(model_file))))
+    print(f"# measured by `kimi-cluster probe` on {platform.node()} ({speed.cores} cores); paste under this node in "
+          "the cluster config,\n# with its link: round_trip_ms (ping to the head, e.g. 0.2) and link_gbps (10 GbE: "
+          "1.25)")
+    print(yaml.safe_dump({"speed": json.loads(json.dumps(speed.to_dict(), default=float))}, sort_keys=False,
+                         default_flow_style=None).rstrip())
 
 
 def cmd_inspect(args) -> None:
@@ -516,8 +592,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plan the head's KV cache for this many tokens per sequence (default: the config's)")
     p.add_argument("--max-sequences", type=int, default=None,
                    help="... and for this many sequences at once (default: the config's)")
+    p.add_argument("--estimate", action="store_true",
+                   help="also predict decode tokens/s (one stream and --streams) and prefill tokens/s from each "
+                        "node's `speed` in the config (what `kimi-cluster probe` printed there); with --workers, "
+                        "from this machine's probe (run now if not done before)")
+    p.add_argument("--streams", type=int, default=16, help="streams for the batched estimate (default %(default)s)")
     _add_cluster_args(p)
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("probe", help="measure this machine's speed for a model, for `plan --estimate`",
+                       description="Measure how fast this machine streams and computes each weight type the "
+                                   "model uses, and the runtime's fixed cost per layer (alone and with a local "
+                                   "worker; starts Ray for a few seconds). Prints the figures as YAML to paste "
+                                   "under this node in the cluster config, and keeps them for `plan --estimate "
+                                   "--workers N` here. Takes about 15 s; run it on each machine, idle.")
+    p.add_argument("model", help="path to the .gguf file (or its first part): only its header is read")
+    p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("inspect", help="show a model's metadata, tensor types and sizes")
     p.add_argument("model")

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from .estimate import MachineSpeed
 from .placement import REPLICA_MODES, GiB, NodeBudget
 
 WIRE_DTYPES = ("f32", "f16", "bf16")
@@ -19,7 +20,7 @@ MIN_TOKEN_CHARS = 16
 TOP_LEVEL_KEYS = ("ray_address", "model", "model_paths", "nodes", "reserve_gb", "port", "token", "token_file",
                   "tls", "wire_dtype", "allow_disk", "context", "max_sequences", "threads", "deadline_s",
                   "api_key", "replicas", "respread_after_s")
-NODE_KEYS = ("name", "address", "memory_gb", "head")
+NODE_KEYS = ("name", "address", "memory_gb", "head", "speed", "round_trip_ms", "link_gbps")
 TLS_KEYS = ("cert", "key", "ca")
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
                list: "a list", dict: "a mapping"}
@@ -38,6 +39,9 @@ class NodeConfig:
     address: str  # hostname or IP, as Ray sees the node
     memory_gb: float  # GiB this node offers in total (the reserve is taken off it)
     is_head: bool = False
+    speed: MachineSpeed | None = None  # what `kimi-cluster probe` measured on it, for `plan --estimate`
+    round_trip_ms: float = 0.0  # its link's round trip to the head, beyond loopback
+    link_gbps: float = 1.25  # its link's bandwidth in GB/s (10 GbE: 1.25)
 
 
 @dataclass(frozen=True)
@@ -182,7 +186,20 @@ def _node(data: Any, where: str, source: str) -> NodeConfig:
     return NodeConfig(name=section.get("name", str, required=True),
                       address=section.get("address", str, required=True),
                       memory_gb=section.get("memory_gb", float, required=True, above=0),
-                      is_head=section.get("head", bool, False))
+                      is_head=section.get("head", bool, False),
+                      speed=_speed(section.get("speed", dict, None, nullable=True), where, source),
+                      round_trip_ms=section.get("round_trip_ms", float, 0.0, at_least=0),
+                      link_gbps=section.get("link_gbps", float, 1.25, above=0))
+
+
+def _speed(data: Mapping[str, Any] | None, where: str, source: str) -> MachineSpeed | None:
+    if data is None:
+        return None
+    try:
+        return MachineSpeed.from_dict(data)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ClusterConfigError(f"{source}: 'speed' in {where} is not what `kimi-cluster probe` prints "
+                                 f"({type(e).__name__}: {e}); paste its output again") from None
 
 
 def _check_nodes(nodes: tuple[NodeConfig, ...], source: str) -> None:

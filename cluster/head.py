@@ -238,8 +238,10 @@ class ExpertCluster:
         with tqdm(total=self.model_file.routed_expert_bytes(owned), unit="B", unit_scale=True, desc=f"{'head':>16s}", disable=not self.progress,
                   leave=False) as bar:
             shard = ExpertShard.from_model_file(self.model_file, runner, owned, self._repack_experts, bar.update)
-            if self.placement.in_memory(self.placement.head_node):  # else reading it all only evicts it
+            if self.placement.in_memory(self.placement.head_node):
                 shard.touch(bar.update)
+            else:  # reading it all would only evict the first of it
+                shard.read_on_demand(self.model_file)
         shard.grouped = self.repack == "all"
         return shard
 

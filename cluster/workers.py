@@ -62,6 +62,8 @@ class ExpertWorker:
             shard = ExpertShard.from_model_file(model_file, self.runner, self.owned, self.repack, self._count)
             if self.prefetch:
                 shard.touch(self._count)
+            else:
+                shard.read_on_demand(model_file)
             shard.grouped = self.grouped
             self._hold(shard)
         except Exception as e:  # reported to the head through progress(), which names this node
@@ -86,10 +88,12 @@ class ExpertWorker:
         """Load more experts from this node's copy of the file and serve them too (taking over a lost
         worker's share); returns their bytes once they are served. Nodes without a copy get them from the
         head through LoadShard instead."""
-        shard = ExpertShard.from_model_file(GGUFModelFile(model_path), self.runner,
-                                            {int(k): v for k, v in owned.items()}, self.repack)
+        model_file = GGUFModelFile(model_path)
+        shard = ExpertShard.from_model_file(model_file, self.runner, {int(k): v for k, v in owned.items()}, self.repack)
         if self.prefetch:
             shard.touch()
+        else:
+            shard.read_on_demand(model_file)
         shard.grouped = self.grouped
         self._hold(shard)
         return shard.nbytes

@@ -57,6 +57,10 @@ PRESETS = {
     "k2-depth": Preset(n_embd=256, num_layers=61, num_dense_layers=1, num_heads=4, q_lora_rank=256,
                        kv_lora_rank=256, head_dim_nope=64, rope_dim=32, head_dim_v=64, n_ff_dense=512,
                        n_ff_expert=32, num_experts=384, num_experts_used=8, base_dtype="f16"),
+    # For `kimi-cluster probe`: the runtime's fixed cost per layer, at widths where the math is small.
+    "probe": Preset(n_embd=256, num_layers=16, num_dense_layers=1, num_heads=4, q_lora_rank=256, kv_lora_rank=256,
+                    head_dim_nope=64, rope_dim=32, head_dim_v=64, n_ff_dense=512, n_ff_expert=32, num_experts=64,
+                    num_experts_used=8, base_dtype="f16"),
     # Kimi K2's real widths; 16 experts instead of 384 and 3 layers instead of 61.
     "k2-slice": Preset(n_embd=7168, num_layers=3, num_dense_layers=1, num_heads=64, q_lora_rank=1536,
                        kv_lora_rank=512, head_dim_nope=128, rope_dim=64, head_dim_v=128, n_ff_dense=18432,

@@ -8,6 +8,7 @@ cluster/ provides the remote implementation (gRPC fan-out to shards on other mac
 """
 from __future__ import annotations
 
+import mmap
 import threading
 from collections import OrderedDict
 from typing import Callable, Mapping, Protocol, Sequence
@@ -17,7 +18,7 @@ import numpy as np
 from .ggml_experts import grouped_expert_ffn, runs_grouped
 from .ggml_graph import PlannedGraph
 from .ggml_ops import GgmlRunner, RepackedWeight, Weight, moe_subgraph, repack
-from .gguf_file import GGUFModelFile
+from .gguf_file import ByteRange, GGUFModelFile
 
 PAGE_BYTES = 4096
 PLANNED_SLOTS = 64  # calls with up to this many (row, slot) pairs run on planned graphs
@@ -51,6 +52,8 @@ class ExpertShard:
         self.tensors = dict(tensors)
         self.local_index = dict(local_index)  # layer -> [num_experts] int32, -1 where not held
         self.grouped = False
+        self._paged_from: GGUFModelFile | None = None  # see read_on_demand
+        self._paged_in: set[tuple[int, int]] = set()
         # Decode-sized calls reuse planned graphs (per layer and shape): building one costs more than its math.
         self._graphs: OrderedDict[tuple[int, int, int], PlannedGraph] = OrderedDict()
         self._graphs_lock = threading.Lock()
@@ -103,6 +106,7 @@ class ExpertShard:
     def _ffn(self, layer: int, hidden: np.ndarray, local_ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         num_tokens, k = local_ids.shape
         t = self.tensors[layer]
+        self._page_in(layer, local_ids)
         if self.runs_grouped(layer, num_tokens * k):
             return grouped_expert_ffn(self.runner, t, hidden, local_ids, weights)
         if num_tokens * k > PLANNED_SLOTS:  # prompt-sized: planned memory would be large, and building is cheap beside the math
@@ -150,6 +154,31 @@ class ExpertShard:
         outputs = self._ffn(layer, np.ascontiguousarray(hidden[rows], np.float32), local[:, None], weights[:, None])
         return sum_pairs(rows, outputs, len(hidden))
 
+    def read_on_demand(self, model_file: GGUFModelFile) -> None:
+        """For experts read in place that this node's memory cannot hold all at once (allow_disk): no
+        read-ahead around page faults, which would read neighbouring experts nobody asked for and evict
+        ones in use (with an 8 MB read-ahead, paged experts never settled in memory); instead each request's
+        experts are asked of the OS before they are computed, one read each."""
+        for layer, kinds in self.tensors.items():
+            for kind, weight in kinds.items():
+                if not isinstance(weight, RepackedWeight):
+                    info = model_file.info(f"blk.{layer}.ffn_{kind}_exps.weight")
+                    model_file.advise(ByteRange(info.shard, info.offset, info.nbytes), mmap.MADV_RANDOM)
+        self._paged_from = model_file
+
+    def _page_in(self, layer: int, local_ids: np.ndarray) -> None:
+        """Ask the OS for each expert the first time it is used (asking again costs a walk over its pages;
+        an expert evicted since is read back by page faults)."""
+        if self._paged_from is None:
+            return
+        for expert in np.unique(local_ids).tolist():
+            if (layer, expert) in self._paged_in:
+                continue
+            self._paged_in.add((layer, expert))
+            for kind, weight in self.tensors[layer].items():
+                if not isinstance(weight, RepackedWeight):  # views: local ids are the file's expert ids
+                    self._paged_from.advise(self._paged_from.expert_range(layer, expert, kind), mmap.MADV_WILLNEED)
+
     def holds(self, layer: int, experts: np.ndarray) -> np.ndarray:
         """Per expert id, whether this shard holds it for the layer."""
         index = self.local_index.get(layer)
@@ -190,6 +219,31 @@ class ShardSet:
         if held is None:
             return more
         return cls([*(held.shards if isinstance(held, ShardSet) else [held]), more])
+
+    def read_on_demand(self, model_file: GGUFModelFile) -> None:
+        """For experts read in place that this node's memory cannot hold all at once (allow_disk): no
+        read-ahead around page faults, which would read neighbouring experts nobody asked for and evict
+        ones in use (with an 8 MB read-ahead, paged experts never settled in memory); instead each request's
+        experts are asked of the OS before they are computed, one read each."""
+        for layer, kinds in self.tensors.items():
+            for kind, weight in kinds.items():
+                if not isinstance(weight, RepackedWeight):
+                    info = model_file.info(f"blk.{layer}.ffn_{kind}_exps.weight")
+                    model_file.advise(ByteRange(info.shard, info.offset, info.nbytes), mmap.MADV_RANDOM)
+        self._paged_from = model_file
+
+    def _page_in(self, layer: int, local_ids: np.ndarray) -> None:
+        """Ask the OS for each expert the first time it is used (asking again costs a walk over its pages;
+        an expert evicted since is read back by page faults)."""
+        if self._paged_from is None:
+            return
+        for expert in np.unique(local_ids).tolist():
+            if (layer, expert) in self._paged_in:
+                continue
+            self._paged_in.add((layer, expert))
+            for kind, weight in self.tensors[layer].items():
+                if not isinstance(weight, RepackedWeight):  # views: local ids are the file's expert ids
+                    self._paged_from.advise(self._paged_from.expert_range(layer, expert, kind), mmap.MADV_WILLNEED)
 
     def holds(self, layer: int, experts: np.ndarray) -> np.ndarray:
         return np.logical_or.reduce([shard.holds(layer, experts) for shard in self.shards])
@@ -249,3 +303,7 @@ class LocalExperts:
 
     def graph_weights(self, layer: int, slots: int) -> Mapping[str, Weight | RepackedWeight] | None:
         return None if self.shard.runs_grouped(layer, slots) else self.shard.tensors[layer]
+
+    def read_on_demand(self, model_file: GGUFModelFile) -> None:
+        """See ExpertShard.read_on_demand; inside the model's graph, experts are then read page by page."""
+        self.shard.read_on_demand(model_file)

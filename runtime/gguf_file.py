@@ -167,11 +167,16 @@ class GGUFModelFile:
         """Read a tensor's pages in now: the OS is asked to read ahead (one big read from disk, not a fault
         per 4 KB page during the first token), then every page is touched so that it is mapped."""
         info = self.info(name)
-        mapped = self._readers[info.shard].data._mmap
-        first_page = info.offset // mmap.PAGESIZE * mmap.PAGESIZE
-        if mapped is not None:
-            mapped.madvise(mmap.MADV_WILLNEED, first_page, info.offset + info.nbytes - first_page)
+        self.advise(ByteRange(info.shard, info.offset, info.nbytes), mmap.MADV_WILLNEED)
         int(self.raw(name)[::mmap.PAGESIZE].sum(dtype=np.uint64))
+
+    def advise(self, byte_range: ByteRange, advice: int) -> None:
+        """Tell the OS how the pages of these bytes (and of the pages they share with neighbours) will be
+        read: mmap.MADV_WILLNEED, MADV_RANDOM, ..."""
+        mapped = self._readers[byte_range.shard].data._mmap
+        first_page = byte_range.offset // mmap.PAGESIZE * mmap.PAGESIZE
+        if mapped is not None:
+            mapped.madvise(advice, first_page, byte_range.offset + byte_range.nbytes - first_page)
 
     def release(self, name: str) -> None:
         """Drop a tensor's pages from this process (they stay in the OS page cache), e.g. after copying it."""

@@ -13,7 +13,7 @@ from runtime.config import ModelConfig
 from runtime.gguf_file import GGUFModelFile
 
 REQUIRED = {"generate": ["m.gguf", "--prompt", "hi"], "serve": ["m.gguf"], "chat": [], "plan": ["m.gguf"],
-            "inspect": ["m.gguf"], "make-model": ["out.gguf"], "demo": []}
+            "inspect": ["m.gguf"], "make-model": ["out.gguf"], "demo": [], "probe": ["m.gguf"]}
 
 
 def subcommands():
