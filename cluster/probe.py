@@ -18,11 +18,16 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from cluster.estimate import MachineSpeed
+from runtime.demo_model import Preset
 from runtime.ggml_ops import GgmlRunner, Weight
 
 READ_BYTES = 256 << 20  # far beyond any cache, and a matmul's fixed cost is noise beside it
 ROW_LENGTH = 7168  # Kimi K2's width: a multiple of every block size
 PROBE_TOKENS, PROBE_WARMUP = 40, 4
+# The runtime's fixed cost per layer shows on a model in the Kimi layout whose math is a few microseconds.
+PROBE_MODEL = Preset(n_embd=256, num_layers=16, num_dense_layers=1, num_heads=4, q_lora_rank=256, kv_lora_rank=256,
+                     head_dim_nope=64, rope_dim=32, head_dim_v=64, n_ff_dense=512, n_ff_expert=32, num_experts=64,
+                     num_experts_used=8, base_dtype="f16")
 
 
 def _timed(call: Callable[[], object], repeats: int = 5) -> float:
@@ -66,13 +71,12 @@ def layer_costs(folder: Path) -> tuple[float, float, float]:
     for a second one. The probe model's math is a few microseconds a layer: what is left is fixed cost."""
     from cluster.config import ClusterConfig
     from cluster.head import ExpertCluster
-    from runtime.demo_model import PRESETS, make_model
+    from runtime.demo_model import make_model
     from runtime.engine import Engine
     from runtime.gguf_file import GGUFModelFile
     from runtime.model import KimiModel
-    path = make_model(folder / "probe.gguf", preset="probe")
-    preset = PRESETS["probe"]
-    moe_layers = preset.num_layers - preset.num_dense_layers
+    path = make_model(folder / "probe.gguf", preset=PROBE_MODEL)
+    moe_layers = PROBE_MODEL.num_layers - PROBE_MODEL.num_dense_layers
 
     def step_ms(model) -> float:
         steps: list[float] = []
@@ -91,7 +95,7 @@ def layer_costs(folder: Path) -> tuple[float, float, float]:
 
     alone = step_ms(KimiModel(GGUFModelFile(path)))
     one, two = with_workers(1), with_workers(2)
-    return alone / preset.num_layers, max(0.0, one - alone) / moe_layers, max(0.0, two - one) / moe_layers
+    return alone / PROBE_MODEL.num_layers, max(0.0, one - alone) / moe_layers, max(0.0, two - one) / moe_layers
 
 
 def probe(types: set[str], progress: Callable[[str], None] = lambda line: None) -> MachineSpeed:

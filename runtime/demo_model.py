@@ -57,10 +57,6 @@ PRESETS = {
     "k2-depth": Preset(n_embd=256, num_layers=61, num_dense_layers=1, num_heads=4, q_lora_rank=256,
                        kv_lora_rank=256, head_dim_nope=64, rope_dim=32, head_dim_v=64, n_ff_dense=512,
                        n_ff_expert=32, num_experts=384, num_experts_used=8, base_dtype="f16"),
-    # For `kimi-cluster probe`: the runtime's fixed cost per layer, at widths where the math is small.
-    "probe": Preset(n_embd=256, num_layers=16, num_dense_layers=1, num_heads=4, q_lora_rank=256, kv_lora_rank=256,
-                    head_dim_nope=64, rope_dim=32, head_dim_v=64, n_ff_dense=512, n_ff_expert=32, num_experts=64,
-                    num_experts_used=8, base_dtype="f16"),
     # Kimi K2's real widths; 16 experts instead of 384 and 3 layers instead of 61.
     "k2-slice": Preset(n_embd=7168, num_layers=3, num_dense_layers=1, num_heads=64, q_lora_rank=1536,
                        kv_lora_rank=512, head_dim_nope=128, rope_dim=64, head_dim_v=128, n_ff_dense=18432,
@@ -149,9 +145,10 @@ def _random_tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...], 
     return (rng.standard_normal(shape, dtype=np.float32) * np.float32(scale / np.sqrt(fan_in)))
 
 
-def write_base_model(path: str | Path, preset: str = "tiny", seed: int = 0, legacy_attention: bool = False) -> Path:
+def write_base_model(path: str | Path, preset: str | Preset = "tiny", seed: int = 0,
+                     legacy_attention: bool = False) -> Path:
     """Write an unquantized model (F32 for tiny, F16 matrices for k2-slice) with the demo tokenizer."""
-    p = PRESETS[preset]
+    p = PRESETS[preset] if isinstance(preset, str) else preset
     tokenizer = demo_tokenizer_metadata()
     vocab_size = len(tokenizer["tokenizer.ggml.tokens"])
     path = Path(path)
@@ -199,10 +196,10 @@ def quantize_with_llama_cpp(src: Path, dst: Path, quant: str, threads: int = 2) 
     return dst
 
 
-def make_model(out: str | Path, preset: str = "tiny", quant: str | None = None, seed: int = 0,
+def make_model(out: str | Path, preset: str | Preset = "tiny", quant: str | None = None, seed: int = 0,
                legacy_attention: bool = False) -> Path:
     """Write a demo model to `out`; with `quant`, quantized by llama.cpp from a temporary base file."""
-    if preset not in PRESETS:
+    if isinstance(preset, str) and preset not in PRESETS:
         raise ValueError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ def test_the_demo_vocabulary_is_described_as_it_is():
 
 
 def test_every_make_model_preset_is_documented():
-    listed = re.search(r"--preset ([\w|\\-]+)\]", README)[1].replace("\\", "").split("|")
+    listed = re.search(r"--preset ([\w|\\.-]+)\]", README)[1].replace("\\", "").split("|")
     choices = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices["make-model"]._actions
                    if a.dest == "preset").choices
-    assert listed == list(choices) == list(PRESETS)
+    assert listed == list(choices) == [*PRESETS, cli.REPLICA_PRESET]
