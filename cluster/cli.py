@@ -242,8 +242,7 @@ def cmd_probe(args) -> None:
     print(f"# measured by `kimi-cluster probe` on {platform.node()} ({speed.cores} cores); paste under this node in "
           "the cluster config,\n# with its link: round_trip_ms (ping to the head, e.g. 0.2) and link_gbps (10 GbE: "
           "1.25)")
-    print(yaml.safe_dump({"speed": json.loads(json.dumps(speed.to_dict(), default=float))}, sort_keys=False,
-                         default_flow_style=None).rstrip())
+    print(yaml.safe_dump({"speed": speed.to_dict()}, sort_keys=False, default_flow_style=None).rstrip())
 
 
 def cmd_inspect(args) -> None:

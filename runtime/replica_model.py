@@ -76,7 +76,7 @@ def write_sparse_replica(out: str | Path, parts: int = PARTS, seed: int = 0) -> 
     for index, (path, tensors) in enumerate(zip(paths, _split_by_bytes(specs, parts))):
         writer = GGUFWriter(path, ARCH)
         if index == 0:  # model metadata lives in the first part only, as gguf-split writes it
-            write_metadata(writer, p, vocab_size, name="Kimi-K2.6 replica (sparse: every tensor is zeros)")
+            write_metadata(writer, p, vocab_size, name="Kimi-K2.6 replica (sparse: zeros but the routers' biases)")
             add_tokenizer_to(writer, tokenizer)
         else:
             writer.kv_data[0].clear()  # drop general.architecture: later parts hold only the split keys

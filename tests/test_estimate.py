@@ -2,6 +2,7 @@
 (k2-slice) and its size (the sparse replica), in one process and with 1 and 2 local workers."""
 from __future__ import annotations
 
+import dataclasses
 import statistics
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from cluster.config import ClusterConfig
 from cluster.estimate import ModelCost, NodeSpeed, estimate
 from cluster.head import ExpertCluster, local_budgets
-from cluster.probe import probe
+from cluster.probe import matmul_speeds, probe
 from runtime.demo_model import make_model
 from runtime.engine import Engine
 from runtime.ggml_ops import GgmlRunner
@@ -31,13 +32,16 @@ def models(model_dir, replica):
             "k2-slice": make_model(model_dir / "k2-slice-F16.gguf", preset="k2-slice"), "replica": replica}
 
 
+def model_types(cost: ModelCost) -> set[str]:
+    return set(cost.head_bytes) | {t for per_type in cost.expert_bytes.values() for t in per_type} | {"F32"}
+
+
 @pytest.fixture(scope="module")
 def this_machine(models):
     types = set()
     for path in models.values():
         model_file = GGUFModelFile(path)
-        cost = ModelCost.from_model(model_file, KimiModel(model_file).config)
-        types |= set(cost.head_bytes) | {t for per_type in cost.expert_bytes.values() for t in per_type}
+        types |= model_types(ModelCost.from_model(model_file, KimiModel(model_file).config))
     return probe(types)
 
 
@@ -53,7 +57,7 @@ def decode_ms(model, warmup: int, steps: int) -> float:
 
 @pytest.mark.parametrize("name", ["k2-depth", "k2-slice", "replica"])
 @pytest.mark.parametrize("workers", [0, 1, 2])
-def test_the_estimate_is_within_30_percent_of_a_run(models, this_machine, name, workers):
+def test_the_estimate_is_within_30_percent_of_a_run(models, this_machine, name, workers, tmp_path):
     path = models[name]
     head_gb, worker_gb = MEMORY_GB[name]
     config = ClusterConfig.from_dict({"model": str(path), "reserve_gb": 0.5, "allow_disk": True, "context": 64,
@@ -63,9 +67,6 @@ def test_the_estimate_is_within_30_percent_of_a_run(models, this_machine, name, 
                        progress=False) as cluster:
         placement = cluster.plan(budgets)
         cost = ModelCost.from_model(cluster.model_file, cluster.model_config)
-        threads = max(1, this_machine.cores // (workers + 1))
-        speeds = {b.name: NodeSpeed("here", this_machine, this_machine.cores if b.is_head else threads) for b in budgets}
-        predicted = 1000 / estimate(cost, placement, speeds).decode_tps
         if workers:
             model = cluster.start()
         else:
@@ -73,9 +74,17 @@ def test_the_estimate_is_within_30_percent_of_a_run(models, this_machine, name, 
             if placement.disk_backed:  # as `kimi-cluster generate` reads experts that do not fit
                 model.experts.read_on_demand(cluster.model_file)
             model.load(progress=False)
-        measured = decode_ms(model, *STEPS[name])
-        if abs(predicted - measured) > TOLERANCE * measured:
-            # Other load on a shared machine only ever adds time: a second run, and the faster counts.
-            measured = min(measured, decode_ms(model, *STEPS[name]))
+
+        def predict_and_measure() -> tuple[float, float]:
+            # This machine's memory bandwidth drifts over minutes: its matmul speeds are taken just before.
+            speed = dataclasses.replace(this_machine, **dict(zip(
+                ("read_gbps", "thread_read_gbps", "gflops"), matmul_speeds(model_types(cost), tmp_path))))
+            threads = max(1, speed.cores // (workers + 1))
+            speeds = {b.name: NodeSpeed("here", speed, speed.cores if b.is_head else threads) for b in budgets}
+            return 1000 / estimate(cost, placement, speeds).decode_tps, decode_ms(model, *STEPS[name])
+
+        predicted, measured = predict_and_measure()
+        if abs(predicted - measured) > TOLERANCE * measured:  # a burst of other load on this shared machine:
+            predicted, measured = predict_and_measure()  # figures and run once more
     print(f"{name}, {workers} workers: predicted {predicted:.1f} ms/token, measured {measured:.1f}")
     assert abs(predicted - measured) <= TOLERANCE * measured, (predicted, measured)
