@@ -79,6 +79,7 @@ class _Body(BaseModel):
     stream: bool = False
     stream_options: dict[str, bool] | None = None
     user: str | None = None
+    ignore_eos: bool = False  # vLLM's: generate past end-of-generation tokens, up to max_tokens (benchmarks)
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_k=max(self.top_k, 0), top_p=self.top_p,
@@ -456,7 +457,8 @@ def _engine_request(service: Service, prompt: list[int], max_tokens: int, body: 
     except SamplingParamError as e:
         raise ApiError(400, f"invalid value for '{e.field}': must be {e.allowed}, got {e.value!r}", param=e.field,
                        code="invalid_value") from None
-    return Request(tuple(prompt), max_tokens, params, service.tokenizer.eog_ids, top_logprobs)
+    stop_tokens = frozenset() if body.ignore_eos else service.tokenizer.eog_ids
+    return Request(tuple(prompt), max_tokens, params, stop_tokens, top_logprobs)
 
 
 def _text_stream(service: Service, body: _Body, markers=None, in_reasoning: bool = False) -> TextStream:

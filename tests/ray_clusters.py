@@ -5,12 +5,15 @@ import contextlib
 import os
 import signal
 import time
+from typing import Callable, TypeVar
 
+import ray
 from ray.cluster_utils import Cluster
 
 from tests.processes import live_descendants
 
 ATTEMPTS = 3
+T = TypeVar("T")
 
 
 def start_cluster(**head_node_args) -> Cluster:
@@ -32,3 +35,21 @@ def start_cluster(**head_node_args) -> Cluster:
             if attempt == ATTEMPTS:
                 raise
             time.sleep(5)
+
+
+def retry_ray_start(call: Callable[[], T]) -> T:
+    """call(), which starts a Ray of its own, once more if that Ray's node failed to register in time (the
+    same hiccup as above), after stopping what the failed start left behind."""
+    for attempt in range(1, ATTEMPTS + 1):
+        before = set(live_descendants())
+        try:
+            return call()
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for it
+            if "timed out during startup" not in str(e) or attempt == ATTEMPTS:
+                raise
+            ray.shutdown()
+            for pid in set(live_descendants()) - before:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(5)
+    raise AssertionError("unreachable")

@@ -213,14 +213,29 @@ def test_unknown_parameters_are_ignored(server):
     assert response.status_code == 200 and response.json()["choices"][0]["finish_reason"] == "length"
 
 
+def test_ignore_eos_keeps_generating_past_end_of_generation_tokens(server):
+    body = {**GOOD, "max_tokens": 100, "temperature": 2.0}
+    for seed in range(40):  # near-flat sampling: some seed draws an end-of-generation token early
+        ended = post(server, "/v1/completions", {**body, "seed": seed}).json()
+        if ended["choices"][0]["finish_reason"] == "stop":
+            break
+    else:
+        pytest.fail("no seed drew an end-of-generation token")
+    kept_on = post(server, "/v1/completions", {**body, "seed": seed, "ignore_eos": True}).json()
+    assert kept_on["choices"][0]["finish_reason"] == "length" and kept_on["usage"]["completion_tokens"] == 100
+    assert kept_on["choices"][0]["text"].startswith(ended["choices"][0]["text"])
+
+
 def test_a_client_that_goes_away_frees_its_sequence(parts):
-    # A context long enough that the sequence cannot finish by itself while the test looks at it (200
-    # tokens of the tiny model took less than one scrape once, with the engine's thread holding the GIL).
+    # A context long enough, and end-of-generation tokens ignored, so that the sequence cannot finish by
+    # itself while the test looks at it (200 tokens of the tiny model took less than one scrape once, and
+    # a sampled <|im_end|> ended one early).
     server = start_server(*parts, context=4096)
     try:
         engine = server.service.engine
         with httpx.stream("POST", f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
-                          json={**GOOD, "max_tokens": 4000, "stream": True}, timeout=60) as response:
+                          json={**GOOD, "max_tokens": 4000, "stream": True, "ignore_eos": True},
+                          timeout=60) as response:
             lines = response.iter_lines()
             assert next(lines).startswith("data: ")
             assert engine.running

@@ -16,6 +16,7 @@ from runtime.engine import Engine
 from runtime.ggml_ops import GgmlRunner
 from runtime.gguf_file import GGUFModelFile
 from runtime.model import KimiModel
+from tests.ray_clusters import retry_ray_start
 
 pytestmark = pytest.mark.slow
 TOLERANCE = 0.3
@@ -42,7 +43,7 @@ def this_machine(models):
     for path in models.values():
         model_file = GGUFModelFile(path)
         types |= model_types(ModelCost.from_model(model_file, KimiModel(model_file).config))
-    return probe(types)
+    return retry_ray_start(lambda: probe(types))
 
 
 def decode_ms(model, warmup: int, steps: int) -> float:
