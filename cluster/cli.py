@@ -60,9 +60,11 @@ def _model_session(args, config, model_file=None, tokenizer=None):
     model_file = model_file or GGUFModelFile(args.model)
     tokenizer = tokenizer or Tokenizer.from_metadata(model_file.metadata)
     if config is None:
-        model = KimiModel(model_file, GgmlRunner(args.threads), repack=_repack_that_fits(args.repack, model_file),
-                          progress=sys.stderr.isatty())
-        if not _experts_fit(model_file):  # paged from disk: see ExpertShard.read_on_demand
+        from cluster.failover import available_memory_bytes
+        available = available_memory_bytes()
+        model = KimiModel(model_file, GgmlRunner(args.threads), progress=sys.stderr.isatty(),
+                          repack=_repack_that_fits(args.repack, model_file, available))
+        if not _experts_fit(model_file, available):  # paged from disk: see ExpertShard.read_on_demand
             model.experts.read_on_demand(model_file)
         model.load(progress=sys.stderr.isatty())
         yield model, tokenizer, None
@@ -93,11 +95,8 @@ def _repack_that_fits(repack: str, model_file, available_bytes: int | None = Non
     return fallback
 
 
-def _experts_fit(model_file, available_bytes: int | None = None) -> bool:
-    """Whether every routed expert fits in this machine's free memory (with a tenth to spare)."""
-    if available_bytes is None:
-        from cluster.failover import available_memory_bytes
-        available_bytes = available_memory_bytes()
+def _experts_fit(model_file, available_bytes: int) -> bool:
+    """Whether every routed expert fits in this much free memory (with a tenth to spare)."""
     return model_file.routed_expert_bytes() <= 0.9 * available_bytes
 
 

@@ -220,31 +220,6 @@ class ShardSet:
             return more
         return cls([*(held.shards if isinstance(held, ShardSet) else [held]), more])
 
-    def read_on_demand(self, model_file: GGUFModelFile) -> None:
-        """For experts read in place that this node's memory cannot hold all at once (allow_disk): no
-        read-ahead around page faults, which would read neighbouring experts nobody asked for and evict
-        ones in use (with an 8 MB read-ahead, paged experts never settled in memory); instead each request's
-        experts are asked of the OS before they are computed, one read each."""
-        for layer, kinds in self.tensors.items():
-            for kind, weight in kinds.items():
-                if not isinstance(weight, RepackedWeight):
-                    info = model_file.info(f"blk.{layer}.ffn_{kind}_exps.weight")
-                    model_file.advise(ByteRange(info.shard, info.offset, info.nbytes), mmap.MADV_RANDOM)
-        self._paged_from = model_file
-
-    def _page_in(self, layer: int, local_ids: np.ndarray) -> None:
-        """Ask the OS for each expert the first time it is used (asking again costs a walk over its pages;
-        an expert evicted since is read back by page faults)."""
-        if self._paged_from is None:
-            return
-        for expert in np.unique(local_ids).tolist():
-            if (layer, expert) in self._paged_in:
-                continue
-            self._paged_in.add((layer, expert))
-            for kind, weight in self.tensors[layer].items():
-                if not isinstance(weight, RepackedWeight):  # views: local ids are the file's expert ids
-                    self._paged_from.advise(self._paged_from.expert_range(layer, expert, kind), mmap.MADV_WILLNEED)
-
     def holds(self, layer: int, experts: np.ndarray) -> np.ndarray:
         return np.logical_or.reduce([shard.holds(layer, experts) for shard in self.shards])
 
