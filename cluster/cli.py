@@ -21,7 +21,6 @@ DEMO_PATH = Path.home() / ".cache" / "kimi-cluster" / "kimi-demo-tiny.gguf"
 DEMO_PROMPT = "Write one sentence about pooling the memory of several computers."
 DEFAULT_CONTEXT, DEFAULT_MAX_SEQUENCES = 4096, 16
 REPLICA_PRESET = "k2.6-replica"
-PROBE_CACHE = Path.home() / ".cache" / "kimi-cluster" / "probe"
 
 
 def _cluster_config(args):
@@ -187,61 +186,50 @@ def cmd_plan(args) -> None:
     if args.estimate:
         from cluster.estimate import ModelCost, estimate
         cost = ModelCost.from_model(cluster.model_file, cluster.model_config)
-        speeds = _local_speeds(args, cost, budgets) if here else _config_speeds(config)
-        print(estimate(cost, placement, speeds, args.streams).format())
+        speeds = _local_speeds(args, cost, budgets) if here else _config_speeds(config, cost)
+        print(estimate(cost, placement, speeds, args.streams, args.prompt_tokens, args.decode_context).format())
         print("(an estimate: routing taken as uniform, figures as probed; expect the real figure within about 30%)")
-
-
-def _model_types(cost) -> set[str]:
-    return set(cost.head_bytes) | {t for per_type in cost.expert_bytes.values() for t in per_type}
 
 
 def _local_speeds(args, cost, budgets) -> dict:
     """Head and --workers on this machine, with this machine's probe (kept from `kimi-cluster probe`)."""
     from cluster.estimate import NodeSpeed
-    speed = _probe_here(_model_types(cost))
+    from cluster.probe import probe_here
+    speed = probe_here(cost, progress=_probe_progress)
     worker_threads = max(1, speed.cores // (args.workers + 1))
     return {b.name: NodeSpeed("this machine", speed, speed.cores if b.is_head else worker_threads) for b in budgets}
 
 
-def _config_speeds(config) -> dict:
-    from cluster.estimate import NodeSpeed
+def _config_speeds(config, cost) -> dict:
+    from cluster.estimate import NodeSpeed, check_probed_for
     missing = [n.name for n in config.nodes if n.speed is None]
     if missing:
         raise ValueError(f"no speed figures for {', '.join(missing)} in {config.source}: run `kimi-cluster probe "
                          "MODEL` on each of those machines and paste what it prints under the node")
+    for node in config.nodes:
+        check_probed_for(node.speed, cost, node.name)
     head = config.head_node
     return {n.name: NodeSpeed(n.address, n.speed, n.speed.cores, 0.0 if n is head else n.round_trip_ms, n.link_gbps)
             for n in config.nodes}
 
 
-def _probe_here(types: set[str]):
-    """This machine's figures: kept from an earlier probe that covered these types, else measured now."""
-    from cluster.estimate import MachineSpeed
-    from cluster.probe import probe
-    kept = PROBE_CACHE / f"{platform.node()}.json"
-    if kept.exists():
-        speed = MachineSpeed.from_dict(json.loads(kept.read_text()))
-        if types <= set(speed.read_gbps):
-            return speed
-    speed = probe(types, progress=lambda line: print(f"kimi-cluster probe: {line}", file=sys.stderr, flush=True))
-    kept.parent.mkdir(parents=True, exist_ok=True)
-    kept.write_text(json.dumps(speed.to_dict()))
-    return speed
+def _probe_progress(line: str) -> None:
+    print(f"kimi-cluster probe: {line}", file=sys.stderr, flush=True)
 
 
 def cmd_probe(args) -> None:
     from cluster.estimate import ModelCost
+    from cluster.probe import probe_here, round_trip_ms
     from runtime.gguf_file import GGUFModelFile
     from runtime.model import checked_config
     model_file = GGUFModelFile(args.model)
-    kept = PROBE_CACHE / f"{platform.node()}.json"
-    kept.unlink(missing_ok=True)  # measure afresh
-    speed = _probe_here(_model_types(ModelCost.from_model(model_file, checked_config(model_file))))
+    link = {"round_trip_ms": float(f"{round_trip_ms(args.head):.3g}")} if args.head else {}
+    speed = probe_here(ModelCost.from_model(model_file, checked_config(model_file)), fresh=True,
+                       progress=_probe_progress)
     print(f"# measured by `kimi-cluster probe` on {platform.node()} ({speed.cores} cores); paste under this node in "
-          "the cluster config,\n# with its link: round_trip_ms (ping to the head, e.g. 0.2) and link_gbps (10 GbE: "
-          "1.25)")
-    print(yaml.safe_dump({"speed": speed.to_dict()}, sort_keys=False, default_flow_style=None).rstrip())
+          "the cluster config,\n# with its link's bandwidth: link_gbps (GB/s; 10 GbE: 1.25)"
+          + ("" if args.head else " and round_trip_ms (ping to the head, or probe with --head)"))
+    print(yaml.safe_dump({**link, "speed": speed.to_dict()}, sort_keys=False, default_flow_style=None).rstrip())
 
 
 def cmd_inspect(args) -> None:
@@ -536,6 +524,13 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
                             "left over holds (default: the cluster config's, else 0)")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kimi-cluster",
@@ -594,17 +589,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also predict decode tokens/s (one stream and --streams) and prefill tokens/s from each "
                         "node's `speed` in the config (what `kimi-cluster probe` printed there); with --workers, "
                         "from this machine's probe (run now if not done before)")
-    p.add_argument("--streams", type=int, default=16, help="streams for the batched estimate (default %(default)s)")
+    p.add_argument("--streams", type=_positive_int, default=16,
+                   help="streams for the batched estimate (default %(default)s)")
+    p.add_argument("--prompt-tokens", type=_positive_int, default=512,
+                   help="prompt length for the prefill estimate (default %(default)s)")
+    p.add_argument("--decode-context", type=_positive_int, default=1024,
+                   help="tokens of context the decode estimate assumes (default %(default)s)")
     _add_cluster_args(p)
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("probe", help="measure this machine's speed for a model, for `plan --estimate`",
+    p = sub.add_parser("probe", help="measure this machine's speed for a model, for `plan --estimate` and "
+                                     "placement by speed",
                        description="Measure how fast this machine streams and computes each weight type the "
-                                   "model uses, and the runtime's fixed cost per layer (alone and with a local "
-                                   "worker; starts Ray for a few seconds). Prints the figures as YAML to paste "
-                                   "under this node in the cluster config, and keeps them for `plan --estimate "
-                                   "--workers N` here. Takes about 15 s; run it on each machine, idle.")
+                                   "model uses, how fast it computes routed experts of the model's shape, and "
+                                   "the runtime's fixed costs (alone, and with one and two local workers: starts "
+                                   "Ray twice). Prints the figures as YAML to paste under this node in the "
+                                   "cluster config, where `plan --estimate` and the placement (shares by speed) "
+                                   "use them, and keeps them for `plan --estimate --workers N` here. Takes about "
+                                   "two minutes; run it on each machine, idle.")
     p.add_argument("model", help="path to the .gguf file (or its first part): only its header is read")
+    p.add_argument("--head", metavar="HOST[:PORT]",
+                   help="also measure this machine's round trip to the head (TCP handshakes to its Ray port, "
+                        "6379, unless given), for round_trip_ms")
     p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("inspect", help="show a model's metadata, tensor types and sizes")
@@ -661,9 +667,10 @@ def main(argv: list[str] | None = None) -> int:
     # ggml's OpenMP threads spin between ops instead of sleeping: ~25% faster per token. Must be set before
     # ggml loads. Servers, and heads whose expert workers share their cores (--workers), spin only briefly
     # (GOMP_SPINCOUNT) and then sleep: an idle server costs nothing, and a head waiting for its workers does
-    # not starve them (measured with 2 local workers: prompt 30 -> 35 tokens/s, decode within 4%).
+    # not starve them (measured with 2 local workers: prompt 30 -> 35 tokens/s, decode within 4%). The probe
+    # (also run by `plan --estimate`) measures as servers run.
     os.environ.setdefault("OMP_WAIT_POLICY", "active")
-    if args.command in ("serve", "chat", "demo") or getattr(args, "workers", 0):
+    if args.command in ("serve", "chat", "demo", "probe", "plan") or getattr(args, "workers", 0):
         os.environ.setdefault("GOMP_SPINCOUNT", "300000")
     if args.command in ("serve", "chat", "demo"):
         signal.signal(signal.SIGTERM, _terminate)

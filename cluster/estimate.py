@@ -1,11 +1,14 @@
 """What speed a placement will give, before anything loads: a cost model over each machine's measured
 figures (`kimi-cluster probe`) and the model's bytes per token.
 
-A decode step reads every head weight once (attention, router, shared experts, output) and, per MoE layer,
-the routed experts its tokens picked, each on the node that holds it; nodes compute their shares at once,
-but nodes on one machine share its cores. Each layer also pays the runtime's fixed cost, and each worker
-a round trip. Prefill is the same walk with 512-row matmuls, bound by arithmetic instead of memory.
-Routing is taken as uniform (a node's share of a layer's experts is its share of that layer's work).
+A step reads every head weight once (attention, router, shared experts, output) and, per MoE layer, the
+routed experts its tokens picked, each on the node that holds it; nodes compute their shares at once,
+but nodes on one machine share its cores. A weight costs the longer of reading it and computing its rows;
+routed experts compute at the rate measured for their own shape (ggml's mul_mat_id, slower per row than a
+dense matmul). Attention computes every (query, cached position) pair. Each layer also pays the runtime's
+fixed cost, more for each further row and sequence in the step; each worker a round trip per layer and a
+cost per expert it computes. A prompt is the same walk with all its rows in one step. Routing is taken as
+uniform (a node's share of a layer's experts is its share of that layer's work).
 """
 from __future__ import annotations
 
@@ -18,8 +21,7 @@ from cluster.placement import Placement
 from runtime.config import ModelConfig
 from runtime.gguf_file import GGUFModelFile
 
-PREFILL_ROWS = 512
-SAMPLING_S = 0.0006  # Kimi's settings over 163,840 logits (bench_sampling)
+SAMPLING_S, SAMPLING_VOCAB = 0.0006, 163840  # Kimi's settings over its 163,840 logits (bench_sampling)
 WIRE_BYTES_PER_VALUE = 4  # hidden states travel as float32 both ways
 
 
@@ -29,10 +31,22 @@ class MachineSpeed:
     read_gbps: dict[str, float]  # ggml type -> GB/s of weights a one-row matmul streams (all cores)
     thread_read_gbps: dict[str, float]  # the same on one thread (a worker sharing the machine has one or two)
     gflops: dict[str, float]  # ggml type -> GFLOP/s of 512-row matmuls (all cores)
+    expert_gflops: dict[int, float]  # (row, expert) pairs per expert -> GFLOP/s of routed experts (all cores)
+    expert_shape: str  # the expert shape and types expert_gflops was measured on (ModelCost.expert_shape)
     layer_ms: float  # the runtime's fixed cost per layer and step, in one process
+    row_layer_us: float  # more per layer for each further row of a sequence in the step
+    sequence_layer_ms: float  # more per layer and step for each further sequence in the step
     remote_layer_ms: float  # more per MoE layer and step for a worker (its fixed cost and a loopback round trip)
+    remote_expert_us: float  # more per expert of a layer a worker computes in a step
     next_worker_ms: float  # more again for each further worker on the head's machine, sharing its cores
     cores: int
+
+    def expert_rate(self, pairs_per_expert: float) -> float:
+        """GFLOP/s of routed experts at this many pairs per expert: between the measured points, linear in
+        the logarithm of the pairs; outside them, the nearest."""
+        points = sorted(self.expert_gflops.items())
+        return float(np.interp(np.log(max(pairs_per_expert, 1e-9)), [np.log(p) for p, _ in points],
+                               [rate for _, rate in points]))
 
     def to_dict(self) -> dict:
         """Rounded to 3 significant digits: more would be noise."""
@@ -40,16 +54,23 @@ class MachineSpeed:
             return float(f"{value:.3g}")
         return {"read_gbps": {k: rounded(v) for k, v in self.read_gbps.items()},
                 "thread_read_gbps": {k: rounded(v) for k, v in self.thread_read_gbps.items()},
-                "gflops": {k: rounded(v) for k, v in self.gflops.items()}, "layer_ms": rounded(self.layer_ms),
-                "remote_layer_ms": rounded(self.remote_layer_ms), "next_worker_ms": rounded(self.next_worker_ms),
+                "gflops": {k: rounded(v) for k, v in self.gflops.items()},
+                "expert_gflops": {k: rounded(v) for k, v in self.expert_gflops.items()},
+                "expert_shape": self.expert_shape, "layer_ms": rounded(self.layer_ms),
+                "row_layer_us": rounded(self.row_layer_us),
+                "sequence_layer_ms": rounded(self.sequence_layer_ms), "remote_layer_ms": rounded(self.remote_layer_ms),
+                "remote_expert_us": rounded(self.remote_expert_us), "next_worker_ms": rounded(self.next_worker_ms),
                 "cores": self.cores}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> MachineSpeed:
         return cls({str(k): float(v) for k, v in data["read_gbps"].items()},
                    {str(k): float(v) for k, v in data["thread_read_gbps"].items()},
-                   {str(k): float(v) for k, v in data["gflops"].items()}, float(data["layer_ms"]),
-                   float(data["remote_layer_ms"]), float(data["next_worker_ms"]), int(data["cores"]))
+                   {str(k): float(v) for k, v in data["gflops"].items()},
+                   {int(k): float(v) for k, v in data["expert_gflops"].items()}, str(data["expert_shape"]),
+                   float(data["layer_ms"]), float(data["row_layer_us"]), float(data["sequence_layer_ms"]),
+                   float(data["remote_layer_ms"]), float(data["remote_expert_us"]), float(data["next_worker_ms"]),
+                   int(data["cores"]))
 
 
 @dataclass(frozen=True)
@@ -75,6 +96,14 @@ class ModelCost:
     experts_used: int
     n_embd: int
     attention_flops_per_pair: int  # per (query, key) pair and layer: MLA scores and values
+    vocab_size: int
+    expert_matrices: dict[str, tuple[str, int, int]]  # kind (gate, up, down) -> (type, in, out) of one expert
+
+    @property
+    def expert_shape(self) -> str:
+        """e.g. 'gate Q2_K 7168x2048, up Q2_K 7168x2048, down Q2_K 2048x7168': what the probe measures."""
+        return ", ".join(f"{kind} {kind_type} {rows}x{cols}" for kind, (kind_type, rows, cols) in
+                         self.expert_matrices.items())
 
     @classmethod
     def from_model(cls, model_file: GGUFModelFile, config: ModelConfig) -> ModelCost:
@@ -97,8 +126,12 @@ class ModelCost:
                                                    + int(np.prod(info.ne[:-1])))
         width = config.kv_lora_rank + config.rope_dim if config.is_mla else config.head_dim_qk
         values = config.kv_lora_rank if config.is_mla else config.head_dim_v
+        first = config.moe_layers[0]
+        matrices = {kind: (info.ggml_type.name, info.ne[0], info.ne[1]) for kind in model_file.expert_kinds(first)
+                    for info in [model_file.info(f"blk.{first}.ffn_{kind}_exps.weight")]}
         return cls(head_bytes, expert_bytes, head_params, expert_params, config.num_layers, config.num_experts,
-                   config.num_experts_used, config.n_embd, 2 * config.num_heads * (width + values))
+                   config.num_experts_used, config.n_embd, 2 * config.num_heads * (width + values), config.vocab_size,
+                   matrices)
 
 
 @dataclass(frozen=True)
@@ -107,6 +140,8 @@ class Estimate:
     streams: int
     streams_tps: float  # all streams together
     prefill_tps: float
+    prompt: int  # the prompt length prefill_tps is for
+    context: int  # the context length decode is estimated at
     parts_ms: dict[str, float] = field(default_factory=dict)  # one stream's step, by part
 
     @property
@@ -117,60 +152,107 @@ class Estimate:
         step = sum(self.parts_ms.values())
         parts = ", ".join(f"{name} {ms:.1f} ms ({100 * ms / step:.0f}%)" for name, ms in
                           sorted(self.parts_ms.items(), key=lambda kv: -kv[1]))
-        return (f"estimated decode: {self.decode_tps:.2f} tokens/s for one stream, {self.streams_tps:.2f} tokens/s "
-                f"over {self.streams} streams; prefill: {self.prefill_tps:.1f} tokens/s\n"
-                f"one stream's step, {step:.1f} ms: {parts}\nbottleneck: {self.bottleneck}")
+        return (f"estimated decode at {self.context} tokens of context: {self.decode_tps:.2f} tokens/s for one "
+                f"stream, {self.streams_tps:.2f} tokens/s over {self.streams} streams; prefill of a "
+                f"{self.prompt}-token prompt: {self.prefill_tps:.1f} tokens/s\none stream's step, {step:.1f} ms: "
+                f"{parts}\n"
+                f"bottleneck: {self.bottleneck}")
 
 
-def estimate(cost: ModelCost, placement: Placement, nodes: Mapping[str, NodeSpeed], streams: int = 16) -> Estimate:
-    """Decode tokens/s for one stream and for `streams`, and prefill tokens/s, of `placement` on `nodes`."""
-    one = _step(cost, placement, nodes, rows=1, distinct_fraction=cost.experts_used / cost.num_experts)
-    touched = 1 - (1 - cost.experts_used / cost.num_experts) ** streams  # of a layer's experts, in a step
-    many = _step(cost, placement, nodes, rows=streams, distinct_fraction=touched)
-    prefill = _step(cost, placement, nodes, rows=PREFILL_ROWS, distinct_fraction=1.0)
+def estimate(cost: ModelCost, placement: Placement, nodes: Mapping[str, NodeSpeed], streams: int = 16,
+             prompt: int = 512, context: int = 1024) -> Estimate:
+    """Decode tokens/s at `context` tokens of context for one stream and for `streams` together, and prefill
+    tokens/s of a `prompt`-token prompt (one step), of `placement` on `nodes`."""
+    def step(rows: int, sequences: int, positions: int) -> dict[str, float]:
+        return step_parts(cost, placement, nodes, rows, sequences, positions)
+    one, many, prefill = step(1, 1, context), step(streams, streams, context), step(prompt, 1, prompt)
     return Estimate(1000 / sum(one.values()), streams, 1000 * streams / sum(many.values()),
-                    1000 * PREFILL_ROWS / sum(prefill.values()), one)
+                    1000 * prompt / sum(prefill.values()), prompt, context, one)
 
 
-def _step(cost: ModelCost, placement: Placement, nodes: Mapping[str, NodeSpeed], rows: int,
-          distinct_fraction: float) -> dict[str, float]:
-    """Milliseconds of one step of `rows` tokens, by part. Each weight costs the longer of reading it and
-    computing its rows; a layer's experts finish when the busiest machine does."""
+def model_types(cost: ModelCost) -> set[str]:
+    """The ggml types a step of the model multiplies by: its weights', and F32 and F16 (norms, the KV cache)."""
+    return set(cost.head_bytes) | {t for per_type in cost.expert_bytes.values() for t in per_type} | {"F32", "F16"}
+
+
+def check_probed_for(speed: MachineSpeed, cost: ModelCost, node: str) -> None:
+    """Refuse figures probed for another model: other weight types, or experts of another shape."""
+    missing = sorted(model_types(cost) - set(speed.read_gbps))
+    if missing or speed.expert_shape != cost.expert_shape:
+        what = f"no figures for {', '.join(missing)}" if missing else f"experts of shape {speed.expert_shape}"
+        raise ValueError(f"the speed figures of node '{node}' were probed for another model ({what}; this model's "
+                         f"experts: {cost.expert_shape}): run `kimi-cluster probe MODEL` on that machine with this "
+                         "model and paste what it prints under the node")
+
+
+def expert_gbps(speed: MachineSpeed, cost: ModelCost) -> float:
+    """GB of routed experts a machine gets through per second in one stream's decode, on every core: how
+    `plan` weighs a node's share of each layer."""
+    flops = 2 * sum(n_in * n_out for _, n_in, n_out in cost.expert_matrices.values())
+    per_type = next(iter(cost.expert_bytes.values()))
+    seconds = max(sum(nbytes / (speed.read_gbps[t] * 1e9) for t, nbytes in per_type.items()),
+                  flops / (speed.expert_rate(1) * 1e9))
+    return sum(per_type.values()) / seconds / 1e9
+
+
+def touched_fraction(cost: ModelCost, rows: int) -> float:
+    """The fraction of a layer's experts that a step of `rows` rows uses (routing taken as uniform)."""
+    return 1 - (1 - cost.experts_used / cost.num_experts) ** rows
+
+
+def single_node(cost: ModelCost, name: str = "here") -> Placement:
+    """Every expert on one node: one process."""
+    experts = {layer: tuple(range(cost.num_experts)) for layer in cost.expert_bytes}
+    return Placement({name: experts}, {name: 0}, {name: 0}, False, name)
+
+
+def step_parts(cost: ModelCost, placement: Placement, nodes: Mapping[str, NodeSpeed], rows: int, sequences: int,
+               positions: int) -> dict[str, float]:
+    """Milliseconds of one step of `rows` tokens in `sequences` sequences, each row attending to `positions`
+    cached positions, by part. A layer's experts finish when the busiest machine does."""
     head = nodes[placement.head_node]
+    touched = touched_fraction(cost, rows)
+    pairs_per_expert = rows * cost.experts_used / (cost.num_experts * touched)
+    flops_per_pair = 2 * sum(n_in * n_out for _, n_in, n_out in cost.expert_matrices.values())
 
-    def seconds(node: NodeSpeed, nbytes: Mapping[str, int], params: Mapping[str, int], share: float,
-                pairs: float) -> float:
-        """One node's time for `share` of weights of these sizes, with `pairs` rows through them."""
-        speed, fraction = node.speed, node.threads / node.speed.cores
-        read = {t: min(speed.read_gbps[t], speed.thread_read_gbps[t] * node.threads) for t in nbytes}
-        return sum(max(share * nbytes[t] / (read[t] * 1e9),
-                       2 * params[t] * pairs / (speed.gflops[t] * 1e9 * fraction)) for t in nbytes)
+    def read_seconds(node: NodeSpeed, nbytes: Mapping[str, int], share: float) -> float:
+        speed = node.speed
+        return sum(share * nbytes[t] / (min(speed.read_gbps[t], speed.thread_read_gbps[t] * node.threads) * 1e9)
+                   for t in nbytes)
 
-    head_math = seconds(head, cost.head_bytes, cost.head_params, 1.0, rows)
-    head_math += cost.attention_flops_per_pair * rows * rows / 2 * cost.num_layers / (head.speed.gflops.get("F32", min(
-        head.speed.gflops.values())) * 1e9)
-    experts = link = round_trips = 0.0
+    def share_of_cores(node: NodeSpeed) -> float:
+        return node.threads / node.speed.cores
+
+    head_math = sum(max(read_seconds(head, {t: nbytes}, 1.0),
+                        2 * cost.head_params[t] * rows / (head.speed.gflops[t] * 1e9))
+                    for t, nbytes in cost.head_bytes.items())
+    # ggml computes every (query, cached position) pair, the masked ones too; the cache is F16
+    head_math += cost.attention_flops_per_pair * rows * positions * cost.num_layers / (head.speed.gflops["F16"] * 1e9)
+    experts = link = worker_overhead = 0.0
     workers = [name for name in placement.experts if name != placement.head_node]
     for layer, per_expert in cost.expert_bytes.items():
-        params = cost.expert_params[layer]
         work: dict[str, float] = {}
         for name, node in nodes.items():
             share = len(placement.experts.get(name, {}).get(layer, ())) / cost.num_experts
-            # bytes: the distinct experts the step touches; arithmetic: every (row, expert) pair
-            work[name] = seconds(node, per_expert, params, share * distinct_fraction * cost.num_experts,
-                                 share * rows * cost.experts_used)
+            compute = (share * rows * cost.experts_used * flops_per_pair
+                       / (node.speed.expert_rate(pairs_per_expert) * 1e9 * share_of_cores(node)))
+            work[name] = max(read_seconds(node, per_expert, share * touched * cost.num_experts), compute)
         experts += max(_machine_time(machine, work, nodes, placement.head_node)
                        for machine in {node.machine for node in nodes.values()})
         remote = [nodes[w] for w in workers if placement.experts[w].get(layer)]
         on_head_machine = sum(w.machine == head.machine for w in remote)
         local = on_head_machine and head.speed.remote_layer_ms + (on_head_machine - 1) * head.speed.next_worker_ms
         away = max((w.speed.remote_layer_ms + w.round_trip_ms for w in remote if w.machine != head.machine), default=0)
-        round_trips += (local + away) / 1000
+        remote_experts = touched * sum(len(placement.experts[w].get(layer, ())) for w in workers)
+        worker_overhead += (local + away) / 1000 + remote_experts * head.speed.remote_expert_us / 1e6
         link += max((2 * rows * cost.n_embd * WIRE_BYTES_PER_VALUE / (w.link_gbps * 1e9) for w in remote
                      if w.machine != head.machine), default=0.0)
-    return {"head math": 1000 * head_math, "experts": 1000 * experts, "round trips": 1000 * round_trips,
-            "link": 1000 * link, "fixed cost per layer": head.speed.layer_ms * cost.num_layers,
-            "sampling": 1000 * SAMPLING_S * (rows if rows < PREFILL_ROWS else 1)}
+    speed = head.speed
+    fixed_ms = cost.num_layers * (speed.layer_ms + (rows - 1) * speed.row_layer_us / 1000
+                                  + (sequences - 1) * speed.sequence_layer_ms)
+    sampling_ms = 1000 * SAMPLING_S * sequences * cost.vocab_size / SAMPLING_VOCAB
+    return {"head math": 1000 * head_math, "experts": 1000 * experts, "worker overhead": 1000 * worker_overhead,
+            "link": 1000 * link, "fixed costs": fixed_ms, "sampling": sampling_ms}
 
 
 def _machine_time(machine: str, work: Mapping[str, float], nodes: Mapping[str, NodeSpeed], head: str) -> float:

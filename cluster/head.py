@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from cluster import routing_counts, shard_transfer
 from cluster.config import ClusterConfig
+from cluster.estimate import ModelCost, check_probed_for, expert_gbps
 from cluster.failover import FailoverState, HeadFallback
 from cluster.placement import GiB, Inventory, NodeBudget, Placement, plan, with_copies
 from cluster.recovery import WorkerRecovery
@@ -166,10 +167,23 @@ class ExpertCluster:
         return self._inventory
 
     def plan(self, budgets: list[NodeBudget]) -> Placement:
-        """Where every expert goes (replicas of the most routed first, by the counts of earlier runs)."""
+        """Where every expert goes (by the nodes' probed speeds when the config has them all; replicas of the
+        most routed first, by the counts of earlier runs)."""
         inventory = self.inventory()
         heat = routing_counts.load(self.model_file, inventory.expert_bytes.shape, self.routing_dir)
-        return plan(inventory, budgets, self.config.reserve_bytes, self.config.allow_disk, self.config.replicas, heat)
+        return plan(inventory, self._with_speeds(budgets), self.config.reserve_bytes, self.config.allow_disk,
+                    self.config.replicas, heat)
+
+    def _with_speeds(self, budgets: list[NodeBudget]) -> list[NodeBudget]:
+        """Each budget of a config node with probed figures gets its expert speed for this model."""
+        probed = {n.name: n.speed for n in self.config.nodes if n.speed is not None}
+        if not probed:
+            return budgets
+        cost = ModelCost.from_model(self.model_file, self.model_config)
+        for name, speed in probed.items():
+            check_probed_for(speed, cost, name)
+        return [dataclasses.replace(b, expert_gbps=expert_gbps(probed[b.name], cost)) if b.name in probed else b
+                for b in budgets]
 
     def start(self) -> KimiModel:
         nodes = self.nodes()

@@ -2,9 +2,10 @@
 
 Inventory (bytes of every (layer, expert) and of everything the head holds, from GGUF tensor infos) +
 NodeBudgets (from the cluster config or Ray) -> plan() -> Placement, printable as a table. Every MoE
-layer is spread over every node in proportion to its usable memory, so each layer's expert work runs
-on all machines at once. Replicas (second copies of workers' experts, for failover) go into the
-memory left over. No ray, grpc or ggml here: this is data logic, tested on its own.
+layer is spread over every node, so each layer's expert work runs on all machines at once: in proportion
+to each node's measured expert speed when every node has one and memory allows (the slowest node sets
+the pace of every layer), else to its usable memory. Replicas (second copies of workers' experts, for
+failover) go into the memory left over. No ray, grpc or ggml here: this is data logic, tested on its own.
 """
 from __future__ import annotations
 
@@ -74,12 +75,15 @@ class NodeBudget:
     name: str
     memory_bytes: int  # all the node offers; plan() subtracts the reserve (and head bytes on the head)
     is_head: bool = False
+    expert_gbps: float | None = None  # GB/s of routed experts it computes (from `kimi-cluster probe`), if known
 
     def __post_init__(self):
         if not self.name:
             raise ValueError("a node needs a non-empty name")
         if self.memory_bytes < 0:
             raise ValueError(f"node '{self.name}' has negative memory ({self.memory_bytes} bytes)")
+        if self.expert_gbps is not None and not self.expert_gbps > 0:
+            raise ValueError(f"node '{self.name}' has an expert speed of {self.expert_gbps} GB/s; it must be positive")
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,7 @@ class Placement:
     # node -> MoE layer -> sorted ids of other nodes' experts it also holds (second copies, for failover)
     replicas: dict[str, dict[int, tuple[int, ...]]] = field(default_factory=dict)
     replica_bytes: dict[str, int] = field(default_factory=dict)  # bytes of the replicas each node holds
+    by_speed: bool = False  # shares follow the nodes' expert speeds (else their memory)
 
     def held(self, node: str) -> dict[int, tuple[int, ...]]:
         """Every expert the node loads: its own and its replicas, per layer."""
@@ -143,7 +148,8 @@ class Placement:
         if self.replicas:
             rows[-1].insert(3, f"{self.replica_count} ({format_bytes(sum(self.replica_bytes.values()))})")
             header.insert(3, "replicas")
-        lines = [f"{len(layers)} MoE layers over {len(self.experts)} nodes", _render(header, rows)]
+        shares = "by each node's measured expert speed, memory allowing" if self.by_speed else "by usable memory"
+        lines = [f"{len(layers)} MoE layers over {len(self.experts)} nodes, shared {shares}", _render(header, rows)]
         if self.disk_backed:
             lines.append("disk-backed: experts exceed some nodes' memory; those workers page them from local disk")
         return "\n".join(lines)
@@ -156,7 +162,7 @@ class Placement:
                 "disk_backed": self.disk_backed, "head_node": self.head_node,
                 "replicas": {node: [[layer, list(ids)] for layer, ids in per_layer.items()]
                              for node, per_layer in self.replicas.items()},
-                "replica_bytes": dict(self.replica_bytes)}
+                "replica_bytes": dict(self.replica_bytes), "by_speed": self.by_speed}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Placement:
@@ -165,15 +171,17 @@ class Placement:
                     for node, pairs in section.items()}
         return cls(per_node(data["experts"]), {k: int(v) for k, v in data["bytes_per_node"].items()},
                    {k: int(v) for k, v in data["budgets"].items()}, bool(data["disk_backed"]), str(data["head_node"]),
-                   per_node(data.get("replicas", {})), {k: int(v) for k, v in data.get("replica_bytes", {}).items()})
+                   per_node(data.get("replicas", {})), {k: int(v) for k, v in data.get("replica_bytes", {}).items()},
+                   bool(data.get("by_speed", False)))
 
 
 def plan(inventory: Inventory, nodes: list[NodeBudget], reserve_bytes: int = DEFAULT_RESERVE_BYTES,
          allow_disk: bool = False, replicas: str = "0", heat: np.ndarray | None = None) -> Placement:
-    """Spread every MoE layer's experts over all nodes by usable memory; each expert placed exactly once.
-    Then replicas: "0" none; "1" a second copy of every worker's expert on another node, refused if it
-    does not fit; "auto" as many second copies as the memory left over holds, the most routed first
-    (heat: [num_layers, num_experts] routing counts, when known)."""
+    """Spread every MoE layer's experts over all nodes, each expert placed exactly once: by expert speed
+    when every node has one and the experts fit in memory, else by usable memory. Then replicas: "0"
+    none; "1" a second copy of every worker's expert on another node, refused if it does not fit; "auto"
+    as many second copies as the memory left over holds, the most routed first (heat: [num_layers,
+    num_experts] routing counts, when known)."""
     if replicas not in REPLICA_MODES:
         raise PlacementError(f"replicas must be one of {', '.join(REPLICA_MODES)}, not {replicas!r}")
     head = _head_node(nodes)
@@ -186,10 +194,13 @@ def plan(inventory: Inventory, nodes: list[NodeBudget], reserve_bytes: int = DEF
             f"{format_bytes(head.memory_bytes - reserve_bytes)} after the {format_bytes(reserve_bytes)} reserve; give it "
             "more memory, make a bigger machine the head, or lower context / max_sequences")
     usable = [max(0, n.memory_bytes - reserve_bytes - (inventory.head_bytes if n is head else 0)) for n in nodes]
-    # With no memory left anywhere (only possible with allow_disk), share the disk paging equally.
-    weights = usable if sum(usable) > 0 else [1] * len(nodes)
-    owner = _spread(inventory, weights)
     total, available = inventory.total_expert_bytes, sum(usable)
+    by_speed = total <= available and all(n.expert_gbps is not None for n in nodes)
+    if by_speed:
+        weights = _speed_shares(total, usable, [n.expert_gbps for n in nodes])
+    else:  # with no memory left anywhere (only possible with allow_disk), share the disk paging equally
+        weights = usable if available > 0 else [1] * len(nodes)
+    owner = _spread(inventory, weights)
     if total > available:
         if not allow_disk:
             raise PlacementError(_shortfall(inventory, nodes, head, reserve_bytes, usable, owner,
@@ -202,7 +213,8 @@ def plan(inventory: Inventory, nodes: list[NodeBudget], reserve_bytes: int = DEF
             raise PlacementError(_shortfall(inventory, nodes, head, reserve_bytes, usable, owner,
                                             "the routed experts fit in total but not node by node, "
                                             "whole experts being too coarse for the room left"))
-    placement = _placement(inventory, nodes, head, usable, owner, disk_backed=not fits)
+    placement = dataclasses.replace(_placement(inventory, nodes, head, usable, owner, disk_backed=not fits),
+                                    by_speed=by_speed)
     if replicas == "0" or not fits:  # disk-backed: no memory is left over to copy into
         return placement
     copies, copy_bytes = _replicas(inventory, nodes, nodes.index(head), owner, usable, replicas == "1", heat)
@@ -306,6 +318,26 @@ def _head_node(nodes: list[NodeBudget]) -> NodeBudget:
     if len(heads) > 1:
         raise PlacementError(f"only one node can be the head; marked: {', '.join(n.name for n in heads)}")
     return heads[0] if heads else nodes[0]  # unmarked: the first node is the head
+
+
+def _speed_shares(total: int, usable: list[int], speeds: list[float]) -> list[int]:
+    """Bytes of experts for each node in proportion to its speed, none past its memory: a node that would
+    overflow keeps its memory's worth, and what it cannot take goes to the others by their speed.
+    total <= sum(usable), so every byte finds a node."""
+    shares = [0] * len(usable)
+    open_nodes, left = set(range(len(usable))), total
+    while open_nodes:
+        speed = sum(speeds[n] for n in open_nodes)
+        full = [n for n in open_nodes if left * speeds[n] / speed >= usable[n]]
+        if not full:
+            for n in open_nodes:
+                shares[n] = int(left * speeds[n] / speed)
+            break
+        for n in full:
+            shares[n] = usable[n]
+            left -= usable[n]
+            open_nodes.discard(n)
+    return shares
 
 
 def _spread(inventory: Inventory, weights: list[int]) -> np.ndarray:

@@ -1,13 +1,17 @@
 """`kimi-cluster probe`: measure this machine's figures for the cost model (cluster/estimate.py).
 
 For each weight type the model uses: how fast a one-row matmul streams it (decode reads every weight
-once per step) and how fast 512-row matmuls compute (prefill). Then the runtime's fixed cost per layer,
-on a small model in the Kimi layout, in one process and with one and two local workers (Ray actors over
-gRPC, sharing this machine's cores with the head).
+once per step) and how fast 512-row matmuls compute (prefill). How fast routed experts of the model's own
+shape compute with few and with many rows each (ggml's mul_mat_id). Then the runtime's fixed cost per
+layer, on a small model in the Kimi layout: in one process, for each further sequence in a step, and with
+one and two local workers (Ray actors over gRPC, sharing this machine's cores with the head).
 """
 from __future__ import annotations
 
+import json
 import os
+import platform
+import socket
 import statistics
 import tempfile
 import time
@@ -17,16 +21,27 @@ from typing import Callable
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from cluster.estimate import MachineSpeed
+from cluster.estimate import (MachineSpeed, ModelCost, NodeSpeed, check_probed_for, model_types, single_node,
+                              step_parts, touched_fraction)
+from cluster.placement import Placement
 from runtime.demo_model import Preset
 from runtime.ggml_ops import GgmlRunner, Weight
 
+PROBE_CACHE = Path.home() / ".cache" / "kimi-cluster" / "probe"  # this machine's figures, kept
+RAY_PORT = 6379  # the head's Ray port, open to every node (configs/ray-cluster.yaml)
 READ_BYTES = 256 << 20  # far beyond any cache, and a matmul's fixed cost is noise beside it
 ROW_LENGTH = 7168  # Kimi K2's width: a multiple of every block size
 PROBE_TOKENS, PROBE_WARMUP = 40, 4
-# The runtime's fixed cost per layer shows on a model in the Kimi layout whose math is a few microseconds.
-PROBE_MODEL = Preset(n_embd=256, num_layers=16, num_dense_layers=1, num_heads=4, q_lora_rank=256, kv_lora_rank=256,
-                     head_dim_nope=64, rope_dim=32, head_dim_v=64, n_ff_dense=512, n_ff_expert=32, num_experts=64,
+PROBE_SEQUENCES = 8
+PROBE_PROMPT = 64  # rows of the prompt whose pairs show a worker's cost per pair
+PROBE_ROUNDS = 3
+EXPERT_BYTES_PROBED = 256 << 20  # experts enough to read this much (at least 4): per-call costs are noise beside it
+PAIRS_PER_EXPERT = (1, 4, 64)  # one stream, many streams, prompts
+# The runtime's fixed costs show on a model in the Kimi layout whose math is a few microseconds a layer, at
+# Kimi K2's depth and expert count: a shallower one stays in a large processor cache and looks faster per
+# layer, and a worker's cost grows with the experts a step uses.
+PROBE_MODEL = Preset(n_embd=256, num_layers=61, num_dense_layers=1, num_heads=4, q_lora_rank=256, kv_lora_rank=256,
+                     head_dim_nope=64, rope_dim=32, head_dim_v=64, n_ff_dense=512, n_ff_expert=16, num_experts=384,
                      num_experts_used=8, base_dtype="f16")
 
 
@@ -40,13 +55,13 @@ def _timed(call: Callable[[], object], repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def _weight(ggml_type: GGMLQuantizationType, rows: int, folder: Path) -> Weight:
+def _weight(ggml_type: GGMLQuantizationType, ne: tuple[int, ...], folder: Path) -> Weight:
     """A weight of zeros in a file, mapped as model weights are: the OS backs mapped files with 4 KB pages,
     which read slower than the huge pages it may give a process's own arrays."""
     block_size, type_size = GGML_QUANT_SIZES[ggml_type]
-    path = folder / f"{ggml_type.name}-{rows}.bin"
-    np.full(ROW_LENGTH // block_size * type_size * rows, 0, np.uint8).tofile(path)  # written: no file holes
-    return Weight(ggml_type, (ROW_LENGTH, rows), np.memmap(path, np.uint8, "r"))
+    path = folder / f"{ggml_type.name}-{'x'.join(map(str, ne))}.bin"
+    np.full(ne[0] // block_size * type_size * int(np.prod(ne[1:])), 0, np.uint8).tofile(path)  # no file holes
+    return Weight(ggml_type, ne, np.memmap(path, np.uint8, "r"))
 
 
 def matmul_speeds(types: set[str], folder: Path) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
@@ -58,52 +73,179 @@ def matmul_speeds(types: set[str], folder: Path) -> tuple[dict[str, float], dict
     for name in sorted(types):
         ggml_type = GGMLQuantizationType[name]
         block_size, type_size = GGML_QUANT_SIZES[ggml_type]
-        big = _weight(ggml_type, max(1, READ_BYTES // (ROW_LENGTH // block_size * type_size)), folder)
+        big = _weight(ggml_type, (ROW_LENGTH, max(1, READ_BYTES // (ROW_LENGTH // block_size * type_size))), folder)
         read_gbps[name] = big.nbytes / _timed(lambda: every_core.matmul(big, row)) / 1e9
         thread_read_gbps[name] = big.nbytes / _timed(lambda: one_core.matmul(big, row)) / 1e9
-        small, rows = _weight(ggml_type, 512, folder), np.ones((512, ROW_LENGTH), np.float32)
+        small, rows = _weight(ggml_type, (ROW_LENGTH, 512), folder), np.ones((512, ROW_LENGTH), np.float32)
         gflops[name] = 2 * ROW_LENGTH * 512 * 512 / _timed(lambda: every_core.matmul(small, rows), repeats=3) / 1e9
     return read_gbps, thread_read_gbps, gflops
 
 
-def layer_costs(folder: Path) -> tuple[float, float, float]:
-    """ms per layer and step in one process; more per MoE layer and step with one local worker; more again
-    for a second one. The probe model's math is a few microseconds a layer: what is left is fixed cost."""
+def expert_speeds(cost: ModelCost, folder: Path) -> dict[int, float]:
+    """GFLOP/s of routed experts of the model's shape and types, as the runtime computes them (ggml's
+    mul_mat_id, every core), with PAIRS_PER_EXPERT rows on each expert; the weights are written to files
+    in `folder`."""
+    runner = GgmlRunner()
+    expert_bytes = sum(next(iter(cost.expert_bytes.values())).values())
+    experts = int(min(cost.num_experts, max(4, EXPERT_BYTES_PROBED // expert_bytes)))
+    matrices = {kind: _weight(GGMLQuantizationType[kind_type], (n_in, n_out, experts), folder)
+                for kind, (kind_type, n_in, n_out) in cost.expert_matrices.items()}
+    flops_per_pair = 2 * sum(n_in * n_out for _, n_in, n_out in cost.expert_matrices.values())
+    speeds = {}
+    for pairs in PAIRS_PER_EXPERT:
+        busy = 4 if pairs == PAIRS_PER_EXPERT[-1] else experts  # at the most pairs, 4 experts are work enough
+        rows = busy * pairs  # one slot each, every busy expert the same number of rows
+        x = np.ones((rows, cost.n_embd), np.float32)
+        ids = (np.arange(rows, dtype=np.int32) % busy).reshape(rows, 1)
+        seconds = _timed(lambda: runner.expert_ffn(matrices.get("gate"), matrices.get("up"), matrices["down"], x, ids,
+                                                   np.ones((rows, 1), np.float32), gate_up=matrices.get("gate_up")),
+                         repeats=3)
+        speeds[pairs] = rows * flops_per_pair / seconds / 1e9
+    return speeds
+
+
+def round_trip_ms(head: str, tries: int = 20, timeout_s: float = 2.0) -> float:
+    """Median ms of opening a TCP connection to `head` (HOST or HOST:PORT, Ray's port 6379 by default): a
+    handshake is one round trip, and a refused one (nothing listening) is one too."""
+    host, _, port = head.rpartition(":") if ":" in head else (head, "", str(RAY_PORT))
+    try:
+        address = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0][4]
+    except (socket.gaierror, ValueError) as e:
+        raise ValueError(f"--head {head}: not an address this machine can resolve ({e}); give the head's IP "
+                         "address or host name, optionally with :PORT") from None
+    times = []
+    for _ in range(tries):
+        started = time.perf_counter()
+        try:
+            with socket.create_connection(address, timeout=timeout_s):
+                pass
+        except ConnectionRefusedError:
+            pass
+        except OSError as e:
+            raise ValueError(f"--head {head}: no answer within {timeout_s:g} s ({e}); is the head up, and does its "
+                             f"firewall let this machine reach port {port}?") from None
+        times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times)
+
+
+def fixed_costs(folder: Path, matmuls: tuple[dict[str, float], dict[str, float], dict[str, float]]
+                ) -> dict[str, float]:
+    """The runtime's fixed costs, as MachineSpeed holds them. The probe model runs in six ways; from each
+    measured step, the cost model's math for it (from `matmuls`, matmul_speeds' figures, and the probe
+    model's experts' measured speed) is taken away, and what is left, compared between two ways that
+    differ in one thing, is that thing's cost: per layer; per further row of a sequence (small matrices
+    compute far below the rate of big ones); per further sequence in a step; per MoE layer for one local
+    worker and again for a second one; per expert of a layer a worker computes in a step."""
     from cluster.config import ClusterConfig
     from cluster.head import ExpertCluster
     from runtime.demo_model import make_model
-    from runtime.engine import Engine
     from runtime.gguf_file import GGUFModelFile
     from runtime.model import KimiModel
     path = make_model(folder / "probe.gguf", preset=PROBE_MODEL)
-    moe_layers = PROBE_MODEL.num_layers - PROBE_MODEL.num_dense_layers
+    model = KimiModel(GGUFModelFile(path))
+    cost = ModelCost.from_model(model.file, model.config)
+    cores = len(os.sched_getaffinity(0))
+    speed = MachineSpeed(*matmuls, expert_speeds(cost, folder), cost.expert_shape, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, cores)
+    layers, moe_layers = PROBE_MODEL.num_layers, PROBE_MODEL.num_layers - PROBE_MODEL.num_dense_layers
+    decode_positions = 3 + PROBE_TOKENS // 2
 
-    def step_ms(model) -> float:
-        steps: list[float] = []
-        engine = Engine(model, context_size=64)
-        engine.on_step = lambda rows, seconds: steps.append(seconds)
-        for _ in engine.generate([300, 301, 302], PROBE_TOKENS + PROBE_WARMUP + 1):
-            pass
-        return 1000 * statistics.median(steps[1 + PROBE_WARMUP:])
+    def unexplained(measured_ms: float, placement: Placement, workers: int, rows: int, sequences: int,
+                    positions: int) -> float:
+        """What the cost model, with no fixed costs, leaves of a measured step."""
+        threads = max(1, cores // (workers + 1))
+        nodes = {name: NodeSpeed("here", speed, cores if name == placement.head_node else threads)
+                 for name in placement.experts}
+        return measured_ms - sum(step_parts(cost, placement, nodes, rows, sequences, positions).values())
 
-    def with_workers(count: int) -> float:
-        config = ClusterConfig.from_dict({"model": str(path), "reserve_gb": 0, "max_sequences": 1, "context": 64},
+    def with_workers(count: int) -> tuple[Placement, float, float]:
+        """The placement, a decode step and a prompt's step, with `count` local workers."""
+        config = ClusterConfig.from_dict({"model": str(path), "reserve_gb": 0, "max_sequences": 1, "context": 128},
                                          "probe")
         with ExpertCluster(path, config, local_workers=count, worker_memory_gb=1, head_memory_gb=1,
                            progress=False) as cluster:
-            return step_ms(cluster.start())
+            clustered = cluster.start()
+            return cluster.placement, _decode_ms(clustered), _prompt_ms(clustered, PROBE_PROMPT) if count == 1 else 0.0
 
-    alone = step_ms(KimiModel(GGUFModelFile(path)))
-    one, two = with_workers(1), with_workers(2)
-    return alone / PROBE_MODEL.num_layers, max(0.0, one - alone) / moe_layers, max(0.0, two - one) / moe_layers
+    alone = single_node(cost)
+    # This machine's speed drifts over seconds: the one-process runs take turns, and each keeps its median.
+    rounds = [(unexplained(_decode_ms(model), alone, 0, 1, 1, decode_positions),
+               unexplained(_decode_ms(model, PROBE_SEQUENCES), alone, 0, PROBE_SEQUENCES, PROBE_SEQUENCES,
+                           decode_positions),
+               unexplained(_prompt_ms(model, PROBE_SEQUENCES), alone, 0, PROBE_SEQUENCES, 1, PROBE_SEQUENCES),
+               unexplained(_prompt_ms(model, PROBE_PROMPT), alone, 0, PROBE_PROMPT, 1, PROBE_PROMPT))
+              for _ in range(PROBE_ROUNDS)]
+    one, together, short_prompt, prompt = (statistics.median(kind) for kind in zip(*rounds))
+    # Prompt steps of two lengths give the cost per row (a prompt's step also costs more than a decode step).
+    row = max(0.0, prompt - short_prompt) / (PROBE_PROMPT - PROBE_SEQUENCES)
+    placement, decode, worker_prompt = with_workers(1)
+    worker_one = unexplained(decode, placement, 1, 1, 1, decode_positions)
+    worker_prompt = unexplained(worker_prompt, placement, 1, PROBE_PROMPT, 1, PROBE_PROMPT)
+    remote = sum(len(per_layer.get(layer, ())) for node, per_layer in placement.experts.items()
+                 if node != placement.head_node for layer in cost.expert_bytes)
+    more_touched = (touched_fraction(cost, PROBE_PROMPT) - touched_fraction(cost, 1)) * remote  # experts, all layers
+    placement, decode, _ = with_workers(2)
+    two_workers = unexplained(decode, placement, 2, 1, 1, decode_positions)
+    return {"layer_ms": max(0.0, one) / layers, "row_layer_us": 1000 * row / layers,
+            "sequence_layer_ms": max(0.0, (together - one) / (PROBE_SEQUENCES - 1) - row) / layers,
+            "remote_layer_ms": max(0.0, worker_one - one) / moe_layers,
+            "remote_expert_us": 1000 * max(0.0, (worker_prompt - worker_one) - (prompt - one)) / more_touched,
+            "next_worker_ms": max(0.0, two_workers - worker_one) / moe_layers}
 
 
-def probe(types: set[str], progress: Callable[[str], None] = lambda line: None) -> MachineSpeed:
-    """This machine's figures for a model whose weights have these ggml types."""
+def _decode_ms(model, sequences: int = 1) -> float:
+    """Median ms of a step in which `sequences` sequences each decode a token."""
+    from runtime.engine import Engine, Request
+    steps: list[tuple[int, float]] = []
+    engine = Engine(model, context_size=128, max_sequences=sequences)
+    engine.on_step = lambda rows, seconds: steps.append((rows, seconds))
+    for sequence in range(sequences):
+        engine.submit(Request((300 + sequence, 301, 302), PROBE_TOKENS + PROBE_WARMUP + 1), lambda output: None)
+    while engine.busy:
+        engine.step()
+    return 1000 * statistics.median([seconds for rows, seconds in steps if rows == sequences][PROBE_WARMUP:])
+
+
+def _prompt_ms(model, rows: int) -> float:
+    """Median ms of one sequence's step through a `rows`-token prompt."""
+    from runtime.engine import Engine
+    steps: list[float] = []
+    engine = Engine(model, context_size=128)
+    engine.on_step = lambda rows, seconds: steps.append(seconds)
+    for _ in range(PROBE_WARMUP + PROBE_TOKENS // 4):
+        for _ in engine.generate(range(300, 300 + rows), 1):
+            pass
+    return 1000 * statistics.median(steps[PROBE_WARMUP:])
+
+
+def probe(cost: ModelCost, progress: Callable[[str], None] = lambda line: None) -> MachineSpeed:
+    """This machine's figures for a model of this cost (its weight types and expert shape)."""
+    types = model_types(cost)
     with tempfile.TemporaryDirectory(prefix="kimi-probe-") as folder:
         progress(f"matmul speed of {', '.join(sorted(types))} ...")
-        read_gbps, thread_read_gbps, gflops = matmul_speeds(types | {"F32"}, Path(folder))
-        progress("the runtime's fixed cost per layer, alone and with 1 and 2 local workers (starts Ray twice) ...")
-        layer_ms, remote_layer_ms, next_worker_ms = layer_costs(Path(folder))
-    return MachineSpeed(read_gbps, thread_read_gbps, gflops, layer_ms, remote_layer_ms, next_worker_ms,
-                        len(os.sched_getaffinity(0)))
+        read_gbps, thread_read_gbps, gflops = matmul_speeds(types, Path(folder))
+        progress(f"routed experts' speed ({cost.expert_shape}) ...")
+        expert_gflops = expert_speeds(cost, Path(folder))
+        progress("the runtime's fixed costs: alone, per sequence, and with 1 and 2 local workers "
+                 "(starts Ray twice) ...")
+        fixed = fixed_costs(Path(folder), (read_gbps, thread_read_gbps, gflops))
+    return MachineSpeed(read_gbps, thread_read_gbps, gflops, expert_gflops, cost.expert_shape, **fixed,
+                        cores=len(os.sched_getaffinity(0)))
+
+
+
+def probe_here(cost: ModelCost, fresh: bool = False, progress: Callable[[str], None] = lambda line: None
+               ) -> MachineSpeed:
+    """This machine's figures for a model of this cost: kept from an earlier probe of a model with the same
+    weight types and expert shape (unless `fresh`), else measured now and kept."""
+    kept = PROBE_CACHE / f"{platform.node()}.json"
+    if not fresh:
+        try:
+            speed = MachineSpeed.from_dict(json.loads(kept.read_text()))
+            check_probed_for(speed, cost, platform.node())
+            return speed
+        except (OSError, ValueError, KeyError):  # none kept, kept for another model, or by an older version
+            pass
+    speed = probe(cost, progress)
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_text(json.dumps(speed.to_dict()))
+    return speed

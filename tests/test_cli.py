@@ -6,9 +6,12 @@ import re
 import socket
 
 import pytest
+import yaml
 
 from cluster import cli
+from cluster.estimate import MachineSpeed, ModelCost, model_types
 from cluster.placement import GiB, Inventory
+from cluster.probe import round_trip_ms
 from runtime.config import ModelConfig
 from runtime.gguf_file import GGUFModelFile
 
@@ -111,3 +114,47 @@ def test_plan_shows_replicas_and_refuses_ones_that_do_not_fit(make_tiny, capsys)
                   str(share_gb), "--head-memory", str(share_gb + inventory.head_bytes / GiB)])
     out = capsys.readouterr().out
     assert exit_info.value.code == 1 and "replicas: 1" in out and "replicas: auto" in out
+
+
+def probed(cost: ModelCost, gbps: float) -> dict:
+    """Figures as `kimi-cluster probe` prints them, for a machine that reads every type at `gbps` GB/s."""
+    types = model_types(cost)
+    return MachineSpeed({t: gbps for t in types}, {t: gbps / 2 for t in types}, {t: 4 * gbps for t in types},
+                        {1: gbps, 4: 2 * gbps, 64: 4 * gbps}, cost.expert_shape, 0.2, 50.0, 0.1, 1.0, 40.0, 0.5,
+                        8).to_dict()
+
+
+def test_plan_shares_layers_by_probed_speed_and_estimates_from_the_config(make_tiny, tmp_path, capsys):
+    path = make_tiny("Q4_K_M")
+    model_file = GGUFModelFile(path)
+    cost = ModelCost.from_model(model_file, ModelConfig.from_metadata(model_file.metadata))
+    nodes = [{"name": "atlas", "address": "10.0.0.1", "memory_gb": 8, "head": True, "speed": probed(cost, 10)},
+             {"name": "borealis", "address": "10.0.0.2", "memory_gb": 8, "speed": probed(cost, 30),
+              "round_trip_ms": 0.3, "link_gbps": 1.25}]
+    config = tmp_path / "cluster.yaml"
+    config.write_text(yaml.safe_dump({"model": str(path), "reserve_gb": 0, "nodes": nodes}))
+
+    assert cli.main(["plan", str(path), "--config", str(config), "--estimate", "--streams", "4"]) in (0, None)
+    out = capsys.readouterr().out
+    assert "shared by each node's measured expert speed, memory allowing" in out
+    per_layer = {line.split()[0]: int(line.split()[2 if "(head)" in line else 1].split("-")[0])
+                 for line in out.splitlines() if line.startswith(("atlas", "borealis"))}
+    assert per_layer["borealis"] == 3 * per_layer["atlas"], "3x the speed, 3x the experts of each layer"
+    assert re.search(r"estimated decode at 1024 tokens of context: [\d.]+ tokens/s for one stream, [\d.]+ tokens/s "
+                     r"over 4 streams; prefill of a 512-token prompt: [\d.]+ tokens/s", out)
+    assert "bottleneck: " in out and "worker overhead" in out
+
+    nodes[1]["speed"]["expert_shape"] = "gate Q2_K 7168x2048, up Q2_K 7168x2048, down Q2_K 2048x7168"
+    config.write_text(yaml.safe_dump({"model": str(path), "reserve_gb": 0, "nodes": nodes}))
+    assert cli.main(["plan", str(path), "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "'borealis' were probed for another model" in err and "kimi-cluster probe MODEL" in err
+
+
+def test_probe_measures_the_round_trip_to_the_head():
+    with socket.create_server(("127.0.0.1", 0)) as head:
+        port = head.getsockname()[1]
+        assert 0 < round_trip_ms(f"127.0.0.1:{port}") < 50
+    assert 0 < round_trip_ms(f"127.0.0.1:{port}") < 50, "a refused handshake is a round trip too"
+    with pytest.raises(ValueError, match="--head no-such-host.invalid: not an address"):
+        round_trip_ms("no-such-host.invalid")

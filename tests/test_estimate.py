@@ -1,30 +1,40 @@
 """The cost model of `plan --estimate` against runs on this machine: Kimi K2's depth (k2-depth), its widths
-(k2-slice) and its size (the sparse replica), in one process and with 1 and 2 local workers."""
+(k2-slice) and its size (the sparse replica), in one process and with 1 and 2 local workers.
+
+Decode of one stream everywhere. Decode of 8 streams together and a prompt's prefill at K2's widths with
+0, 1 and 2 workers, and at its depth in one process. Not held: the replica's (its experts are paged from
+this machine's disk, so a prompt through all of them measures the disk), and k2-depth's with workers, whose
+256-wide experts make the cluster path's costs per row and expert most of a step: they vary by 3x between
+runs here, and the estimate has been 40% fast on a 512-token prompt (at Kimi's widths they are under 1%
+of a step)."""
 from __future__ import annotations
 
-import dataclasses
+import os
 import statistics
 
+import numpy as np
 import pytest
 
 from cluster.config import ClusterConfig
-from cluster.estimate import ModelCost, NodeSpeed, estimate
+from cluster.estimate import MachineSpeed, ModelCost, NodeSpeed, estimate, model_types
 from cluster.head import ExpertCluster, local_budgets
-from cluster.probe import matmul_speeds, probe
+from cluster.probe import expert_speeds, fixed_costs, matmul_speeds
 from runtime.demo_model import make_model
-from runtime.engine import Engine
+from runtime.engine import Engine, Request
 from runtime.ggml_ops import GgmlRunner
-from runtime.gguf_file import GGUFModelFile
 from runtime.model import KimiModel
 from tests.ray_clusters import retry_ray_start
 
 pytestmark = pytest.mark.slow
 TOLERANCE = 0.3
 PROMPT = [300, 301, 302, 303]
+STREAMS, CONTEXT = 8, 16  # the streams' prompts and tokens keep their context near CONTEXT
 # (warm-up steps, measured steps) per model: the replica's first steps fill the page cache
 STEPS = {"k2-depth": (4, 16), "k2-slice": (3, 8), "replica": (5, 6)}
 # memory for the head and each worker: the replica's experts exceed it and are paged from disk
 MEMORY_GB = {"k2-depth": (None, None), "k2-slice": (None, None), "replica": (12, 2)}
+PREFILL_TOKENS = {"k2-depth": 512, "k2-slice": 128}  # k2-slice computes about 20 tokens/s here
+ATTEMPTS = 3  # this shared machine's speed drifts by 20% over minutes: figures and run are taken again
 
 
 @pytest.fixture(scope="module")
@@ -33,21 +43,15 @@ def models(model_dir, replica):
             "k2-slice": make_model(model_dir / "k2-slice-F16.gguf", preset="k2-slice"), "replica": replica}
 
 
-def model_types(cost: ModelCost) -> set[str]:
-    return set(cost.head_bytes) | {t for per_type in cost.expert_bytes.values() for t in per_type} | {"F32"}
-
-
 @pytest.fixture(scope="module")
-def this_machine(models):
-    types = set()
-    for path in models.values():
-        model_file = GGUFModelFile(path)
-        types |= model_types(ModelCost.from_model(model_file, KimiModel(model_file).config))
-    return retry_ray_start(lambda: probe(types))
+def fixed(tmp_path_factory):
+    """The runtime's fixed costs on this machine, as `kimi-cluster probe` measures them."""
+    folder = tmp_path_factory.mktemp("probe")
+    return retry_ray_start(lambda: fixed_costs(folder, matmul_speeds({"F16", "F32"}, folder)))
 
 
 def decode_ms(model, warmup: int, steps: int) -> float:
-    """Median ms of a decode step, after the warm-up."""
+    """Median ms of one stream's decode step, after the warm-up."""
     times: list[float] = []
     engine = Engine(model, context_size=64)
     engine.on_step = lambda rows, seconds: times.append(seconds)
@@ -56,13 +60,37 @@ def decode_ms(model, warmup: int, steps: int) -> float:
     return 1000 * statistics.median(times[1 + warmup:])
 
 
+def streams_ms(model) -> float:
+    """Median ms of a step in which STREAMS streams each decode a token."""
+    times: list[tuple[int, float]] = []
+    engine = Engine(model, context_size=64, max_sequences=STREAMS)
+    engine.on_step = lambda rows, seconds: times.append((rows, seconds))
+    for stream in range(STREAMS):
+        engine.submit(Request(tuple(range(300 + stream, 308 + stream)), 12), lambda output: None)
+    while engine.busy:
+        engine.step()
+    return 1000 * statistics.median([seconds for rows, seconds in times if rows == STREAMS][2:])
+
+
+def prefill_ms(model, tokens: int) -> float:
+    """ms of the step through a `tokens`-token prompt, the faster of two."""
+    times: list[float] = []
+    engine = Engine(model, context_size=1024)
+    engine.on_step = lambda rows, seconds: times.append(seconds)
+    prompt = np.random.default_rng(0).integers(300, 2000, tokens).tolist()
+    for _ in range(2):
+        for _ in engine.generate(prompt, 1):
+            pass
+    return 1000 * min(times)
+
+
 @pytest.mark.parametrize("name", ["k2-depth", "k2-slice", "replica"])
 @pytest.mark.parametrize("workers", [0, 1, 2])
-def test_the_estimate_is_within_30_percent_of_a_run(models, this_machine, name, workers, tmp_path):
+def test_the_estimate_is_within_30_percent_of_a_run(models, fixed, name, workers, tmp_path):
     path = models[name]
     head_gb, worker_gb = MEMORY_GB[name]
-    config = ClusterConfig.from_dict({"model": str(path), "reserve_gb": 0.5, "allow_disk": True, "context": 64,
-                                      "max_sequences": 1}, "test")
+    config = ClusterConfig.from_dict({"model": str(path), "reserve_gb": 0.5, "allow_disk": True, "context": 1024,
+                                      "max_sequences": STREAMS}, "test")
     budgets = local_budgets(workers, worker_gb, head_gb)
     with ExpertCluster(path, config, local_workers=workers, worker_memory_gb=worker_gb, head_memory_gb=head_gb,
                        progress=False) as cluster:
@@ -76,16 +104,29 @@ def test_the_estimate_is_within_30_percent_of_a_run(models, this_machine, name, 
                 model.experts.read_on_demand(cluster.model_file)
             model.load(progress=False)
 
-        def predict_and_measure() -> tuple[float, float]:
-            # This machine's memory bandwidth drifts over minutes: its matmul speeds are taken just before.
-            speed = dataclasses.replace(this_machine, **dict(zip(
-                ("read_gbps", "thread_read_gbps", "gflops"), matmul_speeds(model_types(cost), tmp_path))))
+        def predict_and_measure(kind: str) -> tuple[float, float]:
+            """Predicted and measured ms of one step of this kind. This machine's memory bandwidth drifts
+            over minutes: its matmul and expert speeds are measured just before."""
+            speed = MachineSpeed(*matmul_speeds(model_types(cost), tmp_path), expert_speeds(cost, tmp_path),
+                                 cost.expert_shape, **fixed, cores=len(os.sched_getaffinity(0)))
             threads = max(1, speed.cores // (workers + 1))
             speeds = {b.name: NodeSpeed("here", speed, speed.cores if b.is_head else threads) for b in budgets}
-            return 1000 / estimate(cost, placement, speeds).decode_tps, decode_ms(model, *STEPS[name])
+            prompt = PREFILL_TOKENS.get(name, 1)
+            predicted = estimate(cost, placement, speeds, STREAMS, prompt, CONTEXT)
+            if kind == "one stream":
+                return 1000 / predicted.decode_tps, decode_ms(model, *STEPS[name])
+            if kind == f"{STREAMS} streams":
+                return 1000 * STREAMS / predicted.streams_tps, streams_ms(model)
+            return 1000 * prompt / predicted.prefill_tps, prefill_ms(model, prompt)
 
-        predicted, measured = predict_and_measure()
-        if abs(predicted - measured) > TOLERANCE * measured:  # a burst of other load on this shared machine:
-            predicted, measured = predict_and_measure()  # figures and run once more
-    print(f"{name}, {workers} workers: predicted {predicted:.1f} ms/token, measured {measured:.1f}")
-    assert abs(predicted - measured) <= TOLERANCE * measured, (predicted, measured)
+        many_rows = name == "k2-slice" or (name == "k2-depth" and not workers)
+        kinds = ["one stream"] + ([f"{STREAMS} streams", "prefill"] if many_rows else [])
+        results = {}
+        for kind in kinds:
+            for _ in range(ATTEMPTS):
+                predicted, measured = results[kind] = predict_and_measure(kind)
+                if abs(predicted - measured) <= TOLERANCE * measured:
+                    break
+    for kind, (predicted, measured) in results.items():
+        print(f"{name}, {workers} workers, {kind}: predicted {predicted:.1f} ms/step, measured {measured:.1f}")
+    assert all(abs(p - m) <= TOLERANCE * m for p, m in results.values()), results

@@ -1,6 +1,8 @@
 """The placement planner: properties over random inventories and budgets, errors, and sizes from a real file."""
 from __future__ import annotations
 
+import dataclasses
+
 import msgpack
 import numpy as np
 import pytest
@@ -119,6 +121,68 @@ def assert_plan_properties(inventory: Inventory, nodes: list[NodeBudget], allow_
     assert plan(inventory, nodes, reserve_bytes=RESERVE, allow_disk=allow_disk) == placement, "deterministic"
 
 
+@st.composite
+def timed_problems(draw):
+    """A problem whose nodes all have an expert speed, from 1 to 50 GB/s, and whose experts fit."""
+    inventory, nodes, _ = draw(problems())
+    speeds = draw(st.lists(st.floats(1, 50), min_size=len(nodes), max_size=len(nodes)))
+    return inventory, [dataclasses.replace(n, expert_gbps=speed) for n, speed in zip(nodes, speeds)]
+
+
+def slowest_ms(placement: Placement, inventory: Inventory, speeds: dict[str, float]) -> float:
+    """The time a step spends in routed experts if every expert is read once: per layer, the slowest node."""
+    return sum(max(int(inventory.expert_bytes[layer, list(per_layer.get(layer, ()))].sum()) / speeds[node]
+                   for node, per_layer in placement.experts.items()) for layer in inventory.moe_layers)
+
+
+@settings(max_examples=300, deadline=None)
+@given(timed_problems())
+def test_shares_follow_speed_as_far_as_memory_allows(problem):
+    inventory, nodes = problem
+    by_memory_nodes = [dataclasses.replace(n, expert_gbps=None) for n in nodes]
+    try:
+        by_memory = plan(inventory, by_memory_nodes, reserve_bytes=RESERVE)
+    except PlacementError:
+        event("the experts do not fit")
+        return
+    placement = plan(inventory, nodes, reserve_bytes=RESERVE)
+    assert placement.by_speed and not by_memory.by_speed
+    for layer in inventory.moe_layers:
+        held = sorted(e for per_layer in placement.experts.values() for e in per_layer.get(layer, ()))
+        assert held == list(range(inventory.expert_bytes.shape[1])), "every expert placed exactly once"
+    assert all(placement.bytes_per_node[n] <= placement.budgets[n] for n in placement.budgets)
+
+    speeds = {n.name: n.expert_gbps for n in nodes}
+    # Whole experts round each node's share by up to one expert per layer, either way.
+    rounding = sum(int(inventory.expert_bytes[layer].max()) / min(speeds.values()) for layer in inventory.moe_layers)
+    assert slowest_ms(placement, inventory, speeds) <= slowest_ms(by_memory, inventory, speeds) + rounding
+
+    # Where every node has room for its speed's share and an expert more, counts follow speed to +-1.
+    num_experts, total_speed = inventory.expert_bytes.shape[1], sum(speeds.values())
+    total, max_size = inventory.total_expert_bytes, int(inventory.expert_bytes.max())
+    has_room = all(placement.budgets[n] - total * speeds[n] / total_speed >= max_size for n in speeds)
+    event(f"room for every speed share: {has_room}")
+    if has_room:
+        for node, held_per_layer in counts(placement, inventory).items():
+            assert np.all(np.abs(held_per_layer - num_experts * speeds[node] / total_speed) < 1), node
+
+
+def test_a_fast_node_takes_more_of_each_layer_until_its_memory_is_full():
+    inventory = uniform_inventory(expert_bytes=16 * 2**20)  # 4 layers of 64 experts of 16 MiB: 4 GiB
+    head = NodeBudget("head", 64 * GiB, is_head=True, expert_gbps=10.0)
+    placement = plan(inventory, [head, NodeBudget("fast", 64 * GiB, expert_gbps=30.0)])
+    assert {node: sorted(set(c.tolist())) for node, c in counts(placement, inventory).items()} == \
+        {"head": [16], "fast": [48]}, "3x the speed, 3x the experts"
+    assert "shared by each node's measured expert speed" in placement.format_table()
+    # With 1 GiB usable, the fast node holds its memory's worth, 16 experts a layer; the head the rest.
+    placement = plan(inventory, [head, NodeBudget("fast", 3 * GiB, expert_gbps=30.0)])
+    assert {node: sorted(set(c.tolist())) for node, c in counts(placement, inventory).items()} == \
+        {"head": [48], "fast": [16]}
+    # A node without figures: every share goes by memory.
+    placement = plan(inventory, [head, NodeBudget("fast", 64 * GiB)])
+    assert not placement.by_speed and "shared by usable memory" in placement.format_table()
+
+
 @settings(max_examples=50, deadline=None)
 @given(problems())
 def test_placement_survives_msgpack(problem):
@@ -202,7 +266,7 @@ def test_format_table_shows_spans_per_node():
     placement = plan(inventory, [NodeBudget("h", 24 * GiB, True), NodeBudget("w1", 12 * GiB),
                                  NodeBudget("w2", 12 * GiB)], reserve_bytes=2 * GiB)
     table = placement.format_table()
-    assert table.splitlines()[0] == "4 MoE layers over 3 nodes"
+    assert table.splitlines()[0] == "4 MoE layers over 3 nodes, shared by usable memory"
     assert "experts/layer" in table and "share of layer" in table
     rows = {line.split()[0]: line.split() for line in table.splitlines()[2:]}
     assert rows["h"][2] == "3-4" and rows["total"][1] == "10"
