@@ -31,6 +31,7 @@ class Request:
     params: SamplingParams = SamplingParams()
     stop_tokens: frozenset[int] = frozenset()
     top_logprobs: int | None = None  # None: no logprobs; n: the chosen token's log-probability and the n best
+    banned_tokens: frozenset[int] = frozenset()  # never sampled (e.g. a tool-call section when tools are off)
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,9 @@ class Engine:
                 sequence.last_logits = logits[index]
             emitting.append(index)
         sequences = [batch[i][0] for i in emitting]
+        for index, sequence in zip(emitting, sequences):
+            if sequence.request.banned_tokens:
+                logits[index, list(sequence.request.banned_tokens)] = -np.inf
         rows = logits if len(emitting) == len(batch) else logits[emitting]
         sampled = sample_rows([s.sampler for s in sequences], rows, [s.history for s in sequences])
         for sequence, index, token in zip(sequences, emitting, sampled):

@@ -1,15 +1,18 @@
-"""Generated tokens -> text deltas for a client: stop strings, held-back partial text, reasoning split.
+"""Generated tokens -> text deltas for a client: stop strings, held-back partial text, reasoning split,
+tool calls.
 
 A stop string may arrive split across tokens, so any tail of the text that could still become one is
 held back until the next token decides; the stop string itself is never returned. Tokens between
-<think> and </think> (Kimi's reasoning) go to `reasoning` instead of `content`.
+<think> and </think> (Kimi's reasoning) go to `reasoning` instead of `content`. With tools declared, a
+tool-call section goes to a ToolCallParser (tool_calls.py); one that breaks the format comes back as text.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from .tokenizer import Tokenizer
+from .tool_calls import ToolCallDelta, ToolCallParser
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -18,9 +21,14 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 class TextDelta:
     content: str = ""
     reasoning: str = ""
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.content or self.reasoning)
+        return bool(self.content or self.reasoning or self.tool_calls)
+
+    def __add__(self, other: TextDelta) -> TextDelta:
+        return TextDelta(self.content + other.content, self.reasoning + other.reasoning,
+                         self.tool_calls + other.tool_calls)
 
 
 def reasoning_markers(tokenizer: Tokenizer, chat_template: str | None) -> tuple[int, int] | None:
@@ -35,20 +43,42 @@ def reasoning_markers(tokenizer: Tokenizer, chat_template: str | None) -> tuple[
 
 class TextStream:
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), hidden_tokens: frozenset[int] = frozenset(),
-                 reasoning: tuple[int, int] | None = None, in_reasoning: bool = False):
+                 reasoning: tuple[int, int] | None = None, in_reasoning: bool = False,
+                 tools: ToolCallParser | None = None):
         """hidden_tokens: ids that produce no text (end-of-generation tokens). reasoning: (<think>, </think>)
-        ids to split on; in_reasoning: the prompt already opened <think>."""
+        ids to split on; in_reasoning: the prompt already opened <think>. tools: the parser for a tool-call
+        section, if the request declared tools."""
+        self._tokenizer = tokenizer
         self._decoder = tokenizer.stream_decoder()
         self._stop = [s for s in stop if s]
         self._hidden = hidden_tokens
         self._reasoning = reasoning
         self._in_reasoning = in_reasoning and reasoning is not None
+        self.tools = tools
+        self._in_tools = False
+        self._forced = TextDelta()  # what tokens the prompt wrote for the model gave, for the next delta
         self._pending = ""  # decoded text not yet returned
         self.stopped = False  # a stop string was found; nothing more will be returned
 
+    def force(self, tokens: Sequence[int]) -> None:
+        """Tokens the prompt wrote at the start of the reply (a forced tool call): read as if generated,
+        their delta comes with the first generated token's."""
+        for token in tokens:
+            self._forced = self._forced + self.add(token)
+
     def add(self, token: int) -> TextDelta:
+        forced, self._forced = self._forced, TextDelta()
+        return forced + self._add(token) if forced else self._add(token)
+
+    def _add(self, token: int) -> TextDelta:
+        if self._in_tools:
+            return self._tool_token(token)
         if self.stopped or token in self._hidden:
             return TextDelta()
+        if self.tools is not None and token == self.tools.markers.section_begin and not self.tools.calls:
+            delta = self._release(everything=True)
+            self._in_tools = True
+            return delta
         if self._reasoning is not None and token in self._reasoning:
             delta = self._release(everything=True)
             self._in_reasoning = token == self._reasoning[0]
@@ -58,10 +88,35 @@ class TextStream:
 
     def finish(self) -> TextDelta:
         """Everything still held back (the generation is over)."""
+        forced, self._forced = self._forced, TextDelta()
+        return forced + self._finish() if forced else self._finish()
+
+    def _finish(self) -> TextDelta:
+        if self._in_tools:
+            self.tools.finish()
+            return self._tool_token(None)
         if self.stopped:
             return TextDelta()
         self._pending += self._decoder.flush()
         return self._release(everything=True)
+
+    @property
+    def called_tools(self) -> bool:
+        """Whether the reply is tool calls (finish_reason "tool_calls")."""
+        return self.tools is not None and bool(self.tools.calls) and not self.tools.malformed
+
+    def _tool_token(self, token: int | None) -> TextDelta:
+        """A token of the tool-call section (None: the generation ended). A section that breaks the format
+        comes back whole as content, and what follows it is text again."""
+        tools = self.tools
+        deltas = tools.add(token) if token is not None and token not in self._hidden else []
+        if tools.malformed:
+            self._in_tools = False
+            return TextDelta(content=tools.text)
+        if tools.closed:
+            self._in_tools = False
+            self.stopped = tools.single  # one call was asked for: nothing more is needed
+        return TextDelta(tool_calls=deltas)
 
     def _release(self, everything: bool) -> TextDelta:
         text, self._pending = self._pending, ""

@@ -196,8 +196,8 @@ GOOD = {"model": "tiny", "prompt": "hello", "max_tokens": 2}
     ("/v1/completions", {**GOOD, "echo": True}, KEY, 400, "unsupported_parameter", "'echo' is not supported"),
     ("/v1/completions", {**GOOD, "logit_bias": {"5": 10}}, KEY, 400, "unsupported_parameter", "logit_bias"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
-                              "tools": [{"type": "function", "function": {"name": "f"}}]}, KEY, 400,
-     "unsupported_parameter", "'tools' is not supported"),
+                              "functions": [{"name": "f"}]}, KEY, 400, "unsupported_parameter",
+     "'functions' is not supported"),
 ])
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, path, body, key, status, code, words):
     response = post(server, path, body, key)
