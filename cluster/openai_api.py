@@ -195,9 +195,10 @@ def routes(service: Service) -> APIRouter:
         forced = tool_use.forced_start(service, found, choice) if tools else []
         if forced and in_reasoning:  # a forced call comes before any reasoning: close it first
             forced.insert(0, markers[1])
+        prompt += forced
         max_tokens = body.max_completion_tokens or body.max_tokens or max(service.context_size - len(prompt), 1)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        request = engine_request(service, prompt + forced, max_tokens, body.sampling(), body.ignore_eos, top,
+        request = engine_request(service, prompt, max_tokens, body.sampling(), body.ignore_eos, top,
                                  tool_use.banned_tokens(found, choice))
         parser = tool_use.parser(service, tools, found, choice, body.parallel_tool_calls)
         text = text_stream(service, body.stop_strings(), markers, in_reasoning, parser, forced)

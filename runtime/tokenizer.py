@@ -205,6 +205,11 @@ class Tokenizer:
         return len(self._texts)
 
     @property
+    def special_ids(self) -> frozenset[int]:
+        """Control and end-of-generation tokens: markers, never pieces of ordinary text."""
+        return frozenset(self._specials_longest_first)
+
+    @property
     def bos_id(self) -> int:
         return self._bos_id
 

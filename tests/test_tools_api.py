@@ -1,15 +1,24 @@
 """Tools on /v1/chat/completions through the real `openai` client: the declared tools and a history of calls
 and results reach the chat template; tool_choice steers (a forced call is written into the prompt; "none"
 bans the section); bad definitions and orphan results are 400s naming the field; a call the model botches
-comes back as text. (Calls the model writes itself, parsed and streamed: tests/test_tool_calls.py.)"""
+comes back as text. Calls a model writes itself come from scripted models (runtime/scripted_model.py)
+whose weights make them write a given tool-call section, so the parser meets the model's own tokens."""
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import openai
 import pytest
 
+from runtime.demo_vocab import demo_tokenizer_metadata
 from runtime.engine import Engine, Request
+from runtime.ggml_ops import GgmlRunner
+from runtime.gguf_file import GGUFModelFile
+from runtime.model import KimiModel
 from runtime.sampling import SamplingParams
+from runtime.scripted_model import spell, write_scripted_model
+from runtime.tokenizer import Tokenizer
 from tests.test_api import KEY, parts, start_server, stop_server  # noqa: F401 (parts: a fixture)
 
 WEATHER = {"type": "function", "function": {
@@ -128,3 +137,132 @@ def test_banned_logits_are_minus_infinity_for_logprobs(server, client):
     tokens = {t.token for entry in reply.choices[0].logprobs.content for t in entry.top_logprobs}
     assert server.tokenizer.decode([marker]) not in tokens and np.isfinite(
         [entry.logprob for entry in reply.choices[0].logprobs.content]).all()
+
+
+# ---- a model that writes tool calls itself ----
+
+def special(tokenizer, text: str) -> int:
+    return tokenizer.encode(text, parse_special=True, add_bos=False)[0]
+
+
+@pytest.fixture(scope="module")
+def scripted(parts, tmp_path_factory):  # noqa: F811
+    """Two servers on scripted models (runtime/scripted_model.py): a caller answers every question with two
+    parallel calls; a talker answers in words, and writes a call when the prompt starts one for it."""
+    tokenizer = parts[1]
+    begin, end, call, argument, call_end, im_end = (special(tokenizer, f"<|{name}|>") for name in (
+        "tool_calls_section_begin", "tool_calls_section_end", "tool_call_begin", "tool_call_argument_begin",
+        "tool_call_end", "im_end"))
+    question = tokenizer.encode(tokenizer.apply_chat_template(ASK, add_generation_prompt=True), True)[-2:]
+    # Two calls whose ends differ: a model that follows its last two tokens writes whatever follows them.
+    caller = [*question, begin, call, "functions.get_weather:0", argument, '{"city": "Paris"}', call_end, call,
+              "get_time:1", argument, '{"zone": "UTC"}\n', call_end, end, im_end]
+    required = [begin, call, *tokenizer.encode("functions.", parse_special=False, add_bos=False)]
+    named = [*tokenizer.encode("functions.get_weather:0", parse_special=False, add_bos=False), argument]
+    talker = [[*question, "It is sunny in Paris.", im_end],
+              [*required[-2:], "get_weather:0", argument, '{"city": "Paris"}', call_end, end, im_end],
+              [*named[-2:], '{"city": "Paris"}', call_end, end, im_end]]
+    folder = tmp_path_factory.mktemp("scripted")
+    servers = {}
+    for name, scripts in (("caller", [caller]), ("talker", talker)):
+        path = write_scripted_model(folder / f"{name}.gguf", spell(scripts, tokenizer))
+        model_file = GGUFModelFile(path)
+        servers[name] = start_server(KimiModel(model_file, GgmlRunner(2), repack="none"),
+                                     Tokenizer.from_metadata(model_file.metadata), context=CONTEXT, max_sequences=4)
+    yield {name: openai.OpenAI(base_url=f"{s.url}/v1", api_key=KEY, max_retries=0) for name, s in servers.items()}
+    for server in servers.values():
+        stop_server(server)
+
+
+def calls_of(message) -> list[tuple]:
+    return [(c.id, c.type, c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
+
+
+BOTH_CALLS = [("functions.get_weather:0", "function", "get_weather", {"city": "Paris"}),
+              ("get_time:1", "function", "get_time", {"zone": "UTC"})]
+
+
+def test_two_parallel_calls_the_model_writes_come_back_parsed(scripted):
+    choice = scripted["caller"].chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER, TIME],
+                                                        temperature=0).choices[0]
+    assert calls_of(choice.message) == BOTH_CALLS
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+
+
+def test_streamed_calls_come_as_openai_streams_them(scripted):
+    chunks = list(scripted["caller"].chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER, TIME],
+                                                             temperature=0, stream=True))
+    calls: dict[int, dict] = {}
+    for chunk in chunks:
+        for piece in chunk.choices[0].delta.tool_calls or []:
+            entry = calls.setdefault(piece.index, {"id": None, "name": None, "arguments": ""})
+            entry["id"] = piece.id or entry["id"]
+            entry["name"] = (piece.function.name if piece.function else None) or entry["name"]
+            entry["arguments"] += piece.function.arguments or ""
+    assert [(c["id"], "function", c["name"], json.loads(c["arguments"])) for c in calls.values()] == BOTH_CALLS
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks), "no marker text in content"
+
+
+def test_one_call_when_parallel_calls_are_off(scripted):
+    choice = scripted["caller"].chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER, TIME],
+                                                        temperature=0, parallel_tool_calls=False).choices[0]
+    assert calls_of(choice.message) == BOTH_CALLS[:1] and choice.finish_reason == "tool_calls"
+
+
+def test_a_follow_up_turn_with_the_results_renders_and_generates(scripted):
+    reply = scripted["caller"].chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER, TIME],
+                                                       temperature=0).choices[0].message
+    results = [{"role": "tool", "tool_call_id": call.id, "content": content}
+               for call, content in zip(reply.tool_calls, ["18 C, clear", "12:00"])]
+    follow_up = ASK + [reply.model_dump(exclude_none=True)] + results
+    choice = scripted["caller"].chat.completions.create(model="tiny", messages=follow_up, tools=[WEATHER, TIME],
+                                                        temperature=0, max_tokens=64).choices[0]
+    assert choice.finish_reason == "tool_calls" and calls_of(choice.message) == BOTH_CALLS
+
+
+def test_a_call_of_an_undeclared_function_comes_back_as_text(scripted):
+    choice = scripted["caller"].chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER],
+                                                        temperature=0).choices[0]
+    assert choice.message.tool_calls is None and choice.finish_reason == "stop"
+    assert choice.message.content.startswith("<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0")
+    assert "get_time:1" in choice.message.content
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}],
+                         ids=["required", "named"])
+def test_required_and_named_make_a_model_that_would_answer_in_words_call(scripted, tool_choice):
+    talker = scripted["talker"]
+    words = talker.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER, TIME],
+                                           temperature=0).choices[0]
+    assert words.message.content == "It is sunny in Paris." and words.message.tool_calls is None
+    choice = talker.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER, TIME], temperature=0,
+                                            tool_choice=tool_choice).choices[0]
+    assert calls_of(choice.message) == [BOTH_CALLS[0]] and choice.finish_reason == "tool_calls"
+
+
+def test_tool_choice_none_keeps_the_caller_in_words(scripted):
+    """The caller's first token is the banned section marker: it must write something else."""
+    choice = scripted["caller"].chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER, TIME],
+                                                        temperature=0, tool_choice="none", max_tokens=4).choices[0]
+    assert choice.message.tool_calls is None and "<|tool_calls_section_begin|>" not in choice.message.content
+
+
+def test_reasoning_then_a_call_from_a_thinking_model(parts, tmp_path):  # noqa: F811
+    """A model on Kimi K2 Thinking's template reasons, then calls: reasoning_content and tool_calls both."""
+    tokenizer = Tokenizer.from_metadata(demo_tokenizer_metadata("thinking"))
+    marker = lambda name: special(tokenizer, name)  # noqa: E731
+    question = tokenizer.encode(tokenizer.apply_chat_template(ASK, add_generation_prompt=True), True)[-2:]
+    script = [*question, marker("<think>"), "Paris is in France.", marker("</think>"),
+              marker("<|tool_calls_section_begin|>"), marker("<|tool_call_begin|>"), "functions.get_weather:0",
+              marker("<|tool_call_argument_begin|>"), '{"city": "Paris"}', marker("<|tool_call_end|>"),
+              marker("<|tool_calls_section_end|>"), marker("<|im_end|>")]
+    path = write_scripted_model(tmp_path / "thinker.gguf", spell([script], tokenizer), chat_template="thinking")
+    server = start_server(KimiModel(GGUFModelFile(path), GgmlRunner(2), repack="none"), tokenizer, context=CONTEXT)
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+        choice = client.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER], temperature=0).choices[0]
+        assert choice.message.reasoning_content == "Paris is in France."
+        assert calls_of(choice.message) == [BOTH_CALLS[0]] and choice.finish_reason == "tool_calls"
+    finally:
+        stop_server(server)
