@@ -1,5 +1,6 @@
 """The HTTP server: one service shared by every protocol (the engine, request checks, errors, access lines,
-/health and /metrics), and a module of routes per protocol: OpenAI's (openai_api.py).
+/health and /metrics), and a module of routes per protocol: OpenAI's (openai_api.py) and Anthropic's
+Messages API (anthropic_api.py).
 
 Requests run on the Engine's background loop; each one's tokens come back to the event loop through an
 asyncio queue. An error is an ApiError, rendered in the shape of the protocol whose path was asked for.
@@ -271,10 +272,10 @@ def text_stream(service: Service, stop_strings: list[str], markers=None, in_reas
 # ---- the app ----
 
 def create_app(service: Service, protocols: tuple[ApiProtocol, ...] | None = None) -> FastAPI:
-    """The app serving every protocol's routes (OpenAI's unless told), /health and /metrics."""
+    """The app serving every protocol's routes (OpenAI's and Anthropic's unless told), /health and /metrics."""
     if protocols is None:
-        from cluster import openai_api
-        protocols = (openai_api,)
+        from cluster import anthropic_api, openai_api
+        protocols = (openai_api, anthropic_api)
     app = FastAPI(title="kimi-cluster", description="OpenAI-compatible API for Kimi K2.x on a cluster",
                   docs_url=None, redoc_url=None)
 
@@ -288,10 +289,9 @@ def create_app(service: Service, protocols: tuple[ApiProtocol, ...] | None = Non
     @app.middleware("http")
     async def count_and_authorize(http: HttpRequest, call_next):
         endpoint = http.url.path
-        if service.api_key and endpoint.startswith("/v1/") and not secrets.compare_digest(
-                http.headers.get("authorization", ""), f"Bearer {service.api_key}"):
+        if service.api_key and endpoint.startswith("/v1/") and not _key_matches(http, service.api_key):
             response = error_response(http, ApiError(401, "missing or wrong API key: send 'Authorization: Bearer "
-                                                          "<key>'", code="invalid_api_key"))
+                                                          "<key>' or 'x-api-key: <key>'", code="invalid_api_key"))
         else:
             response = await call_next(http)
         if endpoint.startswith("/v1/"):
@@ -338,6 +338,13 @@ def create_app(service: Service, protocols: tuple[ApiProtocol, ...] | None = Non
     for protocol in protocols:
         app.include_router(protocol.routes(service))
     return app
+
+
+def _key_matches(http: HttpRequest, key: str) -> bool:
+    """As a bearer token (OpenAI's clients) or in x-api-key (Anthropic's), compared in constant time."""
+    bearer = secrets.compare_digest(http.headers.get("authorization", "").encode(), f"Bearer {key}".encode())
+    header = secrets.compare_digest(http.headers.get("x-api-key", "").encode(), key.encode())
+    return bearer or header
 
 
 # ---- running the server ----

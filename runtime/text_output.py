@@ -59,6 +59,7 @@ class TextStream:
         self._forced = TextDelta()  # what tokens the prompt wrote for the model gave, for the next delta
         self._pending = ""  # decoded text not yet returned
         self.stopped = False  # a stop string was found; nothing more will be returned
+        self.stop_string: str | None = None  # which one
 
     def force(self, tokens: Sequence[int]) -> None:
         """Tokens the prompt wrote at the start of the reply (a forced tool call): read as if generated,
@@ -120,9 +121,10 @@ class TextStream:
 
     def _release(self, everything: bool) -> TextDelta:
         text, self._pending = self._pending, ""
-        found = [i for i in (text.find(s) for s in self._stop) if i >= 0]
+        found = [(i, stop) for stop in self._stop for i in [text.find(stop)] if i >= 0]
         if found:
-            text, self.stopped = text[:min(found)], True
+            at, self.stop_string = min(found)
+            text, self.stopped = text[:at], True
         elif not everything:
             held = self._stop_prefix_length(text)
             text, self._pending = text[:len(text) - held], text[len(text) - held:]

@@ -34,7 +34,7 @@ STEPS = {"k2-depth": (4, 16), "k2-slice": (3, 8), "replica": (5, 6)}
 # memory for the head and each worker: the replica's experts exceed it and are paged from disk
 MEMORY_GB = {"k2-depth": (None, None), "k2-slice": (None, None), "replica": (12, 2)}
 PREFILL_TOKENS = {"k2-depth": 512, "k2-slice": 128}  # k2-slice computes about 20 tokens/s here
-ATTEMPTS = 3  # this shared machine's speed drifts by 20% over minutes: figures and run are taken again
+ATTEMPTS = 3  # this shared machine's speed drifts by 20% over minutes: figures and runs are taken again
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +43,21 @@ def models(model_dir, replica):
             "k2-slice": make_model(model_dir / "k2-slice-F16.gguf", preset="k2-slice"), "replica": replica}
 
 
+class FixedCosts:
+    """The runtime's fixed costs on this machine, as `kimi-cluster probe` measures them, measured again when
+    asked (a burst of other load during the probe skews every estimate after it)."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.measure_again()
+
+    def measure_again(self) -> None:
+        self.costs = retry_ray_start(lambda: fixed_costs(self.folder, matmul_speeds({"F16", "F32"}, self.folder)))
+
+
 @pytest.fixture(scope="module")
-def fixed(tmp_path_factory):
-    """The runtime's fixed costs on this machine, as `kimi-cluster probe` measures them."""
-    folder = tmp_path_factory.mktemp("probe")
-    return retry_ray_start(lambda: fixed_costs(folder, matmul_speeds({"F16", "F32"}, folder)))
+def fixed(tmp_path_factory) -> FixedCosts:
+    return FixedCosts(tmp_path_factory.mktemp("probe"))
 
 
 def decode_ms(model, warmup: int, steps: int) -> float:
@@ -87,11 +97,30 @@ def prefill_ms(model, tokens: int) -> float:
 @pytest.mark.parametrize("name", ["k2-depth", "k2-slice", "replica"])
 @pytest.mark.parametrize("workers", [0, 1, 2])
 def test_the_estimate_is_within_30_percent_of_a_run(models, fixed, name, workers, tmp_path):
-    path = models[name]
+    many_rows = name == "k2-slice" or (name == "k2-depth" and not workers)
+    failing = ["one stream"] + ([f"{STREAMS} streams", "prefill"] if many_rows else [])
+    results = {}
+    for attempt in range(ATTEMPTS):
+        if attempt:  # this shared machine's speed drifts: every figure is taken again, then the runs
+            fixed.measure_again()
+        results.update(predict_and_measure(models[name], name, workers, failing, fixed.costs, tmp_path))
+        failing = [kind for kind in failing if abs(results[kind][0] - results[kind][1]) > TOLERANCE * results[kind][1]]
+        if not failing:
+            break
+    for kind, (predicted, measured) in results.items():
+        print(f"{name}, {workers} workers, {kind}: predicted {predicted:.1f} ms/step, measured {measured:.1f}")
+    assert not failing, results
+
+
+def predict_and_measure(path, name: str, workers: int, kinds: list[str], fixed: dict, folder
+                        ) -> dict[str, tuple[float, float]]:
+    """kind -> (predicted, measured) ms of one step, on a cluster of `workers` local workers. The matmul
+    and expert speeds are measured just before each prediction."""
     head_gb, worker_gb = MEMORY_GB[name]
     config = ClusterConfig.from_dict({"model": str(path), "reserve_gb": 0.5, "allow_disk": True, "context": 1024,
                                       "max_sequences": STREAMS}, "test")
     budgets = local_budgets(workers, worker_gb, head_gb)
+    results = {}
     with ExpertCluster(path, config, local_workers=workers, worker_memory_gb=worker_gb, head_memory_gb=head_gb,
                        progress=False) as cluster:
         placement = cluster.plan(budgets)
@@ -103,30 +132,17 @@ def test_the_estimate_is_within_30_percent_of_a_run(models, fixed, name, workers
             if placement.disk_backed:  # as `kimi-cluster generate` reads experts that do not fit
                 model.experts.read_on_demand(cluster.model_file)
             model.load(progress=False)
-
-        def predict_and_measure(kind: str) -> tuple[float, float]:
-            """Predicted and measured ms of one step of this kind. This machine's memory bandwidth drifts
-            over minutes: its matmul and expert speeds are measured just before."""
-            speed = MachineSpeed(*matmul_speeds(model_types(cost), tmp_path), expert_speeds(cost, tmp_path),
+        for kind in kinds:
+            speed = MachineSpeed(*matmul_speeds(model_types(cost), folder), expert_speeds(cost, folder),
                                  cost.expert_shape, **fixed, cores=len(os.sched_getaffinity(0)))
             threads = max(1, speed.cores // (workers + 1))
             speeds = {b.name: NodeSpeed("here", speed, speed.cores if b.is_head else threads) for b in budgets}
             prompt = PREFILL_TOKENS.get(name, 1)
             predicted = estimate(cost, placement, speeds, STREAMS, prompt, CONTEXT)
             if kind == "one stream":
-                return 1000 / predicted.decode_tps, decode_ms(model, *STEPS[name])
-            if kind == f"{STREAMS} streams":
-                return 1000 * STREAMS / predicted.streams_tps, streams_ms(model)
-            return 1000 * prompt / predicted.prefill_tps, prefill_ms(model, prompt)
-
-        many_rows = name == "k2-slice" or (name == "k2-depth" and not workers)
-        kinds = ["one stream"] + ([f"{STREAMS} streams", "prefill"] if many_rows else [])
-        results = {}
-        for kind in kinds:
-            for _ in range(ATTEMPTS):
-                predicted, measured = results[kind] = predict_and_measure(kind)
-                if abs(predicted - measured) <= TOLERANCE * measured:
-                    break
-    for kind, (predicted, measured) in results.items():
-        print(f"{name}, {workers} workers, {kind}: predicted {predicted:.1f} ms/step, measured {measured:.1f}")
-    assert all(abs(p - m) <= TOLERANCE * m for p, m in results.values()), results
+                results[kind] = 1000 / predicted.decode_tps, decode_ms(model, *STEPS[name])
+            elif kind == f"{STREAMS} streams":
+                results[kind] = 1000 * STREAMS / predicted.streams_tps, streams_ms(model)
+            else:
+                results[kind] = 1000 * prompt / predicted.prefill_tps, prefill_ms(model, prompt)
+    return results

@@ -6,26 +6,27 @@ whose weights make them write a given tool-call section, so the parser meets the
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import openai
 import pytest
 
-from runtime.demo_vocab import demo_tokenizer_metadata
 from runtime.engine import Engine, Request
 from runtime.ggml_ops import GgmlRunner
 from runtime.gguf_file import GGUFModelFile
 from runtime.model import KimiModel
 from runtime.sampling import SamplingParams
-from runtime.scripted_model import spell, write_scripted_model
 from runtime.tokenizer import Tokenizer
+from tests.scripted_models import ASK, REASONING, SPOKEN, TIME_CALL, WEATHER_CALL, write_scripted_models
 from tests.test_api import KEY, parts, start_server, stop_server  # noqa: F401 (parts: a fixture)
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
-ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 CALL_ID = "functions.get_weather:0"
 CONTEXT = 1024  # the tools' declarations are long
 HISTORY = ASK + [
@@ -141,31 +142,16 @@ def test_banned_logits_are_minus_infinity_for_logprobs(server, client):
 
 # ---- a model that writes tool calls itself ----
 
-def special(tokenizer, text: str) -> int:
-    return tokenizer.encode(text, parse_special=True, add_bos=False)[0]
+@pytest.fixture(scope="module")
+def scripted_models(tmp_path_factory) -> dict[str, Path]:
+    return write_scripted_models(tmp_path_factory.mktemp("scripted"))
 
 
 @pytest.fixture(scope="module")
-def scripted(parts, tmp_path_factory):  # noqa: F811
-    """Two servers on scripted models (runtime/scripted_model.py): a caller answers every question with two
-    parallel calls; a talker answers in words, and writes a call when the prompt starts one for it."""
-    tokenizer = parts[1]
-    begin, end, call, argument, call_end, im_end = (special(tokenizer, f"<|{name}|>") for name in (
-        "tool_calls_section_begin", "tool_calls_section_end", "tool_call_begin", "tool_call_argument_begin",
-        "tool_call_end", "im_end"))
-    question = tokenizer.encode(tokenizer.apply_chat_template(ASK, add_generation_prompt=True), True)[-2:]
-    # Two calls whose ends differ: a model that follows its last two tokens writes whatever follows them.
-    caller = [*question, begin, call, "functions.get_weather:0", argument, '{"city": "Paris"}', call_end, call,
-              "get_time:1", argument, '{"zone": "UTC"}\n', call_end, end, im_end]
-    required = [begin, call, *tokenizer.encode("functions.", parse_special=False, add_bos=False)]
-    named = [*tokenizer.encode("functions.get_weather:0", parse_special=False, add_bos=False), argument]
-    talker = [[*question, "It is sunny in Paris.", im_end],
-              [*required[-2:], "get_weather:0", argument, '{"city": "Paris"}', call_end, end, im_end],
-              [*named[-2:], '{"city": "Paris"}', call_end, end, im_end]]
-    folder = tmp_path_factory.mktemp("scripted")
+def scripted(scripted_models):
+    """A server on each scripted model, and its openai client."""
     servers = {}
-    for name, scripts in (("caller", [caller]), ("talker", talker)):
-        path = write_scripted_model(folder / f"{name}.gguf", spell(scripts, tokenizer))
+    for name, path in scripted_models.items():
         model_file = GGUFModelFile(path)
         servers[name] = start_server(KimiModel(model_file, GgmlRunner(2), repack="none"),
                                      Tokenizer.from_metadata(model_file.metadata), context=CONTEXT, max_sequences=4)
@@ -178,8 +164,7 @@ def calls_of(message) -> list[tuple]:
     return [(c.id, c.type, c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
 
 
-BOTH_CALLS = [("functions.get_weather:0", "function", "get_weather", {"city": "Paris"}),
-              ("get_time:1", "function", "get_time", {"zone": "UTC"})]
+BOTH_CALLS = [(call_id, "function", name, arguments) for call_id, name, arguments in (WEATHER_CALL, TIME_CALL)]
 
 
 def test_two_parallel_calls_the_model_writes_come_back_parsed(scripted):
@@ -235,7 +220,7 @@ def test_required_and_named_make_a_model_that_would_answer_in_words_call(scripte
     talker = scripted["talker"]
     words = talker.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER, TIME],
                                            temperature=0).choices[0]
-    assert words.message.content == "It is sunny in Paris." and words.message.tool_calls is None
+    assert words.message.content == SPOKEN and words.message.tool_calls is None
     choice = talker.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER, TIME], temperature=0,
                                             tool_choice=tool_choice).choices[0]
     assert calls_of(choice.message) == [BOTH_CALLS[0]] and choice.finish_reason == "tool_calls"
@@ -248,21 +233,25 @@ def test_tool_choice_none_keeps_the_caller_in_words(scripted):
     assert choice.message.tool_calls is None and "<|tool_calls_section_begin|>" not in choice.message.content
 
 
-def test_reasoning_then_a_call_from_a_thinking_model(parts, tmp_path):  # noqa: F811
+def test_reasoning_then_a_call_from_a_thinking_model(scripted):
     """A model on Kimi K2 Thinking's template reasons, then calls: reasoning_content and tool_calls both."""
-    tokenizer = Tokenizer.from_metadata(demo_tokenizer_metadata("thinking"))
-    marker = lambda name: special(tokenizer, name)  # noqa: E731
-    question = tokenizer.encode(tokenizer.apply_chat_template(ASK, add_generation_prompt=True), True)[-2:]
-    script = [*question, marker("<think>"), "Paris is in France.", marker("</think>"),
-              marker("<|tool_calls_section_begin|>"), marker("<|tool_call_begin|>"), "functions.get_weather:0",
-              marker("<|tool_call_argument_begin|>"), '{"city": "Paris"}', marker("<|tool_call_end|>"),
-              marker("<|tool_calls_section_end|>"), marker("<|im_end|>")]
-    path = write_scripted_model(tmp_path / "thinker.gguf", spell([script], tokenizer), chat_template="thinking")
-    server = start_server(KimiModel(GGUFModelFile(path), GgmlRunner(2), repack="none"), tokenizer, context=CONTEXT)
-    try:
-        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
-        choice = client.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER], temperature=0).choices[0]
-        assert choice.message.reasoning_content == "Paris is in France."
-        assert calls_of(choice.message) == [BOTH_CALLS[0]] and choice.finish_reason == "tool_calls"
-    finally:
-        stop_server(server)
+    choice = scripted["thinker"].chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER],
+                                                         temperature=0).choices[0]
+    assert choice.message.reasoning_content == REASONING
+    assert calls_of(choice.message) == [BOTH_CALLS[0]] and choice.finish_reason == "tool_calls"
+
+
+def test_chat_shows_the_calls_and_asks_for_their_results(scripted_models, tmp_path):
+    """`kimi-cluster chat --tools`: each call shown, each result asked for and sent back (the caller then
+    calls again; Ctrl-D at the next result ends the chat)."""
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps([WEATHER, TIME]))
+    session = subprocess.run([sys.executable, "-m", "cluster.cli", "chat", str(scripted_models["caller"]),
+                              "--tools", str(tools), "--context", str(CONTEXT)],
+                             input=f"{ASK[0]['content']}\n18 C, clear\n12:00\n", capture_output=True, text=True,
+                             timeout=120)
+    assert session.returncode == 0, session.stderr
+    out = session.stdout
+    assert '[tool call functions.get_weather:0: get_weather({"city": "Paris"})]' in out
+    assert '[tool call get_time:1: get_time({"zone": "UTC"})]' in out
+    assert out.count("result of get_weather> ") == 2 and out.count("result of get_time> ") == 1, out

@@ -1,0 +1,307 @@
+"""Anthropic's Messages API over the shared service (api.py): POST /v1/messages (streamed as Anthropic's
+server-sent events or not) and POST /v1/messages/count_tokens, with Anthropic's error shape
+{"type": "error", "error": {"type", "message"}}.
+
+A conversation is turned into the chat template's messages (OpenAI's shape, which Kimi's templates read):
+text blocks into content, tool_use blocks into tool_calls (input as JSON arguments), tool_result blocks into
+tool messages. The reply comes back as blocks: thinking (with `thinking` enabled), text, tool_use.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from typing import Any, AsyncIterator, Literal
+
+from fastapi import APIRouter, Request as HttpRequest
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from cluster import tool_use
+from cluster.api import (ApiError, Event, Generation, Service, check_model, engine_request, parse_body,
+                         sampling_params, text_stream)
+from cluster.tool_use import Tool, ToolChoice
+from runtime.text_output import THINK_OPEN, reasoning_markers
+from runtime.tokenizer import Tokenizer
+
+PATHS = ("/v1/messages",)
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
+STOP_REASONS = {"length": "max_tokens", "tool_calls": "tool_use"}
+
+
+def error_body(error: ApiError) -> dict:
+    kind = ERROR_TYPES.get(error.status, "api_error")
+    field = f" ({error.param})" if error.param and error.param not in error.message else ""
+    return {"type": "error", "error": {"type": kind, "message": error.message + field}}
+
+
+# ---- request bodies ----
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class ToolSpec(_Strict):
+    name: str
+    description: str | None = None
+    input_schema: dict[str, Any]
+
+
+class ToolChoiceSpec(_Strict):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool = False
+
+
+class Message(_Strict):
+    role: Literal["user", "assistant"]
+    content: str | list[dict[str, Any]]
+
+
+class Thinking(_Strict):
+    type: Literal["enabled", "disabled"]
+    budget_tokens: int | None = None
+
+
+class CountBody(_Strict):
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    system: str | list[dict[str, Any]] | None = None
+    tools: list[ToolSpec] | None = None
+    tool_choice: ToolChoiceSpec | None = None
+    thinking: Thinking | None = None
+
+    def declared_tools(self) -> list[Tool]:
+        return [Tool(t.name, t.description, t.input_schema) for t in self.tools or []]
+
+    def choice(self) -> ToolChoice:
+        """Anthropic's default is auto; "any" is OpenAI's "required"."""
+        if self.tool_choice is None:
+            return ToolChoice("auto" if self.tools else "none")
+        mode = {"any": "required", "tool": "function"}.get(self.tool_choice.type, self.tool_choice.type)
+        if mode == "function" and not self.tool_choice.name:
+            raise ApiError(400, "tool_choice of type 'tool' needs the tool's 'name'", param="tool_choice.name")
+        return ToolChoice(mode, self.tool_choice.name)
+
+
+class MessagesBody(CountBody):
+    max_tokens: int = Field(ge=1)
+    stop_sequences: list[str] | None = None
+    temperature: float = Field(1.0, ge=0, le=1)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    stream: bool = False
+
+
+# ---- routes ----
+
+def routes(service: Service) -> APIRouter:
+    router = APIRouter()
+    tokenizer = service.tokenizer
+    markers = reasoning_markers(tokenizer, tokenizer.chat_template)
+
+    @router.post("/v1/messages/count_tokens")
+    async def count_tokens(http: HttpRequest):
+        body = await _parse(http, CountBody, service)
+        prompt, *_ = await _prompt(service, body, markers)
+        return {"input_tokens": len(prompt)}
+
+    @router.post("/v1/messages")
+    async def messages(http: HttpRequest):
+        body = await _parse(http, MessagesBody, service)
+        prompt, forced, found, tools, choice, in_reasoning = await _prompt(service, body, markers)
+        params = sampling_params(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k)
+        request = engine_request(service, prompt, body.max_tokens, params,
+                                 banned_tokens=tool_use.banned_tokens(found, choice))
+        parallel = not (body.tool_choice and body.tool_choice.disable_parallel_tool_use)
+        text = text_stream(service, body.stop_sequences or [], markers, in_reasoning,
+                           tool_use.parser(service, tools, found, choice, parallel), forced)
+        generation = Generation(service, http, request, text, prompt_param="messages")
+        reply = Reply(service, generation, thinking=bool(body.thinking and body.thinking.type == "enabled"))
+        if body.stream:
+            return StreamingResponse(reply.events(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return await reply.whole()
+
+    return router
+
+
+async def _parse(http: HttpRequest, body_type: type[CountBody], service: Service) -> CountBody:
+    body = await parse_body(http, body_type)
+    check_model(service, body.model)
+    return body
+
+
+async def _prompt(service: Service, body: CountBody, markers) -> tuple:
+    """(prompt tokens with the forced start, forced start, tool markers, tools, tool choice, in reasoning)."""
+    tools, choice = body.declared_tools(), body.choice()
+    tool_use.check_tools(tools, choice, "tools", "tool_choice")
+    found = tool_use.markers(service, tools)
+    conversation = template_messages(body)
+    rendered = await asyncio.to_thread(_render, service.tokenizer, conversation, tool_use.template_tools(tools))
+    prompt = await asyncio.to_thread(service.tokenizer.encode, rendered, True)
+    in_reasoning = rendered.rstrip().endswith(THINK_OPEN)
+    forced = tool_use.forced_start(service, found, choice) if tools else []
+    if forced and in_reasoning:
+        forced.insert(0, markers[1])
+    return prompt + forced, forced, found, tools, choice, in_reasoning
+
+
+def _render(tokenizer: Tokenizer, conversation: list[dict], tools: list[dict] | None) -> str:
+    try:
+        return tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tools=tools)
+    except ValueError as e:
+        raise ApiError(400, str(e), param="messages") from None
+
+
+def template_messages(body: CountBody) -> list[dict]:
+    """Anthropic's system and messages as the chat template's messages (OpenAI's shape)."""
+    conversation = []
+    if body.system:
+        conversation.append({"role": "system", "content": _text(body.system, "system")})
+    tool_use_ids = set()
+    for i, message in enumerate(body.messages):
+        blocks = [{"type": "text", "text": message.content}] if isinstance(message.content, str) else message.content
+        texts, calls, reasoning = [], [], []
+        for j, block in enumerate(blocks):
+            where = f"messages[{i}].content[{j}]"
+            kind = block.get("type") if isinstance(block, dict) else None
+            if kind == "text" and isinstance(block.get("text"), str):
+                texts.append(block["text"])
+            elif kind == "thinking" and message.role == "assistant":
+                reasoning.append(str(block.get("thinking", "")))
+            elif kind == "redacted_thinking" and message.role == "assistant":
+                continue
+            elif kind == "tool_use" and message.role == "assistant":
+                calls.append(_tool_call(block, where))
+                tool_use_ids.add(block["id"])
+            elif kind == "tool_result" and message.role == "user":
+                if block.get("tool_use_id") not in tool_use_ids:
+                    raise ApiError(400, f"this tool_result answers {block.get('tool_use_id')!r}, which no earlier "
+                                        "assistant tool_use block has as its id", param=f"{where}.tool_use_id")
+                conversation.append({"role": "tool", "tool_call_id": block["tool_use_id"],
+                                     "content": _text(block.get("content", ""), f"{where}.content")})
+            else:
+                raise ApiError(400, f"a {message.role} message cannot hold a {kind!r} block here; this server takes "
+                                    "text, tool_use (assistant), tool_result (user) and thinking (assistant) blocks",
+                               param=f"{where}.type")
+        if message.role == "assistant":
+            entry = {"role": "assistant", "content": "".join(texts) or None}
+            if calls:
+                entry["tool_calls"] = calls
+            if reasoning:
+                entry["reasoning_content"] = "".join(reasoning)
+            conversation.append(entry)
+        elif texts:
+            conversation.append({"role": "user", "content": "".join(texts)})
+    return conversation
+
+
+def _tool_call(block: dict, where: str) -> dict:
+    if not (isinstance(block.get("id"), str) and isinstance(block.get("name"), str)
+            and isinstance(block.get("input"), dict)):
+        raise ApiError(400, "a tool_use block needs 'id', 'name' and 'input' (an object)", param=where)
+    return {"id": block["id"], "type": "function",
+            "function": {"name": block["name"], "arguments": json.dumps(block["input"], ensure_ascii=False)}}
+
+
+def _text(content: Any, where: str) -> str:
+    """A string, or the text of a list of text blocks."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(b, dict) and b.get("type") == "text" for b in content):
+        return "".join(str(b.get("text", "")) for b in content)
+    raise ApiError(400, "expected a string or a list of text blocks", param=where)
+
+
+# ---- the reply ----
+
+class Reply:
+    """One message's blocks, whole or as Anthropic's events."""
+
+    def __init__(self, service: Service, generation: Generation, thinking: bool):
+        self.service, self.generation, self.thinking = service, generation, thinking
+        self.id = f"msg_{secrets.token_hex(12)}"
+
+    def _message(self, content: list, stop_reason: str | None, stop_sequence: str | None) -> dict:
+        return {"id": self.id, "type": "message", "role": "assistant", "model": self.service.model_name,
+                "content": content, "stop_reason": stop_reason, "stop_sequence": stop_sequence,
+                "usage": {"input_tokens": self.generation.prompt_tokens,
+                          "output_tokens": self.generation.completion_tokens}}
+
+    def _stop(self, event: Event) -> tuple[str, str | None]:
+        text = self.generation.text
+        if text.stop_string is not None:
+            return "stop_sequence", text.stop_string
+        return STOP_REASONS.get(event.finish_reason, "end_turn"), None
+
+    def _blocks(self, event: Event) -> list[tuple[str, Any]]:
+        """(kind, piece) of an event, in order: thinking, text, then each tool call."""
+        pieces = []
+        if event.delta.reasoning and self.thinking:
+            pieces.append(("thinking", event.delta.reasoning))
+        if event.delta.content:
+            pieces.append(("text", event.delta.content))
+        pieces += [("tool_use", call) for call in event.delta.tool_calls]
+        return pieces
+
+    async def whole(self) -> dict:
+        content: list[dict] = []
+        last = None
+        async for event in self.generation.events():
+            last = event
+            for kind, piece in self._blocks(event):
+                if kind == "tool_use":
+                    content.append({"type": "tool_use", "id": piece.id, "name": piece.name,
+                                    "input": json.loads(piece.arguments)})
+                elif content and content[-1]["type"] == kind:
+                    content[-1][kind] += piece
+                else:
+                    content.append({"type": kind, kind: piece, **({"signature": ""} if kind == "thinking" else {})})
+        return self._message(content, *self._stop(last))
+
+    async def events(self) -> AsyncIterator[bytes]:
+        yield _event("message_start", {"type": "message_start", "message": self._message([], None, None)})
+        index, open_kind = -1, None
+        try:
+            async for event in self.generation.events():
+                for kind, piece in self._blocks(event):
+                    if kind != open_kind or kind == "tool_use":
+                        if open_kind is not None:
+                            yield _event("content_block_stop", {"type": "content_block_stop", "index": index})
+                        index, open_kind = index + 1, kind
+                        yield _event("content_block_start", {"type": "content_block_start", "index": index,
+                                                             "content_block": _empty_block(kind, piece)})
+                    yield _event("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                         "delta": _delta(kind, piece)})
+                if event.finish_reason is not None:
+                    if open_kind is not None:
+                        yield _event("content_block_stop", {"type": "content_block_stop", "index": index})
+                    stop_reason, stop_sequence = self._stop(event)
+                    yield _event("message_delta", {"type": "message_delta",
+                                                   "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+                                                   "usage": {"output_tokens": self.generation.completion_tokens}})
+            yield _event("message_stop", {"type": "message_stop"})
+        except ApiError as e:
+            yield _event("error", error_body(e))
+
+
+def _empty_block(kind: str, piece) -> dict:
+    if kind == "tool_use":
+        return {"type": "tool_use", "id": piece.id, "name": piece.name, "input": {}}
+    if kind == "thinking":
+        return {"type": "thinking", "thinking": "", "signature": ""}
+    return {"type": "text", "text": ""}
+
+
+def _delta(kind: str, piece) -> dict:
+    if kind == "tool_use":
+        return {"type": "input_json_delta", "partial_json": piece.arguments}
+    if kind == "thinking":
+        return {"type": "thinking_delta", "thinking": piece}
+    return {"type": "text_delta", "text": piece}
+
+
+def _event(name: str, payload: dict) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()

@@ -1,0 +1,54 @@
+"""Scripted models for the API tests (runtime/scripted_model.py writes them): models whose weights make
+them write a given reply to "What is the weather in Paris?", so that parsers meet a model's own tokens.
+
+- caller: two parallel tool calls, get_weather {"city": "Paris"} then get_time {"zone": "UTC"};
+- talker: "It is sunny in Paris." in words, and a get_weather call when the prompt starts one for it
+  (tool_choice required: after "functions."; a named function: after its id);
+- thinker (Kimi K2 Thinking's template): reasons "Paris is in France.", then calls get_weather.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from runtime.demo_vocab import demo_tokenizer_metadata
+from runtime.scripted_model import spell, write_scripted_model
+from runtime.tokenizer import Tokenizer
+
+QUESTION = "What is the weather in Paris?"
+ASK = [{"role": "user", "content": QUESTION}]
+SPOKEN = "It is sunny in Paris."
+REASONING = "Paris is in France."
+WEATHER_CALL = ("functions.get_weather:0", "get_weather", {"city": "Paris"})
+TIME_CALL = ("get_time:1", "get_time", {"zone": "UTC"})
+
+
+def write_scripted_models(folder: Path) -> dict[str, Path]:
+    """caller, talker and thinker, written into `folder`."""
+    paths = {}
+    for template in ("instruct", "thinking"):
+        tokenizer = Tokenizer.from_metadata(demo_tokenizer_metadata(template))
+
+        def token(marker: str) -> int:
+            return tokenizer.encode(marker, parse_special=True, add_bos=False)[0]
+        begin, end, call, argument, call_end, im_end = (token(f"<|{name}|>") for name in (
+            "tool_calls_section_begin", "tool_calls_section_end", "tool_call_begin", "tool_call_argument_begin",
+            "tool_call_end", "im_end"))
+        question = tokenizer.encode(tokenizer.apply_chat_template(ASK, add_generation_prompt=True), True)[-2:]
+        weather = [call, "functions.get_weather:0", argument, '{"city": "Paris"}', call_end]
+        if template == "thinking":
+            scripts = {"thinker": [[*question, token("<think>"), REASONING, token("</think>"), begin, *weather, end,
+                                    im_end]]}
+        else:
+            # The calls' ends differ: a model that follows its last two tokens writes whatever follows them.
+            required = [begin, call, *tokenizer.encode("functions.", parse_special=False, add_bos=False)]
+            named = tokenizer.encode("functions.get_weather:0", parse_special=False, add_bos=False) + [argument]
+            scripts = {"caller": [[*question, begin, *weather, call, "get_time:1", argument, '{"zone": "UTC"}\n',
+                                   call_end, end, im_end]],
+                       "talker": [[*question, SPOKEN, im_end],
+                                  [*required[-2:], "get_weather:0", argument, '{"city": "Paris"}', call_end, end,
+                                   im_end],
+                                  [*named[-2:], '{"city": "Paris"}', call_end, end, im_end]]}
+        for name, texts in scripts.items():
+            paths[name] = write_scripted_model(folder / f"{name}.gguf", spell(texts, tokenizer),
+                                               chat_template=template)
+    return paths

@@ -1,0 +1,142 @@
+"""Anthropic's Messages API through the real `anthropic` client, on scripted models that answer in words,
+call tools or reason (tests/scripted_models.py): text, tool_use blocks with their input, tool results in
+the history, streaming events in Anthropic's order, count_tokens, thinking blocks, the key as x-api-key or
+a bearer token, and Anthropic's error shape. (The client no longer sends sampling settings; the scripted
+models' logits leave no other token a chance at the default temperature.)"""
+from __future__ import annotations
+
+import anthropic
+import httpx
+import pytest
+
+from runtime.ggml_ops import GgmlRunner
+from runtime.gguf_file import GGUFModelFile
+from runtime.model import KimiModel
+from runtime.tokenizer import Tokenizer
+from tests.scripted_models import ASK, REASONING, SPOKEN, TIME_CALL, WEATHER_CALL, write_scripted_models
+from tests.test_api import KEY, start_server, stop_server
+
+CONTEXT = 1024
+WEATHER = {"name": "get_weather", "description": "The weather in a city",
+           "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+TIME = {"name": "get_time", "input_schema": {"type": "object", "properties": {"zone": {"type": "string"}}}}
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    servers = {}
+    for name, path in write_scripted_models(tmp_path_factory.mktemp("scripted")).items():
+        model_file = GGUFModelFile(path)
+        servers[name] = start_server(KimiModel(model_file, GgmlRunner(2), repack="none"),
+                                     Tokenizer.from_metadata(model_file.metadata), context=CONTEXT, max_sequences=4)
+    yield servers
+    for server in servers.values():
+        stop_server(server)
+
+
+@pytest.fixture(scope="module")
+def clients(servers):
+    return {name: anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0)
+            for name, server in servers.items()}
+
+
+def blocks(message) -> list[tuple]:
+    return [(b.type, b.text) if b.type == "text" else (b.type, b.thinking) if b.type == "thinking" else
+            (b.type, b.id, b.name, b.input) for b in message.content]
+
+
+def test_a_reply_in_words(clients):
+    message = clients["talker"].messages.create(model="tiny", max_tokens=64, messages=ASK)
+    assert blocks(message) == [("text", SPOKEN)] and message.stop_reason == "end_turn"
+    assert message.role == "assistant" and message.usage.output_tokens > 0
+    counted = clients["talker"].messages.count_tokens(model="tiny", messages=ASK)
+    assert counted.input_tokens == message.usage.input_tokens > 0
+
+
+def test_tool_use_blocks_come_back_with_their_input_parsed(clients):
+    message = clients["caller"].messages.create(model="tiny", max_tokens=128, messages=ASK, tools=[WEATHER, TIME])
+    assert blocks(message) == [("tool_use", *WEATHER_CALL), ("tool_use", *TIME_CALL)]
+    assert message.stop_reason == "tool_use"
+
+
+def test_streaming_events_come_in_anthropic_order(servers, clients):
+    request = {"model": "tiny", "max_tokens": 128, "messages": ASK, "tools": [WEATHER, TIME]}
+    with httpx.stream("POST", f"{servers['caller'].url}/v1/messages", json={**request, "stream": True},
+                      headers={"x-api-key": KEY}) as response:
+        events = [line.removeprefix("event: ") for line in response.iter_lines() if line.startswith("event: ")]
+    assert events == ["message_start",
+                      "content_block_start", "content_block_delta", "content_block_stop",
+                      "content_block_start", "content_block_delta", "content_block_stop",
+                      "message_delta", "message_stop"]
+    with clients["caller"].messages.stream(**request) as stream:
+        streamed = stream.get_final_message()
+    assert blocks(streamed) == [("tool_use", *WEATHER_CALL), ("tool_use", *TIME_CALL)]
+    assert streamed.stop_reason == "tool_use"
+    with clients["talker"].messages.stream(model="tiny", max_tokens=64, messages=ASK) as stream:
+        assert "".join(stream.text_stream) == SPOKEN
+
+
+def test_tool_results_in_the_history_render_and_generate(clients):
+    first = clients["caller"].messages.create(model="tiny", max_tokens=128, messages=ASK, tools=[WEATHER, TIME])
+    results = [{"type": "tool_result", "tool_use_id": block.id, "content": content}
+               for block, content in zip(first.content, ["18 C, clear", [{"type": "text", "text": "12:00"}]])]
+    history = ASK + [{"role": "assistant", "content": [b.model_dump() for b in first.content]},
+                     {"role": "user", "content": results}]
+    message = clients["caller"].messages.create(model="tiny", max_tokens=128, messages=history,
+                                                tools=[WEATHER, TIME])
+    assert message.stop_reason == "tool_use" and message.usage.input_tokens > first.usage.input_tokens
+
+
+@pytest.mark.parametrize("tool_choice", [{"type": "any"}, {"type": "tool", "name": "get_weather"}])
+def test_any_and_a_named_tool_make_a_talking_model_call(clients, tool_choice):
+    message = clients["talker"].messages.create(model="tiny", max_tokens=64, messages=ASK, tools=[WEATHER, TIME],
+                                                tool_choice=tool_choice)
+    assert blocks(message) == [("tool_use", *WEATHER_CALL)] and message.stop_reason == "tool_use"
+
+
+def test_thinking_comes_back_as_a_thinking_block_when_enabled(clients):
+    enabled = clients["thinker"].messages.create(model="tiny", max_tokens=128, messages=ASK, tools=[WEATHER],
+                                                 thinking={"type": "enabled", "budget_tokens": 1024})
+    assert blocks(enabled) == [("thinking", REASONING), ("tool_use", *WEATHER_CALL)]
+    plain = clients["thinker"].messages.create(model="tiny", max_tokens=128, messages=ASK, tools=[WEATHER])
+    assert blocks(plain) == [("tool_use", *WEATHER_CALL)]
+
+
+def test_a_stop_sequence_is_named(clients):
+    message = clients["talker"].messages.create(model="tiny", max_tokens=64, messages=ASK,
+                                                stop_sequences=["sunny"])
+    assert blocks(message) == [("text", "It is ")]
+    assert message.stop_reason == "stop_sequence" and message.stop_sequence == "sunny"
+
+
+def test_the_key_as_a_bearer_token_too(servers):
+    body = {"model": "tiny", "max_tokens": 8, "messages": ASK}
+    url = f"{servers['talker'].url}/v1/messages"
+    assert httpx.post(url, json=body, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    refused = httpx.post(url, json=body, headers={"x-api-key": "wrong"})
+    assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
+
+
+@pytest.mark.parametrize("change, status, words", [
+    ({"max_tokens": None}, 400, "max_tokens"),
+    ({"messages": ASK + [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                                         "content": "x"}]}]}, 400, "no earlier assistant tool_use"),
+    ({"tools": [{"name": "get weather", "input_schema": {"type": "object"}}]}, 400, "letters"),
+    ({"tool_choice": {"type": "tool", "name": "get_time"}, "tools": [WEATHER]}, 400, "not among the declared tools"),
+    ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, 400, "'image' block"),
+    ({"model": "claude-opus"}, 404, "does not exist here"),
+])
+def test_errors_have_anthropic_shape(servers, change, status, words):
+    body = {"model": "tiny", "max_tokens": 8, "messages": ASK, **change}
+    body = {k: v for k, v in body.items() if v is not None}
+    response = httpx.post(f"{servers['talker'].url}/v1/messages", json=body, headers={"x-api-key": KEY})
+    assert response.status_code == status
+    error = response.json()
+    assert error["type"] == "error" and words in error["error"]["message"], error
+    assert error["error"]["type"] == {400: "invalid_request_error", 404: "not_found_error"}[status]
+
+
+def test_the_client_raises_its_own_error_types(clients):
+    with pytest.raises(anthropic.BadRequestError) as error:
+        clients["talker"].messages.create(model="tiny", max_tokens=8, messages=[])
+    assert error.value.body["error"]["type"] == "invalid_request_error" and "messages" in error.value.message
