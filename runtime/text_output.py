@@ -76,7 +76,9 @@ class TextStream:
             return self._tool_token(token)
         if self.stopped or token in self._hidden:
             return TextDelta()
-        if self.tools is not None and token == self.tools.markers.section_begin and not self.tools.calls:
+        # One section per reply: another after it (or after a broken one) is text.
+        if self.tools is not None and token == self.tools.markers.section_begin and not (
+                self.tools.calls or self.tools.malformed):
             delta = self._release(everything=True)
             self._in_tools = True
             return delta

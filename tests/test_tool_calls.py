@@ -126,3 +126,10 @@ def test_any_arguments_round_trip_in_pieces(tokenizer, arguments, ascii_only):
     stream, deltas = run(tokenizer, section(("functions.get_weather:0", text)))
     assert stream.called_tools and json.loads(stream.tools.calls[0].arguments) == arguments
     assert "".join(d.arguments for delta in deltas for d in delta.tool_calls) == text
+
+
+def test_a_second_section_after_a_broken_one_is_text_once(tokenizer):
+    broken = section(("functions.send_mail:0", "{}"))
+    stream, deltas = run(tokenizer, broken + " and " + section(("functions.get_time:0", "{}")))
+    assert not stream.called_tools
+    assert joined(deltas).content == broken + " and " + section(("functions.get_time:0", "{}"))
