@@ -37,6 +37,25 @@ def start_cluster(**head_node_args) -> Cluster:
             time.sleep(5)
 
 
+def add_node(cluster: Cluster, **node_args) -> None:
+    """cluster.add_node, tried again when the node's raylet fails to register in time (as start_cluster's
+    head does, seen in CI for a second node too), after killing what the failed start left behind. If it
+    still fails, the whole cluster is stopped before the error goes on."""
+    for attempt in range(1, ATTEMPTS + 1):
+        before = set(live_descendants())
+        try:
+            cluster.add_node(**node_args)
+            return
+        except Exception:
+            for pid in set(live_descendants()) - before:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if attempt == ATTEMPTS:
+                cluster.shutdown()
+                raise
+            time.sleep(5)
+
+
 def retry_ray_start(call: Callable[[], T]) -> T:
     """call(), which starts a Ray of its own, once more if that Ray's node failed to register in time (the
     same hiccup as above), after stopping what the failed start left behind."""

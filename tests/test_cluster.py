@@ -21,7 +21,7 @@ from runtime.config import ModelConfig
 from runtime.engine import Engine
 from runtime.gguf_file import GGUFModelFile
 from runtime.model import KimiModel
-from tests.ray_clusters import start_cluster
+from tests.ray_clusters import add_node, start_cluster
 from tests.tls_files import write_certificates
 
 pytestmark = pytest.mark.slow
@@ -45,7 +45,7 @@ def ray_cluster():
 def with_workers(cluster: Cluster, count: int) -> None:
     """Grow (never shrink) the cluster to `count` worker nodes besides the head."""
     while len([n for n in ray.nodes() if n["Alive"]]) < count + 1:
-        cluster.add_node(**NODE)
+        add_node(cluster, **NODE)
     cluster.wait_for_nodes(timeout=120)  # generous: CI machines can be slow to start raylets
 
 

@@ -14,7 +14,7 @@ from cluster.head import ExpertCluster
 from runtime.engine import Engine
 from runtime.gguf_file import GGUFModelFile
 from runtime.model import KimiModel
-from tests.ray_clusters import start_cluster
+from tests.ray_clusters import add_node, start_cluster
 
 pytestmark = pytest.mark.slow
 ADDRESSES = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
@@ -25,7 +25,7 @@ PROMPT = [2638, 1923, 2652, 51, 68, 315, 829, 997]
 def ray_cluster():
     cluster = start_cluster(num_cpus=1, node_ip_address=ADDRESSES[0])
     for address in ADDRESSES[1:]:
-        cluster.add_node(num_cpus=1, node_ip_address=address)
+        add_node(cluster, num_cpus=1, node_ip_address=address)
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False, _node_ip_address=ADDRESSES[0])
     cluster.wait_for_nodes(timeout=120)  # generous: CI machines can be slow to start raylets
     yield cluster

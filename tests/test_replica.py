@@ -16,7 +16,7 @@ from runtime.engine import Engine
 from runtime.gguf_file import GGUFModelFile
 from runtime.model import checked_config
 from runtime.tokenizer import Tokenizer
-from tests.ray_clusters import start_cluster
+from tests.ray_clusters import add_node, start_cluster
 
 # Kimi's special tokens at their ids in the real 163,840-token vocabulary (KIMI_GGUF.md, section 4).
 REAL_SPECIAL_IDS = {"[BOS]": 163584, "[EOS]": 163585, "<|im_end|>": 163586, "<|im_user|>": 163587,
@@ -73,7 +73,7 @@ def test_the_replica_generates_on_a_multi_node_cluster(replica):
     cluster = start_cluster(num_cpus=1, memory=12 * GiB)  # the head holds everything but routed experts
     try:
         for _ in range(3):
-            cluster.add_node(num_cpus=1, memory=2 * GiB)
+            add_node(cluster, num_cpus=1, memory=2 * GiB)
         cluster.wait_for_nodes(timeout=120)
         ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False, _node_ip_address="127.0.0.1")
         config = ClusterConfig.from_dict({"model": str(replica), "reserve_gb": 0, "allow_disk": True, "context": 64,
