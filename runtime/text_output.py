@@ -48,7 +48,6 @@ class TextStream:
         """hidden_tokens: ids that produce no text (end-of-generation tokens). reasoning: (<think>, </think>)
         ids to split on; in_reasoning: the prompt already opened <think>. tools: the parser for a tool-call
         section, if the request declared tools."""
-        self._tokenizer = tokenizer
         self._decoder = tokenizer.stream_decoder()
         self._stop = [s for s in stop if s]
         self._hidden = hidden_tokens
