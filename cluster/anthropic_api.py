@@ -142,9 +142,7 @@ async def _prompt(service: Service, body: CountBody, markers) -> tuple:
     rendered = await asyncio.to_thread(_render, service.tokenizer, conversation, tool_use.template_tools(tools))
     prompt = await asyncio.to_thread(service.tokenizer.encode, rendered, True)
     in_reasoning = rendered.rstrip().endswith(THINK_OPEN)
-    forced = tool_use.forced_start(service, found, choice) if tools else []
-    if forced and in_reasoning:
-        forced.insert(0, markers[1])
+    forced = tool_use.forced_start(service, tools, found, choice, markers[1] if in_reasoning else None)
     return prompt + forced, forced, found, tools, choice, in_reasoning
 
 

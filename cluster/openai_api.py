@@ -192,9 +192,7 @@ def routes(service: Service) -> APIRouter:
         rendered = await asyncio.to_thread(_render_chat, tokenizer, body.messages, tool_use.template_tools(tools))
         prompt = await asyncio.to_thread(tokenizer.encode, rendered, True)
         in_reasoning = rendered.rstrip().endswith(THINK_OPEN)
-        forced = tool_use.forced_start(service, found, choice) if tools else []
-        if forced and in_reasoning:  # a forced call comes before any reasoning: close it first
-            forced.insert(0, markers[1])
+        forced = tool_use.forced_start(service, tools, found, choice, markers[1] if in_reasoning else None)
         prompt += forced
         max_tokens = body.max_completion_tokens or body.max_tokens or max(service.context_size - len(prompt), 1)
         top = (body.top_logprobs or 0) if body.logprobs else None

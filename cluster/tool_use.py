@@ -78,15 +78,19 @@ def markers(service: Service, tools: list[Tool]) -> ToolCallMarkers | None:
     return found
 
 
-def forced_start(service: Service, found: ToolCallMarkers, choice: ToolChoice) -> list[int]:
-    """The tokens the reply must start with: an open call for "required", a named call's id for a function."""
+def forced_start(service: Service, tools: list[Tool], found: ToolCallMarkers | None, choice: ToolChoice,
+                 think_close: int | None = None) -> list[int]:
+    """The tokens the reply must start with: an open call for "required", a named call's id for a function;
+    after `think_close` (</think>) when the prompt left reasoning open, as a forced call comes before any."""
     encode = service.tokenizer.encode
+    if not tools or choice.mode not in ("required", "function"):
+        return []
+    start = [] if think_close is None else [think_close]
     if choice.mode == "required":
-        return [found.section_begin, found.call_begin, *encode("functions.", parse_special=False, add_bos=False)]
-    if choice.mode == "function":
-        return [found.section_begin, found.call_begin,
-                *encode(f"functions.{choice.name}:0", parse_special=False, add_bos=False), found.argument_begin]
-    return []
+        return start + [found.section_begin, found.call_begin, *encode("functions.", parse_special=False,
+                                                                       add_bos=False)]
+    return start + [found.section_begin, found.call_begin,
+                    *encode(f"functions.{choice.name}:0", parse_special=False, add_bos=False), found.argument_begin]
 
 
 def banned_tokens(found: ToolCallMarkers | None, choice: ToolChoice) -> frozenset[int]:
