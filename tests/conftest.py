@@ -12,6 +12,9 @@ from pathlib import Path
 
 # Multi-node tests run every Ray node on this machine: make Ray's processes use loopback addresses only.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Ray waits 30 s for a new GCS to write its port; on a loaded 2-core machine it once took longer (a CI run
+# lost test_estimate to it), so give it Ray's own allowance for a slow store.
+os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
 
 import pytest
 

@@ -56,15 +56,21 @@ def add_node(cluster: Cluster, **node_args) -> None:
             time.sleep(5)
 
 
+def startup_timed_out(error: Exception) -> bool:
+    """Whether Ray gave up waiting for its raylet to register or for its GCS to write its port."""
+    message = str(error)
+    return "timed out during startup" in message or "Timed out waiting for file" in message
+
+
 def retry_ray_start(call: Callable[[], T]) -> T:
-    """call(), which starts a Ray of its own, once more if that Ray's node failed to register in time (the
+    """call(), which starts a Ray of its own, once more if that Ray's node failed to start in time (the
     same hiccup as above), after stopping what the failed start left behind."""
     for attempt in range(1, ATTEMPTS + 1):
         before = set(live_descendants())
         try:
             return call()
         except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for it
-            if "timed out during startup" not in str(e) or attempt == ATTEMPTS:
+            if not startup_timed_out(e) or attempt == ATTEMPTS:
                 raise
             ray.shutdown()
             for pid in set(live_descendants()) - before:
