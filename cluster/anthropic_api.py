@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request as HttpRequest
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from cluster import tool_use
+from cluster import structured_output, tool_use
 from cluster.api import (ApiError, Event, Generation, Service, check_model, engine_request, parse_body,
                          sampling_params, text_stream)
 from cluster.tool_use import Tool, ToolChoice
@@ -46,6 +46,16 @@ class ToolSpec(_Strict):
     name: str
     description: str | None = None
     input_schema: dict[str, Any]
+    strict: bool | None = None  # input held to input_schema by constrained decoding
+
+
+class OutputFormat(_Strict):
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
+class OutputConfig(_Strict):
+    format: OutputFormat | None = None
 
 
 class ToolChoiceSpec(_Strict):
@@ -73,7 +83,10 @@ class CountBody(_Strict):
     thinking: Thinking | None = None
 
     def declared_tools(self) -> list[Tool]:
-        return [Tool(t.name, t.description, t.input_schema) for t in self.tools or []]
+        for i, tool in enumerate(self.tools or []):
+            if tool.strict:
+                structured_output.check_schema(tool.input_schema, f"tools[{i}].input_schema")
+        return [Tool(t.name, t.description, t.input_schema, bool(t.strict)) for t in self.tools or []]
 
     def choice(self) -> ToolChoice:
         """Anthropic's default is auto; "any" is OpenAI's "required"."""
@@ -92,6 +105,19 @@ class MessagesBody(CountBody):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
     stream: bool = False
+    output_config: OutputConfig | None = None
+    output_format: OutputFormat | None = None  # the structured-outputs beta's name for output_config.format
+
+    def answer_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the text answer must follow (checked), or None."""
+        if self.output_config is not None and self.output_config.format is not None:
+            schema, field = self.output_config.format.schema_, "output_config.format.schema"
+        elif self.output_format is not None:
+            schema, field = self.output_format.schema_, "output_format.schema"
+        else:
+            return None
+        structured_output.check_schema(schema, field)
+        return schema
 
 
 # ---- routes ----
@@ -112,9 +138,11 @@ def routes(service: Service) -> APIRouter:
         body = await _parse(http, MessagesBody, service)
         prompt, forced, found, tools, choice, in_reasoning = await _prompt(service, body, markers)
         params = sampling_params(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k)
-        request = engine_request(service, prompt, body.max_tokens, params,
-                                 banned_tokens=tool_use.banned_tokens(found, choice))
         parallel = not (body.tool_choice and body.tool_choice.disable_parallel_tool_use)
+        grammar = await asyncio.to_thread(structured_output.reply_grammar, service, body.answer_schema(), tools,
+                                          choice, parallel, found, markers, in_reasoning, forced)
+        request = engine_request(service, prompt, body.max_tokens, params,
+                                 banned_tokens=tool_use.banned_tokens(found, choice), grammar=grammar)
         text = text_stream(service, body.stop_sequences or [], markers, in_reasoning,
                            tool_use.parser(service, tools, found, choice, parallel), forced)
         generation = Generation(service, http, request, text, prompt_param="messages")

@@ -3,7 +3,7 @@ streamed as server-sent events or not, with OpenAI's error shape {"error": {"mes
 "code"}}.
 
 Unknown request fields are ignored, as llama-server and vLLM do, so clients built for them work unchanged;
-OpenAI fields that would change the answer but are not implemented (echo, logit_bias, tools, ...) are refused.
+OpenAI fields that would change the answer but are not implemented (echo, logit_bias, ...) are refused.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request as HttpRequest
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cluster import tool_use
+from cluster import structured_output, tool_use
 from cluster.api import (ApiError, Event, Generation, Service, check_model, engine_request, parse_body,
                          sampling_params, text_stream)
 from cluster.tool_use import Tool, ToolChoice
@@ -43,8 +43,21 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "suffix": lambda v: not v,
     "logit_bias": lambda v: not v,
     "functions": lambda v: not v,
-    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
 }
+
+
+class JsonSchemaSpec(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None  # the schema is enforced either way (constrained decoding)
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
 
 
 class _Body(BaseModel):
@@ -67,12 +80,26 @@ class _Body(BaseModel):
     stream_options: dict[str, bool] | None = None
     user: str | None = None
     ignore_eos: bool = False  # vLLM's: generate past end-of-generation tokens, up to max_tokens (benchmarks)
+    response_format: ResponseFormat | None = None
 
     def sampling(self) -> SamplingParams:
         return sampling_params(temperature=self.temperature, top_k=max(self.top_k, 0), top_p=self.top_p,
                                min_p=self.min_p, repetition_penalty=self.repetition_penalty,
                                presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                                seed=self.seed)
+
+    def answer_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the answer must follow (checked), or None for free text."""
+        answer = self.response_format
+        if answer is None or answer.type == "text":
+            return None
+        if answer.type == "json_object":
+            return structured_output.ANY_OBJECT
+        if answer.json_schema is None:
+            raise ApiError(400, "a response_format of type 'json_schema' needs 'json_schema': {'name': ..., "
+                                "'schema': {...}}", param="response_format.json_schema", code="invalid_value")
+        structured_output.check_schema(answer.json_schema.schema_, "response_format.json_schema.schema")
+        return answer.json_schema.schema_
 
     def stop_strings(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -144,9 +171,9 @@ class ChatBody(_Body):
     def declared_tools(self) -> list[Tool]:
         for i, tool in enumerate(self.tools or []):
             if tool.function.strict:
-                raise ApiError(400, "strict tool parameters (constrained decoding) are not supported yet; leave "
-                                    "'strict' out", param=f"tools[{i}].function.strict", code="unsupported_parameter")
-        return [Tool(t.function.name, t.function.description, t.function.parameters) for t in self.tools or []]
+                structured_output.check_schema(tool.function.parameters, f"tools[{i}].function.parameters")
+        return [Tool(t.function.name, t.function.description, t.function.parameters, bool(t.function.strict))
+                for t in self.tools or []]
 
     def choice(self) -> ToolChoice:
         """OpenAI's default: "auto" with tools, "none" without."""
@@ -178,7 +205,10 @@ def routes(service: Service) -> APIRouter:
         body = await _parse(http, CompletionBody, service)
         prompt = await asyncio.to_thread(_completion_prompt, tokenizer, body.prompt)
         max_tokens = body.max_tokens or DEFAULT_COMPLETION_TOKENS
-        request = engine_request(service, prompt, max_tokens, body.sampling(), body.ignore_eos, body.logprobs)
+        grammar = await asyncio.to_thread(structured_output.reply_grammar, service, body.answer_schema(), [],
+                                          ToolChoice("none"), False, None, None, False, [])
+        request = engine_request(service, prompt, max_tokens, body.sampling(), body.ignore_eos, body.logprobs,
+                                 grammar=grammar)
         generation = Generation(service, http, request, text_stream(service, body.stop_strings()))
         return await _respond(body.stream, generation, CompletionChunks(service, generation, body, tokenizer))
 
@@ -196,8 +226,10 @@ def routes(service: Service) -> APIRouter:
         prompt += forced
         max_tokens = body.max_completion_tokens or body.max_tokens or max(service.context_size - len(prompt), 1)
         top = (body.top_logprobs or 0) if body.logprobs else None
+        grammar = await asyncio.to_thread(structured_output.reply_grammar, service, body.answer_schema(), tools,
+                                          choice, body.parallel_tool_calls, found, markers, in_reasoning, forced)
         request = engine_request(service, prompt, max_tokens, body.sampling(), body.ignore_eos, top,
-                                 tool_use.banned_tokens(found, choice))
+                                 tool_use.banned_tokens(found, choice), grammar)
         parser = tool_use.parser(service, tools, found, choice, body.parallel_tool_calls)
         text = text_stream(service, body.stop_strings(), markers, in_reasoning, parser, forced)
         generation = Generation(service, http, request, text, prompt_param="messages")

@@ -28,6 +28,7 @@ class Tool:
     name: str
     description: str | None
     parameters: dict[str, Any]  # a JSON schema of the arguments object
+    strict: bool = False  # arguments held to `parameters` by constrained decoding (structured_output.py)
 
 
 @dataclass(frozen=True)

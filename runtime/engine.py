@@ -19,6 +19,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from .grammar import Grammar
 from .kv_cache import KVCache, Segment
 from .model import KimiModel
 from .sampling import Sampler, SamplingParams, largest, sample_rows
@@ -32,6 +33,7 @@ class Request:
     stop_tokens: frozenset[int] = frozenset()
     top_logprobs: int | None = None  # None: no logprobs; n: the chosen token's log-probability and the n best
     banned_tokens: frozenset[int] = frozenset()  # never sampled (e.g. a tool-call section when tools are off)
+    grammar: Grammar | None = None  # what the reply must follow (constrained decoding), if anything
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ class SequenceState:
     def __init__(self, request: Request, on_output: OutputCallback):
         self.request, self.on_output = request, on_output
         self.sampler = Sampler(request.params)
+        self.matcher = request.grammar.matcher() if request.grammar is not None else None
         self.history = list(request.prompt)
         self.cache: KVCache | None = None
         self.prefilled = 0  # prompt tokens already in the cache
@@ -196,35 +199,51 @@ class Engine:
         for sequence, rows in batch:
             segments.append(Segment(sequence.cache, start, len(rows)))
             start += len(rows)
+        for sequence, _ in batch:
+            if sequence.matcher is not None:
+                sequence.matcher.start_mask()  # computed while the model runs
         try:
             logits = self.model.forward(tokens, segments)
         except Exception as e:  # the model or a worker failed: every sequence in this step ends with the reason
             self._fail([s for s, _ in batch], e)
             return len(tokens)
         emitting = []  # indices into batch and logits of the sequences that get a token this step
+        unmasked = {}  # index -> the model's logits of a row that constraints then masked (for logprobs)
         for index, (sequence, rows) in enumerate(batch):
             if sequence.prefilling:
                 sequence.prefilled += len(rows)
                 if sequence.prefilling:
                     continue
                 sequence.last_logits = logits[index]
+            if sequence.request.banned_tokens or sequence.matcher is not None:
+                unmasked[index] = sequence.last_logits = logits[index].copy()
+                try:
+                    self._constrain(sequence, logits[index])
+                except Exception as e:
+                    self._fail([sequence], e)
+                    continue
             emitting.append(index)
         sequences = [batch[i][0] for i in emitting]
-        for index, sequence in zip(emitting, sequences):
-            if sequence.request.banned_tokens:
-                logits[index, list(sequence.request.banned_tokens)] = -np.inf
         rows = logits if len(emitting) == len(batch) else logits[emitting]
         sampled = sample_rows([s.sampler for s in sequences], rows, [s.history for s in sequences])
         for sequence, index, token in zip(sequences, emitting, sampled):
             try:
                 if isinstance(token, ValueError):  # e.g. NaN logits: this sequence ends, the others go on
                     raise token
-                self._emit(sequence, logits[index], token)
+                self._emit(sequence, unmasked.get(index, logits[index]), token)
             except Exception as e:
                 self._fail([sequence], e)
         if self.on_step is not None:
             self.on_step(len(tokens), time.perf_counter() - started)
         return len(tokens)
+
+    @staticmethod
+    def _constrain(sequence: SequenceState, logits: np.ndarray) -> None:
+        """Rule out the tokens this sequence may not sample next (its logits row, in place)."""
+        if sequence.request.banned_tokens:
+            logits[list(sequence.request.banned_tokens)] = -np.inf
+        if sequence.matcher is not None:
+            sequence.matcher.apply(logits)
 
     def _plan_batch(self) -> list[tuple[SequenceState, list[int]]]:
         """Decoding sequences first (one row each), then prompt chunks in arrival order within the budget."""
@@ -240,6 +259,8 @@ class Engine:
 
     def _emit(self, sequence: SequenceState, logits: np.ndarray, token: int) -> None:
         request = sequence.request
+        if sequence.matcher is not None:
+            sequence.matcher.accept(token)
         sequence.history.append(token)
         sequence.generated += 1
         finish = "stop" if token in request.stop_tokens else \

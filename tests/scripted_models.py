@@ -8,11 +8,18 @@ them write a given reply to "What is the weather in Paris?", so that parsers mee
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Iterator
 
 from runtime.demo_vocab import demo_tokenizer_metadata
+from runtime.ggml_ops import GgmlRunner
+from runtime.gguf_file import GGUFModelFile
+from runtime.model import KimiModel
 from runtime.scripted_model import spell, write_scripted_model
 from runtime.tokenizer import Tokenizer
+from tests.test_api import start_server, stop_server
 
 QUESTION = "What is the weather in Paris?"
 ASK = [{"role": "user", "content": QUESTION}]
@@ -52,3 +59,19 @@ def write_scripted_models(folder: Path) -> dict[str, Path]:
             paths[name] = write_scripted_model(folder / f"{name}.gguf", spell(texts, tokenizer),
                                                chat_template=template)
     return paths
+
+
+@contextlib.contextmanager
+def scripted_servers(paths: dict[str, Path], context: int) -> Iterator[dict[str, SimpleNamespace]]:
+    """An API server on each scripted model, stopped on the way out."""
+    servers = {}
+    try:
+        for name, path in paths.items():
+            model_file = GGUFModelFile(path)
+            servers[name] = start_server(KimiModel(model_file, GgmlRunner(2), repack="none"),
+                                         Tokenizer.from_metadata(model_file.metadata), context=context,
+                                         max_sequences=4)
+        yield servers
+    finally:
+        for server in servers.values():
+            stop_server(server)

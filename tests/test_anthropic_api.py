@@ -9,12 +9,9 @@ import anthropic
 import httpx
 import pytest
 
-from runtime.ggml_ops import GgmlRunner
-from runtime.gguf_file import GGUFModelFile
-from runtime.model import KimiModel
-from runtime.tokenizer import Tokenizer
-from tests.scripted_models import ASK, REASONING, SPOKEN, TIME_CALL, WEATHER_CALL, write_scripted_models
-from tests.test_api import KEY, start_server, stop_server
+from tests.scripted_models import (ASK, REASONING, SPOKEN, TIME_CALL, WEATHER_CALL, scripted_servers,
+                                   write_scripted_models)
+from tests.test_api import KEY
 
 CONTEXT = 1024
 WEATHER = {"name": "get_weather", "description": "The weather in a city",
@@ -24,14 +21,8 @@ TIME = {"name": "get_time", "input_schema": {"type": "object", "properties": {"z
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    servers = {}
-    for name, path in write_scripted_models(tmp_path_factory.mktemp("scripted")).items():
-        model_file = GGUFModelFile(path)
-        servers[name] = start_server(KimiModel(model_file, GgmlRunner(2), repack="none"),
-                                     Tokenizer.from_metadata(model_file.metadata), context=CONTEXT, max_sequences=4)
-    yield servers
-    for server in servers.values():
-        stop_server(server)
+    with scripted_servers(write_scripted_models(tmp_path_factory.mktemp("scripted")), CONTEXT) as servers:
+        yield servers
 
 
 @pytest.fixture(scope="module")

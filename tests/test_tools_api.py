@@ -15,12 +15,9 @@ import openai
 import pytest
 
 from runtime.engine import Engine, Request
-from runtime.ggml_ops import GgmlRunner
-from runtime.gguf_file import GGUFModelFile
-from runtime.model import KimiModel
 from runtime.sampling import SamplingParams
-from runtime.tokenizer import Tokenizer
-from tests.scripted_models import ASK, REASONING, SPOKEN, TIME_CALL, WEATHER_CALL, write_scripted_models
+from tests.scripted_models import (ASK, REASONING, SPOKEN, TIME_CALL, WEATHER_CALL, scripted_servers,
+                                   write_scripted_models)
 from tests.test_api import KEY, parts, start_server, stop_server  # noqa: F401 (parts: a fixture)
 
 WEATHER = {"type": "function", "function": {
@@ -114,8 +111,6 @@ def test_tool_choice_none_never_samples_a_section(server):
     (dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_time"}}), "tool_choice",
      "not among the declared tools"),
     (dict(tool_choice="required"), "tool_choice", "declares no tools"),
-    (dict(tools=[{"type": "function", "function": {**WEATHER["function"], "strict": True}}]),
-     "tools[0].function.strict", "not supported yet"),
     (dict(messages=ASK + [{"role": "tool", "tool_call_id": "functions.get_time:3", "content": "noon"}]),
      "messages[1].tool_call_id", "no earlier assistant"),
     (dict(messages=ASK + [{"role": "assistant", "content": None, "tool_calls": [{"id": "x", "type": "function"}]}]),
@@ -150,14 +145,8 @@ def scripted_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def scripted(scripted_models):
     """A server on each scripted model, and its openai client."""
-    servers = {}
-    for name, path in scripted_models.items():
-        model_file = GGUFModelFile(path)
-        servers[name] = start_server(KimiModel(model_file, GgmlRunner(2), repack="none"),
-                                     Tokenizer.from_metadata(model_file.metadata), context=CONTEXT, max_sequences=4)
-    yield {name: openai.OpenAI(base_url=f"{s.url}/v1", api_key=KEY, max_retries=0) for name, s in servers.items()}
-    for server in servers.values():
-        stop_server(server)
+    with scripted_servers(scripted_models, CONTEXT) as servers:
+        yield {name: openai.OpenAI(base_url=f"{s.url}/v1", api_key=KEY, max_retries=0) for name, s in servers.items()}
 
 
 def calls_of(message) -> list[tuple]:
