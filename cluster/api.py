@@ -25,14 +25,15 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 from cluster.metrics import ServerMetrics
-from runtime.grammar import Grammar, GrammarTokenizer
 from runtime.engine import ContextLengthExceeded, Engine, EngineFull, Request, SequenceFailed, TokenOutput
+from runtime.grammar import Grammar, GrammarTokenizer
 from runtime.sampling import SamplingParamError, SamplingParams
 from runtime.text_output import TextDelta, TextStream
 from runtime.tokenizer import Tokenizer
 from runtime.tool_calls import ToolCallParser
 
 Body = TypeVar("Body", bound=BaseModel)
+OPEN_PATHS = ("/health", "/metrics")  # open to monitoring without the API key, unless protect_metrics
 
 
 class ApiError(Exception):
@@ -62,6 +63,7 @@ class Service:
     tokenizer: Tokenizer
     context_size: int
     api_key: str | None = None
+    protect_metrics: bool = False  # ask for the key on /health and /metrics too
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     engine: Engine | None = None
     # {"workers": node -> "ok" or what is wrong, "down": node -> why, since when, who covers it}
@@ -297,7 +299,8 @@ def create_app(service: Service, protocols: tuple[ApiProtocol, ...] | None = Non
     @app.middleware("http")
     async def count_and_authorize(http: HttpRequest, call_next):
         endpoint = http.url.path
-        if service.api_key and endpoint.startswith("/v1/") and not _key_matches(http, service.api_key):
+        left_open = not service.protect_metrics and endpoint in OPEN_PATHS
+        if service.api_key and not left_open and not _key_matches(http, service.api_key):
             response = error_response(http, ApiError(401, "missing or wrong API key: send 'Authorization: Bearer "
                                                           "<key>' or 'x-api-key: <key>'", code="invalid_api_key"))
         else:

@@ -1,4 +1,4 @@
-"""kimi-cluster command line: serve, chat, generate, plan, probe, inspect, make-model, demo."""
+"""kimi-cluster command line: serve, chat, generate, plan, probe, certs, inspect, make-model, demo."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+
+from cluster.addresses import is_loopback
 
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 DEMO_PATH = Path.home() / ".cache" / "kimi-cluster" / "kimi-demo-tiny.gguf"
@@ -45,6 +47,15 @@ def _context(args, config) -> int:
 def _api_key(args, config) -> str | None:
     """--api-key (or $KIMI_API_KEY), else the cluster config's api_key, else None (no key asked)."""
     return args.api_key or (config.api_key if config is not None else None)
+
+
+def _check_exposure(host: str, api_key: str | None, no_auth: bool) -> None:
+    """A server others on the network can reach needs a key, unless the user says otherwise."""
+    if api_key or no_auth or is_loopback(host):
+        return
+    raise ValueError(f"--host {host} makes the API reachable from your network, and no API key is set, so anyone "
+                     "who reaches it could use the model. Give --api-key KEY (or $KIMI_API_KEY, or api_key in the "
+                     "cluster config), or --no-auth to serve without a key on purpose")
 
 
 @contextlib.contextmanager
@@ -232,6 +243,17 @@ def cmd_probe(args) -> None:
     print(yaml.safe_dump({**link, "speed": speed.to_dict()}, sort_keys=False, default_flow_style=None).rstrip())
 
 
+def cmd_certs(args) -> None:
+    from cluster.certs import CA_CERT, NODE_CERT, NODE_KEY, parse_nodes, write_certificates
+    folder = Path(args.folder).expanduser()
+    nodes = parse_nodes(args.nodes)
+    written = write_certificates(folder, nodes)
+    print(f"wrote {', '.join(p.name for p in written)} in {folder}")
+    print(f"in the cluster config:\ntls:\n  ca: {folder / CA_CERT}\n  cert: {folder / NODE_CERT}\n"
+          f"  key: {folder / NODE_KEY}")
+    print(f"then copy {folder} to every node at the same path (ca-key.pem is only needed here, to add nodes later)")
+
+
 def cmd_inspect(args) -> None:
     """Print what the file holds, once its header, tensors and tokenizer have been checked (no tensor data read)."""
     from cluster.placement import format_bytes
@@ -309,11 +331,14 @@ def _serving(args, host: str, port: int, announce: bool = True):
     if not 1 <= max_sequences < args.step_tokens:
         raise ValueError(f"--step-tokens ({args.step_tokens}) must exceed --max-sequences ({max_sequences}), "
                          "which must be at least 1: every running sequence takes a row of each step")
+    api_key = _api_key(args, config)
+    _check_exposure(host, api_key, args.no_auth)
     model_file = GGUFModelFile(args.model)
     context = _context(args, config)
     context = min(context, int(model_file.metadata.get("deepseek2.context_length", context)))
     service = Service(args.model_name or Path(args.model).name.split("-0000")[0].removesuffix(".gguf"),
-                      Tokenizer.from_metadata(model_file.metadata), context, api_key=_api_key(args, config),
+                      Tokenizer.from_metadata(model_file.metadata), context, api_key=api_key,
+                      protect_metrics=args.protect_metrics,
                       access_log=None if not announce or args.quiet else _print_access_line)
     server = ApiServer(service, host, port)
     url = f"http://{host}:{server.start()}"
@@ -524,8 +549,14 @@ def _add_server_args(p: argparse.ArgumentParser, port: bool = True) -> None:
                                                                "0.0.0.0 for every interface)")
         group.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
     group.add_argument("--api-key", default=os.environ.get("KIMI_API_KEY"),
-                       help="require 'Authorization: Bearer KEY' on /v1 (default: $KIMI_API_KEY, else the "
-                            "cluster config's api_key, else none)")
+                       help="require the key ('Authorization: Bearer KEY' or 'x-api-key: KEY') on every path "
+                            "but /health and /metrics (default: $KIMI_API_KEY, else the cluster config's api_key, "
+                            "else none; a --host other than loopback needs one, or --no-auth)")
+    group.add_argument("--no-auth", action="store_true",
+                       help="serve on a --host other than loopback without an API key, on purpose")
+    group.add_argument("--protect-metrics", action="store_true",
+                       help="ask for the API key on /health and /metrics too (default: they stay open, for "
+                            "monitoring)")
     group.add_argument("--max-sequences", type=int, default=None,
                        help="sequences decoded together in one batch (default: the cluster config's, else "
                             f"{DEFAULT_MAX_SEQUENCES}); more wait in a queue")
@@ -615,7 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     _add_runtime_args(p, serving=True)
     _add_cluster_args(p)
-    p.set_defaults(func=cmd_chat, max_tokens=512)
+    # A model loaded here is served on loopback only, to this chat.
+    p.set_defaults(func=cmd_chat, max_tokens=512, no_auth=False, protect_metrics=False)
 
     p = sub.add_parser("plan", help="show how the experts would be spread over the machines",
                        description="Plan the placement of every routed expert by memory budget and print it "
@@ -676,6 +708,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default=None, help="quantize, e.g. Q8_0, Q4_K_M, Q2_K (default: unquantized)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default %(default)s)")
     p.set_defaults(func=cmd_make_model)
+
+    p = sub.add_parser("certs", help="make a private CA and a certificate per node, for TLS between the head "
+                                     "and its expert workers",
+                       description="Write a private certificate authority (once; later runs reuse it) and a "
+                                   "certificate and key per node into FOLDER. Workers then accept only a head "
+                                   "with a certificate from this CA, and the head only workers with one. Keys are "
+                                   "readable by their owner only. Point the cluster config's `tls` at the folder "
+                                   "(the command prints the lines) and copy the folder to every node, at the same "
+                                   "path.")
+    p.add_argument("folder", help="where to write ca.pem, ca-key.pem, NAME.pem and NAME-key.pem")
+    p.add_argument("--nodes", required=True, metavar="NAME=ADDRESS,...",
+                   help="every node, head included, by the name the cluster config's `nodes` give it and its "
+                        "address (IP or host name), e.g. bigbox=192.168.1.10,worker-a=192.168.1.11")
+    p.set_defaults(func=cmd_certs)
 
     p = sub.add_parser("demo", help="serve the built-in demo model on 2 local expert workers and chat once",
                        description="Write the demo model if missing, start a local Ray cluster with 2 expert "

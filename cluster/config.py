@@ -22,6 +22,7 @@ TOP_LEVEL_KEYS = ("ray_address", "model", "model_paths", "nodes", "reserve_gb", 
                   "api_key", "replicas", "respread_after_s")
 NODE_KEYS = ("name", "address", "memory_gb", "head", "speed", "round_trip_ms", "link_gbps")
 TLS_KEYS = ("cert", "key", "ca")
+NODE_PLACEHOLDER = "{node}"  # in tls paths: each node's name
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
                list: "a list", dict: "a mapping"}
 
@@ -46,9 +47,20 @@ class NodeConfig:
 
 @dataclass(frozen=True)
 class TLSFiles:
+    """PEM files for mutual TLS; cert and key may hold {node}, each node's name (`kimi-cluster certs` names its
+    files so)."""
     cert: Path
     key: Path
     ca: Path
+
+    @property
+    def per_node(self) -> bool:
+        return NODE_PLACEHOLDER in str(self.cert) or NODE_PLACEHOLDER in str(self.key)
+
+    def for_node(self, name: str) -> dict[str, str]:
+        """The files of node `name`, as the transport takes them."""
+        return {"cert": str(self.cert).replace(NODE_PLACEHOLDER, name),
+                "key": str(self.key).replace(NODE_PLACEHOLDER, name), "ca": str(self.ca)}
 
 
 @dataclass(frozen=True)
@@ -98,7 +110,7 @@ class ClusterConfig:
             reserve_gb=top.get("reserve_gb", float, at_least=0),
             port=top.get("port", int, at_least=1, at_most=65535),
             token=_token(top, base, source),
-            tls=_tls(top.get("tls", dict, None, nullable=True), base, source),
+            tls=_tls(top.get("tls", dict, None, nullable=True), base, source, nodes),
             wire_dtype=top.get("wire_dtype", str, choices=WIRE_DTYPES),
             allow_disk=top.get("allow_disk", bool),
             context=top.get("context", int, at_least=1),
@@ -261,13 +273,19 @@ def _replicas(top: _Section, source: str) -> Any:
     return str(value)
 
 
-def _tls(data: Mapping[str, Any] | None, base: Path, source: str) -> TLSFiles | None:
+def _tls(data: Mapping[str, Any] | None, base: Path, source: str,
+         nodes: tuple[NodeConfig, ...]) -> TLSFiles | None:
     if data is None:
         return None
     section = _Section(data, "'tls'", source, TLS_KEYS)
-    paths = {key: base / Path(section.get(key, str, required=True)).expanduser() for key in TLS_KEYS}
-    for key, path in paths.items():
+    tls = TLSFiles(**{key: base / Path(section.get(key, str, required=True)).expanduser() for key in TLS_KEYS})
+    # Per-node files are checked for the nodes listed (all of them sit on the head, where `certs` wrote them).
+    files = [("ca", tls.ca)]
+    for name in [n.name for n in nodes] if tls.per_node else [""]:
+        files += [(key, Path(path)) for key, path in tls.for_node(name).items() if key != "ca"]
+    for key, path in files:
         if not path.is_file():
-            raise ClusterConfigError(f"{source}: tls {key} file {path} does not exist; create the certificates "
-                                     "or remove 'tls' to run without it")
-    return TLSFiles(**paths)
+            raise ClusterConfigError(f"{source}: tls {key} file {path} does not exist; make the certificates with "
+                                     "`kimi-cluster certs DIR --nodes NAME=ADDRESS,...` or remove 'tls' to run "
+                                     "without it")
+    return tls

@@ -24,7 +24,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
-from cluster import routing_counts, shard_transfer
+from cluster import ray_auth, routing_counts, shard_transfer
 from cluster.config import ClusterConfig
 from cluster.estimate import ModelCost, check_probed_for, expert_gbps
 from cluster.failover import FailoverState, HeadFallback
@@ -142,14 +142,30 @@ class ExpertCluster:
             options = {"address": self.config.ray_address}
             if self.config.ray_address is None:
                 # A Ray of our own on this machine: all of its traffic on loopback, no dashboard (it and its
-                # module processes cost about a GB for nothing here), session files in a folder removed at close.
+                # module processes cost about a GB for nothing here, and its Jobs API would run code), session
+                # files in a folder removed at close, callers without the token refused.
                 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
                 self._ray_temp_dir = tempfile.mkdtemp(prefix="kimi-ray-")
                 options = {"address": "local", "_node_ip_address": "127.0.0.1", "include_dashboard": False,
                            "_temp_dir": self._ray_temp_dir}
+                warnings = ray_auth.prepare_local()
+            else:
+                ray_auth.prepare_remote()
             handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-            ray.init(logging_level="ERROR", log_to_driver=False, **options)
+            try:
+                context = ray.init(logging_level="ERROR", log_to_driver=False, **options)
+            except (ray.exceptions.AuthenticationError, ConnectionError):
+                address = self.config.ray_address or ""
+                if ":" in address and "://" not in address and ray_auth.refuses_without_token(address):
+                    raise RuntimeError(f"the Ray cluster at {address} asks for its token, and this machine has "
+                                       "none or another: copy ~/.ray/auth_token from the machine that started it "
+                                       "(see the README's \"Security\" section)") from None
+                raise
             self._started_ray = True
+            if self.config.ray_address is not None:
+                warnings = ray_auth.exposure_warnings(ray.get_runtime_context().gcs_address, context.dashboard_url)
+            for warning in warnings:
+                print(f"kimi-cluster: warning: {warning}", file=sys.stderr)
             if threading.current_thread() is threading.main_thread():
                 # Ray's core worker installs a crash handler that dumps stacks on SIGTERM and exits 15;
                 # keep the clean shutdown the caller set up.
@@ -228,7 +244,8 @@ class ExpertCluster:
             scheduling_strategy=NodeAffinitySchedulingStrategy(node.ray_node_id, soft=False),
             runtime_env={"env_vars": self._worker_openmp_env()},
         ).remote(node.name, owned, self._model_path_on(node), port, self.token, threads, self._repack_experts,
-                 None, self.tls(), grouped=self.repack == "all", prefetch=self.placement.in_memory(node.name))
+                 None, self.tls_for(node.name), grouped=self.repack == "all",
+                 prefetch=self.placement.in_memory(node.name))
 
     def _worker_openmp_env(self) -> dict[str, str]:
         """Workers sharing the head's machine (--workers) sleep between ops at once, leaving the cores to the
@@ -305,14 +322,26 @@ class ExpertCluster:
     def connect(self, name: str, address: str | None = None) -> WorkerClient:
         """A Forward stream to worker `name`, at `address` or where its actor says it listens now."""
         address = address or self._get(name, self.actors[name].address.remote())
-        return WorkerClient(name, address, self.token, self.config.deadline_s, self.tls())
+        return WorkerClient(name, address, self.token, self.config.deadline_s, self.tls_for(self.head_name))
 
     def streams_to(self, name: str) -> bool:
         """Whether the head sends this node its experts (it has no copy of the file)."""
         return self._model_path_on(self.workers[name]) is None
 
-    def tls(self) -> dict[str, str] | None:
-        return None if self.config.tls is None else {k: str(v) for k, v in vars(self.config.tls).items()}
+    @property
+    def head_name(self) -> str:
+        return self.config.head_node.name if self.config.nodes and not self.local_workers else HEAD
+
+    def tls_for(self, name: str) -> dict[str, str] | None:
+        """Node `name`'s TLS files (the head's are its client certificate), checked to exist here."""
+        if self.config.tls is None:
+            return None
+        files = self.config.tls.for_node(name)
+        missing = [path for path in files.values() if not os.path.isfile(path)]
+        if missing and (name == self.head_name or self.local_workers):  # a worker elsewhere checks its own
+            raise RuntimeError(f"node '{name}' has no TLS file {missing[0]}; make its certificate with `kimi-cluster "
+                               f"certs DIR --nodes {name}=ADDRESS` (the nodes' names are the ones `plan` shows)")
+        return files
 
     def _wait_for_workers(self, workers: list[ClusterNode]) -> tuple[list[WorkerClient], dict[str, str]]:
         """A client per worker once all have loaded, and the workers that died meanwhile (with why): those

@@ -170,8 +170,9 @@ class ExpertServer:
                                        interceptors=[_TokenCheck(token)], options=_CHANNEL_OPTIONS)
         expert_pb2_grpc.add_ExpertServiceServicer_to_server(servicer, self._server)
         if tls:
-            with open(tls["key"], "rb") as key, open(tls["cert"], "rb") as cert:
-                credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+            # Mutual TLS: only clients with a certificate from the cluster's CA get through (then the token).
+            key, cert, ca = (_read(tls[kind], kind) for kind in ("key", "cert", "ca"))
+            credentials = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
             bound = self._server.add_secure_port(address, credentials)
         else:
             bound = self._server.add_insecure_port(address)
@@ -200,10 +201,22 @@ def serve(servicer: ExpertServicer, port: int, token: str, tls: Mapping[str, str
 # ---- head side ----
 
 def open_channel(address: str, tls: Mapping[str, str] | None = None) -> grpc.Channel:
+    """To a worker: with `tls`, the worker's certificate must come from the CA, and this end shows its own
+    (a worker refuses a client without one)."""
     if tls:
-        with open(tls["ca"], "rb") as ca:
-            return grpc.secure_channel(address, grpc.ssl_channel_credentials(ca.read()), options=_CHANNEL_OPTIONS)
+        key, cert, ca = (_read(tls[kind], kind) if tls.get(kind) else None for kind in ("key", "cert", "ca"))
+        credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+        return grpc.secure_channel(address, credentials, options=_CHANNEL_OPTIONS)
     return grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+
+
+def _read(path: str, kind: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as e:
+        raise OSError(f"cannot read the TLS {kind} file {path}: {e.strerror}; make the certificates with "
+                      "`kimi-cluster certs`") from None
 
 
 class WorkerClient:

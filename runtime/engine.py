@@ -9,6 +9,9 @@ Rows of different sequences never mix: with the head's weights read in place (pl
 experts may be repacked, as they run row by row) a sequence gets exactly the tokens it would get alone.
 (ggml's repacked matmuls treat rows in groups of four, so with a repacked head a row's rounding depends
 on its neighbours, as in llama.cpp.)
+
+A sequence may be constrained (banned tokens, a grammar for structured output): its logits row is masked
+before sampling, with the grammar's mask computed while the model runs the step; logprobs stay the model's.
 """
 from __future__ import annotations
 

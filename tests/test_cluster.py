@@ -12,6 +12,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
+from cluster.certs import CA_CERT, NODE_CERT, NODE_KEY, parse_nodes, write_certificates
 from cluster.config import ClusterConfig
 from cluster.head import ExpertCluster
 from cluster.placement import GiB, Inventory, PlacementError
@@ -22,7 +23,6 @@ from runtime.engine import Engine
 from runtime.gguf_file import GGUFModelFile
 from runtime.model import KimiModel
 from tests.ray_clusters import add_node, start_cluster
-from tests.tls_files import write_certificates
 
 pytestmark = pytest.mark.slow
 PROMPT = [2638, 1923, 2652, 51, 68, 315, 829, 997, 294, 767, 317, 2560, 682, 494]
@@ -133,17 +133,19 @@ def test_a_call_without_the_cluster_token_is_refused(ray_cluster, make_tiny):
         assert WorkerClient("head", address, cluster.token, 5.0).health().ready
 
 
-def test_tls_between_the_head_and_its_workers(ray_cluster, make_tiny, single_process, tmp_path):
-    with_workers(ray_cluster, 2)
+def test_mutual_tls_between_the_head_and_its_workers(ray_cluster, make_tiny, single_process, tmp_path):
+    """Each node with its own certificate from `kimi-cluster certs` (the config's tls paths name {node})."""
     path = make_tiny("Q4_K_M")
-    tls = write_certificates(tmp_path, "cluster")
-    with ExpertCluster(path, config(path, tls=tls), progress=False) as cluster:
+    write_certificates(tmp_path, parse_nodes("head=127.0.0.1,worker-1=127.0.0.1,worker-2=127.0.0.1"))
+    tls = {"ca": str(tmp_path / CA_CERT), "cert": str(tmp_path / NODE_CERT), "key": str(tmp_path / NODE_KEY)}
+    with ExpertCluster(path, config(path, tls=tls), local_workers=2, progress=False) as cluster:
         model = cluster.start()
         expected_tokens, _ = single_process["Q4_K_M"]
         assert run(model, expected_tokens)[0] == expected_tokens
-        address = ray.get(next(iter(cluster.actors.values())).address.remote())
+        address = ray.get(cluster.actors["worker-1"].address.remote())
         with pytest.raises(Exception, match="UNAVAILABLE"):
             WorkerClient("plaintext", address, cluster.token, 3.0).health()
+        assert WorkerClient("head", address, cluster.token, 3.0, cluster.tls_for("head")).health().ready
 
 
 @pytest.fixture

@@ -5,12 +5,15 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from cryptography import x509
 
 from cluster import cli
+from cluster.certs import parse_nodes, write_certificates
 from cluster.config import TLS_KEYS, TOP_LEVEL_KEYS, ClusterConfig, ClusterConfigError, NodeConfig
 from cluster.head import ExpertCluster
 from cluster.placement import GiB, NodeBudget
@@ -25,11 +28,15 @@ def write(tmp_path: Path, data: dict) -> Path:
     return path
 
 
-def test_example_loads(tmp_path):
-    # The example names a token file next to it; give the copy one.
+def test_example_loads(tmp_path, monkeypatch):
+    # The example names a token file next to it, and certificates in ~/kimi-certs: give the copy both.
     example = Path(shutil.copy(EXAMPLE, tmp_path / "cluster.yaml"))
     (tmp_path / "kimi-token.txt").write_text(TOKEN + "\n")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_certificates(tmp_path / "kimi-certs",
+                       parse_nodes("bigbox=192.168.1.10,worker-a=192.168.1.11,worker-b=192.168.1.12"))
     config = ClusterConfig.from_yaml(example)
+    assert config.tls.for_node("worker-a")["key"] == str(tmp_path / "kimi-certs" / "worker-a-key.pem")
 
     assert config.model.name == "Kimi-K2.6-UD-Q2_K_XL-00001-of-00008.gguf"
     assert config.token == TOKEN
@@ -49,7 +56,7 @@ def test_example_documents_every_key():
     keys = yaml.safe_load(text).keys() | {line.split(":")[0].lstrip("# ") for line in text.splitlines()
                                           if line.startswith("#   ")}
     assert set(TOP_LEVEL_KEYS) - {"token"} <= keys  # token and token_file are alternatives
-    assert set(TLS_KEYS) <= keys
+    assert set(TLS_KEYS) <= yaml.safe_load(text)["tls"].keys()
 
 
 @pytest.mark.parametrize("written, meant", [(0, "0"), (1, "1"), ("auto", "auto"), ("1", "1")])
@@ -162,6 +169,33 @@ def test_tls_files_must_exist(tmp_path):
         ClusterConfig.from_yaml(write(tmp_path, {"model": "m.gguf", "tls": {**tls, "password": "x"}}))
     with pytest.raises(ClusterConfigError, match=r"missing required key 'ca' in 'tls'"):
         ClusterConfig.from_yaml(write(tmp_path, {"model": "m.gguf", "tls": {"cert": "node.pem", "key": "node-key.pem"}}))
+
+
+def test_certs_writes_what_the_per_node_tls_config_needs(tmp_path):
+    """`kimi-cluster certs` prints the config's tls lines; with {node} in them, every listed node's files are
+    checked; a later run for a new node reuses the CA."""
+    nodes = [{"name": "big", "address": "10.0.0.1", "memory_gb": 8, "head": True},
+             {"name": "small", "address": "10.0.0.2", "memory_gb": 8}]
+    result = subprocess.run([sys.executable, "-m", "cluster.cli", "certs", str(tmp_path / "certs"),
+                             "--nodes", "big=10.0.0.1"], capture_output=True, text=True, check=True)
+    tls = yaml.safe_load(result.stdout[result.stdout.index("tls:"):].split("\nthen")[0])["tls"]
+    assert tls["cert"].endswith("{node}.pem") and tls["key"].endswith("{node}-key.pem")
+    with pytest.raises(ClusterConfigError, match=r"tls cert file .*certs/small.pem does not exist; make the "
+                                                 r"certificates with `kimi-cluster certs"):
+        ClusterConfig.from_yaml(write(tmp_path, {"model": "m.gguf", "nodes": nodes, "tls": tls}))
+    ca = (tmp_path / "certs" / "ca.pem").read_bytes()
+    subprocess.run([sys.executable, "-m", "cluster.cli", "certs", str(tmp_path / "certs"), "--nodes",
+                    "small=10.0.0.2"], capture_output=True, check=True)
+    config = ClusterConfig.from_yaml(write(tmp_path, {"model": "m.gguf", "nodes": nodes, "tls": tls}))
+    assert (tmp_path / "certs" / "ca.pem").read_bytes() == ca
+    small = x509.load_pem_x509_certificate(Path(config.tls.for_node("small")["cert"]).read_bytes())
+    small.verify_directly_issued_by(x509.load_pem_x509_certificate(ca))
+    names = small.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["small"]
+    assert [str(a) for a in names.get_values_for_type(x509.IPAddress)] == ["10.0.0.2"]
+    bad = subprocess.run([sys.executable, "-m", "cluster.cli", "certs", str(tmp_path / "x"), "--nodes", "a/b=1"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "node name 'a/b'" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_from_dict_names_its_source():

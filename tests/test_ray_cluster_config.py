@@ -97,7 +97,8 @@ def test_ray_start_commands_parse(config, which):
     assert params["object_manager_port"] and params["node_manager_port"]
     if which == "head_start_ray_commands":
         assert params["head"] and params["port"] == 6379
-        assert params["dashboard_host"] == "0.0.0.0"
+        # the dashboard's Jobs API runs code: it stays on the head's loopback (reached over SSH)
+        assert params["dashboard_host"] in ("localhost", "127.0.0.1")
         # without it the head never starts the workers listed in provider.worker_ips
         assert params["autoscaling_config"] == "~/ray_bootstrap_config.yaml"
     else:
@@ -131,6 +132,18 @@ def test_kimi_node_resource_in_both_start_commands(config):
         assert re.search(r"--resources='\{\"kimi_node\": ?1\}'", cmd), cmd
         assert config[which][0].endswith("ray stop"), "stop any old Ray first"
     assert "--address=$RAY_HEAD_IP:6379" in start_command(config["worker_start_ray_commands"])
+
+
+def test_every_node_starts_ray_with_token_authentication(config):
+    """RAY_AUTH_MODE=token set in the shell line that runs `ray start`, on the head and on every worker, and the
+    token (and the expert traffic's certificates) copied to every node."""
+    for which in ("head_start_ray_commands", "worker_start_ray_commands"):
+        command = start_command(config[which])
+        parts = [p.strip() for p in re.split(r";|&&", command)]
+        starts = next(i for i, p in enumerate(parts) if re.search(r"\bray start\b", p))
+        assert "export RAY_AUTH_MODE=token" in parts[:starts], command
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert "~/kimi-certs" in config["file_mounts"]
 
 
 def test_firewall_ports_documented(text):

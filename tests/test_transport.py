@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 from cluster import shard_transfer
+from cluster.certs import CA_CERT, NODE_CERT, NODE_KEY, parse_nodes, write_certificates
+from cluster.config import TLSFiles
 from cluster.transport import INLINE_PAIRS, RemoteExperts, WorkerFailed
 from runtime.experts import ExpertShard, LocalExperts
 from runtime.ggml_ops import GgmlRunner, RepackedWeight
 from runtime.gguf_file import GGUFModelFile
 from tests.expert_workers import SlowShard, model_file, routing, split_owners, start_worker  # noqa: F401 - fixtures
-from tests.tls_files import write_certificates
 
 
 @pytest.mark.parametrize("num_tokens", [1, 7])
@@ -175,17 +176,34 @@ def test_corrupted_cache_is_replaced(model_file, tmp_path):
     assert path2 == path and shard_transfer.verify(path, manifest)
 
 
-def test_tls_carries_the_stream_and_refuses_strangers(model_file, start_worker, tmp_path):
+def test_mutual_tls_carries_the_stream_and_refuses_strangers(model_file, start_worker, tmp_path):
+    """A worker with the cluster's certificates (`kimi-cluster certs`) serves a head that shows one from the
+    same CA and the cluster token; every other client gets nowhere and is told so."""
     runner = GgmlRunner(2)
-    tls = write_certificates(tmp_path, "cluster")
-    worker = start_worker("w-tls", ExpertShard.from_model_file(model_file, runner, {1: range(16)}), tls=tls)
-    remote = RemoteExperts(split_owners((1,), {0: list(range(16))}), [worker.client(tls=tls)], None)
+    ours, theirs = (TLSFiles(folder / NODE_CERT, folder / NODE_KEY, folder / CA_CERT)
+                    for folder in (tmp_path / "ours", tmp_path / "theirs"))
+    write_certificates(tmp_path / "ours", parse_nodes("head=127.0.0.1,w-tls=127.0.0.1"))
+    write_certificates(tmp_path / "theirs", parse_nodes("head=127.0.0.1"))
+    worker = start_worker("w-tls", ExpertShard.from_model_file(model_file, runner, {1: range(16)}),
+                          tls=ours.for_node("w-tls"))
+    head = ours.for_node("head")
+    remote = RemoteExperts(split_owners((1,), {0: list(range(16))}), [worker.client(tls=head)], None)
     hidden, ids, weights = routing(4)
     expected = LocalExperts(model_file, runner, (1,), 16).start(1, hidden, ids, weights)()
     assert np.array_equal(remote.start(1, hidden, ids, weights)(), expected)
-    assert worker.client(tls=tls).health().ready
-    # A plaintext client, and a client that trusts another CA, get nowhere and are told so.
-    other_ca = write_certificates(tmp_path, "other")
-    for stranger in (worker.client(deadline_s=3), worker.client(deadline_s=3, tls=other_ca)):
-        with pytest.raises(WorkerFailed, match="node w-tls failed: UNAVAILABLE"):
-            RemoteExperts(split_owners((1,), {0: list(range(16))}), [stranger], None).start(1, hidden, ids, weights)()
+    assert worker.client(tls=head).health().ready
+    strangers = {
+        "plaintext": worker.client(deadline_s=3),
+        "no certificate": worker.client(deadline_s=3, tls={"ca": head["ca"]}),
+        "a certificate from another CA": worker.client(deadline_s=3, tls={**theirs.for_node("head"),
+                                                                          "ca": head["ca"]}),
+        "trusting another CA": worker.client(deadline_s=3, tls=theirs.for_node("head")),
+    }
+    for why, stranger in strangers.items():
+        with pytest.raises(Exception, match="UNAVAILABLE"):
+            stranger.health()
+            pytest.fail(f"a client with {why} got through")
+    with pytest.raises(Exception, match="UNAUTHENTICATED"):
+        worker.client(token="not-the-token", deadline_s=3, tls=head).health()
+    key_mode = (tmp_path / "ours" / "w-tls-key.pem").stat().st_mode & 0o777
+    assert key_mode == 0o600 and (tmp_path / "ours").stat().st_mode & 0o077 == 0
