@@ -1,0 +1,52 @@
+"""The emulated machines that the README's cluster steps run on (tests/cluster_machines.py): an address, a
+home and a /tmp of their own each, SSH between them, and nothing left behind."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.cluster_machines import cannot_emulate, emulated_machines
+
+WHY_NOT = cannot_emulate()
+pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
+
+
+@pytest.fixture(scope="module")
+def machines():
+    with emulated_machines(3) as machines:
+        yield machines
+
+
+def test_each_machine_has_its_own_address_home_and_tmp(machines):
+    for machine in machines:
+        seen = machine.ssh(f"ip -4 -o addr show eth0 && touch /tmp/{machine.name} ~/{machine.name} && ls /tmp ~")
+        assert f"inet {machine.address}/24" in seen.stdout
+    for machine in machines:
+        assert machine.ssh("ls /tmp ~").stdout.split() == ["/root:", machine.name, "/tmp:", machine.name]
+    assert not Path("/tmp", machines[0].name).exists(), "a machine's /tmp is not this one's"
+
+
+def test_machines_reach_each_other_and_this_one_reaches_them(machines):
+    first, second = machines[0], machines[1]
+    reached = first.ssh(f"python3 -c 'import socket; socket.create_connection((\"{second.address}\", 22), 5); "
+                        "print(\"reached\")'")
+    assert reached.stdout.strip() == "reached"
+    assert second.ssh("echo $HOME").stdout.strip() == "/root"
+
+
+def bridges() -> set[str]:
+    return {line.split(":")[1].strip().split("@")[0] for line in subprocess.run(
+        ["ip", "-o", "link", "show", "type", "bridge"], capture_output=True, text=True).stdout.splitlines()}
+
+
+def test_nothing_is_left_behind():
+    before = bridges()
+    with emulated_machines(1) as (machine,):
+        assert bridges() - before
+        machine.ssh("nohup sleep 600 > /dev/null 2>&1 &")
+        assert subprocess.run(["ip", "netns", "pids", machine.namespace], capture_output=True, text=True).stdout
+    assert machine.namespace not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not machine.folder.exists()
+    assert bridges() == before
