@@ -206,7 +206,10 @@ def _log_when_done(log: Callable[[str], None], http: HttpRequest, response: Resp
         generation = getattr(http.state, "generation", None)
         log(line if generation is None else f"{line}: {generation.summary()}")
 
-    body = response.body_iterator  # call_next streams every response, whole or not
+    if not hasattr(response, "body_iterator"):  # whole, made here (a refused key): nothing left to send
+        write()
+        return response
+    body = response.body_iterator  # what call_next gives streams, whole or not
 
     async def logged():
         try:

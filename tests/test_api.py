@@ -291,8 +291,12 @@ def test_one_access_line_per_finished_request(parts):
         post(server, "/v1/completions", {**GOOD, "temperature": 9})
         wait_for_lines(lines, 3)
         assert lines[-1].startswith("POST /v1/completions 400 in ") and "generated" not in lines[-1]
+        refused = post(server, "/v1/completions", GOOD, key="wrong")  # answered by the key check itself
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        wait_for_lines(lines, 4)
+        assert lines[-1].startswith("POST /v1/completions 401 in ")
         time.sleep(0.2)  # and no second line for any of them
-        assert len(lines) == 3
+        assert len(lines) == 4
     finally:
         stop_server(server)
 
