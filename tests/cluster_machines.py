@@ -1,6 +1,7 @@
 """Emulated machines for the tests that run the README's cluster steps: each one a network namespace with an
 address of its own on a private bridge, its own home (/root) and /tmp (a mount namespace with bind mounts, so
-that Ray's session folders and venvs do not collide), and an sshd that accepts a key made for the test.
+that Ray's session folders and venvs do not collide), its own processes (a PID namespace), and an sshd that
+accepts a key made for the test.
 
 Everything lives under a folder outside /tmp (which each machine replaces with its own) and is removed on the
 way out, processes first, even when the test fails. Traffic to the machines' addresses stays on the bridge:
@@ -70,8 +71,9 @@ def cannot_emulate() -> str | None:
 
 
 @contextlib.contextmanager
-def emulated_machines(count: int) -> Iterator[list[Machine]]:
-    """`count` machines at 10.X.Y.2, .3, ... (a subnet picked for this run), reachable over SSH from here."""
+def emulated_machines(count: int, environment: dict[str, str] | None = None) -> Iterator[list[Machine]]:
+    """`count` machines at 10.X.Y.2, .3, ... (a subnet picked for this run), reachable over SSH from here;
+    `environment`: variables every SSH session on them gets (as a machine's /etc/environment would give)."""
     serial = next(_SERIALS)
     tag = f"{os.getpid() % 100000}{serial}"
     subnet = f"10.{200 + os.getpid() % 50}.{(os.getpid() + serial) % 250}"
@@ -91,7 +93,7 @@ def emulated_machines(count: int) -> Iterator[list[Machine]]:
             machine = Machine(f"machine-{i + 1}", f"{subnet}.{i + 2}", f"kimi-{tag}-{i + 1}", base / f"m{i + 1}",
                               key)
             machines.append(machine)
-            _start_machine(machine, bridge, f"kv{tag}-{i + 1}", authorized)
+            _start_machine(machine, bridge, f"kv{tag}-{i + 1}", authorized, environment or {})
         for machine in machines:
             _wait_for_ssh(machine)
         yield machines
@@ -102,23 +104,35 @@ def emulated_machines(count: int) -> Iterator[list[Machine]]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _start_machine(machine: Machine, bridge: str, veth: str, authorized_keys: Path) -> None:
+def _start_machine(machine: Machine, bridge: str, veth: str, authorized_keys: Path,
+                   environment: dict[str, str]) -> None:
     for sub in ("home", "tmp"):
         (machine.folder / sub).mkdir(parents=True)
     (machine.folder / "tmp").chmod(0o1777)
     _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(machine.folder / "host_key"))
-    (machine.folder / "sshd_config").write_text(SSHD_CONFIG.format(address=machine.address, folder=machine.folder,
-                                                                    authorized_keys=authorized_keys))
+    config = SSHD_CONFIG.format(address=machine.address, folder=machine.folder, authorized_keys=authorized_keys)
+    if environment:
+        config += "SetEnv " + " ".join(f"{name}={value}" for name, value in environment.items()) + "\n"
+    (machine.folder / "sshd_config").write_text(config)
     _run("ip", "netns", "add", machine.namespace)
     _run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", machine.namespace)
     _run("ip", "link", "set", veth, "master", bridge, "up")
     _run("ip", "-n", machine.namespace, "addr", "add", f"{machine.address}/24", "dev", "eth0")
     _run("ip", "-n", machine.namespace, "link", "set", "eth0", "up")
     _run("ip", "-n", machine.namespace, "link", "set", "lo", "up")
-    # The sshd, and every session it opens, sees the machine's own home and /tmp.
+    # A default route into a dead end of the machine's own (a veth pair both of whose ends it holds): programs
+    # that find their address by routing towards the internet (Ray does) find the machine's, and nothing the
+    # machine sends to any other address leaves it.
+    _run("ip", "-n", machine.namespace, "link", "add", "nowhere0", "type", "veth", "peer", "name", "nowhere1")
+    for end in ("nowhere0", "nowhere1"):
+        _run("ip", "-n", machine.namespace, "link", "set", end, "up")
+    _run("ip", "-n", machine.namespace, "route", "add", "default", "dev", "nowhere0")
+    # The sshd, and every session it opens, sees the machine's own home and /tmp, and its own processes only
+    # (a PID namespace: `ray stop` on one machine must not stop another's Ray).
     mounts = f"mount --bind {machine.folder}/home /root && mount --bind {machine.folder}/tmp /tmp"
     log = open(machine.folder / "sshd.log", "w")
     subprocess.Popen(["ip", "netns", "exec", machine.namespace, "unshare", "--mount", "--propagation", "private",
+                      "--pid", "--fork", "--mount-proc",
                       "sh", "-c", f"{mounts} && exec {SSHD} -D -e -f {machine.folder}/sshd_config"],
                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()

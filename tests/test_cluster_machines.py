@@ -28,6 +28,25 @@ def test_each_machine_has_its_own_address_home_and_tmp(machines):
     assert not Path("/tmp", machines[0].name).exists(), "a machine's /tmp is not this one's"
 
 
+def test_a_machine_finds_its_own_address_by_routing_and_reaches_nowhere_else(machines):
+    """Ray finds a node's address by routing towards the internet; the route leads nowhere."""
+    found = machines[0].ssh("python3 -c 'import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+                            "s.connect((\"192.0.2.1\", 80)); print(s.getsockname()[0])'")
+    assert found.stdout.strip() == machines[0].address
+    cut_off = machines[0].ssh("python3 -c 'import socket; socket.create_connection((\"192.0.2.1\", 80), 2)'",
+                              check=False)
+    assert cut_off.returncode != 0 and "timed out" in cut_off.stderr
+
+
+def test_a_machine_sees_and_stops_only_its_own_processes(machines):
+    """As on separate computers: `ray stop` (which stops every Ray process it can see) stays on its machine."""
+    first, second = machines[0], machines[1]
+    first.ssh("nohup sleep 600 > /dev/null 2>&1 &")
+    assert first.ssh("pgrep -x sleep", check=False).returncode == 0
+    assert second.ssh("pgrep -x sleep", check=False).returncode == 1
+    first.ssh("pkill -x sleep")
+
+
 def test_machines_reach_each_other_and_this_one_reaches_them(machines):
     first, second = machines[0], machines[1]
     reached = first.ssh(f"python3 -c 'import socket; socket.create_connection((\"{second.address}\", 22), 5); "

@@ -1,0 +1,209 @@
+"""The README's "Run on your machines" steps, run as written on three emulated machines
+(tests/cluster_machines.py): the commands are read from the README itself, and only the values a user edits
+change (the machines' addresses, the SSH user and key, the repository URL, the model's path, the memory each
+node offers). This process plays the laptop `ray up` runs from, and the API's client outside the cluster.
+`ray attach`'s shell on the head is stood in for by SSH to it (an interactive bash, as attach opens), the
+optional `ray dashboard` is left out, and `--yes` answers the question `ray up` and `ray down` ask.
+
+The machines reach no registry: pip on them installs from a wheelhouse gathered once (tests/wheelhouse.py).
+"""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from tests.cluster_machines import Machine, cannot_emulate, emulated_machines
+from tests.wheelhouse import build_wheelhouse
+
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
+# The README's example values, and the machine each stands for.
+README_ADDRESSES = ["192.168.1.10", "192.168.1.11", "192.168.1.12"]
+README_MODEL = "/models/kimi/UD-Q2_K_XL/Kimi-K2.6-UD-Q2_K_XL-00001-of-00008.gguf"
+README_REPOSITORY = "https://github.com/YOUR-ORG/kimi-cluster.git"
+NODE_MEMORY_GB = 4  # what each emulated machine offers (they share this one's memory)
+LAPTOP_STATE = [Path("/tmp/ray/cluster-kimi.state"), Path("/tmp/ray/cluster-kimi.lock")]
+
+WHY_NOT = cannot_emulate() or (None if shutil.which("rsync") else "`ray up` copies files with rsync, not found")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")]
+
+
+def readme_steps() -> dict[int, list[str]]:
+    """Step number -> the bash blocks of that step of "Run on your machines"."""
+    section = README.read_text().split("\n## Run on your machines\n")[1].split("\n## ")[0].split("\n### ")[0]
+    pieces = re.split(r"^(\d+)\. ", section, flags=re.M)
+    return {int(number): [textwrap.dedent(block) for block in re.findall(r"```bash\n(.*?)```", text, re.S)]
+            for number, text in zip(pieces[1::2], pieces[2::2])}
+
+
+class Laptop:
+    """Where `ray up` runs: this machine, with a home of its own and the clone of the commit under test."""
+
+    def __init__(self, folder: Path, repository: Path):
+        self.home, self.repository = folder / "home", repository
+        self.home.mkdir(parents=True)
+
+    def run(self, script: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        env = {"HOME": str(self.home), "PATH": f"{Path(sys.executable).parent}:/usr/sbin:/usr/bin:/sbin:/bin",
+               "LANG": "C.UTF-8"}
+        done = subprocess.run(["bash", "-c", script], cwd=self.repository, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+        assert done.returncode == 0, f"{script}\nexited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        return done
+
+
+def on_head(head: Machine, script: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """A script in the shell `ray attach` opens on the head (interactive: ~/.bashrc puts the venv first), in
+    the clone, as step 4 says."""
+    done = head.ssh(f"bash -ic {shlex.quote('cd ~/kimi-cluster && ' + script)}", timeout=timeout, check=False)
+    assert done.returncode == 0, f"{script}\nexited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def test_the_readme_cluster_steps_serve_from_three_machines(make_tiny):
+    steps = readme_steps()
+    shared = Path(tempfile.mkdtemp(prefix="kimi-shared-", dir="/var/tmp"))  # seen by every machine
+    timings: dict[str, float] = {}
+    started = time.monotonic()
+
+    def timed(name: str) -> None:
+        nonlocal started
+        timings[name] = time.monotonic() - started
+        started = time.monotonic()
+    try:
+        for leftover in LAPTOP_STATE:  # from an earlier run that could not clean up
+            leftover.unlink(missing_ok=True)
+        repository = shared / "kimi-cluster"
+        subprocess.run(["git", "clone", "--quiet", str(REPO), str(repository)], check=True)
+        wheels = build_wheelhouse(shared / "wheels", repository, ray_requirement(repository))
+        model = shared / "models" / "kimi-tiny.gguf"
+        model.parent.mkdir()
+        shutil.copy(make_tiny("Q4_K_M"), model)
+        timed("clone, wheelhouse")
+        with emulated_machines(3, {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels)}) as machines:
+            head = machines[0]
+            addresses = dict(zip(README_ADDRESSES, (m.address for m in machines)))
+
+            def ours(text: str) -> str:
+                for theirs, mine in [*addresses.items(), (README_MODEL, str(model)),
+                                     (README_REPOSITORY, str(repository))]:
+                    text = text.replace(theirs, mine)
+                return text
+            laptop = Laptop(shared / "laptop", repository)
+            for block in steps[2]:
+                laptop.run(ours(block))
+            ray_config = repository / "configs" / "ray-cluster.yaml"
+            ray_config.write_text(ours(ray_config.read_text()).replace("ssh_user: kimi", "ssh_user: root")
+                                  .replace("~/.ssh/id_ed25519", str(head.key)))
+            timed("secrets")
+            (up,) = [line for line in steps[3][0].splitlines() if line.startswith("ray up ")]
+            try:
+                laptop.run(answered(up), timeout=1800)
+                wait_for_nodes(head, len(machines))
+                timed("ray up, every node in")
+                serve = run_the_head_steps(head, steps, ours, machines)
+                timed("plan, serve ready")
+                try:
+                    check_the_answer(head, model, timings)
+                finally:
+                    serve.kill()
+                    on_head(head, "pkill -f 'kimi-cluster serve' || true")
+            finally:
+                down = laptop.run(answered("ray down configs/ray-cluster.yaml"), timeout=600)
+                timed("ray down")
+                print(down.stdout[-500:])
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+        for leftover in LAPTOP_STATE:  # what Ray's local provider keeps on the laptop about the cluster
+            leftover.unlink(missing_ok=True)
+        print("wall time per step: " + json.dumps({k: round(v, 1) for k, v in timings.items()}))
+
+
+def answered(command: str) -> str:
+    """`ray up` and `ray down` ask before they act, and refuse to ask without a terminal: --yes answers."""
+    return re.sub(r"^ray (up|down) ", r"ray \1 --yes ", command)
+
+
+def ray_requirement(repository: Path) -> str:
+    """The Ray the config's setup installs on the nodes, e.g. ray[default]==2.60.0."""
+    setup = " ".join(yaml.safe_load((repository / "configs" / "ray-cluster.yaml").read_text())["setup_commands"])
+    return re.search(r'"(ray\[default\]==[^"]+)"', setup)[1]
+
+
+ALIVE_NODES = "import ray; ray.init(logging_level='ERROR'); print(sum(n['Alive'] for n in ray.nodes()))"
+
+
+def wait_for_nodes(head: Machine, count: int, timeout: float = 900) -> None:
+    """Until Ray on the head counts `count` alive nodes (the autoscaler starts the workers after `ray up`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = head.ssh(f"RAY_AUTH_MODE=token ~/kimi-venv/bin/python -c \"{ALIVE_NODES}\"", check=False, timeout=120)
+        if alive.stdout.strip().isdigit() and int(alive.stdout) >= count:
+            return
+        assert time.monotonic() < deadline, f"not every node joined: {alive.stdout}{alive.stderr[-2000:]}"
+        time.sleep(5)
+
+
+def run_the_head_steps(head: Machine, steps: dict[int, list[str]], ours, machines: list[Machine]):
+    """Steps 4 to 6 on the head: the cluster config, the token, plan, then serve (left running)."""
+    example = yaml.safe_load(ours((REPO / "configs" / "cluster.example.yaml").read_text()))
+    example["model_paths"] = {}  # every machine sees the model at the same path
+    example["reserve_gb"] = 1
+    for node in example["nodes"]:
+        node["memory_gb"] = NODE_MEMORY_GB
+    on_head(head, f"cp configs/cluster.example.yaml configs/cluster.yaml && cat > configs/cluster.yaml << 'EOF'\n"
+                  f"{yaml.safe_dump(example)}EOF")
+    for block in steps[4]:
+        on_head(head, ours(block))
+    plan = on_head(head, ours(steps[5][0]))
+    assert all(name in plan.stdout for name in ("bigbox", "worker-a", "worker-b")), plan.stdout
+    key_block, serve_block = steps[6][0].strip().splitlines()
+    on_head(head, key_block)
+    model_line = ours(steps[5][0]).splitlines()[0]
+    serve = subprocess.Popen(["ssh", "-i", str(head.key), "-o", "StrictHostKeyChecking=no", "-o",
+                              "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", f"root@{head.address}",
+                              f"bash -ic {shlex.quote(f'cd ~/kimi-cluster && {model_line} && {ours(serve_block)}')}"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 600
+    while True:
+        assert serve.poll() is None, f"serve exited:\n{serve.stdout.read()}"
+        try:
+            if httpx.get(f"http://{head.address}:8000/health", timeout=10).status_code == 200:
+                return serve
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "serve did not become ready"
+        time.sleep(2)
+
+
+def check_the_answer(head: Machine, model: Path, timings: dict[str, float]) -> None:
+    """A chat completion through the openai client from outside the cluster equals one process's answer."""
+    key = head.ssh("cat ~/kimi-api-key").stdout.strip()
+    client = openai.OpenAI(base_url=f"http://{head.address}:8000/v1", api_key=key, max_retries=0)
+    started = time.monotonic()
+    stream = client.chat.completions.create(model=client.models.list().data[0].id, stream=True, max_tokens=12,
+                                            temperature=0, messages=[{"role": "user", "content": "Hello"}])
+    text, first = "", None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first or time.monotonic() - started
+            text += chunk.choices[0].delta.content
+    timings["first token"] = first
+    alone = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", str(model), "--chat", "--prompt",
+                            "Hello", "--max-tokens", "12", "--json"], capture_output=True, text=True, check=True)
+    assert text == json.loads(alone.stdout)["text"]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"http://{head.address}:8000/v1", api_key="wrong", max_retries=0).models.list()
