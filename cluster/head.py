@@ -7,6 +7,7 @@ Nodes and budgets come from the cluster config, or from what Ray reports about e
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import secrets
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
@@ -39,6 +41,9 @@ from runtime.gguf_file import GGUFModelFile
 from runtime.model import KimiModel
 
 HEAD = "head"
+# Ray gives a new node's raylet 30 s to register, which a loaded 2-core machine now and then misses; the next
+# start goes through.
+LOCAL_RAY_STARTS = 3
 
 
 class WorkerDied(RuntimeError):
@@ -56,6 +61,14 @@ class ClusterNode:
 def total_memory_bytes() -> int:
     with open("/proc/meminfo") as meminfo:
         return int(meminfo.readline().split()[1]) * 1024
+
+
+def _stop_processes_under(folder: str) -> None:
+    """Kill what a failed Ray start left running: its processes name their session folder, under `folder`."""
+    for process in psutil.process_iter(["cmdline"]):
+        if any(folder in argument for argument in process.info["cmdline"] or ()):
+            with contextlib.suppress(psutil.Error):
+                process.kill()
 
 
 def local_budgets(num_workers: int, worker_memory_gb: float | None, head_memory_gb: float | None) -> list[NodeBudget]:
@@ -139,33 +152,10 @@ class ExpertCluster:
 
     def nodes(self) -> list[ClusterNode]:
         if not ray.is_initialized():
-            options = {"address": self.config.ray_address}
-            if self.config.ray_address is None:
-                # A Ray of our own on this machine: all of its traffic on loopback, no dashboard (it and its
-                # module processes cost about a GB for nothing here, and its Jobs API would run code), session
-                # files in a folder removed at close, callers without the token refused.
-                os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-                self._ray_temp_dir = tempfile.mkdtemp(prefix="kimi-ray-")
-                options = {"address": "local", "_node_ip_address": "127.0.0.1", "include_dashboard": False,
-                           "_temp_dir": self._ray_temp_dir}
-                warnings = ray_auth.prepare_local()
-            else:
-                ray_auth.prepare_remote()
             handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                context = ray.init(logging_level="ERROR", log_to_driver=False, **options)
-            except (ray.exceptions.AuthenticationError, ConnectionError):
-                address = self.config.ray_address or ""
-                if ":" in address and "://" not in address and ray_auth.refuses_without_token(address):
-                    raise RuntimeError(f"the Ray cluster at {address} asks for its token, and this machine has "
-                                       "none or another: copy ~/.ray/auth_token from the machine that started it "
-                                       "(see the README's \"Security\" section)") from None
-                raise
-            self._started_ray = True
-            if self.config.ray_address is not None:
-                warnings = ray_auth.exposure_warnings(ray.get_runtime_context().gcs_address, context.dashboard_url)
-            for warning in warnings:
+            for warning in self._start_ray():
                 print(f"kimi-cluster: warning: {warning}", file=sys.stderr)
+            self._started_ray = True
             if threading.current_thread() is threading.main_thread():
                 # Ray's core worker installs a crash handler that dumps stacks on SIGTERM and exits 15;
                 # keep the clean shutdown the caller set up.
@@ -174,6 +164,42 @@ class ExpertCluster:
         if self.local_workers:
             return local_nodes(self.local_workers, self.worker_memory_gb, self.head_memory_gb)
         return ray_nodes(self.config)
+
+    def _start_ray(self) -> list[str]:
+        """Join the config's Ray cluster, or start one of our own; returns what the user should be warned of."""
+        address = self.config.ray_address
+        if address is not None:
+            ray_auth.prepare_remote()
+            try:
+                context = ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+            except (ray.exceptions.AuthenticationError, ConnectionError):
+                if ":" in address and "://" not in address and ray_auth.refuses_without_token(address):
+                    raise RuntimeError(f"the Ray cluster at {address} asks for its token, and this machine has "
+                                       "none or another: copy ~/.ray/auth_token from the machine that started it "
+                                       "(see the README's \"Security\" section)") from None
+                raise
+            return ray_auth.exposure_warnings(ray.get_runtime_context().gcs_address, context.dashboard_url)
+        # A Ray of our own on this machine: all of its traffic on loopback, no dashboard (it and its module
+        # processes cost about a GB for nothing here, and its Jobs API would run code), session files in a
+        # folder removed at close, callers without the token refused.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        warnings = ray_auth.prepare_local()
+        for attempt in range(1, LOCAL_RAY_STARTS + 1):
+            self._ray_temp_dir = tempfile.mkdtemp(prefix="kimi-ray-")
+            try:
+                ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                         _temp_dir=self._ray_temp_dir, logging_level="ERROR", log_to_driver=False)
+                return warnings
+            except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception when its node times out
+                if "timed out" not in str(e).lower():
+                    raise
+                ray.shutdown()
+                _stop_processes_under(self._ray_temp_dir)
+                shutil.rmtree(self._ray_temp_dir, ignore_errors=True)
+                if attempt == LOCAL_RAY_STARTS:
+                    raise RuntimeError(f"Ray did not start on this machine, {attempt} times: {e} Is the machine "
+                                       "short of CPU or memory?") from None
+        raise AssertionError("unreachable")
 
     def inventory(self) -> Inventory:
         """What must be placed: every expert's bytes, and what the head holds (weights and KV cache)."""
