@@ -17,9 +17,8 @@ import os
 import secrets
 from pathlib import Path
 
-import grpc
-
 from cluster.addresses import is_loopback
+from cluster.transport import ask_ray_without_token
 
 MODE, TOKEN, TOKEN_PATH = "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
 README = "see the README's \"Security\" section"
@@ -78,23 +77,11 @@ def exposure_warnings(gcs_address: str, dashboard_url: str | None) -> list[str]:
 
 
 def answers_without_token(gcs_address: str) -> bool:
-    return _ask_without_token(gcs_address) == grpc.StatusCode.OK
+    return ask_ray_without_token(gcs_address) == "OK"
 
 
 def refuses_without_token(gcs_address: str) -> bool:
-    return _ask_without_token(gcs_address) == grpc.StatusCode.UNAUTHENTICATED
-
-
-def _ask_without_token(gcs_address: str) -> grpc.StatusCode:
-    """Ask the GCS for its cluster id with no token (a cluster in token mode refuses): how it went."""
-    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
-    with grpc.insecure_channel(gcs_address) as channel:
-        try:
-            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
-                gcs_service_pb2.GetClusterIdRequest(), timeout=10)
-        except grpc.RpcError as e:
-            return e.code()
-        return grpc.StatusCode.OK
+    return ask_ray_without_token(gcs_address) == "UNAUTHENTICATED"
 
 
 def _set_mode() -> None:

@@ -210,6 +210,19 @@ def open_channel(address: str, tls: Mapping[str, str] | None = None) -> grpc.Cha
     return grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
 
 
+def ask_ray_without_token(gcs_address: str) -> str:
+    """How a Ray GCS answers a request for its cluster id that carries no token: "OK" (the cluster is open),
+    "UNAUTHENTICATED" (it is in token mode), or another gRPC status name (e.g. "UNAVAILABLE")."""
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    with grpc.insecure_channel(gcs_address) as channel:
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=10)
+        except grpc.RpcError as e:
+            return e.code().name
+        return "OK"
+
+
 def _read(path: str, kind: str) -> bytes:
     try:
         with open(path, "rb") as file:
