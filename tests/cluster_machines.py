@@ -47,11 +47,29 @@ class Machine:
     namespace: str  # the network namespace
     folder: Path  # home/, tmp/ and the sshd's files
     key: Path  # the private key its sshd accepts (root's login)
+    port: str  # the bridge's end of its cable (a veth)
 
     def ssh(self, command: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
         """`command` run on the machine over SSH, as a user would."""
         return subprocess.run(["ssh", "-i", str(self.key), *SSH_OPTIONS, f"root@{self.address}", command],
                               capture_output=True, text=True, timeout=timeout, check=check)
+
+    def unplug(self) -> None:
+        """Its cable pulled: the switch's port goes down, and every packet to or from the machine is lost."""
+        _run("ip", "link", "set", self.port, "down")
+
+    def plug(self) -> None:
+        _run("ip", "link", "set", self.port, "up")
+
+    def reboot(self) -> None:
+        """Every process on it killed at once (a power cut), /tmp emptied, then it boots: its sshd, and nothing
+        else, starts again. Returns once it answers over SSH."""
+        _kill_processes(self)
+        shutil.rmtree(self.folder / "tmp")
+        (self.folder / "tmp").mkdir()
+        (self.folder / "tmp").chmod(0o1777)
+        _boot(self)
+        _wait_for_ssh(self)
 
 
 def cannot_emulate() -> str | None:
@@ -91,9 +109,9 @@ def emulated_machines(count: int, environment: dict[str, str] | None = None) -> 
         Path("/run/sshd").mkdir(exist_ok=True)  # the sshd's privilege separation folder
         for i in range(count):
             machine = Machine(f"machine-{i + 1}", f"{subnet}.{i + 2}", f"kimi-{tag}-{i + 1}", base / f"m{i + 1}",
-                              key)
+                              key, f"kv{tag}-{i + 1}")
             machines.append(machine)
-            _start_machine(machine, bridge, f"kv{tag}-{i + 1}", authorized, environment or {})
+            _start_machine(machine, bridge, authorized, environment or {})
         for machine in machines:
             _wait_for_ssh(machine)
         yield machines
@@ -104,8 +122,7 @@ def emulated_machines(count: int, environment: dict[str, str] | None = None) -> 
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _start_machine(machine: Machine, bridge: str, veth: str, authorized_keys: Path,
-                   environment: dict[str, str]) -> None:
+def _start_machine(machine: Machine, bridge: str, authorized_keys: Path, environment: dict[str, str]) -> None:
     for sub in ("home", "tmp"):
         (machine.folder / sub).mkdir(parents=True)
     (machine.folder / "tmp").chmod(0o1777)
@@ -115,8 +132,8 @@ def _start_machine(machine: Machine, bridge: str, veth: str, authorized_keys: Pa
         config += "SetEnv " + " ".join(f"{name}={value}" for name, value in environment.items()) + "\n"
     (machine.folder / "sshd_config").write_text(config)
     _run("ip", "netns", "add", machine.namespace)
-    _run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", machine.namespace)
-    _run("ip", "link", "set", veth, "master", bridge, "up")
+    _run("ip", "link", "add", machine.port, "type", "veth", "peer", "name", "eth0", "netns", machine.namespace)
+    _run("ip", "link", "set", machine.port, "master", bridge, "up")
     _run("ip", "-n", machine.namespace, "addr", "add", f"{machine.address}/24", "dev", "eth0")
     _run("ip", "-n", machine.namespace, "link", "set", "eth0", "up")
     _run("ip", "-n", machine.namespace, "link", "set", "lo", "up")
@@ -127,6 +144,10 @@ def _start_machine(machine: Machine, bridge: str, veth: str, authorized_keys: Pa
     for end in ("nowhere0", "nowhere1"):
         _run("ip", "-n", machine.namespace, "link", "set", end, "up")
     _run("ip", "-n", machine.namespace, "route", "add", "default", "dev", "nowhere0")
+    _boot(machine)
+
+
+def _boot(machine: Machine) -> None:
     # The sshd, and every session it opens, sees the machine's own home and /tmp, and its own processes only
     # (a PID namespace: `ray stop` on one machine must not stop another's Ray).
     mounts = f"mount --bind {machine.folder}/home /root && mount --bind {machine.folder}/tmp /tmp"
@@ -147,8 +168,13 @@ def _wait_for_ssh(machine: Machine, timeout: float = 30) -> None:
 
 
 def _stop_machine(machine: Machine) -> None:
-    """Every process in the machine's network namespace (its sshd, what its sessions started), then the
-    namespace itself."""
+    """Every process on the machine, then its network namespace."""
+    _kill_processes(machine)
+    subprocess.run(["ip", "netns", "del", machine.namespace], capture_output=True)
+
+
+def _kill_processes(machine: Machine) -> None:
+    """Every process in the machine's network namespace: its sshd, and what its sessions started."""
     for _ in range(3):
         pids = subprocess.run(["ip", "netns", "pids", machine.namespace], capture_output=True, text=True).stdout
         if not pids.split():
@@ -157,7 +183,6 @@ def _stop_machine(machine: Machine) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
         time.sleep(0.5)
-    subprocess.run(["ip", "netns", "del", machine.namespace], capture_output=True)
 
 
 def _run(*command: str) -> None:

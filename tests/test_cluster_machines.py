@@ -2,6 +2,7 @@
 home and a /tmp of their own each, SSH between them, and nothing left behind."""
 from __future__ import annotations
 
+import socket
 import subprocess
 from pathlib import Path
 
@@ -53,6 +54,32 @@ def test_machines_reach_each_other_and_this_one_reaches_them(machines):
                         "print(\"reached\")'")
     assert reached.stdout.strip() == "reached"
     assert second.ssh("echo $HOME").stdout.strip() == "/root"
+
+
+def reaches(machine, other) -> bool:
+    return machine.ssh(f"python3 -c 'import socket; socket.create_connection((\"{other.address}\", 22), 2)'",
+                       check=False, timeout=30).returncode == 0
+
+
+def test_an_unplugged_machine_is_cut_off_until_plugged_in_again(machines):
+    first, second = machines[0], machines[1]
+    second.unplug()
+    try:
+        assert not reaches(first, second)
+        with pytest.raises(OSError):
+            socket.create_connection((second.address, 22), 2)
+    finally:
+        second.plug()
+    assert reaches(first, second)
+
+
+def test_a_rebooted_machine_keeps_its_home_and_loses_its_processes_and_tmp(machines):
+    machine = machines[2]
+    machine.ssh("nohup sleep 600 > /dev/null 2>&1 & touch /tmp/before ~/before")
+    machine.reboot()
+    assert machine.ssh("pgrep -x sleep", check=False).returncode == 1
+    assert machine.ssh("ls /tmp ~").stdout.split() == ["/root:", "before", machine.name, "/tmp:"]
+    assert reaches(machines[0], machine)
 
 
 def bridges() -> set[str]:

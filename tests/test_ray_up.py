@@ -9,6 +9,7 @@ The machines reach no registry: pip on them installs from a wheelhouse gathered 
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shlex
@@ -18,6 +19,8 @@ import sys
 import tempfile
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -73,7 +76,48 @@ def on_head(head: Machine, script: str, timeout: float = 600) -> subprocess.Comp
     return done
 
 
-def test_the_readme_cluster_steps_serve_from_three_machines(make_tiny):
+@dataclass
+class ServedCluster:
+    """The README's cluster, serving: three machines, `serve` on the head, an API client from outside."""
+    head: Machine
+    workers: list[Machine]
+    model: Path
+    client: openai.OpenAI
+    timings: dict[str, float]
+
+    def health(self) -> dict:
+        return httpx.get(f"http://{self.head.address}:8000/health", timeout=10).json()
+
+    def is_whole(self) -> bool:
+        health = self.health()
+        return health["status"] == "ok" and set(health["workers"].values()) == {"ok"}
+
+    def count(self, metric: str, node: str) -> float:
+        """A per-node counter from /metrics (0 before it is first counted)."""
+        text = httpx.get(f"http://{self.head.address}:8000/metrics", timeout=10).text
+        found = re.search(rf'^{metric}_total{{node="{node}"}} (\S+)$', text, re.M)
+        return float(found[1]) if found else 0.0
+
+    def ray_nodes(self) -> dict[str, str]:
+        return ray_nodes(self.head)
+
+    @functools.cached_property
+    def alone(self) -> str:
+        """What one process answers to `stream(SHORT_STREAM)`."""
+        alone = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", str(self.model), "--chat",
+                                "--prompt", "Hello", "--max-tokens", str(SHORT_STREAM), "--json"],
+                               capture_output=True, text=True, check=True)
+        return json.loads(alone.stdout)["text"]
+
+    @functools.cached_property
+    def healthy(self) -> str:
+        """What the cluster answers to `stream(LONG_STREAM)` with every machine up."""
+        assert self.is_whole()
+        return stream(self.client, LONG_STREAM)[0]
+
+
+@pytest.fixture(scope="module")
+def cluster(make_tiny):
     steps = readme_steps()
     shared = Path(tempfile.mkdtemp(prefix="kimi-shared-", dir="/var/tmp"))  # seen by every machine
     timings: dict[str, float] = {}
@@ -116,12 +160,15 @@ def test_the_readme_cluster_steps_serve_from_three_machines(make_tiny):
                 timed("ray up, every node in")
                 serve = run_the_head_steps(head, steps, ours, machines)
                 timed("plan, serve ready")
+                key = head.ssh("cat ~/kimi-api-key").stdout.strip()
+                client = openai.OpenAI(base_url=f"http://{head.address}:8000/v1", api_key=key, max_retries=0)
                 try:
-                    check_the_answer(head, model, timings)
+                    yield ServedCluster(head, machines[1:], model, client, timings)
                 finally:
                     serve.kill()
                     on_head(head, "pkill -f 'kimi-cluster serve' || true")
             finally:
+                started = time.monotonic()
                 down = laptop.run(answered("ray down configs/ray-cluster.yaml"), timeout=600)
                 timed("ray down")
                 print(down.stdout[-500:])
@@ -130,6 +177,102 @@ def test_the_readme_cluster_steps_serve_from_three_machines(make_tiny):
         for leftover in LAPTOP_STATE:  # what Ray's local provider keeps on the laptop about the cluster
             leftover.unlink(missing_ok=True)
         print("wall time per step: " + json.dumps({k: round(v, 1) for k, v in timings.items()}))
+
+
+def test_the_readme_cluster_steps_serve_from_three_machines(cluster):
+    """A chat completion through the openai client from outside the cluster equals one process's answer."""
+    started = time.monotonic()
+    text, arrivals = stream(cluster.client, SHORT_STREAM)
+    cluster.timings["first token"] = arrivals[0] - started
+    assert text == cluster.alone
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"http://{cluster.head.address}:8000/v1", api_key="wrong",
+                      max_retries=0).models.list()
+
+
+SHORT_STREAM = 12  # tokens
+LONG_STREAM = 800  # tokens: long enough to outlast a link's outage
+OUTAGE_S = 8  # a cable pulled for a few seconds: past the deadline, short of Ray's giving the node up
+
+
+def stream(client: openai.OpenAI, max_tokens: int, fault=None, at_token: int = 20) -> tuple[str, list[float]]:
+    """A greedy chat completion's text and when each piece came; `fault` runs on a thread from the
+    `at_token`th piece on while the stream is read on, and is waited for."""
+    pieces = client.chat.completions.create(model=client.models.list().data[0].id, stream=True,
+                                            max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True},
+                                            messages=[{"role": "user", "content": "Hello"}])
+    text, arrivals, running = "", [], None
+    with ThreadPoolExecutor(1) as pool:
+        for chunk in pieces:
+            if chunk.choices and chunk.choices[0].delta.content:
+                text += chunk.choices[0].delta.content
+                arrivals.append(time.monotonic())
+                if fault and len(arrivals) == at_token:
+                    running = pool.submit(fault)
+        if running:
+            running.result()
+    return text, arrivals
+
+
+def wait_until(condition, what: str, timeout: float = 300) -> float:
+    """Seconds until `condition()` held."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout, f"{what}: not within {timeout} s"
+        time.sleep(0.25)
+    return time.monotonic() - started
+
+
+def test_a_workers_link_goes_down_mid_stream_and_comes_back(cluster):
+    """The switch port of worker-a's machine goes down in the middle of a stream and up again: the stream
+    goes on without it and ends as it would have, and the worker takes its experts back."""
+    healthy, worker, node = cluster.healthy, cluster.workers[0], "worker-a"
+    failovers, rejoins = cluster.count("kimi_worker_failovers", node), cluster.count("kimi_worker_rejoins", node)
+    nodes = cluster.ray_nodes()
+    events: dict[str, float] = {}
+
+    def pull_the_cable():
+        worker.unplug()
+        events["unplugged"] = time.monotonic()
+        cluster.timings["link down: degraded after"] = wait_until(
+            lambda: cluster.health()["status"] == "degraded", "degraded")
+        time.sleep(max(0.0, events["unplugged"] + OUTAGE_S - time.monotonic()))
+        worker.plug()
+        events["plugged"] = time.monotonic()
+        cluster.timings["link up: whole again after"] = wait_until(cluster.is_whole, "whole again")
+    text, arrivals = stream(cluster.client, LONG_STREAM, pull_the_cable)
+    assert text == healthy
+    assert arrivals[0] < events["unplugged"] and events["plugged"] < arrivals[-1], "the outage was not mid-stream"
+    assert cluster.count("kimi_worker_failovers", node) == failovers + 1
+    assert cluster.count("kimi_worker_rejoins", node) == rejoins + 1
+    assert cluster.ray_nodes() == nodes, "Ray gave the node up"
+    assert stream(cluster.client, SHORT_STREAM)[0] == cluster.alone
+
+
+def test_a_worker_machine_reboots_mid_stream(cluster):
+    """worker-b's machine loses power in the middle of a stream and boots (sshd only): the stream ends as it
+    would have; Ray's autoscaler on the head runs the config's worker start commands on it again, and the
+    head starts its expert worker there, which takes its experts back."""
+    healthy, worker, node = cluster.healthy, cluster.workers[1], "worker-b"
+    failovers, rejoins = cluster.count("kimi_worker_failovers", node), cluster.count("kimi_worker_rejoins", node)
+    before = cluster.ray_nodes()[worker.address]
+    events: dict[str, float] = {}
+
+    def power_cycle():
+        events["rebooted"] = time.monotonic()
+        worker.reboot()
+        cluster.timings["reboot: machine up after"] = time.monotonic() - events["rebooted"]
+    text, arrivals = stream(cluster.client, LONG_STREAM, power_cycle)
+    assert text == healthy
+    assert arrivals[0] < events["rebooted"] < arrivals[-1]
+    wait_until(lambda: cluster.ray_nodes().get(worker.address, before) != before, "Ray back on the machine")
+    cluster.timings["reboot: Ray back after"] = time.monotonic() - events["rebooted"]
+    wait_until(cluster.is_whole, "whole again")
+    cluster.timings["reboot: whole again after"] = time.monotonic() - events["rebooted"]
+    assert len(cluster.ray_nodes()) == 3
+    assert cluster.count("kimi_worker_failovers", node) == failovers + 1
+    assert cluster.count("kimi_worker_rejoins", node) == rejoins + 1
+    assert stream(cluster.client, SHORT_STREAM)[0] == cluster.alone
 
 
 def answered(command: str) -> str:
@@ -143,17 +286,22 @@ def ray_requirement(repository: Path) -> str:
     return re.search(r'"(ray\[default\]==[^"]+)"', setup)[1]
 
 
-ALIVE_NODES = "import ray; ray.init(logging_level='ERROR'); print(sum(n['Alive'] for n in ray.nodes()))"
+ALIVE_NODES = ("import json, ray; ray.init(logging_level='ERROR'); "
+               "print(json.dumps({n['NodeManagerAddress']: n['NodeID'] for n in ray.nodes() if n['Alive']}))")
+
+
+def ray_nodes(head: Machine) -> dict[str, str]:
+    """Address -> Ray's node id of every node Ray on the head counts alive ({} while Ray does not answer)."""
+    alive = head.ssh(f"RAY_AUTH_MODE=token ~/kimi-venv/bin/python -c \"{ALIVE_NODES}\"", check=False, timeout=120)
+    answer = alive.stdout.split("\n")[0]  # the driver prints the autoscaler's events after it
+    return json.loads(answer) if answer.startswith("{") else {}
 
 
 def wait_for_nodes(head: Machine, count: int, timeout: float = 900) -> None:
     """Until Ray on the head counts `count` alive nodes (the autoscaler starts the workers after `ray up`)."""
     deadline = time.monotonic() + timeout
-    while True:
-        alive = head.ssh(f"RAY_AUTH_MODE=token ~/kimi-venv/bin/python -c \"{ALIVE_NODES}\"", check=False, timeout=120)
-        if alive.stdout.strip().isdigit() and int(alive.stdout) >= count:
-            return
-        assert time.monotonic() < deadline, f"not every node joined: {alive.stdout}{alive.stderr[-2000:]}"
+    while len(ray_nodes(head)) < count:
+        assert time.monotonic() < deadline, "not every node joined"
         time.sleep(5)
 
 
@@ -187,23 +335,3 @@ def run_the_head_steps(head: Machine, steps: dict[int, list[str]], ours, machine
             pass
         assert time.monotonic() < deadline, "serve did not become ready"
         time.sleep(2)
-
-
-def check_the_answer(head: Machine, model: Path, timings: dict[str, float]) -> None:
-    """A chat completion through the openai client from outside the cluster equals one process's answer."""
-    key = head.ssh("cat ~/kimi-api-key").stdout.strip()
-    client = openai.OpenAI(base_url=f"http://{head.address}:8000/v1", api_key=key, max_retries=0)
-    started = time.monotonic()
-    stream = client.chat.completions.create(model=client.models.list().data[0].id, stream=True, max_tokens=12,
-                                            temperature=0, messages=[{"role": "user", "content": "Hello"}])
-    text, first = "", None
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            first = first or time.monotonic() - started
-            text += chunk.choices[0].delta.content
-    timings["first token"] = first
-    alone = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", str(model), "--chat", "--prompt",
-                            "Hello", "--max-tokens", "12", "--json"], capture_output=True, text=True, check=True)
-    assert text == json.loads(alone.stdout)["text"]
-    with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=f"http://{head.address}:8000/v1", api_key="wrong", max_retries=0).models.list()
