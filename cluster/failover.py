@@ -4,7 +4,7 @@ their experts, and the head's last resort, computing a lost share itself from it
 Workers hold nothing but weights, so a lost worker's share of a layer can be computed anywhere that has
 those experts: a replica on another worker, the head's own shard, or (HeadFallback) the file the head
 already maps. RemoteExperts (transport.py) decides per share; FailoverState keeps the story for /health,
-/metrics and the recovery loop that brings workers back.
+/metrics and the recovery loop that brings workers back, and tells the console as it happens.
 """
 from __future__ import annotations
 
@@ -74,9 +74,11 @@ class Outage:
 
 class FailoverState:
     """Nodes down now, and counts since start: failovers and rejoins per node, pairs the head's fallback
-    computed, seconds with some node down. Written by the engine's thread, read by /health and /metrics."""
+    computed, seconds with some node down. Written by the engine's thread, read by /health and /metrics;
+    `announce` gets a line for each node that goes down or comes back (the console's, in `serve`)."""
 
-    def __init__(self):
+    def __init__(self, announce: Callable[[str], None] = lambda line: None):
+        self.announce = announce
         self.down: dict[str, Outage] = {}
         self.loading: set[str] = set()  # down nodes whose worker is back and loading its share
         self.taking_over: dict[str, set[str]] = {}  # down node -> nodes loading its experts to compute them
@@ -90,11 +92,13 @@ class FailoverState:
 
     def failed(self, node: str, reason: str) -> None:
         with self._lock:
-            if node not in self.down:
-                if not self.down:
-                    self._degraded_since = time.monotonic()
-                self.down[node] = Outage(reason)
-                self.failovers[node] = self.failovers.get(node, 0) + 1
+            if node in self.down:
+                return
+            if not self.down:
+                self._degraded_since = time.monotonic()
+            self.down[node] = Outage(reason)
+            self.failovers[node] = self.failovers.get(node, 0) + 1
+        self.announce(f"{node} is down ({reason}); its experts are computed elsewhere until it is back")
 
     def covered(self, node: str, by: str, pairs: int, fallback: bool) -> None:
         with self._lock:
@@ -110,10 +114,12 @@ class FailoverState:
             outage = self.down.pop(node, None)
             self.loading.discard(node)
             self.taking_over.pop(node, None)
-            if outage is not None:
-                self.rejoins[node] = self.rejoins.get(node, 0) + 1
-                if not self.down:
-                    self._degraded_s += time.monotonic() - self._degraded_since
+            if outage is None:
+                return
+            self.rejoins[node] = self.rejoins.get(node, 0) + 1
+            if not self.down:
+                self._degraded_s += time.monotonic() - self._degraded_since
+        self.announce(f"{node} is back after {time.monotonic() - outage.since:.1f} s and computes its experts again")
 
     def degraded_seconds(self) -> float:
         """Seconds during which at least one node was down (overlapping outages counted once)."""

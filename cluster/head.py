@@ -142,7 +142,8 @@ class ExpertCluster:
         self.actors: dict[str, ray.actor.ActorHandle] = {}
         self.workers: dict[str, ClusterNode] = {}  # expert-holding nodes other than the head, by name
         self.remote: RemoteExperts | None = None
-        self.failover = FailoverState()
+        self.failover = FailoverState(announce=lambda line: print(f"kimi-cluster: {line}", file=sys.stderr,
+                                                                     flush=True))
         self.recovery: WorkerRecovery | None = None
         self.recovery_error = ""  # the last check that went wrong while bringing a worker back
         self._inventory: Inventory | None = None

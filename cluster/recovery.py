@@ -99,6 +99,9 @@ class WorkerRecovery:
         self._respread.add(node)
         up = [w.node for i, w in enumerate(self.remote.workers) if i not in self.remote.down]
         copies, _ = respread(self.cluster.placement, self.cluster.inventory(), node, up)
+        if copies:
+            self.remote.state.announce(f"{node} is still down after {self.cluster.config.respread_after_s:g} s: "
+                                       f"{', '.join(sorted(copies))} load its experts to compute them")
         for target, per_layer in copies.items():
             self.remote.state.taking_over.setdefault(node, set()).add(target)
             threading.Thread(target=self._take_over, args=(node, target, per_layer), daemon=True,

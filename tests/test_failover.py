@@ -3,6 +3,7 @@ replica or by the head from its own mapping of the file, with the same bits as w
 worker that comes back takes its share again."""
 from __future__ import annotations
 
+import re
 import time
 
 import numpy as np
@@ -129,3 +130,15 @@ def test_routing_counts_are_kept_across_runs_for_replicas_auto(model_file, start
     routing_counts.add(model_file, remote.routed, tmp_path)
     assert np.array_equal(routing_counts.load(model_file, remote.routed.shape, tmp_path), 2 * expected)
     assert routing_counts.load(model_file, (1, 2), tmp_path) is None  # another model's shape: not used
+
+
+def test_the_console_hears_once_of_each_outage_and_of_each_return():
+    lines = []
+    state = FailoverState(announce=lines.append)
+    state.failed("worker-a", "deadline of 3 s passed")
+    state.failed("worker-a", "UNAVAILABLE")  # the same outage, seen by another request
+    state.rejoined("worker-b")  # was not down: nothing to say
+    state.rejoined("worker-a")
+    assert len(lines) == 2
+    assert lines[0] == "worker-a is down (deadline of 3 s passed); its experts are computed elsewhere until it is back"
+    assert re.fullmatch(r"worker-a is back after \d+\.\d s and computes its experts again", lines[1])

@@ -3,7 +3,9 @@
 change (the machines' addresses, the SSH user and key, the repository URL, the model's path, the memory each
 node offers). This process plays the laptop `ray up` runs from, and the API's client outside the cluster.
 `ray attach`'s shell on the head is stood in for by SSH to it (an interactive bash, as attach opens), the
-optional `ray dashboard` is left out, and `--yes` answers the question `ray up` and `ray down` ask.
+optional `ray dashboard` is left out, and `--yes` answers the question `ray up` and `ray down` ask. Then
+the failures a LAN has, each in the middle of a stream: a worker's cable pulled and plugged back, a worker
+machine power-cycled.
 
 The machines reach no registry: pip on them installs from a wheelhouse gathered once (tests/wheelhouse.py).
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import shlex
 import shutil
@@ -64,7 +67,8 @@ class Laptop:
                "LANG": "C.UTF-8"}
         done = subprocess.run(["bash", "-c", script], cwd=self.repository, env=env, capture_output=True, text=True,
                               timeout=timeout)
-        assert done.returncode == 0, f"{script}\nexited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        assert done.returncode == 0, f"{script}\nexited {done.returncode}:\n{done.stdout[-3000:]}\n" \
+                                     f"{done.stderr[-3000:]}"
         return done
 
 
@@ -83,6 +87,7 @@ class ServedCluster:
     workers: list[Machine]
     model: Path
     client: openai.OpenAI
+    console: Path  # what `serve` printed
     timings: dict[str, float]
 
     def health(self) -> dict:
@@ -155,15 +160,20 @@ def cluster(make_tiny):
             timed("secrets")
             (up,) = [line for line in steps[3][0].splitlines() if line.startswith("ray up ")]
             try:
-                laptop.run(answered(up), timeout=1800)
+                started_up = laptop.run(answered(up), timeout=1800)
+                timed("ray up: the head set up, Ray started")
                 wait_for_nodes(head, len(machines))
-                timed("ray up, every node in")
-                serve = run_the_head_steps(head, steps, ours, machines)
+                timed("ray up: every worker in")
+                monitor = head.ssh("cat /tmp/ray/session_latest/logs/monitor.*", check=False).stdout
+                names = dict(zip((m.address for m in machines), ("bigbox", "worker-a", "worker-b")))
+                timings.update(node_setup_times(started_up.stdout + started_up.stderr + monitor, names))
+                console = shared / "serve-console.txt"
+                serve = run_the_head_steps(head, steps, ours, console)
                 timed("plan, serve ready")
                 key = head.ssh("cat ~/kimi-api-key").stdout.strip()
                 client = openai.OpenAI(base_url=f"http://{head.address}:8000/v1", api_key=key, max_retries=0)
                 try:
-                    yield ServedCluster(head, machines[1:], model, client, timings)
+                    yield ServedCluster(head, machines[1:], model, client, console, timings)
                 finally:
                     serve.kill()
                     on_head(head, "pkill -f 'kimi-cluster serve' || true")
@@ -185,6 +195,8 @@ def test_the_readme_cluster_steps_serve_from_three_machines(cluster):
     text, arrivals = stream(cluster.client, SHORT_STREAM)
     cluster.timings["first token"] = arrivals[0] - started
     assert text == cluster.alone
+    # Ray counts every core of every machine (each emulated one has all of this one's)
+    assert ask_ray(cluster.head, "ray.cluster_resources()['CPU']") == 3 * len(os.sched_getaffinity(0))
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"http://{cluster.head.address}:8000/v1", api_key="wrong",
                       max_retries=0).models.list()
@@ -247,6 +259,8 @@ def test_a_workers_link_goes_down_mid_stream_and_comes_back(cluster):
     assert cluster.count("kimi_worker_rejoins", node) == rejoins + 1
     assert cluster.ray_nodes() == nodes, "Ray gave the node up"
     assert stream(cluster.client, SHORT_STREAM)[0] == cluster.alone
+    said = cluster.console.read_text()
+    assert f"{node} is down (" in said and f"{node} is back after" in said and "Traceback" not in said
 
 
 def test_a_worker_machine_reboots_mid_stream(cluster):
@@ -261,7 +275,6 @@ def test_a_worker_machine_reboots_mid_stream(cluster):
     def power_cycle():
         events["rebooted"] = time.monotonic()
         worker.reboot()
-        cluster.timings["reboot: machine up after"] = time.monotonic() - events["rebooted"]
     text, arrivals = stream(cluster.client, LONG_STREAM, power_cycle)
     assert text == healthy
     assert arrivals[0] < events["rebooted"] < arrivals[-1]
@@ -273,6 +286,15 @@ def test_a_worker_machine_reboots_mid_stream(cluster):
     assert cluster.count("kimi_worker_failovers", node) == failovers + 1
     assert cluster.count("kimi_worker_rejoins", node) == rejoins + 1
     assert stream(cluster.client, SHORT_STREAM)[0] == cluster.alone
+    said = cluster.console.read_text()
+    assert f"{node} is down (" in said and f"{node} is back after" in said and "Traceback" not in said
+
+
+def node_setup_times(log: str, names: dict[str, str]) -> dict[str, float]:
+    """Seconds each node spent on setup_commands and on its Ray start commands, from the timers Ray's node
+    updaters log (the head's in `ray up`'s output, the workers' in the autoscaler's log on the head)."""
+    timers = re.findall(r"NodeUpdater: (\S+): (Setup|Ray start) commands succeeded \[LogTimer=(\d+)ms\]", log)
+    return {f"{what.lower()} on {names.get(node, node)}": int(ms) / 1000 for node, what, ms in timers}
 
 
 def answered(command: str) -> str:
@@ -286,15 +308,18 @@ def ray_requirement(repository: Path) -> str:
     return re.search(r'"(ray\[default\]==[^"]+)"', setup)[1]
 
 
-ALIVE_NODES = ("import json, ray; ray.init(logging_level='ERROR'); "
-               "print(json.dumps({n['NodeManagerAddress']: n['NodeID'] for n in ray.nodes() if n['Alive']}))")
+def ask_ray(head: Machine, expression: str):
+    """`expression` evaluated by a Ray driver on the head, through JSON (None while Ray does not answer)."""
+    script = f"import json, ray; ray.init(logging_level='ERROR'); print(json.dumps({expression}))"
+    answer = head.ssh(f"RAY_AUTH_MODE=token ~/kimi-venv/bin/python -c {shlex.quote(script)}", check=False,
+                      timeout=120)
+    first = answer.stdout.split("\n")[0]  # the driver prints the autoscaler's events after it
+    return json.loads(first) if answer.returncode == 0 and first else None
 
 
 def ray_nodes(head: Machine) -> dict[str, str]:
-    """Address -> Ray's node id of every node Ray on the head counts alive ({} while Ray does not answer)."""
-    alive = head.ssh(f"RAY_AUTH_MODE=token ~/kimi-venv/bin/python -c \"{ALIVE_NODES}\"", check=False, timeout=120)
-    answer = alive.stdout.split("\n")[0]  # the driver prints the autoscaler's events after it
-    return json.loads(answer) if answer.startswith("{") else {}
+    """Address -> Ray's node id of every node Ray on the head counts alive."""
+    return ask_ray(head, "{n['NodeManagerAddress']: n['NodeID'] for n in ray.nodes() if n['Alive']}") or {}
 
 
 def wait_for_nodes(head: Machine, count: int, timeout: float = 900) -> None:
@@ -305,8 +330,9 @@ def wait_for_nodes(head: Machine, count: int, timeout: float = 900) -> None:
         time.sleep(5)
 
 
-def run_the_head_steps(head: Machine, steps: dict[int, list[str]], ours, machines: list[Machine]):
-    """Steps 4 to 6 on the head: the cluster config, the token, plan, then serve (left running)."""
+def run_the_head_steps(head: Machine, steps: dict[int, list[str]], ours, console: Path) -> subprocess.Popen:
+    """Steps 4 to 6 on the head: the cluster config, the token, plan, then serve (left running, what it prints
+    going to `console`)."""
     example = yaml.safe_load(ours((REPO / "configs" / "cluster.example.yaml").read_text()))
     example["model_paths"] = {}  # every machine sees the model at the same path
     example["reserve_gb"] = 1
@@ -321,13 +347,15 @@ def run_the_head_steps(head: Machine, steps: dict[int, list[str]], ours, machine
     key_block, serve_block = steps[6][0].strip().splitlines()
     on_head(head, key_block)
     model_line = ours(steps[5][0]).splitlines()[0]
-    serve = subprocess.Popen(["ssh", "-i", str(head.key), "-o", "StrictHostKeyChecking=no", "-o",
-                              "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", f"root@{head.address}",
-                              f"bash -ic {shlex.quote(f'cd ~/kimi-cluster && {model_line} && {ours(serve_block)}')}"],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    serve_command = f"cd ~/kimi-cluster && {model_line} && {ours(serve_block)}"
+    with console.open("w") as out:
+        serve = subprocess.Popen(["ssh", "-i", str(head.key), "-o", "StrictHostKeyChecking=no", "-o",
+                                  "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", f"root@{head.address}",
+                                  f"bash -ic {shlex.quote(serve_command)}"],
+                                 stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 600
     while True:
-        assert serve.poll() is None, f"serve exited:\n{serve.stdout.read()}"
+        assert serve.poll() is None, f"serve exited:\n{console.read_text()}"
         try:
             if httpx.get(f"http://{head.address}:8000/health", timeout=10).status_code == 200:
                 return serve
