@@ -3,9 +3,9 @@
 change (the machines' addresses, the SSH user and key, the repository URL, the model's path, the memory each
 node offers). This process plays the laptop `ray up` runs from, and the API's client outside the cluster.
 `ray attach`'s shell on the head is stood in for by SSH to it (an interactive bash, as attach opens), the
-optional `ray dashboard` is left out, and `--yes` answers the question `ray up` and `ray down` ask. Then
-the failures a LAN has, each in the middle of a stream: a worker's cable pulled and plugged back, a worker
-machine power-cycled.
+optional `ray dashboard` is left out, `--yes` answers the question `ray up` and `ray down` ask, and `ray up`
+logs in record style (the same steps, with their timers). Then the failures a LAN has, each in the middle of
+a stream: a worker's cable pulled and plugged back, a worker machine power-cycled.
 
 The machines reach no registry: pip on them installs from a wheelhouse gathered once (tests/wheelhouse.py).
 """
@@ -160,7 +160,9 @@ def cluster(make_tiny):
             timed("secrets")
             (up,) = [line for line in steps[3][0].splitlines() if line.startswith("ray up ")]
             try:
-                started_up = laptop.run(answered(up), timeout=1800)
+                # Record style: plain lines, with timers for the head's setup and Ray start among them.
+                started_up = laptop.run(answered(up).replace("ray up ", "ray up --log-style record ", 1),
+                                        timeout=1800)
                 timed("ray up: the head set up, Ray started")
                 wait_for_nodes(head, len(machines))
                 timed("ray up: every worker in")
