@@ -185,7 +185,7 @@ class ExpertCluster:
         # folder removed at close, callers without the token refused.
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         warnings = ray_auth.prepare_local()
-        for attempt in range(1, LOCAL_RAY_STARTS + 1):
+        for _ in range(LOCAL_RAY_STARTS):
             self._ray_temp_dir = tempfile.mkdtemp(prefix="kimi-ray-")
             try:
                 ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
@@ -194,13 +194,12 @@ class ExpertCluster:
             except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception when its node times out
                 if "timed out" not in str(e).lower():
                     raise
+                failure = e
                 ray.shutdown()
                 _stop_processes_under(self._ray_temp_dir)
                 shutil.rmtree(self._ray_temp_dir, ignore_errors=True)
-                if attempt == LOCAL_RAY_STARTS:
-                    raise RuntimeError(f"Ray did not start on this machine, {attempt} times: {e} Is the machine "
-                                       "short of CPU or memory?") from None
-        raise AssertionError("unreachable")
+        raise RuntimeError(f"Ray did not start on this machine, {LOCAL_RAY_STARTS} times: {failure} Is the machine "
+                           "short of CPU or memory?")
 
     def inventory(self) -> Inventory:
         """What must be placed: every expert's bytes, and what the head holds (weights and KV cache)."""

@@ -49,10 +49,13 @@ class Machine:
     key: Path  # the private key its sshd accepts (root's login)
     port: str  # the bridge's end of its cable (a veth)
 
+    def ssh_command(self, command: str) -> list[str]:
+        """The command line that runs `command` on the machine over SSH, as a user would."""
+        return ["ssh", "-i", str(self.key), *SSH_OPTIONS, f"root@{self.address}", command]
+
     def ssh(self, command: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-        """`command` run on the machine over SSH, as a user would."""
-        return subprocess.run(["ssh", "-i", str(self.key), *SSH_OPTIONS, f"root@{self.address}", command],
-                              capture_output=True, text=True, timeout=timeout, check=check)
+        return subprocess.run(self.ssh_command(command), capture_output=True, text=True, timeout=timeout,
+                              check=check)
 
     def unplug(self) -> None:
         """Its cable pulled: the switch's port goes down, and every packet to or from the machine is lost."""

@@ -103,9 +103,6 @@ class ServedCluster:
         found = re.search(rf'^{metric}_total{{node="{node}"}} (\S+)$', text, re.M)
         return float(found[1]) if found else 0.0
 
-    def ray_nodes(self) -> dict[str, str]:
-        return ray_nodes(self.head)
-
     @functools.cached_property
     def alone(self) -> str:
         """What one process answers to `stream(SHORT_STREAM)`."""
@@ -242,7 +239,7 @@ def test_a_workers_link_goes_down_mid_stream_and_comes_back(cluster):
     goes on without it and ends as it would have, and the worker takes its experts back."""
     healthy, worker, node = cluster.healthy, cluster.workers[0], "worker-a"
     failovers, rejoins = cluster.count("kimi_worker_failovers", node), cluster.count("kimi_worker_rejoins", node)
-    nodes = cluster.ray_nodes()
+    nodes = ray_nodes(cluster.head)
     events: dict[str, float] = {}
 
     def pull_the_cable():
@@ -259,7 +256,7 @@ def test_a_workers_link_goes_down_mid_stream_and_comes_back(cluster):
     assert arrivals[0] < events["unplugged"] and events["plugged"] < arrivals[-1], "the outage was not mid-stream"
     assert cluster.count("kimi_worker_failovers", node) == failovers + 1
     assert cluster.count("kimi_worker_rejoins", node) == rejoins + 1
-    assert cluster.ray_nodes() == nodes, "Ray gave the node up"
+    assert ray_nodes(cluster.head) == nodes, "Ray gave the node up"
     assert stream(cluster.client, SHORT_STREAM)[0] == cluster.alone
     said = cluster.console.read_text()
     assert f"{node} is down (" in said and f"{node} is back after" in said and "Traceback" not in said
@@ -271,7 +268,7 @@ def test_a_worker_machine_reboots_mid_stream(cluster):
     head starts its expert worker there, which takes its experts back."""
     healthy, worker, node = cluster.healthy, cluster.workers[1], "worker-b"
     failovers, rejoins = cluster.count("kimi_worker_failovers", node), cluster.count("kimi_worker_rejoins", node)
-    before = cluster.ray_nodes()[worker.address]
+    before = ray_nodes(cluster.head)[worker.address]
     events: dict[str, float] = {}
 
     def power_cycle():
@@ -280,11 +277,11 @@ def test_a_worker_machine_reboots_mid_stream(cluster):
     text, arrivals = stream(cluster.client, LONG_STREAM, power_cycle)
     assert text == healthy
     assert arrivals[0] < events["rebooted"] < arrivals[-1]
-    wait_until(lambda: cluster.ray_nodes().get(worker.address, before) != before, "Ray back on the machine")
+    wait_until(lambda: ray_nodes(cluster.head).get(worker.address, before) != before, "Ray back on the machine")
     cluster.timings["reboot: Ray back after"] = time.monotonic() - events["rebooted"]
     wait_until(cluster.is_whole, "whole again")
     cluster.timings["reboot: whole again after"] = time.monotonic() - events["rebooted"]
-    assert len(cluster.ray_nodes()) == 3
+    assert len(ray_nodes(cluster.head)) == 3
     assert cluster.count("kimi_worker_failovers", node) == failovers + 1
     assert cluster.count("kimi_worker_rejoins", node) == rejoins + 1
     assert stream(cluster.client, SHORT_STREAM)[0] == cluster.alone
@@ -351,10 +348,8 @@ def run_the_head_steps(head: Machine, steps: dict[int, list[str]], ours, console
     model_line = ours(steps[5][0]).splitlines()[0]
     serve_command = f"cd ~/kimi-cluster && {model_line} && {ours(serve_block)}"
     with console.open("w") as out:
-        serve = subprocess.Popen(["ssh", "-i", str(head.key), "-o", "StrictHostKeyChecking=no", "-o",
-                                  "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", f"root@{head.address}",
-                                  f"bash -ic {shlex.quote(serve_command)}"],
-                                 stdout=out, stderr=subprocess.STDOUT)
+        serve = subprocess.Popen(head.ssh_command(f"bash -ic {shlex.quote(serve_command)}"), stdout=out,
+                                 stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 600
     while True:
         assert serve.poll() is None, f"serve exited:\n{console.read_text()}"

@@ -23,8 +23,8 @@ LEFT_OUT = {"INSTALLER", "REQUESTED", "direct_url.json", "RECORD"}  # written by
 def build_wheelhouse(folder: Path, project: Path, ray_requirement: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     pack_installed(PACKED, folder)
-    dependencies = tomllib.loads((project / "pyproject.toml").read_text())["project"]["dependencies"]
-    build = tomllib.loads((project / "pyproject.toml").read_text())["build-system"]["requires"]
+    pyproject = tomllib.loads((project / "pyproject.toml").read_text())
+    dependencies, build = pyproject["project"]["dependencies"], pyproject["build-system"]["requires"]
     subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--dest", str(folder),
                     "--find-links", str(folder), ray_requirement, "wheel", *build, *dependencies],
                    check=True, capture_output=True, text=True)
