@@ -12,8 +12,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from .estimate import MachineSpeed
-from .placement import REPLICA_MODES, GiB, NodeBudget
+from cluster.cost_model.estimate import MachineSpeed
+from cluster.placement import REPLICA_MODES, GiB, NodeBudget
 
 WIRE_DTYPES = ("f32", "f16", "bf16")
 MIN_TOKEN_CHARS = 16

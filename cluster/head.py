@@ -26,12 +26,13 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
-from cluster import ray_auth, routing_counts, shard_transfer
+from cluster import routing_counts, shard_transfer
 from cluster.config import ClusterConfig
-from cluster.estimate import ModelCost, check_probed_for, expert_gbps
+from cluster.cost_model.estimate import ModelCost, check_probed_for, expert_gbps
 from cluster.failover import FailoverState, HeadFallback
 from cluster.placement import GiB, Inventory, NodeBudget, Placement, plan, with_copies
 from cluster.recovery import WorkerRecovery
+from cluster.security import ray_auth
 from cluster.transport import RemoteExperts, WorkerClient, WorkerFailed
 from cluster.workers import ExpertWorker
 from runtime.config import ModelConfig

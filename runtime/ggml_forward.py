@@ -15,18 +15,16 @@ and a long sequence rebuilds its graphs rarely (61 layers take ~40 ms to build).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 
-from .kv_cache import KVCache, Segment
-from .config import GATING_SIGMOID
+from .config import GATING_SIGMOID, ModelConfig
+from .experts import Experts
 from .ggml_graph import GraphMemory, PlannedGraph
-from .ggml_ops import ggml, moe_subgraph, swiglu_subgraph
+from .ggml_ops import GgmlRunner, ggml, moe_subgraph, swiglu_subgraph
+from .kv_cache import KVCache, Segment
 from .router import MIN_WEIGHT_SUM, route
-
-if TYPE_CHECKING:
-    from .model import KimiModel
 
 KV_BLOCK_MIN = 64
 ROPE_NORM_MODE = 0  # deepseek2 rotates adjacent pairs
@@ -41,6 +39,25 @@ def kv_positions(cache: KVCache, new_rows: int) -> int:
                          "raise the context size")
     block = max(KV_BLOCK_MIN, (1 << (end.bit_length() - 1)) // 4)
     return min(cache.capacity, -(-end // block) * block)
+
+
+class StepModel(Protocol):
+    """What the step graphs read of a model (model.KimiModel): its weights, where its experts run, how it routes."""
+    config: ModelConfig
+    runner: GgmlRunner
+    experts: Experts
+    output_name: str
+
+    @property
+    def routes_in_graph(self) -> bool: ...
+
+    def weight(self, name: str): ...
+
+    def layer_weight(self, layer: int, name: str): ...
+
+    def router_bias(self, layer: int) -> np.ndarray | None: ...
+
+    def experts_in_graph(self, layer: int, num_tokens: int) -> dict | None: ...
 
 
 @dataclass(frozen=True)
@@ -60,7 +77,7 @@ class StepShape:
 class StepGraphs:
     """Every graph of one step shape, the input arrays they share, and how to run them in turn."""
 
-    def __init__(self, model: "KimiModel", shape: StepShape, segments: Sequence[Segment]):
+    def __init__(self, model: StepModel, shape: StepShape, segments: Sequence[Segment]):
         self.model, self.shape, c = model, shape, model.config
         num_tokens = shape.num_tokens
         self.tokens = np.zeros(num_tokens, np.int32)

@@ -18,8 +18,8 @@ os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
 
 import pytest
 
-from runtime.demo_model import make_model
-from runtime.replica_model import write_sparse_replica
+from runtime.synthetic.demo_model import make_model
+from runtime.synthetic.replica_model import write_sparse_replica
 from tests.processes import live_descendants
 
 LEFTOVER_GRACE_S = 20

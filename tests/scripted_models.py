@@ -1,4 +1,4 @@
-"""Scripted models for the API tests (runtime/scripted_model.py writes them): models whose weights make
+"""Scripted models for the API tests (runtime/synthetic/scripted_model.py writes them): models whose weights make
 them write a given reply to "What is the weather in Paris?", so that parsers meet a model's own tokens.
 
 - caller: two parallel tool calls, get_weather {"city": "Paris"} then get_time {"zone": "UTC"};
@@ -13,11 +13,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Iterator
 
-from runtime.demo_vocab import demo_tokenizer_metadata
 from runtime.ggml_ops import GgmlRunner
 from runtime.gguf_file import GGUFModelFile
 from runtime.model import KimiModel
-from runtime.scripted_model import spell, write_scripted_model
+from runtime.synthetic.demo_vocab import demo_tokenizer_metadata
+from runtime.synthetic.scripted_model import spell, write_scripted_model
 from runtime.tokenizer import Tokenizer
 from tests.test_api import start_server, stop_server
 

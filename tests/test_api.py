@@ -13,7 +13,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.api import ApiServer, Service
+from cluster.server.app import ApiServer
+from cluster.server.service import Service
 from runtime.engine import Engine
 from runtime.ggml_ops import GgmlRunner
 from runtime.gguf_file import GGUFModelFile
@@ -344,7 +345,7 @@ def test_reasoning_comes_back_as_reasoning_content(make_tiny, tmp_path):
     reasoning_content, the rest is content, streamed or not."""
     from gguf import GGUFValueType
 
-    from runtime.demo_vocab import KIMI_K2_THINKING_TEMPLATE
+    from runtime.synthetic.demo_vocab import KIMI_K2_THINKING_TEMPLATE
     from tests.gguf_tools import rewrite_gguf
     template = KIMI_K2_THINKING_TEMPLATE + "{% if add_generation_prompt %}<think>{% endif %}"
     path = rewrite_gguf(make_tiny("Q4_K_M"), tmp_path / "thinking.gguf",

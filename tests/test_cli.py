@@ -8,10 +8,11 @@ import socket
 import pytest
 import yaml
 
-from cluster import cli
-from cluster.estimate import MachineSpeed, ModelCost, model_types
+from cluster.cli.main import build_parser, main
+from cluster.cli.options import DEFAULT_CONTEXT, DEFAULT_MAX_SEQUENCES, resolve_repack
+from cluster.cost_model.estimate import MachineSpeed, ModelCost, model_types
+from cluster.cost_model.probe import round_trip_ms
 from cluster.placement import GiB, Inventory
-from cluster.probe import round_trip_ms
 from runtime.config import ModelConfig
 from runtime.gguf_file import GGUFModelFile
 
@@ -20,13 +21,13 @@ REQUIRED = {"generate": ["m.gguf", "--prompt", "hi"], "serve": ["m.gguf"], "chat
 
 
 def subcommands():
-    return cli.build_parser()._subparsers._group_actions[0].choices
+    return build_parser()._subparsers._group_actions[0].choices
 
 
 @pytest.mark.parametrize("command", sorted(REQUIRED))
 def test_help_states_the_default_that_is_used(command):
     parser = subcommands()[command]
-    used = vars(cli.build_parser().parse_args([command, *REQUIRED[command]]))
+    used = vars(build_parser().parse_args([command, *REQUIRED[command]]))
     stated = 0
     for action in parser._actions:
         if not action.help:
@@ -44,7 +45,7 @@ def test_chat_and_demo_state_their_own_max_tokens():
 
 
 def run(capsys, *argv) -> tuple[int, str]:
-    code = cli.main(list(argv))
+    code = main(list(argv))
     return code, capsys.readouterr().err
 
 
@@ -85,32 +86,32 @@ def test_a_bad_sampling_flag_names_the_flag_before_loading(tiny_f32, capsys, fla
                                            (["--deterministic", "--repack", "none"], "none"),
                                            (["--repack", "head"], "head")])
 def test_serve_runs_the_fastest_kernels_unless_asked_to_be_deterministic(flags, repack):
-    parser = cli.build_parser()
+    parser = build_parser()
     args = parser.parse_args(["serve", "m.gguf", *flags])
-    cli._resolve_repack(parser, args)
+    resolve_repack(parser, args)
     assert args.repack == repack
 
 
 def test_deterministic_refuses_an_interleaved_head(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["serve", "m.gguf", "--deterministic", "--repack", "all"])
+        main(["serve", "m.gguf", "--deterministic", "--repack", "all"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "--deterministic" in err and "--repack all" in err
 
 
 def test_plan_shows_replicas_and_refuses_ones_that_do_not_fit(make_tiny, capsys):
     path = str(make_tiny("Q4_K_M"))
-    assert cli.main(["plan", path, "--workers", "2", "--replicas", "1"]) in (0, None)
+    assert main(["plan", path, "--workers", "2", "--replicas", "1"]) in (0, None)
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.startswith("node"))
     assert "replicas" in header and "second copies of workers' experts" in out
     # Every node gets room for its own third of the experts and a little more: not for a copy of every expert.
     model_file = GGUFModelFile(path)
-    inventory = Inventory.from_model(model_file, ModelConfig.from_metadata(model_file.metadata), cli.DEFAULT_CONTEXT,
-                                     cli.DEFAULT_MAX_SEQUENCES)
+    inventory = Inventory.from_model(model_file, ModelConfig.from_metadata(model_file.metadata), DEFAULT_CONTEXT,
+                                     DEFAULT_MAX_SEQUENCES)
     share_gb = 1.2 * inventory.total_expert_bytes / 3 / GiB
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["plan", path, "--workers", "2", "--replicas", "1", "--reserve-gb", "0", "--worker-memory",
+        main(["plan", path, "--workers", "2", "--replicas", "1", "--reserve-gb", "0", "--worker-memory",
                   str(share_gb), "--head-memory", str(share_gb + inventory.head_bytes / GiB)])
     out = capsys.readouterr().out
     assert exit_info.value.code == 1 and "replicas: 1" in out and "replicas: auto" in out
@@ -134,7 +135,7 @@ def test_plan_shares_layers_by_probed_speed_and_estimates_from_the_config(make_t
     config = tmp_path / "cluster.yaml"
     config.write_text(yaml.safe_dump({"model": str(path), "reserve_gb": 0, "nodes": nodes}))
 
-    assert cli.main(["plan", str(path), "--config", str(config), "--estimate", "--streams", "4"]) in (0, None)
+    assert main(["plan", str(path), "--config", str(config), "--estimate", "--streams", "4"]) in (0, None)
     out = capsys.readouterr().out
     assert "shared by each node's measured expert speed, memory allowing" in out
     per_layer = {line.split()[0]: int(line.split()[2 if "(head)" in line else 1].split("-")[0])
@@ -146,7 +147,7 @@ def test_plan_shares_layers_by_probed_speed_and_estimates_from_the_config(make_t
 
     nodes[1]["speed"]["expert_shape"] = "gate Q2_K 7168x2048, up Q2_K 7168x2048, down Q2_K 2048x7168"
     config.write_text(yaml.safe_dump({"model": str(path), "reserve_gb": 0, "nodes": nodes}))
-    assert cli.main(["plan", str(path), "--config", str(config)]) == 2
+    assert main(["plan", str(path), "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert "'borealis' were probed for another model" in err and "kimi-cluster probe MODEL" in err
 

@@ -12,7 +12,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from cluster.certs import CA_CERT, NODE_CERT, NODE_KEY, parse_nodes, write_certificates
+from cluster.security.certs import CA_CERT, NODE_CERT, NODE_KEY, parse_nodes, write_certificates
 from cluster.config import ClusterConfig
 from cluster.head import ExpertCluster
 from cluster.placement import GiB, Inventory, PlacementError
@@ -286,7 +286,7 @@ def test_workers_on_the_heads_cores_never_spin(make_tiny, monkeypatch):
 
 @pytest.mark.parametrize("repack", ["head", "experts"])
 def test_worker_memory_stays_within_its_planned_share(ray_cluster, model_dir, repack):
-    from runtime.demo_model import make_model
+    from runtime.synthetic.demo_model import make_model
     with_workers(ray_cluster, 2)
     path = model_dir / "small-Q4_K_M.gguf"
     if not path.exists():

@@ -12,11 +12,13 @@ import pytest
 import yaml
 from cryptography import x509
 
-from cluster import cli
-from cluster.certs import parse_nodes, write_certificates
+from cluster.cli.main import build_parser
+from cluster.cli.model_session import repack_that_fits
+from cluster.cli.options import cluster_config, configured_api_key
 from cluster.config import TLS_KEYS, TOP_LEVEL_KEYS, ClusterConfig, ClusterConfigError, NodeConfig
 from cluster.head import ExpertCluster
 from cluster.placement import GiB, NodeBudget
+from cluster.security.certs import parse_nodes, write_certificates
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "configs" / "cluster.example.yaml"
 TOKEN = "0123456789abcdef0123456789abcdef"
@@ -205,24 +207,24 @@ def test_from_dict_names_its_source():
 
 def test_command_line_limits_and_key_win_over_the_file(tmp_path):
     path = write(tmp_path, {"model": "/models/k2.gguf", "context": 2048, "max_sequences": 4, "api_key": "from-file"})
-    parse = cli.build_parser().parse_args
+    parse = build_parser().parse_args
     args = parse(["serve", "/models/k2.gguf", "--config", str(path), "--api-key", ""])
-    config = cli._cluster_config(args)
-    assert (config.context, config.max_sequences, cli._api_key(args, config)) == (2048, 4, "from-file")
+    config = cluster_config(args)
+    assert (config.context, config.max_sequences, configured_api_key(args, config)) == (2048, 4, "from-file")
     args = parse(["serve", "/models/k2.gguf", "--config", str(path), "--context", "8192", "--max-sequences", "12",
                   "--api-key", "from-flag"])
-    config = cli._cluster_config(args)
+    config = cluster_config(args)
     # The plan reserves the head's KV cache for what serve will run, so the flags must reach the config.
-    assert (config.context, config.max_sequences, cli._api_key(args, config)) == (8192, 12, "from-flag")
+    assert (config.context, config.max_sequences, configured_api_key(args, config)) == (8192, 12, "from-flag")
 
 
 def test_interleaved_experts_that_do_not_fit_stay_mapped(make_tiny, capsys):
     from runtime.gguf_file import GGUFModelFile
     model_file = GGUFModelFile(make_tiny("Q4_K_M"))
     expert_bytes = sum(model_file.info(n).nbytes for n in model_file.tensors if "_exps." in n)
-    assert cli._repack_that_fits("experts", model_file, available_bytes=10 * expert_bytes) == "experts"
-    assert cli._repack_that_fits("head", model_file, available_bytes=0) == "head"
+    assert repack_that_fits("experts", model_file, available_bytes=10 * expert_bytes) == "experts"
+    assert repack_that_fits("head", model_file, available_bytes=0) == "head"
     assert capsys.readouterr().err == ""
-    assert cli._repack_that_fits("experts", model_file, available_bytes=expert_bytes // 2) == "none"
-    assert cli._repack_that_fits("all", model_file, available_bytes=expert_bytes // 2) == "head"
+    assert repack_that_fits("experts", model_file, available_bytes=expert_bytes // 2) == "none"
+    assert repack_that_fits("all", model_file, available_bytes=expert_bytes // 2) == "head"
     assert "do not fit in this machine's" in capsys.readouterr().err

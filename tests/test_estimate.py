@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 
 from cluster.config import ClusterConfig
-from cluster.estimate import MachineSpeed, ModelCost, NodeSpeed, estimate, model_types
+from cluster.cost_model.estimate import MachineSpeed, ModelCost, NodeSpeed, estimate, model_types
+from cluster.cost_model.probe import expert_speeds, fixed_costs, matmul_speeds
 from cluster.head import ExpertCluster, local_budgets
-from cluster.probe import expert_speeds, fixed_costs, matmul_speeds
-from runtime.demo_model import make_model
 from runtime.engine import Engine, Request
 from runtime.ggml_ops import GgmlRunner
 from runtime.model import KimiModel
+from runtime.synthetic.demo_model import make_model
 from tests.ray_clusters import retry_ray_start
 
 pytestmark = pytest.mark.slow

@@ -189,8 +189,8 @@ U32, STR, F32 = GGUFValueType.UINT32, GGUFValueType.STRING, GGUFValueType.FLOAT3
 ])
 def test_metadata_of_the_wrong_type_or_range_is_named(tiny_q4km, tmp_path, key, value, value_type, words, capsys):
     """Checked before anything uses it: a layer count of 2^31 once made the tensor check run for hours."""
-    from cluster import cli
+    from cluster.cli.main import main
     path = rewrite_gguf(tiny_q4km, tmp_path / "bad.gguf", set_keys={key: (value, value_type)})
-    assert cli.main(["inspect", str(path)]) == 2
+    assert main(["inspect", str(path)]) == 2
     err = capsys.readouterr().err
     assert words in err and "invalid literal" not in err, err

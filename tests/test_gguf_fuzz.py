@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster import cli
+from cluster.cli.main import main
 from runtime.gguf_file import GGUFModelFile
 
 SECONDS_PER_FILE = 20
@@ -71,7 +71,7 @@ def inspect(path) -> tuple[int, str]:
     out, err = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = cli.main(["inspect", str(path)])
+            code = main(["inspect", str(path)])
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)

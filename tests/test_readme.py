@@ -9,9 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cluster import cli
-from runtime.demo_model import PRESETS
-from runtime.demo_vocab import demo_tokenizer_metadata
+from cluster.cli.main import build_parser
+from cluster.cli.model_files import REPLICA_PRESET
+from runtime.synthetic.demo_model import PRESETS
+from runtime.synthetic.demo_vocab import demo_tokenizer_metadata
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
@@ -35,6 +36,6 @@ def test_the_demo_vocabulary_is_described_as_it_is():
 
 def test_every_make_model_preset_is_documented():
     listed = re.search(r"--preset ([\w|\\.-]+)\]", README)[1].replace("\\", "").split("|")
-    choices = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices["make-model"]._actions
+    choices = next(a for a in build_parser()._subparsers._group_actions[0].choices["make-model"]._actions
                    if a.dest == "preset").choices
-    assert listed == list(choices) == [*PRESETS, cli.REPLICA_PRESET]
+    assert listed == list(choices) == [*PRESETS, REPLICA_PRESET]

@@ -23,9 +23,9 @@ import openai
 import pytest
 import yaml
 
-from cluster import ray_auth
-from cluster.certs import CA_CERT, NODE_CERT, NODE_KEY, parse_nodes, write_certificates
-from cluster.cli import _check_exposure
+from cluster.security import ray_auth
+from cluster.security.certs import CA_CERT, NODE_CERT, NODE_KEY, parse_nodes, write_certificates
+from cluster.cli.serve import check_exposure
 from tests.test_api import parts, start_server, stop_server  # noqa: F401 (parts: a fixture)
 from tests.processes import live_descendants
 from tests.test_serve import cli, start, stop
@@ -39,15 +39,15 @@ PATHS = [("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1", "[::1]", "localhost"])
 def test_loopback_serves_without_a_key(host):
-    _check_exposure(host, None, no_auth=False)
+    check_exposure(host, None, no_auth=False)
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.10", "head.lan"])
 def test_any_other_address_needs_a_key_or_no_auth(host):
     with pytest.raises(ValueError, match=rf"--host {re.escape(host)} makes the API reachable.*--api-key.*--no-auth"):
-        _check_exposure(host, None, no_auth=False)
-    _check_exposure(host, KEY, no_auth=False)
-    _check_exposure(host, None, no_auth=True)
+        check_exposure(host, None, no_auth=False)
+    check_exposure(host, KEY, no_auth=False)
+    check_exposure(host, None, no_auth=True)
 
 
 def test_serve_on_every_interface_without_a_key_exits_saying_why(make_tiny):

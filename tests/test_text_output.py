@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings, strategies as st
 
-from runtime.demo_vocab import demo_tokenizer_metadata
+from runtime.synthetic.demo_vocab import demo_tokenizer_metadata
 from runtime.text_output import TextDelta, TextStream, reasoning_markers
 from runtime.tokenizer import Tokenizer
 

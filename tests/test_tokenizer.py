@@ -15,7 +15,7 @@ import jinja2
 import pytest
 from gguf import GGUFWriter
 
-from runtime.demo_vocab import (KIMI_K2_INSTRUCT_TEMPLATE, KIMI_K2_THINKING_TEMPLATE, SPECIAL_OFFSETS,
+from runtime.synthetic.demo_vocab import (KIMI_K2_INSTRUCT_TEMPLATE, KIMI_K2_THINKING_TEMPLATE, SPECIAL_OFFSETS,
                                 add_tokenizer_to, demo_tokenizer_metadata, kimi_tokenizer_metadata, train_bpe)
 from runtime.tokenizer import Tokenizer
 from tests import llama_oracle

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.demo_vocab import demo_tokenizer_metadata
+from runtime.synthetic.demo_vocab import demo_tokenizer_metadata
 from runtime.text_output import TextDelta, TextStream
 from runtime.tokenizer import Tokenizer
 from runtime.tool_calls import ToolCallMarkers, ToolCallParser

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from cluster import shard_transfer
-from cluster.certs import CA_CERT, NODE_CERT, NODE_KEY, parse_nodes, write_certificates
 from cluster.config import TLSFiles
+from cluster.security.certs import CA_CERT, NODE_CERT, NODE_KEY, parse_nodes, write_certificates
 from cluster.transport import INLINE_PAIRS, RemoteExperts, WorkerFailed
 from runtime.experts import ExpertShard, LocalExperts
 from runtime.ggml_ops import GgmlRunner, RepackedWeight

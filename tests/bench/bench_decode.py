@@ -110,7 +110,7 @@ def bench_model(path: str | None, preset: str = "k2-slice") -> Path:
     """The given GGUF, or the preset's Q4_K_M file in build/, written on first use."""
     model = Path(path) if path else REPO_ROOT / "build" / f"{preset}-Q4_K_M.gguf"
     if not model.exists():
-        from runtime.demo_model import make_model
+        from runtime.synthetic.demo_model import make_model
         print(f"writing {model} ({preset}, Q4_K_M) ...", flush=True)
         make_model(model, preset, "Q4_K_M")
     return model

@@ -33,8 +33,8 @@ from runtime.engine import Engine  # noqa: E402
 from runtime.ggml_ops import GgmlRunner  # noqa: E402
 from runtime.gguf_file import GGUFModelFile  # noqa: E402
 from runtime.model import KimiModel  # noqa: E402
-from runtime.replica_model import NAME, part_paths, write_sparse_replica  # noqa: E402
 from runtime.sampling import SamplingParams  # noqa: E402
+from runtime.synthetic.replica_model import NAME, part_paths, write_sparse_replica  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROMPT = [163587, 300, 301, 302, 303, 304, 305, 163601]  # <|im_user|> ... <|im_middle|>

@@ -22,14 +22,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from runtime.demo_model import make_model  # noqa: E402
 from runtime.engine import Engine, Request  # noqa: E402
 from runtime.ggml_ops import GgmlRunner  # noqa: E402
 from runtime.gguf_file import GGUFModelFile  # noqa: E402
 from runtime.grammar import GrammarTokenizer  # noqa: E402
 from runtime.model import KimiModel  # noqa: E402
-from runtime.replica_model import write_sparse_replica  # noqa: E402
 from runtime.sampling import SamplingParams  # noqa: E402
+from runtime.synthetic.demo_model import make_model  # noqa: E402
+from runtime.synthetic.replica_model import write_sparse_replica  # noqa: E402
 from runtime.tokenizer import Tokenizer  # noqa: E402
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "color", "tags", "ok"],

@@ -15,12 +15,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from cluster.estimate import MachineSpeed, ModelCost, NodeSpeed, estimate, expert_gbps  # noqa: E402
+from cluster.cost_model.estimate import MachineSpeed, ModelCost, NodeSpeed, estimate, expert_gbps  # noqa: E402
+from cluster.cost_model.probe import probe_here  # noqa: E402
 from cluster.placement import GiB, Inventory, NodeBudget, plan  # noqa: E402
-from cluster.probe import probe_here  # noqa: E402
 from runtime.config import ModelConfig  # noqa: E402
 from runtime.gguf_file import GGUFModelFile  # noqa: E402
-from runtime.replica_model import NAME, part_paths, write_sparse_replica  # noqa: E402
+from runtime.synthetic.replica_model import NAME, part_paths, write_sparse_replica  # noqa: E402
 
 REPLICA = part_paths(Path(__file__).resolve().parents[2] / "build" / "k2.6" / f"{NAME}.gguf")[0]
 # (cores, GB/s streamed on every core, GB/s on one thread): assumed

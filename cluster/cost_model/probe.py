@@ -1,4 +1,4 @@
-"""`kimi-cluster probe`: measure this machine's figures for the cost model (cluster/estimate.py).
+"""`kimi-cluster probe`: measure this machine's figures for the cost model (estimate.py).
 
 For each weight type the model uses: how fast a one-row matmul streams it (decode reads every weight
 once per step) and how fast 512-row matmuls compute (prefill). How fast routed experts of the model's own
@@ -21,11 +21,11 @@ from typing import Callable
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from cluster.estimate import (MachineSpeed, ModelCost, NodeSpeed, check_probed_for, model_types, single_node,
-                              step_parts, touched_fraction)
+from cluster.cost_model.estimate import (MachineSpeed, ModelCost, NodeSpeed, check_probed_for, model_types,
+                                         single_node, step_parts, touched_fraction)
 from cluster.placement import Placement
-from runtime.demo_model import Preset
 from runtime.ggml_ops import GgmlRunner, Weight
+from runtime.synthetic.demo_model import Preset
 
 PROBE_CACHE = Path.home() / ".cache" / "kimi-cluster" / "probe"  # this machine's figures, kept
 RAY_PORT = 6379  # the head's Ray port, open to every node (configs/ray-cluster.yaml)
@@ -138,9 +138,9 @@ def fixed_costs(folder: Path, matmuls: tuple[dict[str, float], dict[str, float],
     worker and again for a second one; per expert of a layer a worker computes in a step."""
     from cluster.config import ClusterConfig
     from cluster.head import ExpertCluster
-    from runtime.demo_model import make_model
     from runtime.gguf_file import GGUFModelFile
     from runtime.model import KimiModel
+    from runtime.synthetic.demo_model import make_model
     path = make_model(folder / "probe.gguf", preset=PROBE_MODEL)
     model = KimiModel(GGUFModelFile(path))
     cost = ModelCost.from_model(model.file, model.config)

@@ -25,9 +25,9 @@ from typing import Sequence
 import numpy as np
 from gguf import GGUFWriter
 
+from ..tokenizer import Tokenizer
 from .demo_model import ARCH, Preset, tensor_specs, write_metadata
 from .demo_vocab import add_tokenizer_to, demo_tokenizer_metadata
-from .tokenizer import Tokenizer
 
 SCRIPTED = Preset(n_embd=256, num_layers=2, num_dense_layers=1, num_heads=4, q_lora_rank=256, kv_lora_rank=256,
                   head_dim_nope=64, rope_dim=32, head_dim_v=64, n_ff_dense=256, n_ff_expert=256, num_experts=4,

@@ -1,4 +1,4 @@
-"""OpenAI's API over the shared service (api.py): /v1/models, /v1/completions and /v1/chat/completions,
+"""OpenAI's API over the shared service (service.py): /v1/models, /v1/completions and /v1/chat/completions,
 streamed as server-sent events or not, with OpenAI's error shape {"error": {"message", "type", "param",
 "code"}}.
 
@@ -17,10 +17,11 @@ from fastapi import APIRouter, Request as HttpRequest
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cluster import structured_output, tool_use
-from cluster.api import (ApiError, Event, Generation, Service, check_model, engine_request, parse_body,
-                         sampling_params, text_stream)
-from cluster.tool_use import Tool, ToolChoice
+from cluster.server import structured_output, tool_use
+from cluster.server.errors import ApiError
+from cluster.server.request_checks import check_model, parse_body, sampling_params
+from cluster.server.service import Event, Generation, Service, engine_request, text_stream
+from cluster.server.tool_use import Tool, ToolChoice
 from runtime.sampling import SamplingParams
 from runtime.text_output import THINK_OPEN, reasoning_markers
 from runtime.tokenizer import Tokenizer

@@ -19,7 +19,7 @@ from tokenizers import Regex
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers, trainers
 
-from .tokenizer import KIMI_K2_PATTERN, byte_to_unicode
+from ..tokenizer import KIMI_K2_PATTERN, byte_to_unicode
 
 MAX_RANKS = 3000  # the corpus runs out of pairs first (~2,600 ranks)
 NUM_SPECIAL_SLOTS = 256

@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from cluster.api import ApiError, Service
-from cluster.tool_use import Tool, ToolChoice
+from cluster.server.errors import ApiError
+from cluster.server.service import Service
+from cluster.server.tool_use import Tool, ToolChoice
 from runtime.grammar import Grammar, GrammarError, GrammarTokenizer
 from runtime.tool_calls import ToolCallMarkers
 

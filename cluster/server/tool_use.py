@@ -17,7 +17,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from cluster.api import ApiError, Service
+from cluster.server.errors import ApiError
+from cluster.server.service import Service
 from runtime.tool_calls import ToolCallMarkers, ToolCallParser
 
 FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's and Anthropic's rule

@@ -1,0 +1,158 @@
+"""Setting a cluster up: `plan` (where every expert would go, and the speed to expect), `probe` (this
+machine's speed figures) and `certs` (TLS between the head and its workers)."""
+from __future__ import annotations
+
+import platform
+import sys
+from pathlib import Path
+
+import yaml
+
+from cluster.cli.options import add_cluster_args, cluster_config, positive_int
+
+
+def add_plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="show how the experts would be spread over the machines",
+                       description="Plan the placement of every routed expert by memory budget and print it "
+                                   "(per node: experts per layer, GB, share of each layer), without loading "
+                                   "anything. Exits 1 when the pool is too small.")
+    p.add_argument("model", help="path to the .gguf file (or its first part)")
+    p.add_argument("--context", type=int, default=None,
+                   help="plan the head's KV cache for this many tokens per sequence (default: the config's)")
+    p.add_argument("--max-sequences", type=int, default=None,
+                   help="... and for this many sequences at once (default: the config's)")
+    p.add_argument("--estimate", action="store_true",
+                   help="also predict decode tokens/s (one stream and --streams) and prefill tokens/s from each "
+                        "node's `speed` in the config (what `kimi-cluster probe` printed there); with --workers, "
+                        "from this machine's probe (run now if not done before)")
+    p.add_argument("--streams", type=positive_int, default=16,
+                   help="streams for the batched estimate (default %(default)s)")
+    p.add_argument("--prompt-tokens", type=positive_int, default=512,
+                   help="prompt length for the prefill estimate (default %(default)s)")
+    p.add_argument("--decode-context", type=positive_int, default=1024,
+                   help="tokens of context the decode estimate assumes (default %(default)s)")
+    add_cluster_args(p)
+    p.set_defaults(func=cmd_plan)
+
+
+def add_probe_parser(sub) -> None:
+    p = sub.add_parser("probe", help="measure this machine's speed for a model, for `plan --estimate` and "
+                                     "placement by speed",
+                       description="Measure how fast this machine streams and computes each weight type the "
+                                   "model uses, how fast it computes routed experts of the model's shape, and "
+                                   "the runtime's fixed costs (alone, and with one and two local workers: starts "
+                                   "Ray twice). Prints the figures as YAML to paste under this node in the "
+                                   "cluster config, where `plan --estimate` and the placement (shares by speed) "
+                                   "use them, and keeps them for `plan --estimate --workers N` here. Takes about "
+                                   "two minutes; run it on each machine, idle.")
+    p.add_argument("model", help="path to the .gguf file (or its first part): only its header is read")
+    p.add_argument("--head", metavar="HOST[:PORT]",
+                   help="also measure this machine's round trip to the head (TCP handshakes to its Ray port, "
+                        "6379, unless given), for round_trip_ms")
+    p.set_defaults(func=cmd_probe)
+
+
+def add_certs_parser(sub) -> None:
+    p = sub.add_parser("certs", help="make a private CA and a certificate per node, for TLS between the head "
+                                     "and its expert workers",
+                       description="Write a private certificate authority (once; later runs reuse it) and a "
+                                   "certificate and key per node into FOLDER. Workers then accept only a head "
+                                   "with a certificate from this CA, and the head only workers with one. Keys are "
+                                   "readable by their owner only. Point the cluster config's `tls` at the folder "
+                                   "(the command prints the lines) and copy the folder to every node, at the same "
+                                   "path.")
+    p.add_argument("folder", help="where to write ca.pem, ca-key.pem, NAME.pem and NAME-key.pem")
+    p.add_argument("--nodes", required=True, metavar="NAME=ADDRESS,...",
+                   help="every node, head included, by the name the cluster config's `nodes` give it and its "
+                        "address (IP or host name), e.g. bigbox=192.168.1.10,worker-a=192.168.1.11")
+    p.set_defaults(func=cmd_certs)
+
+
+def cmd_plan(args) -> None:
+    """Print where every expert would live, and whether the pool is big enough, without loading anything."""
+    from cluster.config import ClusterConfig
+    from cluster.head import ExpertCluster, local_budgets
+    from cluster.placement import PlacementError
+    config = cluster_config(args)
+    if config is None:  # one process on this machine
+        given = {"model": args.model, "reserve_gb": args.reserve_gb, "allow_disk": bool(args.allow_disk),
+                 "context": args.context, "max_sequences": args.max_sequences}
+        config = ClusterConfig.from_dict({k: v for k, v in given.items() if v is not None}, "this machine")
+    cluster = ExpertCluster(args.model, config, progress=False)
+    here = args.workers or not args.config  # this machine's processes, not the config's machines
+    if args.estimate and not here and not config.nodes:
+        raise ValueError(f"--estimate needs the machines listed under 'nodes' in {config.source}, each with the "
+                         "`speed` that `kimi-cluster probe` printed on it")
+    if here:
+        budgets = local_budgets(args.workers, args.worker_memory, args.head_memory)
+    elif config.nodes:
+        budgets = config.node_budgets()
+    else:
+        with cluster:
+            budgets = [n.budget for n in cluster.nodes()]
+    try:
+        placement = cluster.plan(budgets)
+    except PlacementError as e:
+        print(e)
+        sys.exit(1)
+    print(placement.format_table())
+    print("fits: every expert has a place" + (" (some paged from disk)" if placement.disk_backed else "")
+          + (f"; {placement.replica_count} second copies of workers' experts" if placement.replicas else ""))
+    if args.estimate:
+        from cluster.cost_model.estimate import ModelCost, estimate
+        cost = ModelCost.from_model(cluster.model_file, cluster.model_config)
+        speeds = _local_speeds(args, cost, budgets) if here else _config_speeds(config, cost)
+        print(estimate(cost, placement, speeds, args.streams, args.prompt_tokens, args.decode_context).format())
+        print("(an estimate: routing taken as uniform, figures as probed; expect the real figure within about 30%)")
+
+
+def _local_speeds(args, cost, budgets) -> dict:
+    """Head and --workers on this machine, with this machine's probe (kept from `kimi-cluster probe`)."""
+    from cluster.cost_model.estimate import NodeSpeed
+    from cluster.cost_model.probe import probe_here
+    speed = probe_here(cost, progress=_probe_progress)
+    worker_threads = max(1, speed.cores // (args.workers + 1))
+    return {b.name: NodeSpeed("this machine", speed, speed.cores if b.is_head else worker_threads) for b in budgets}
+
+
+def _config_speeds(config, cost) -> dict:
+    from cluster.cost_model.estimate import NodeSpeed, check_probed_for
+    missing = [n.name for n in config.nodes if n.speed is None]
+    if missing:
+        raise ValueError(f"no speed figures for {', '.join(missing)} in {config.source}: run `kimi-cluster probe "
+                         "MODEL` on each of those machines and paste what it prints under the node")
+    for node in config.nodes:
+        check_probed_for(node.speed, cost, node.name)
+    head = config.head_node
+    return {n.name: NodeSpeed(n.address, n.speed, n.speed.cores, 0.0 if n is head else n.round_trip_ms, n.link_gbps)
+            for n in config.nodes}
+
+
+def _probe_progress(line: str) -> None:
+    print(f"kimi-cluster probe: {line}", file=sys.stderr, flush=True)
+
+
+def cmd_probe(args) -> None:
+    from cluster.cost_model.estimate import ModelCost
+    from cluster.cost_model.probe import probe_here, round_trip_ms
+    from runtime.gguf_file import GGUFModelFile
+    from runtime.model import checked_config
+    model_file = GGUFModelFile(args.model)
+    link = {"round_trip_ms": float(f"{round_trip_ms(args.head):.3g}")} if args.head else {}
+    speed = probe_here(ModelCost.from_model(model_file, checked_config(model_file)), fresh=True,
+                       progress=_probe_progress)
+    print(f"# measured by `kimi-cluster probe` on {platform.node()} ({speed.cores} cores); paste under this node in "
+          "the cluster config,\n# with its link's bandwidth: link_gbps (GB/s; 10 GbE: 1.25)"
+          + ("" if args.head else " and round_trip_ms (ping to the head, or probe with --head)"))
+    print(yaml.safe_dump({**link, "speed": speed.to_dict()}, sort_keys=False, default_flow_style=None).rstrip())
+
+
+def cmd_certs(args) -> None:
+    from cluster.security.certs import CA_CERT, NODE_CERT, NODE_KEY, parse_nodes, write_certificates
+    folder = Path(args.folder).expanduser()
+    nodes = parse_nodes(args.nodes)
+    written = write_certificates(folder, nodes)
+    print(f"wrote {', '.join(p.name for p in written)} in {folder}")
+    print(f"in the cluster config:\ntls:\n  ca: {folder / CA_CERT}\n  cert: {folder / NODE_CERT}\n"
+          f"  key: {folder / NODE_KEY}")
+    print(f"then copy {folder} to every node at the same path (ca-key.pem is only needed here, to add nodes later)")

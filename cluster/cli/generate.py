@@ -1,0 +1,70 @@
+"""`kimi-cluster generate`: one prompt, one answer, printed as it comes (or as JSON)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import numpy as np
+
+from cluster.cli.model_session import model_session
+from cluster.cli.options import (add_cluster_args, add_runtime_args, add_sampling_args, cluster_config, context_size,
+                                 sampling_params)
+
+
+def add_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt",
+                       description="Generate from a GGUF model (first file of a split set is enough).")
+    p.add_argument("model", help="path to the .gguf file (or its -00001-of-0000N.gguf part)")
+    p.add_argument("--prompt", required=True, help="the prompt text; special tokens like <|im_user|> are parsed")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: prompt_tokens, tokens, text, tokens_per_s")
+    p.add_argument("--logits-out", metavar="FILE.npy",
+                   help="save the float32 logits of the last prompt position")
+    add_sampling_args(p)
+    add_runtime_args(p)
+    add_cluster_args(p)
+    p.set_defaults(func=cmd_generate)
+
+
+def _prompt_tokens(tokenizer, text: str, chat: bool) -> list[int]:
+    if chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    # As llama.cpp does for a raw prompt: special tokens parsed, BOS only if the file asks for it.
+    return tokenizer.encode(text, parse_special=True)
+
+
+def cmd_generate(args) -> None:
+    params = sampling_params(args)
+    config = cluster_config(args)
+    if config is not None:  # one sequence: the head plans a KV cache for one, not for a server's batch
+        config = dataclasses.replace(config, max_sequences=1)
+    with model_session(args, config) as (model, tokenizer, _):
+        _generate(args, params, model, tokenizer, context_size(args, config))
+
+
+def _generate(args, params, model, tokenizer, context: int) -> None:
+    from runtime.engine import Engine, GenerationStats
+    prompt = _prompt_tokens(tokenizer, args.prompt, args.chat)
+    engine = Engine(model, context_size=min(context, model.config.context_length))
+    stats = GenerationStats()
+    decoder = tokenizer.stream_decoder() if not args.json else None
+    tokens = []
+    for token in engine.generate(prompt, args.max_tokens, params, frozenset(tokenizer.eog_ids), stats):
+        tokens.append(token)
+        if decoder is not None and token not in tokenizer.eog_ids:
+            print(decoder.add(token), end="", flush=True)
+    if args.logits_out:
+        np.save(args.logits_out, stats.prompt_logits.astype(np.float32))
+    text = tokenizer.decode([t for t in tokens if t not in tokenizer.eog_ids])
+    if args.json:
+        print(json.dumps({"prompt_tokens": prompt, "tokens": tokens, "text": text,
+                          "tokens_per_s": round(stats.decode_tokens_per_s, 3),
+                          "prompt_tokens_per_s": round(stats.prompt_tokens_per_s, 3),
+                          "finish_reason": stats.finish_reason}))
+        return
+    print(decoder.flush())
+    print(f"[prompt: {stats.prompt_tokens} tokens at {stats.prompt_tokens_per_s:.1f} tokens/s; "
+          f"generated: {stats.generated_tokens} tokens at {stats.decode_tokens_per_s:.1f} tokens/s; "
+          f"finish: {stats.finish_reason}]", file=sys.stderr)

@@ -1,0 +1,57 @@
+"""Bringing a model up for a command: in this process, or with its experts spread over a Ray cluster."""
+from __future__ import annotations
+
+import contextlib
+import sys
+
+
+@contextlib.contextmanager
+def model_session(args, config, model_file=None, tokenizer=None):
+    """(model, tokenizer, cluster): in this process (config None, cluster None), or with its experts spread
+    over a Ray cluster. model_file and tokenizer: already opened ones to reuse (a real GGUF's header takes
+    seconds)."""
+    from runtime.ggml_ops import GgmlRunner
+    from runtime.gguf_file import GGUFModelFile
+    from runtime.model import KimiModel
+    from runtime.tokenizer import Tokenizer
+    model_file = model_file or GGUFModelFile(args.model)
+    tokenizer = tokenizer or Tokenizer.from_metadata(model_file.metadata)
+    if config is None:
+        from cluster.failover import available_memory_bytes
+        available = available_memory_bytes()
+        model = KimiModel(model_file, GgmlRunner(args.threads), progress=sys.stderr.isatty(),
+                          repack=repack_that_fits(args.repack, model_file, available))
+        if not _experts_fit(model_file, available):  # paged from disk: see ExpertShard.read_on_demand
+            model.experts.read_on_demand(model_file)
+        model.load(progress=sys.stderr.isatty())
+        yield model, tokenizer, None
+        return
+    from cluster.head import ExpertCluster
+    with ExpertCluster(args.model, config, local_workers=args.workers or 0, worker_memory_gb=args.worker_memory,
+                       head_memory_gb=args.head_memory, repack=args.repack, worker_threads=args.threads,
+                       progress=sys.stderr.isatty()) as cluster:
+        model = cluster.start()
+        print(cluster.placement.format_table(), file=sys.stderr)
+        yield model, tokenizer, cluster
+
+
+def repack_that_fits(repack: str, model_file, available_bytes: int | None = None) -> str:
+    """Interleaved experts are copies in RAM. When they would not fit in this machine's free memory, read
+    them in place instead (mapped pages, which the OS can drop and read again) rather than fail to load."""
+    if repack not in ("experts", "all"):
+        return repack
+    if available_bytes is None:
+        from cluster.failover import available_memory_bytes
+        available_bytes = available_memory_bytes()
+    if _experts_fit(model_file, available_bytes):
+        return repack
+    fallback = {"experts": "none", "all": "head"}[repack]
+    print(f"kimi-cluster: the routed experts ({model_file.routed_expert_bytes() / 2**30:.1f} GiB) do not fit in "
+          f"this machine's {available_bytes / 2**30:.1f} GiB of free memory, so they are read in place from the "
+          f"file rather than interleaved (--repack {fallback})", file=sys.stderr)
+    return fallback
+
+
+def _experts_fit(model_file, available_bytes: int) -> bool:
+    """Whether every routed expert fits in this much free memory (with a tenth to spare)."""
+    return model_file.routed_expert_bytes() <= 0.9 * available_bytes

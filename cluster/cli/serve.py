@@ -1,0 +1,153 @@
+"""`kimi-cluster serve` and `kimi-cluster demo`: the API, listening at once and answering once the model has
+loaded (also behind `chat MODEL`)."""
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+from cluster.addresses import is_loopback
+from cluster.cli.model_session import model_session
+from cluster.cli.options import (DEFAULT_MAX_SEQUENCES, add_cluster_args, add_runtime_args, add_sampling_args,
+                                 add_server_args, cluster_config, configured_api_key, context_size, sampling_params)
+
+DEMO_PATH = Path.home() / ".cache" / "kimi-cluster" / "kimi-demo-tiny.gguf"
+DEMO_PROMPT = "Write one sentence about pooling the memory of several computers."
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model with an OpenAI-compatible API",
+                       description="Bring the model up (on this machine, or with its experts spread over a Ray "
+                                   "cluster) and serve /v1/completions, /v1/chat/completions and /v1/models as "
+                                   "OpenAI's API does, plus /health and /metrics (Prometheus). Requests share "
+                                   "decode steps (continuous batching).")
+    p.add_argument("model", help="path to the .gguf file (or its -00001-of-0000N.gguf part)")
+    add_server_args(p)
+    add_runtime_args(p, serving=True)
+    add_cluster_args(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def add_demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="serve the built-in demo model on 2 local expert workers and chat once",
+                       description="Write the demo model if missing, start a local Ray cluster with 2 expert "
+                                   "workers, serve it, send one chat completion through the API, print the reply "
+                                   "and tokens/s, and keep serving until Ctrl-C (--once: exit after the reply).")
+    p.add_argument("--model", default=str(DEMO_PATH), help="demo model path, written if missing (default %(default)s)")
+    p.add_argument("--once", action="store_true", help="exit after the first reply")
+    add_server_args(p)
+    add_sampling_args(p)
+    add_runtime_args(p, serving=True)
+    add_cluster_args(p)
+    # Quiet: an access line would land in the middle of the streamed reply it prints.
+    p.set_defaults(func=cmd_demo, max_tokens=32, workers=2, model_name="kimi-demo", quiet=True)
+
+
+def check_exposure(host: str, api_key: str | None, no_auth: bool) -> None:
+    """A server others on the network can reach needs a key, unless the user says otherwise."""
+    if api_key or no_auth or is_loopback(host):
+        return
+    raise ValueError(f"--host {host} makes the API reachable from your network, and no API key is set, so anyone "
+                     "who reaches it could use the model. Give --api-key KEY (or $KIMI_API_KEY, or api_key in the "
+                     "cluster config), or --no-auth to serve without a key on purpose")
+
+
+def _print_access_line(line: str) -> None:
+    print(f"kimi-cluster: {line}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def serving(args, host: str, port: int, announce: bool = True):
+    """Listen at once (GET /health says "loading"), bring the model up, then serve; yields the base URL.
+    announce: say where it listens and log each request (off for the private server behind `chat MODEL`)."""
+    from cluster.server.app import ApiServer
+    from cluster.server.service import Service
+    from runtime.engine import Engine
+    from runtime.gguf_file import GGUFModelFile
+    from runtime.tokenizer import Tokenizer
+    config = cluster_config(args)
+    max_sequences = config.max_sequences if config is not None else args.max_sequences or DEFAULT_MAX_SEQUENCES
+    if not 1 <= max_sequences < args.step_tokens:
+        raise ValueError(f"--step-tokens ({args.step_tokens}) must exceed --max-sequences ({max_sequences}), "
+                         "which must be at least 1: every running sequence takes a row of each step")
+    api_key = configured_api_key(args, config)
+    check_exposure(host, api_key, args.no_auth)
+    model_file = GGUFModelFile(args.model)
+    context = context_size(args, config)
+    context = min(context, int(model_file.metadata.get("deepseek2.context_length", context)))
+    service = Service(args.model_name or Path(args.model).name.split("-0000")[0].removesuffix(".gguf"),
+                      Tokenizer.from_metadata(model_file.metadata), context, api_key=api_key,
+                      protect_metrics=args.protect_metrics,
+                      access_log=None if not announce or args.quiet else _print_access_line)
+    server = ApiServer(service, host, port)
+    url = f"http://{host}:{server.start()}"
+    if announce:
+        print(f"kimi-cluster: {url}/v1 answers for '{service.model_name}' once the model has loaded "
+              f"({max_sequences} sequences at once, {context} tokens of context each, {args.step_tokens} token "
+              f"rows per step, API key {'required' if service.api_key else 'not required'})", file=sys.stderr)
+    else:
+        print(f"loading {args.model} ...", file=sys.stderr)
+    try:
+        with model_session(args, config, model_file, service.tokenizer) as (model, _, cluster):
+            if cluster is not None:
+                cluster.remote.observers.append(service.metrics.observe_experts)
+                service.metrics.watch_failover(cluster.failover, cluster.placement.replica_count)
+            engine = Engine(model, context, max_sequences=max_sequences, max_step_tokens=args.step_tokens)
+            service.ready(engine, cluster.status if cluster is not None else dict)
+            try:
+                yield url
+            finally:
+                engine.stop()
+    except Exception as e:
+        service.load_error = str(e)
+        raise
+    finally:
+        server.stop()
+
+
+def wait_for_ctrl_c() -> None:
+    while True:
+        time.sleep(3600)
+
+
+def cmd_serve(args) -> None:
+    with serving(args, args.host, args.port) as url:
+        print(f"kimi-cluster: ready at {url}/v1 (OpenAI API; also {url}/health and {url}/metrics); "
+              "Ctrl-C stops", file=sys.stderr)
+        wait_for_ctrl_c()
+
+
+def cmd_demo(args) -> None:
+    from cluster.cli.api_client import stream_chat
+    from runtime.synthetic.demo_model import make_model
+    sampling_params(args)
+    path = Path(args.model)
+    if not path.exists():
+        print(f"writing the demo model to {path} ...", file=sys.stderr)
+        make_model(path, preset="tiny")
+    args.model = str(path)
+    with serving(args, args.host, args.port) as url:
+        print(f"prompt: {DEMO_PROMPT}\nreply (random weights, so the words are random too):")
+        started, first_at, usage = time.perf_counter(), None, {}
+        for choice in stream_chat(url, [{"role": "user", "content": DEMO_PROMPT}], args.api_key,
+                                  max_tokens=args.max_tokens, temperature=args.temperature):
+            usage = choice.get("usage", usage)
+            text = choice.get("delta", {}).get("content") or ""
+            if text and first_at is None:
+                first_at = time.perf_counter()
+            print(text, end="", flush=True)
+        print(f"\n[{_demo_speed(usage.get('completion_tokens', 0), started, first_at, time.perf_counter())}, "
+              f"through the API with the experts on {args.workers} workers]")
+        if args.once:
+            return
+        print(f"serving at {url}/v1 (try: kimi-cluster chat --url {url}); Ctrl-C stops", file=sys.stderr)
+        wait_for_ctrl_c()
+
+
+def _demo_speed(tokens: int, started: float, first_at: float | None, ended: float) -> str:
+    """The first token (prompt processing and the first step) apart from the decode rate after it."""
+    if first_at is None or tokens < 2:
+        return f"{tokens} tokens in {ended - started:.2f} s"
+    return (f"first token after {first_at - started:.2f} s, then {tokens - 1} tokens at "
+            f"{(tokens - 1) / (ended - first_at):.1f} tokens/s")
