@@ -5,11 +5,13 @@
       ... more calls ...
     <|tool_calls_section_end|>
 
-The markers are single special tokens; a call's id (functions.NAME:INDEX, which the chat template renders
-back as the call's id in later turns) and its arguments are text between them. A ToolCallParser takes the
-tokens after <|tool_calls_section_begin|> and gives back each call once it is complete and checked, so that
-a client never receives a call that turns out broken. A section that breaks the format (an id that is not
-functions.NAME:INDEX, a function nobody declared, arguments that are not a JSON object, a section cut off)
+The markers are single special tokens; a call's id (functions.NAME:INDEX, which the chat template renders back
+as the call's id in later turns) and its arguments are text between them. The id a call gets back is minted,
+not copied: its INDEX counts the conversation's calls (the parser's first_index is how many came before), so
+ids never repeat within a conversation even when the model writes the same one every turn. A ToolCallParser
+takes the tokens after <|tool_calls_section_begin|> and gives back each call once it is complete and checked,
+so that a client never receives a call that turns out broken. A section that breaks the format (an id that is
+not functions.NAME:INDEX, a function nobody declared, arguments that are not a JSON object, a section cut off)
 is given back as its text instead, so that nothing is lost.
 """
 from __future__ import annotations
@@ -56,7 +58,7 @@ class ToolCallDelta:
 @dataclass
 class ToolCall:
     index: int
-    id: str  # functions.NAME:INDEX, as the model wrote it
+    id: str  # functions.NAME:INDEX, INDEX counting every call of the conversation
     name: str
     arguments: str  # a JSON object's text
 
@@ -69,6 +71,7 @@ class ToolCallParser:
     markers: ToolCallMarkers
     tool_names: frozenset[str]  # the functions the request declared
     single: bool = False  # one call at most (OpenAI's parallel_tool_calls: false): the section ends after it
+    first_index: int = 0  # calls earlier in the conversation: this reply's are numbered on from there
     calls: list[ToolCall] = field(default_factory=list)
     malformed: str | None = None  # what was wrong, once the section broke the format
     closed: bool = False  # <|tool_calls_section_end|> was seen
@@ -76,7 +79,7 @@ class ToolCallParser:
     _state: str = "between"  # between calls, "id", "arguments"
     _id_tokens: list[int] = field(default_factory=list)
     _argument_tokens: list[int] = field(default_factory=list)
-    _call: tuple[str, str] = ("", "")  # the open call's id and name
+    _name: str = ""  # the open call's function
 
     def add(self, token: int) -> list[ToolCallDelta]:
         if self.closed or self.malformed:
@@ -128,7 +131,7 @@ class ToolCallParser:
         elif match["name"] not in self.tool_names:
             self._break(f"a call of {match['name']!r}, which the request did not declare")
         else:
-            self._state, self._argument_tokens, self._call = "arguments", [], (call_id.strip(), match["name"])
+            self._state, self._argument_tokens, self._name = "arguments", [], match["name"]
         return []
 
     def _close_call(self) -> list[ToolCallDelta]:
@@ -141,7 +144,8 @@ class ToolCallParser:
         if not isinstance(arguments, dict):
             self._break("arguments that are not a JSON object")
             return []
-        call = ToolCall(len(self.calls), *self._call, text)
+        index = len(self.calls)
+        call = ToolCall(index, f"functions.{self._name}:{self.first_index + index}", self._name, text)
         self.calls.append(call)
         self._state = "between"
         self.closed = self.single

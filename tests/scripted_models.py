@@ -26,7 +26,7 @@ ASK = [{"role": "user", "content": QUESTION}]
 SPOKEN = "It is sunny in Paris."
 REASONING = "Paris is in France."
 WEATHER_CALL = ("functions.get_weather:0", "get_weather", {"city": "Paris"})
-TIME_CALL = ("get_time:1", "get_time", {"zone": "UTC"})
+TIME_CALL = ("functions.get_time:1", "get_time", {"zone": "UTC"})  # the model writes "get_time:1"; ids are minted
 
 
 def write_scripted_models(folder: Path) -> dict[str, Path]:

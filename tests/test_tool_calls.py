@@ -74,6 +74,16 @@ def test_two_calls_come_back_parsed_each_when_it_completes(tokenizer):
     assert [i for i, g in enumerate(given) if g] == call_ends, "each call comes with its <|tool_call_end|>"
 
 
+def test_ids_count_the_conversations_calls_whatever_index_the_model_writes(tokenizer):
+    """Models repeat ids turn after turn (functions.Bash:0 each time); a client must never see one twice."""
+    parser = ToolCallParser(tokenizer, ToolCallMarkers.of(tokenizer), TOOLS, first_index=5)
+    stream = TextStream(tokenizer, hidden_tokens=tokenizer.eog_ids, tools=parser)
+    for token in tokens(tokenizer, section(("functions.get_weather:0", "{}"), ("get_time:0", "{}")) + "<|im_end|>"):
+        stream.add(token)
+    stream.finish()
+    assert [(c.index, c.id) for c in parser.calls] == [(0, "functions.get_weather:5"), (1, "functions.get_time:6")]
+
+
 @pytest.mark.parametrize("text, why", [
     (section(("functions.send_mail:0", '{"to": "x"}')), "did not declare"),
     (section(("get weather", '{"city": "Paris"}')), "not functions.NAME:INDEX"),

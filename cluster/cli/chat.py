@@ -26,7 +26,7 @@ def add_chat_parser(sub) -> None:
     add_runtime_args(p, serving=True)
     add_cluster_args(p)
     # A model loaded here is served on loopback only, to this chat.
-    p.set_defaults(func=cmd_chat, max_tokens=512, no_auth=False, protect_metrics=False)
+    p.set_defaults(func=cmd_chat, max_tokens=512, no_auth=False, protect_metrics=False, strict_model_name=False)
 
 
 def cmd_chat(args) -> None:

@@ -110,7 +110,10 @@ def add_server_args(p: argparse.ArgumentParser, port: bool = True) -> None:
                        help="most token rows in one step (default %(default)s): decoding sequences take one each, new "
                             "prompts are prefilled in chunks of what is left; lower it to keep decoding smooth "
                             "while long prompts arrive, raise it for faster prefill")
-    group.add_argument("--model-name", default=None, help="the model id clients use (default: the file name)")
+    group.add_argument("--model-name", default=None, help="the model id the server reports (default: the file name)")
+    group.add_argument("--strict-model-name", action="store_true",
+                       help="refuse requests that name another model (default: any name means the served model, "
+                            "as llama-server does: coding agents send names of their own, such as claude-sonnet-4-5)")
     group.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False,
                        help="leave out the line printed per request (status, tokens, time to first token, "
                             "tokens/s) (default %(default)s)")

@@ -78,7 +78,7 @@ def serving(args, host: str, port: int, announce: bool = True):
     context = min(context, int(model_file.metadata.get("deepseek2.context_length", context)))
     service = Service(args.model_name or Path(args.model).name.split("-0000")[0].removesuffix(".gguf"),
                       Tokenizer.from_metadata(model_file.metadata), context, api_key=api_key,
-                      protect_metrics=args.protect_metrics,
+                      protect_metrics=args.protect_metrics, strict_model_name=args.strict_model_name,
                       access_log=None if not announce or args.quiet else _print_access_line)
     server = ApiServer(service, host, port)
     url = f"http://{host}:{server.start()}"

@@ -4,13 +4,19 @@ server-sent events or not) and POST /v1/messages/count_tokens, with Anthropic's 
 
 A conversation is turned into the chat template's messages (OpenAI's shape, which Kimi's templates read):
 text blocks into content, tool_use blocks into tool_calls (input as JSON arguments), tool_result blocks into
-tool messages. The reply comes back as blocks: thinking (with `thinking` enabled), text, tool_use.
+tool messages; system messages where they stand. The reply comes back as blocks: thinking (when `thinking` is
+enabled or adaptive), text, tool_use.
+
+What coding agents send besides is taken without a 400: metadata, context_management, output_config.effort,
+cache_control, beta headers (unknown fields are ignored); Anthropic's server tools (web search, ...) are left
+out with a note on the console, as they run on Anthropic's side.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import secrets
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Literal
 
 from fastapi import APIRouter, Request as HttpRequest
@@ -20,10 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from cluster.server import structured_output, tool_use
 from cluster.server.errors import ApiError
 from cluster.server.request_checks import check_model, parse_body, sampling_params
-from cluster.server.service import Event, Generation, Service, engine_request, text_stream
+from cluster.server.service import Event, Generation, Service, engine_request, render_chat, text_stream
 from cluster.server.tool_use import Tool, ToolChoice
 from runtime.text_output import THINK_OPEN, reasoning_markers
-from runtime.tokenizer import Tokenizer
+from runtime.tool_calls import ToolCallMarkers
 
 PATHS = ("/v1/messages",)
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -44,9 +50,10 @@ class _Strict(BaseModel):
 
 
 class ToolSpec(_Strict):
+    type: str = "custom"  # others are Anthropic's server tools (web_search_..., bash_...), which run there
     name: str
     description: str | None = None
-    input_schema: dict[str, Any]
+    input_schema: dict[str, Any] | None = None  # required of custom tools
     strict: bool | None = None  # input held to input_schema by constrained decoding
 
 
@@ -66,13 +73,19 @@ class ToolChoiceSpec(_Strict):
 
 
 class Message(_Strict):
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]  # system turns mid-conversation: Claude Code sends them
     content: str | list[dict[str, Any]]
 
 
 class Thinking(_Strict):
-    type: Literal["enabled", "disabled"]
-    budget_tokens: int | None = None
+    """Whether the reply shows the model's reasoning as thinking blocks (enabled, or adaptive: Kimi decides how
+    long to think either way; a budget is taken but not enforced)."""
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: int | None = Field(None, ge=1)
+
+    @property
+    def shown(self) -> bool:
+        return self.type != "disabled"
 
 
 class CountBody(_Strict):
@@ -83,11 +96,22 @@ class CountBody(_Strict):
     tool_choice: ToolChoiceSpec | None = None
     thinking: Thinking | None = None
 
+    def server_tools(self) -> list[ToolSpec]:
+        """Tools of Anthropic's own (web search, code execution, ...): this server cannot run them."""
+        return [t for t in self.tools or [] if t.type != "custom"]
+
     def declared_tools(self) -> list[Tool]:
+        tools = []
         for i, tool in enumerate(self.tools or []):
+            if tool.type != "custom":
+                continue
+            if tool.input_schema is None:
+                raise ApiError(400, f"tool {tool.name!r} needs an 'input_schema' (a JSON schema of its input)",
+                               param=f"tools[{i}].input_schema")
             if tool.strict:
                 structured_output.check_schema(tool.input_schema, f"tools[{i}].input_schema")
-        return [Tool(t.name, t.description, t.input_schema, bool(t.strict)) for t in self.tools or []]
+            tools.append(Tool(tool.name, tool.description, tool.input_schema, bool(tool.strict)))
+        return tools
 
     def choice(self) -> ToolChoice:
         """Anthropic's default is auto; "any" is OpenAI's "required"."""
@@ -131,23 +155,28 @@ def routes(service: Service) -> APIRouter:
     @router.post("/v1/messages/count_tokens")
     async def count_tokens(http: HttpRequest):
         body = await _parse(http, CountBody, service)
-        prompt, *_ = await _prompt(service, body, markers)
-        return {"input_tokens": len(prompt)}
+        prompt = await _prompt(service, body, markers)
+        return {"input_tokens": len(prompt.tokens)}
 
     @router.post("/v1/messages")
     async def messages(http: HttpRequest):
         body = await _parse(http, MessagesBody, service)
-        prompt, forced, found, tools, choice, in_reasoning = await _prompt(service, body, markers)
+        for tool in body.server_tools():
+            service.note(f"left out tool {tool.name!r} of type {tool.type!r}: it runs on Anthropic's servers, not "
+                         "here")
+        prompt = await _prompt(service, body, markers)
+        tools, choice, found = prompt.tools, prompt.choice, prompt.tool_markers
         params = sampling_params(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k)
         parallel = not (body.tool_choice and body.tool_choice.disable_parallel_tool_use)
         grammar = await asyncio.to_thread(structured_output.reply_grammar, service, body.answer_schema(), tools,
-                                          choice, parallel, found, markers, in_reasoning, forced)
-        request = engine_request(service, prompt, body.max_tokens, params,
+                                          choice, parallel, found, markers, prompt.in_reasoning, prompt.forced)
+        request = engine_request(service, prompt.tokens, body.max_tokens, params,
                                  banned_tokens=tool_use.banned_tokens(found, choice), grammar=grammar)
-        text = text_stream(service, body.stop_sequences or [], markers, in_reasoning,
-                           tool_use.parser(service, tools, found, choice, parallel), forced)
+        text = text_stream(service, body.stop_sequences or [], markers, prompt.in_reasoning,
+                           tool_use.parser(service, tools, found, choice, parallel, prompt.earlier_calls),
+                           prompt.forced)
         generation = Generation(service, http, request, text, prompt_param="messages")
-        reply = Reply(service, generation, thinking=bool(body.thinking and body.thinking.type == "enabled"))
+        reply = Reply(service, generation, thinking=bool(body.thinking and body.thinking.shown))
         if body.stream:
             return StreamingResponse(reply.events(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -162,24 +191,27 @@ async def _parse(http: HttpRequest, body_type: type[CountBody], service: Service
     return body
 
 
-async def _prompt(service: Service, body: CountBody, markers) -> tuple:
-    """(prompt tokens with the forced start, forced start, tool markers, tools, tool choice, in reasoning)."""
+@dataclass
+class Prompt:
+    tokens: list[int]  # the rendered conversation, then the forced start
+    forced: list[int]  # the tokens the reply must start with (a forced tool call)
+    tools: list[Tool]
+    choice: ToolChoice
+    tool_markers: ToolCallMarkers | None
+    in_reasoning: bool  # the template left <think> open
+    earlier_calls: int  # tool calls in the conversation so far
+
+
+async def _prompt(service: Service, body: CountBody, markers) -> Prompt:
     tools, choice = body.declared_tools(), body.choice()
     tool_use.check_tools(tools, choice, "tools", "tool_choice")
     found = tool_use.markers(service, tools)
-    conversation = template_messages(body)
-    rendered = await asyncio.to_thread(_render, service.tokenizer, conversation, tool_use.template_tools(tools))
-    prompt = await asyncio.to_thread(service.tokenizer.encode, rendered, True)
+    conversation, earlier_calls = tool_use.number_calls(template_messages(body))
+    rendered = await asyncio.to_thread(render_chat, service, conversation, tool_use.template_tools(tools))
+    tokens = await asyncio.to_thread(service.tokenizer.encode, rendered, True)
     in_reasoning = rendered.rstrip().endswith(THINK_OPEN)
     forced = tool_use.forced_start(service, tools, found, choice, markers[1] if in_reasoning else None)
-    return prompt + forced, forced, found, tools, choice, in_reasoning
-
-
-def _render(tokenizer: Tokenizer, conversation: list[dict], tools: list[dict] | None) -> str:
-    try:
-        return tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tools=tools)
-    except ValueError as e:
-        raise ApiError(400, str(e), param="messages") from None
+    return Prompt(tokens + forced, forced, tools, choice, found, in_reasoning, earlier_calls)
 
 
 def template_messages(body: CountBody) -> list[dict]:
@@ -220,8 +252,8 @@ def template_messages(body: CountBody) -> list[dict]:
             if reasoning:
                 entry["reasoning_content"] = "".join(reasoning)
             conversation.append(entry)
-        elif texts:
-            conversation.append({"role": "user", "content": "".join(texts)})
+        elif texts:  # a user turn, or a system turn where it stands (Kimi's templates render both anywhere)
+            conversation.append({"role": message.role, "content": "".join(texts)})
     return conversation
 
 
@@ -292,7 +324,10 @@ class Reply:
         yield _event("message_start", {"type": "message_start", "message": self._message([], None, None)})
         index, open_kind = -1, None
         try:
-            async for event in self.generation.events():
+            async for event in self.generation.events(heartbeat=True):
+                if event is None:  # no token yet (a long prompt): keep the connection alive
+                    yield _event("ping", {"type": "ping"})
+                    continue
                 for kind, piece in self._blocks(event):
                     if kind != open_kind or kind == "tool_use":
                         if open_kind is not None:

@@ -54,6 +54,7 @@ def create_app(service: Service, protocols: tuple[ApiProtocol, ...] = PROTOCOLS)
 
     @app.middleware("http")
     async def count_and_authorize(http: HttpRequest, call_next):
+        started = time.perf_counter()
         endpoint = http.url.path
         left_open = not service.protect_metrics and endpoint in OPEN_PATHS
         if service.api_key and not left_open and not _key_matches(http, service.api_key):
@@ -64,7 +65,7 @@ def create_app(service: Service, protocols: tuple[ApiProtocol, ...] = PROTOCOLS)
         if endpoint.startswith("/v1/"):
             service.metrics.requests.labels(endpoint, str(response.status_code)).inc()
             if service.access_log is not None:
-                response = _log_when_done(service.access_log, http, response, time.perf_counter())
+                response = _log_when_done(service.access_log, http, response, started)
         return response
 
     @app.exception_handler(ApiError)

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from cluster.server import structured_output, tool_use
 from cluster.server.errors import ApiError
 from cluster.server.request_checks import check_model, parse_body, sampling_params
-from cluster.server.service import Event, Generation, Service, engine_request, text_stream
+from cluster.server.service import Event, Generation, Service, engine_request, render_chat, text_stream
 from cluster.server.tool_use import Tool, ToolChoice
 from runtime.sampling import SamplingParams
 from runtime.text_output import THINK_OPEN, reasoning_markers
@@ -220,7 +220,8 @@ def routes(service: Service) -> APIRouter:
         tool_use.check_tools(tools, choice, "tools", "tool_choice")
         _check_tool_history(body.messages)
         found = tool_use.markers(service, tools)
-        rendered = await asyncio.to_thread(_render_chat, tokenizer, body.messages, tool_use.template_tools(tools))
+        conversation, earlier_calls = tool_use.number_calls(_template_messages(body.messages))
+        rendered = await asyncio.to_thread(render_chat, service, conversation, tool_use.template_tools(tools))
         prompt = await asyncio.to_thread(tokenizer.encode, rendered, True)
         in_reasoning = rendered.rstrip().endswith(THINK_OPEN)
         forced = tool_use.forced_start(service, tools, found, choice, markers[1] if in_reasoning else None)
@@ -231,7 +232,7 @@ def routes(service: Service) -> APIRouter:
                                           choice, body.parallel_tool_calls, found, markers, in_reasoning, forced)
         request = engine_request(service, prompt, max_tokens, body.sampling(), body.ignore_eos, top,
                                  tool_use.banned_tokens(found, choice), grammar)
-        parser = tool_use.parser(service, tools, found, choice, body.parallel_tool_calls)
+        parser = tool_use.parser(service, tools, found, choice, body.parallel_tool_calls, earlier_calls)
         text = text_stream(service, body.stop_strings(), markers, in_reasoning, parser, forced)
         generation = Generation(service, http, request, text, prompt_param="messages")
         return await _respond(body.stream, generation, ChatChunks(service, generation, body, tokenizer))
@@ -284,17 +285,14 @@ def _check_tool_history(messages: list[ChatMessage]) -> None:
                            param=f"messages[{i}].tool_call_id", code="invalid_value")
 
 
-def _render_chat(tokenizer: Tokenizer, messages: list[ChatMessage], tools: list[dict] | None) -> str:
+def _template_messages(messages: list[ChatMessage]) -> list[dict]:
     plain = []
     for message in messages:
         entry = message.model_dump(exclude_none=True)
         if isinstance(message.content, list):  # content parts: keep the text ones
             entry["content"] = "".join(part.get("text", "") for part in message.content if part.get("type") == "text")
         plain.append(entry)
-    try:
-        return tokenizer.apply_chat_template(plain, add_generation_prompt=True, tools=tools)
-    except ValueError as e:
-        raise ApiError(400, str(e), param="messages") from None
+    return plain
 
 
 async def _respond(stream: bool, generation: Generation, chunks: "CompletionChunks | ChatChunks"):
@@ -303,8 +301,9 @@ async def _respond(stream: bool, generation: Generation, chunks: "CompletionChun
             try:
                 for first in chunks.opening():
                     yield _sse(first)
-                async for event in generation.events():
-                    yield _sse(chunks.chunk(event))
+                async for event in generation.events(heartbeat=True):
+                    # No token yet (a long prompt): an SSE comment keeps the connection alive.
+                    yield b": keep-alive\n\n" if event is None else _sse(chunks.chunk(event))
                 if chunks.body.include_usage:
                     yield _sse(chunks.usage_chunk())
             except ApiError as e:

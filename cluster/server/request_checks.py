@@ -36,7 +36,8 @@ def _refuse_constant(name: str):
 
 
 def check_model(service: Service, name: str | None) -> None:
-    if name is not None and name != service.model_name:
+    """Any name is this server's model unless the service is strict about names."""
+    if service.strict_model_name and name is not None and name != service.model_name:
         raise ApiError(404, f"the model '{name}' does not exist here; this server serves '{service.model_name}'",
                        param="model", code="model_not_found")
 

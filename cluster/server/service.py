@@ -3,7 +3,9 @@ the API key, metrics and the cluster's state; and Generation, one request on the
 reads it.
 
 Requests run on the Engine's background loop; each one's tokens come back to the event loop through an
-asyncio queue.
+asyncio queue. While a request waits for its tokens, its connection is watched: a client that goes away
+cancels its sequence (between prefill chunks, so a long prompt it abandoned stops at once), and a stream
+gets a keep-alive every heartbeat_s while it waits (a long prompt's prefill), so clients do not give up.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from fastapi import Request as HttpRequest
 
 from cluster.server.errors import ApiError
 from cluster.server.metrics import ServerMetrics
+
+DISCONNECT_CHECK_S = 0.5  # how often a waiting request asks whether its client is still there
 from runtime.engine import ContextLengthExceeded, Engine, EngineFull, Request, SequenceFailed, TokenOutput
 from runtime.grammar import Grammar, GrammarTokenizer
 from runtime.sampling import SamplingParams
@@ -38,7 +42,10 @@ class Service:
     cluster_status: Callable[[], dict] = dict
     load_error: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
-    access_log: Callable[[str], None] | None = None  # gets one line per finished /v1 request
+    access_log: Callable[[str], None] | None = None  # gets one line per finished /v1 request, and notes
+    # Any model name is this model, as llama-server does (coding agents send their own names); True refuses them.
+    strict_model_name: bool = False
+    heartbeat_s: float = 10.0  # a stream waiting this long for a token gets a keep-alive
     _grammars: GrammarTokenizer | None = field(default=None, repr=False)
 
     def grammars(self) -> GrammarTokenizer:
@@ -55,6 +62,11 @@ class Service:
         self.metrics.waiting.set_function(lambda: engine.num_waiting)
         self.engine = engine
         engine.start()
+
+    def note(self, line: str) -> None:
+        """A line for the console about a request (something it asked for that was left out)."""
+        if self.access_log is not None:
+            self.access_log(f"note: {line}")
 
     def require_engine(self) -> Engine:
         if self.load_error:
@@ -106,10 +118,14 @@ class Generation:
             raise ApiError(400, str(e), param="prompt") from None
         service.metrics.prompt_tokens.inc(self.prompt_tokens)
 
-    async def events(self) -> AsyncIterator[Event]:
+    async def events(self, heartbeat: bool = False) -> AsyncIterator[Event | None]:
+        """The reply's events; with heartbeat, also None whenever the service's heartbeat_s pass without one."""
         try:
             while True:
-                output = await self._next()
+                output = await self._next(heartbeat)
+                if output is None:
+                    yield None
+                    continue
                 if isinstance(output, SequenceFailed):
                     self.error = str(output)
                     raise ApiError(503, f"generation failed: {output}", "server_error", code="worker_failed")
@@ -129,13 +145,18 @@ class Generation:
         finally:
             self.engine.cancel(self.sequence)  # a no-op once finished; frees the KV cache if the client left
 
-    async def _next(self):
+    async def _next(self, heartbeat: bool):
+        """The next output, or None after heartbeat_s without one (with heartbeat)."""
+        waited = 0.0
         while True:
             try:
-                return await asyncio.wait_for(self._queue.get(), timeout=0.5)
+                return await asyncio.wait_for(self._queue.get(), timeout=DISCONNECT_CHECK_S)
             except asyncio.TimeoutError:
                 if await self.http.is_disconnected():
                     raise asyncio.CancelledError("the client went away") from None
+                waited += DISCONNECT_CHECK_S
+                if heartbeat and waited >= self.service.heartbeat_s:
+                    return None
 
     def _count(self, output: TokenOutput) -> None:
         now = time.perf_counter()
@@ -169,9 +190,21 @@ class Generation:
 def engine_request(service: Service, prompt: list[int], max_tokens: int, params: SamplingParams,
                    ignore_eos: bool = False, top_logprobs: int | None = None,
                    banned_tokens: frozenset[int] = frozenset(), grammar: Grammar | None = None) -> Request:
-    """The engine checks the prompt against the context and the vocabulary when the request is submitted."""
+    """The engine checks the prompt against the context and the vocabulary when the request is submitted. A
+    prompt that fits gets at most the rest of the context to write in, as llama-server does."""
     stop_tokens = frozenset() if ignore_eos else service.tokenizer.eog_ids
+    room = service.context_size - len(prompt)
+    if room > 0:
+        max_tokens = min(max_tokens, room)
     return Request(tuple(prompt), max_tokens, params, stop_tokens, top_logprobs, banned_tokens, grammar)
+
+
+def render_chat(service: Service, conversation: list[dict], tools: list[dict] | None) -> str:
+    """The conversation through the model file's chat template, ready for the reply; a 400 if it refuses."""
+    try:
+        return service.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tools=tools)
+    except ValueError as e:
+        raise ApiError(400, str(e), param="messages") from None
 
 
 def text_stream(service: Service, stop_strings: list[str], markers=None, in_reasoning: bool = False,

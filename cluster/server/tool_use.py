@@ -10,6 +10,10 @@ expect them (OpenAI's shape), and steered by the tool choice:
 
 The forced start is written into the prompt, not hoped for; the reply's text stream reads it as if the
 model had written it (TextStream.force), so the call comes back whole.
+
+Call ids are Kimi's, functions.NAME:N with N counting the conversation's calls from 0: the history is
+numbered so before it is rendered (clients' ids may be anything, and repeat), and a reply's calls are
+numbered on from there, so a client never sees one id twice in a conversation.
 """
 from __future__ import annotations
 
@@ -100,8 +104,28 @@ def banned_tokens(found: ToolCallMarkers | None, choice: ToolChoice) -> frozense
 
 
 def parser(service: Service, tools: list[Tool], found: ToolCallMarkers | None, choice: ToolChoice,
-           parallel: bool) -> ToolCallParser | None:
-    """What reads the reply's tool calls, unless there are none to read."""
+           parallel: bool, earlier_calls: int) -> ToolCallParser | None:
+    """What reads the reply's tool calls, unless there are none to read; their ids count on from earlier_calls."""
     if not tools or found is None or choice.mode == "none":
         return None
-    return ToolCallParser(service.tokenizer, found, frozenset(t.name for t in tools), single=not parallel)
+    return ToolCallParser(service.tokenizer, found, frozenset(t.name for t in tools), single=not parallel,
+                          first_index=earlier_calls)
+
+
+def number_calls(conversation: list[dict]) -> tuple[list[dict], int]:
+    """The chat template's messages with every tool call's id made functions.NAME:N, N counting calls from 0,
+    and each tool result pointing at its call's new id; and how many calls there were. A result answers the
+    latest call with its id (clients that reuse ids reuse them turn after turn)."""
+    numbered, new_ids, count = [], {}, 0
+    for message in conversation:
+        if message.get("tool_calls"):
+            calls = []
+            for call in message["tool_calls"]:
+                new_ids[call["id"]] = f"functions.{call['function']['name']}:{count}"
+                calls.append({**call, "id": new_ids[call["id"]]})
+                count += 1
+            message = {**message, "tool_calls": calls}
+        elif message.get("role") == "tool" and message.get("tool_call_id") in new_ids:
+            message = {**message, "tool_call_id": new_ids[message["tool_call_id"]]}
+        numbered.append(message)
+    return numbered, count
