@@ -107,7 +107,7 @@ def test_imports_run_one_way_command_line_server_cluster_runtime():
 
 
 def test_the_server_never_imports_a_protocol_module():
-    protocols = {"cluster.server.openai_api", "cluster.server.anthropic_api"}
+    protocols = {"cluster.server.openai_api", "cluster.server.openai_responses", "cluster.server.anthropic_api"}
     importers = {name for name, others in GRAPH.items() if others & protocols}
     assert importers == {"cluster.server.app"}
 

@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from cluster.server import anthropic_api, openai_api
+from cluster.server import anthropic_api, openai_api, openai_responses
 from cluster.server.errors import ApiError, validation_error
 from cluster.server.service import Service
 
@@ -37,7 +37,7 @@ class ApiProtocol(Protocol):
 
 
 # Adding a protocol is adding its module here. Paths outside every protocol's get the first one's errors.
-PROTOCOLS: tuple[ApiProtocol, ...] = (openai_api, anthropic_api)
+PROTOCOLS: tuple[ApiProtocol, ...] = (openai_api, openai_responses, anthropic_api)
 
 
 def create_app(service: Service, protocols: tuple[ApiProtocol, ...] = PROTOCOLS) -> FastAPI:

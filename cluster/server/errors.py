@@ -18,3 +18,8 @@ def validation_error(errors: list[dict]) -> ApiError:
     # Union members each report a failure; name the field once with pydantic's first reason.
     return ApiError(400, f"invalid value for '{param}': {first['msg']}", param=param or None,
                     code="missing_required_parameter" if first["type"] == "missing" else "invalid_value")
+
+
+def openai_error_body(error: ApiError) -> dict:
+    """OpenAI's error shape, shared by its chat/completions and Responses protocols."""
+    return {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}

@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.server import structured_output, tool_use
-from cluster.server.errors import ApiError
+from cluster.server.errors import ApiError, openai_error_body
 from cluster.server.request_checks import check_model, parse_body, sampling_params
 from cluster.server.service import Event, Generation, Service, engine_request, render_chat, text_stream
 from cluster.server.tool_use import Tool, ToolChoice
@@ -31,8 +31,7 @@ PATHS = ("/v1/models", "/v1/completions", "/v1/chat/completions")
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
-def error_body(error: ApiError) -> dict:
-    return {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
+error_body = openai_error_body
 
 
 # ---- request bodies ----
