@@ -190,3 +190,26 @@ def test_anthropic_output_format_and_strict_tools(scripted):
         client.messages.create(model="tiny", max_tokens=8, messages=ASK,
                                output_config={"format": {"type": "json_schema", "schema": {"type": "frob"}}})
     assert "output_config.format.schema" in error.value.body["error"]["message"]
+
+
+@pytest.mark.parametrize("call_id, arguments", [
+    ("functions.get_weather:0", '{"city": "Paris"}'),
+    ("get_weather:7", '{"city": "Paris"}'),  # the parser reads an id without "functions." too
+    ("functions.get_weather:123456", '{"city": "Paris"}\n'),
+])
+def test_every_call_the_parser_reads_fits_a_strict_tools_grammar(server, call_id, arguments):
+    """A strict tool must never turn a call the model writes, and the parser reads, into another."""
+    from cluster.server import structured_output
+    from cluster.server.tool_use import Tool, ToolChoice
+    from runtime.tool_calls import ToolCallMarkers
+    tokenizer, service = server.tokenizer, server.service
+    markers = ToolCallMarkers.of(tokenizer)
+    tool = Tool("get_weather", None, CITY, strict=True)
+    grammar = structured_output.reply_grammar(service, None, [tool], ToolChoice("auto"), True, markers, None, False,
+                                              [])
+    matcher = grammar.matcher()
+    text = f"<|tool_calls_section_begin|><|tool_call_begin|>{call_id}<|tool_call_argument_begin|>{arguments}" \
+           "<|tool_call_end|><|tool_calls_section_end|>"
+    for token in [*tokenizer.encode(text, parse_special=True, add_bos=False), *sorted(tokenizer.eog_ids)[:1]]:
+        matcher.accept(token)  # raises GrammarError on a token the grammar refuses
+

@@ -216,7 +216,7 @@ def routes(service: Service) -> APIRouter:
         found = tool_use.markers(service, tools)
         items = (store.items(body.previous_response_id) if body.previous_response_id else []) + body.items()
         conversation, earlier_calls = tool_use.number_calls(template_messages(items, body.instructions))
-        rendered = await asyncio.to_thread(render_chat, service, conversation, tool_use.template_tools(tools))
+        rendered = await asyncio.to_thread(render_chat, service, conversation, tool_use.template_tools(tools), "input")
         prompt = await asyncio.to_thread(tokenizer.encode, rendered, True)
         in_reasoning = rendered.rstrip().endswith(THINK_OPEN)
         forced = tool_use.forced_start(service, tools, found, choice, markers[1] if in_reasoning else None)

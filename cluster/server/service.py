@@ -18,14 +18,14 @@ from fastapi import Request as HttpRequest
 
 from cluster.server.errors import ApiError
 from cluster.server.metrics import ServerMetrics
-
-DISCONNECT_CHECK_S = 0.5  # how often a waiting request asks whether its client is still there
 from runtime.engine import ContextLengthExceeded, Engine, EngineFull, Request, SequenceFailed, TokenOutput
 from runtime.grammar import Grammar, GrammarTokenizer
 from runtime.sampling import SamplingParams
 from runtime.text_output import TextDelta, TextStream
 from runtime.tokenizer import Tokenizer
 from runtime.tool_calls import ToolCallParser
+
+DISCONNECT_CHECK_S = 0.5  # how often a waiting request asks whether its client is still there
 
 
 @dataclass
@@ -199,12 +199,13 @@ def engine_request(service: Service, prompt: list[int], max_tokens: int, params:
     return Request(tuple(prompt), max_tokens, params, stop_tokens, top_logprobs, banned_tokens, grammar)
 
 
-def render_chat(service: Service, conversation: list[dict], tools: list[dict] | None) -> str:
-    """The conversation through the model file's chat template, ready for the reply; a 400 if it refuses."""
+def render_chat(service: Service, conversation: list[dict], tools: list[dict] | None, param: str = "messages") -> str:
+    """The conversation through the model file's chat template, ready for the reply; a 400 naming the request's
+    field `param` if the template refuses it."""
     try:
         return service.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tools=tools)
     except ValueError as e:
-        raise ApiError(400, str(e), param="messages") from None
+        raise ApiError(400, str(e), param=param) from None
 
 
 def text_stream(service: Service, stop_strings: list[str], markers=None, in_reasoning: bool = False,

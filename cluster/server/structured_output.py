@@ -8,13 +8,16 @@ The grammar covers the whole reply, as the chat's parsers read it:
                           or    [text] <|tool_calls_section_begin|> calls <|tool_calls_section_end|>
 
 where each call is <|tool_call_begin|>functions.NAME:INDEX<|tool_call_argument_begin|>ARGUMENTS<|tool_call_end|>,
-NAME one of the declared tools and ARGUMENTS a JSON object: of the tool's parameters when the tool is strict.
+NAME one of the declared tools and ARGUMENTS a JSON object: of the tool's parameters when the tool is strict. A
+call's id takes the forms the reply's parser takes (runtime/tool_calls.py: "functions." optional, any index up
+to six digits), so that the grammar does not turn a call the model writes, and the parser reads, into another.
 The tool choice decides which branches exist; a forced start already in the prompt is read by the grammar first.
 Requests that ask for none of this get no grammar and cost nothing.
 """
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from cluster.server.errors import ApiError
@@ -24,7 +27,8 @@ from runtime.grammar import Grammar, GrammarError, GrammarTokenizer
 from runtime.tool_calls import ToolCallMarkers
 
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
-# JSON written as models write it (", " and ": "), with no other whitespace, so a reply cannot run on in blanks.
+# JSON written as models write it (", " and ": "), with no other whitespace, so a reply cannot run on in blanks;
+# tool arguments may have a blank or two around them (a model's newline before <|tool_call_end|>).
 JSON_LAYOUT = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
 
 
@@ -59,7 +63,7 @@ def _lark(answer_schema: dict[str, Any] | None, tools: list[Tool], choice: ToolC
         think_open, think_close = reasoning
         start = f"start: TEXT <[{think_close}]> reply" if in_reasoning else \
             f"start: (<[{think_open}]> TEXT <[{think_close}]>)? reply"
-    lines = [start, "TEXT: /(.|\\n)*/", "INDEX: /[0-9]{1,4}/"]
+    lines = [start, "TEXT: /(.|\\n)*/"]
     answer = "TEXT" if answer_schema is None else _json(answer_schema)
     if not tools or choice.mode == "none":
         lines.append(f"reply: {answer}")
@@ -67,14 +71,22 @@ def _lark(answer_schema: dict[str, Any] | None, tools: list[Tool], choice: ToolC
     lines.append(f"reply: {answer} | TEXT section" if choice.mode == "auto" else "reply: section")
     calls = "call+" if parallel else "call"
     lines.append(f"section: <[{found.section_begin}]> {calls} <[{found.section_end}]>")
+    lines.append("BLANK: /[ \\t\\r\\n]{1,2}/")
     callable_tools = [t for t in tools if choice.mode != "function" or t.name == choice.name]
     lines.append("call: " + " | ".join(f"call_{i}" for i in range(len(callable_tools))))
     for i, tool in enumerate(callable_tools):
         arguments = _json(tool.parameters if tool.strict else ANY_OBJECT)
-        lines.append(f'call_{i}: <[{found.call_begin}]> "functions.{tool.name}:" INDEX <[{found.argument_begin}]> '
-                     f'arguments_{i} <[{found.call_end}]>')
+        lines.append(f"ID_{i}: /{_call_id(tool.name)}/")
+        lines.append(f"call_{i}: <[{found.call_begin}]> ID_{i} <[{found.argument_begin}]> BLANK? arguments_{i} BLANK? "
+                     f"<[{found.call_end}]>")
         lines.append(f"arguments_{i}: {arguments}")
     return "\n".join(lines)
+
+
+def _call_id(name: str) -> str:
+    """A regex of the ids the reply's parser reads as a call of `name` (tool_calls.CALL_ID), but for blanks
+    around them and indices past six digits, which no model writes and a random one would run on in."""
+    return rf"(functions\.)?{re.escape(name)}:[0-9]{{1,6}}"
 
 
 def _json(schema: dict[str, Any]) -> str:
