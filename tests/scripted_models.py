@@ -13,6 +13,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Iterator
 
+import pytest
+
 from runtime.ggml_ops import GgmlRunner
 from runtime.gguf_file import GGUFModelFile
 from runtime.model import KimiModel
@@ -21,6 +23,7 @@ from runtime.synthetic.scripted_model import spell, write_scripted_model
 from runtime.tokenizer import Tokenizer
 from tests.test_api import start_server, stop_server
 
+SCRIPTED_CONTEXT = 1024  # the tools' declarations are long
 QUESTION = "What is the weather in Paris?"
 ASK = [{"role": "user", "content": QUESTION}]
 SPOKEN = "It is sunny in Paris."
@@ -59,6 +62,13 @@ def write_scripted_models(folder: Path) -> dict[str, Path]:
             paths[name] = write_scripted_model(folder / f"{name}.gguf", spell(texts, tokenizer),
                                                chat_template=template)
     return paths
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory) -> Iterator[dict[str, SimpleNamespace]]:
+    """A server on each scripted model for one test module, with SCRIPTED_CONTEXT tokens of context."""
+    with scripted_servers(write_scripted_models(tmp_path_factory.mktemp("scripted")), SCRIPTED_CONTEXT) as started:
+        yield started
 
 
 @contextlib.contextmanager

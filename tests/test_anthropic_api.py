@@ -11,20 +11,12 @@ import anthropic
 import httpx
 import pytest
 
-from tests.scripted_models import (ASK, REASONING, SPOKEN, TIME_CALL, WEATHER_CALL, scripted_servers,
-                                   write_scripted_models)
+from tests.scripted_models import ASK, REASONING, SPOKEN, TIME_CALL, WEATHER_CALL, servers  # noqa: F401 (a fixture)
 from tests.test_api import KEY
 
-CONTEXT = 1024
 WEATHER = {"name": "get_weather", "description": "The weather in a city",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 TIME = {"name": "get_time", "input_schema": {"type": "object", "properties": {"zone": {"type": "string"}}}}
-
-
-@pytest.fixture(scope="module")
-def servers(tmp_path_factory):
-    with scripted_servers(write_scripted_models(tmp_path_factory.mktemp("scripted")), CONTEXT) as servers:
-        yield servers
 
 
 @pytest.fixture(scope="module")

@@ -12,23 +12,15 @@ import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from tests.scripted_models import (ASK, REASONING, SPOKEN, TIME_CALL, WEATHER_CALL, scripted_servers,
-                                   write_scripted_models)
+from tests.scripted_models import ASK, REASONING, SPOKEN, TIME_CALL, WEATHER_CALL, servers  # noqa: F401 (a fixture)
 from tests.test_api import KEY
 
-CONTEXT = 1024
 QUESTION = ASK[0]["content"]
 WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 TIME = {"type": "function", "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {}}}}
 BOTH_CALLS = [(call_id, name, arguments) for call_id, name, arguments in (WEATHER_CALL, TIME_CALL)]
 STREAM_EVENT = TypeAdapter(ResponseStreamEvent)
-
-
-@pytest.fixture(scope="module")
-def servers(tmp_path_factory):
-    with scripted_servers(write_scripted_models(tmp_path_factory.mktemp("scripted")), CONTEXT) as servers:
-        yield servers
 
 
 @pytest.fixture(scope="module")
