@@ -13,23 +13,21 @@ out with a note on the console, as they run on Anthropic's side.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import secrets
-from dataclasses import dataclass
 from typing import Any, AsyncIterator, Literal
 
 from fastapi import APIRouter, Request as HttpRequest
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from cluster.server import structured_output, tool_use
+from cluster.server import structured_output
+from cluster.server.chat_prompt import ChatPrompt, chat_prompt
 from cluster.server.errors import ApiError
 from cluster.server.request_checks import check_model, parse_body, sampling_params
-from cluster.server.service import Event, Generation, Service, engine_request, render_chat, text_stream
+from cluster.server.service import Event, Generation, Service, engine_request, text_stream
 from cluster.server.tool_use import Tool, ToolChoice
-from runtime.text_output import THINK_OPEN, reasoning_markers
-from runtime.tool_calls import ToolCallMarkers
+from runtime.text_output import reasoning_markers
 
 PATHS = ("/v1/messages",)
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -165,16 +163,13 @@ def routes(service: Service) -> APIRouter:
             service.note(f"left out tool {tool.name!r} of type {tool.type!r}: it runs on Anthropic's servers, not "
                          "here")
         prompt = await _prompt(service, body, markers)
-        tools, choice, found = prompt.tools, prompt.choice, prompt.tool_markers
         params = sampling_params(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k)
         parallel = not (body.tool_choice and body.tool_choice.disable_parallel_tool_use)
-        grammar = await asyncio.to_thread(structured_output.reply_grammar, service, body.answer_schema(), tools,
-                                          choice, parallel, found, markers, prompt.in_reasoning, prompt.forced)
+        grammar = await prompt.grammar(service, body.answer_schema(), parallel)
         request = engine_request(service, prompt.tokens, body.max_tokens, params,
-                                 banned_tokens=tool_use.banned_tokens(found, choice), grammar=grammar)
+                                 banned_tokens=prompt.banned_tokens(), grammar=grammar)
         text = text_stream(service, body.stop_sequences or [], markers, prompt.in_reasoning,
-                           tool_use.parser(service, tools, found, choice, parallel, prompt.earlier_calls),
-                           prompt.forced)
+                           prompt.tool_parser(service, parallel), prompt.forced)
         generation = Generation(service, http, request, text, prompt_param="messages")
         reply = Reply(service, generation, thinking=bool(body.thinking and body.thinking.shown))
         if body.stream:
@@ -191,27 +186,8 @@ async def _parse(http: HttpRequest, body_type: type[CountBody], service: Service
     return body
 
 
-@dataclass
-class Prompt:
-    tokens: list[int]  # the rendered conversation, then the forced start
-    forced: list[int]  # the tokens the reply must start with (a forced tool call)
-    tools: list[Tool]
-    choice: ToolChoice
-    tool_markers: ToolCallMarkers | None
-    in_reasoning: bool  # the template left <think> open
-    earlier_calls: int  # tool calls in the conversation so far
-
-
-async def _prompt(service: Service, body: CountBody, markers) -> Prompt:
-    tools, choice = body.declared_tools(), body.choice()
-    tool_use.check_tools(tools, choice, "tools", "tool_choice")
-    found = tool_use.markers(service, tools)
-    conversation, earlier_calls = tool_use.number_calls(template_messages(body))
-    rendered = await asyncio.to_thread(render_chat, service, conversation, tool_use.template_tools(tools))
-    tokens = await asyncio.to_thread(service.tokenizer.encode, rendered, True)
-    in_reasoning = rendered.rstrip().endswith(THINK_OPEN)
-    forced = tool_use.forced_start(service, tools, found, choice, markers[1] if in_reasoning else None)
-    return Prompt(tokens + forced, forced, tools, choice, found, in_reasoning, earlier_calls)
+async def _prompt(service: Service, body: CountBody, markers) -> ChatPrompt:
+    return await chat_prompt(service, template_messages(body), body.declared_tools(), body.choice(), markers)
 
 
 def template_messages(body: CountBody) -> list[dict]:

@@ -17,13 +17,14 @@ from fastapi import APIRouter, Request as HttpRequest
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cluster.server import structured_output, tool_use
+from cluster.server import structured_output
+from cluster.server.chat_prompt import chat_prompt
 from cluster.server.errors import ApiError, openai_error_body
 from cluster.server.request_checks import check_model, parse_body, sampling_params
-from cluster.server.service import Event, Generation, Service, engine_request, render_chat, text_stream
+from cluster.server.service import Event, Generation, Service, engine_request, text_stream
 from cluster.server.tool_use import Tool, ToolChoice
 from runtime.sampling import SamplingParams
-from runtime.text_output import THINK_OPEN, reasoning_markers
+from runtime.text_output import reasoning_markers
 from runtime.tokenizer import Tokenizer
 from runtime.tool_calls import ToolCallDelta
 
@@ -215,24 +216,16 @@ def routes(service: Service) -> APIRouter:
     @router.post("/v1/chat/completions")
     async def chat_completions(http: HttpRequest):
         body = await _parse(http, ChatBody, service)
-        tools, choice = body.declared_tools(), body.choice()
-        tool_use.check_tools(tools, choice, "tools", "tool_choice")
         _check_tool_history(body.messages)
-        found = tool_use.markers(service, tools)
-        conversation, earlier_calls = tool_use.number_calls(_template_messages(body.messages))
-        rendered = await asyncio.to_thread(render_chat, service, conversation, tool_use.template_tools(tools))
-        prompt = await asyncio.to_thread(tokenizer.encode, rendered, True)
-        in_reasoning = rendered.rstrip().endswith(THINK_OPEN)
-        forced = tool_use.forced_start(service, tools, found, choice, markers[1] if in_reasoning else None)
-        prompt += forced
-        max_tokens = body.max_completion_tokens or body.max_tokens or max(service.context_size - len(prompt), 1)
+        prompt = await chat_prompt(service, _template_messages(body.messages), body.declared_tools(), body.choice(),
+                                   markers)
+        max_tokens = body.max_completion_tokens or body.max_tokens or max(service.context_size - len(prompt.tokens), 1)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        grammar = await asyncio.to_thread(structured_output.reply_grammar, service, body.answer_schema(), tools,
-                                          choice, body.parallel_tool_calls, found, markers, in_reasoning, forced)
-        request = engine_request(service, prompt, max_tokens, body.sampling(), body.ignore_eos, top,
-                                 tool_use.banned_tokens(found, choice), grammar)
-        parser = tool_use.parser(service, tools, found, choice, body.parallel_tool_calls, earlier_calls)
-        text = text_stream(service, body.stop_strings(), markers, in_reasoning, parser, forced)
+        grammar = await prompt.grammar(service, body.answer_schema(), body.parallel_tool_calls)
+        request = engine_request(service, prompt.tokens, max_tokens, body.sampling(), body.ignore_eos, top,
+                                 prompt.banned_tokens(), grammar)
+        text = text_stream(service, body.stop_strings(), markers, prompt.in_reasoning,
+                           prompt.tool_parser(service, body.parallel_tool_calls), prompt.forced)
         generation = Generation(service, http, request, text, prompt_param="messages")
         return await _respond(body.stream, generation, ChatChunks(service, generation, body, tokenizer))
 

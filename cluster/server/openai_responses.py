@@ -11,7 +11,6 @@ later request can go on from it by `previous_response_id`.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import secrets
 import time
@@ -22,12 +21,13 @@ from fastapi import APIRouter, Request as HttpRequest
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from cluster.server import structured_output, tool_use
+from cluster.server import structured_output
+from cluster.server.chat_prompt import chat_prompt
 from cluster.server.errors import ApiError, openai_error_body
 from cluster.server.request_checks import check_model, parse_body, sampling_params
-from cluster.server.service import Event, Generation, Service, engine_request, render_chat, text_stream
+from cluster.server.service import Event, Generation, Service, engine_request, text_stream
 from cluster.server.tool_use import Tool, ToolChoice
-from runtime.text_output import THINK_OPEN, reasoning_markers
+from runtime.text_output import reasoning_markers
 
 PATHS = ("/v1/responses",)
 STORED_RESPONSES, STORE_SECONDS = 256, 3600
@@ -211,24 +211,16 @@ def routes(service: Service) -> APIRouter:
         tools, left_out = body.declared_tools()
         for kind in left_out:
             service.note(f"left out a tool of type {kind!r}: this server runs function tools only")
-        choice = body.choice(tools)
-        tool_use.check_tools(tools, choice, "tools", "tool_choice")
-        found = tool_use.markers(service, tools)
         items = (store.items(body.previous_response_id) if body.previous_response_id else []) + body.items()
-        conversation, earlier_calls = tool_use.number_calls(template_messages(items, body.instructions))
-        rendered = await asyncio.to_thread(render_chat, service, conversation, tool_use.template_tools(tools), "input")
-        prompt = await asyncio.to_thread(tokenizer.encode, rendered, True)
-        in_reasoning = rendered.rstrip().endswith(THINK_OPEN)
-        forced = tool_use.forced_start(service, tools, found, choice, markers[1] if in_reasoning else None)
-        prompt += forced
-        grammar = await asyncio.to_thread(structured_output.reply_grammar, service, body.answer_schema(), tools,
-                                          choice, body.parallel_tool_calls, found, markers, in_reasoning, forced)
-        max_tokens = body.max_output_tokens or max(service.context_size - len(prompt), 1)
-        request = engine_request(service, prompt, max_tokens,
+        prompt = await chat_prompt(service, template_messages(items, body.instructions), tools, body.choice(tools),
+                                   markers, "input")
+        grammar = await prompt.grammar(service, body.answer_schema(), body.parallel_tool_calls)
+        max_tokens = body.max_output_tokens or max(service.context_size - len(prompt.tokens), 1)
+        request = engine_request(service, prompt.tokens, max_tokens,
                                  sampling_params(temperature=body.temperature, top_p=body.top_p),
-                                 banned_tokens=tool_use.banned_tokens(found, choice), grammar=grammar)
-        parser = tool_use.parser(service, tools, found, choice, body.parallel_tool_calls, earlier_calls)
-        text = text_stream(service, [], markers, in_reasoning, parser, forced)
+                                 banned_tokens=prompt.banned_tokens(), grammar=grammar)
+        text = text_stream(service, [], markers, prompt.in_reasoning,
+                           prompt.tool_parser(service, body.parallel_tool_calls), prompt.forced)
         generation = Generation(service, http, request, text, prompt_param="input")
         reply = Reply(service, generation, body, store if body.store else None, items)
         if body.stream:

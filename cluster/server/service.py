@@ -199,15 +199,6 @@ def engine_request(service: Service, prompt: list[int], max_tokens: int, params:
     return Request(tuple(prompt), max_tokens, params, stop_tokens, top_logprobs, banned_tokens, grammar)
 
 
-def render_chat(service: Service, conversation: list[dict], tools: list[dict] | None, param: str = "messages") -> str:
-    """The conversation through the model file's chat template, ready for the reply; a 400 naming the request's
-    field `param` if the template refuses it."""
-    try:
-        return service.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tools=tools)
-    except ValueError as e:
-        raise ApiError(400, str(e), param=param) from None
-
-
 def text_stream(service: Service, stop_strings: list[str], markers=None, in_reasoning: bool = False,
                 tools: ToolCallParser | None = None, forced: list[int] = ()) -> TextStream:
     """The reply's text; `forced`: tokens the prompt wrote at the start of the reply (a forced tool call)."""
