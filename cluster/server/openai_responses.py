@@ -296,7 +296,7 @@ class Reply:
                     continue
                 self.reasoning_tokens += bool(event.delta.reasoning)
                 for kind, piece in _pieces(event):
-                    if not self.output or self.output[-1]["type"] != kind or kind == "function_call":
+                    if self._starts_item(kind):
                         for closing in self._close_last():
                             yield closing
                         for opening in self._opening(kind, piece):
@@ -312,11 +312,14 @@ class Reply:
         except ApiError as e:
             yield self._event("error", code=e.code, message=e.message, param=e.param)
 
+    def _starts_item(self, kind: str) -> bool:
+        """Whether a piece of this kind opens an output item (a function call always does), or goes on the last."""
+        return not self.output or self.output[-1]["type"] != kind or kind == "function_call"
+
     def _open(self, kind: str, piece) -> dict:
-        """The output item a piece goes into: the last one if of its kind (a function call always opens one)."""
-        if self.output and self.output[-1]["type"] == kind and kind != "function_call":
-            return self.output[-1]
-        self.output.append(_new_item(kind, piece))
+        """The output item a piece goes into."""
+        if self._starts_item(kind):
+            self.output.append(_new_item(kind, piece))
         return self.output[-1]
 
     def _opening(self, kind: str, piece) -> list[bytes]:
