@@ -112,10 +112,19 @@ class ServedCluster:
         return json.loads(alone.stdout)["text"]
 
     @functools.cached_property
-    def healthy(self) -> str:
-        """What the cluster answers to `stream(LONG_STREAM)` with every machine up."""
+    def long_stream(self) -> int:
+        """Tokens enough for a stream to outlast a fault several times over at this machine's speed (800
+        tokens once took 8 s, as long as the outage itself), within the served context."""
         assert self.is_whole()
-        return stream(self.client, LONG_STREAM)[0]
+        _, arrivals = stream(self.client, SPEED_PROBE)
+        per_second = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
+        return int(min(MOST_TOKENS, max(800, per_second * 4 * OUTAGE_S)))
+
+    @functools.cached_property
+    def healthy(self) -> str:
+        """What the cluster answers to `stream(long_stream)` with every machine up."""
+        assert self.is_whole()
+        return stream(self.client, self.long_stream)[0]
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +211,8 @@ def test_the_readme_cluster_steps_serve_from_three_machines(cluster):
 
 
 SHORT_STREAM = 12  # tokens
-LONG_STREAM = 800  # tokens: long enough to outlast a link's outage
+SPEED_PROBE = 200  # tokens streamed to measure the cluster's decode speed
+MOST_TOKENS = 3500  # the longest stream the served context (4,096 tokens) holds beside the prompt
 OUTAGE_S = 8  # a cable pulled for a few seconds: past the deadline, short of Ray's giving the node up
 
 
@@ -251,7 +261,7 @@ def test_a_workers_link_goes_down_mid_stream_and_comes_back(cluster):
         worker.plug()
         events["plugged"] = time.monotonic()
         cluster.timings["link up: whole again after"] = wait_until(cluster.is_whole, "whole again")
-    text, arrivals = stream(cluster.client, LONG_STREAM, pull_the_cable)
+    text, arrivals = stream(cluster.client, cluster.long_stream, pull_the_cable)
     assert text == healthy
     assert arrivals[0] < events["unplugged"] and events["plugged"] < arrivals[-1], "the outage was not mid-stream"
     assert cluster.count("kimi_worker_failovers", node) == failovers + 1
@@ -274,7 +284,7 @@ def test_a_worker_machine_reboots_mid_stream(cluster):
     def power_cycle():
         events["rebooted"] = time.monotonic()
         worker.reboot()
-    text, arrivals = stream(cluster.client, LONG_STREAM, power_cycle)
+    text, arrivals = stream(cluster.client, cluster.long_stream, power_cycle)
     assert text == healthy
     assert arrivals[0] < events["rebooted"] < arrivals[-1]
     wait_until(lambda: ray_nodes(cluster.head).get(worker.address, before) != before, "Ray back on the machine")

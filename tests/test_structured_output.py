@@ -6,6 +6,7 @@ batch. A schema the library refuses is a 400 naming the field; a sequence withou
 would get alone."""
 from __future__ import annotations
 
+import functools
 import json
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,6 +15,8 @@ import jsonschema
 import numpy as np
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from runtime.engine import Engine, Request
 from runtime.grammar import GrammarTokenizer
@@ -192,13 +195,30 @@ def test_anthropic_output_format_and_strict_tools(scripted):
     assert "output_config.format.schema" in error.value.body["error"]["message"]
 
 
+def test_strict_tools_leave_the_models_own_calls_as_they_are(scripted):
+    """The caller spells its calls with the vocabulary's multi-character tokens, not always as the tokenizer
+    would split the same text ('"', 'ci', 'ty'); under strict tools its two calls come back unchanged."""
+    client = openai.OpenAI(base_url=f"{scripted['caller'].url}/v1", api_key=KEY, max_retries=0)
+    zone = {"type": "object", "additionalProperties": False, "required": ["zone"],
+            "properties": {"zone": {"type": "string"}}}
+    tools = [STRICT_WEATHER, {"type": "function", "function": {"name": "get_time", "strict": True, "parameters": zone}}]
+    message = client.chat.completions.create(model="tiny", messages=ASK, tools=tools, temperature=0).choices[0].message
+    assert [(c.id, c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == [
+        ("functions.get_weather:0", "get_weather", {"city": "Paris"}), ("functions.get_time:1", "get_time",
+                                                                      {"zone": "UTC"})]
+
+
 @pytest.mark.parametrize("call_id, arguments", [
     ("functions.get_weather:0", '{"city": "Paris"}'),
     ("get_weather:7", '{"city": "Paris"}'),  # the parser reads an id without "functions." too
     ("functions.get_weather:123456", '{"city": "Paris"}\n'),
 ])
-def test_every_call_the_parser_reads_fits_a_strict_tools_grammar(server, call_id, arguments):
-    """A strict tool must never turn a call the model writes, and the parser reads, into another."""
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(splits=st.data())
+def test_every_call_the_parser_reads_fits_a_strict_tools_grammar_however_it_is_split(server, call_id, arguments,
+                                                                                     splits):
+    """A strict tool must never turn a call the model writes, and the parser reads, into another: every token of
+    every split of the call into the vocabulary's tokens is allowed by the grammar's mask where it comes."""
     from cluster.server import structured_output
     from cluster.server.tool_use import Tool, ToolChoice
     from runtime.tool_calls import ToolCallMarkers
@@ -208,8 +228,31 @@ def test_every_call_the_parser_reads_fits_a_strict_tools_grammar(server, call_id
     grammar = structured_output.reply_grammar(service, None, [tool], ToolChoice("auto"), True, markers, None, False,
                                               [])
     matcher = grammar.matcher()
-    text = f"<|tool_calls_section_begin|><|tool_call_begin|>{call_id}<|tool_call_argument_begin|>{arguments}" \
-           "<|tool_call_end|><|tool_calls_section_end|>"
-    for token in [*tokenizer.encode(text, parse_special=True, add_bos=False), *sorted(tokenizer.eog_ids)[:1]]:
-        matcher.accept(token)  # raises GrammarError on a token the grammar refuses
+    tokens = [markers.section_begin, markers.call_begin, *random_split(call_id, tokenizer, splits),
+              markers.argument_begin, *random_split(arguments, tokenizer, splits), markers.call_end,
+              markers.section_end, sorted(tokenizer.eog_ids)[0]]
+    for token in tokens:
+        row = np.zeros(tokenizer.vocab_size, dtype=np.float32)
+        matcher.apply(row)
+        assert np.isfinite(row[token]), f"{tokenizer.token_bytes(token)!r} masked in {tokens}"
+        matcher.accept(token)
 
+
+def random_split(text: str, tokenizer, data) -> list[int]:
+    """`text` as a random sequence of the vocabulary's (non-special) tokens."""
+    raw, tokens = text.encode(), []
+    while raw:
+        fitting = [t for t in tokens_by_first_byte(tokenizer)[raw[0]] if raw.startswith(tokenizer.token_bytes(t))]
+        token = data.draw(st.sampled_from(fitting))
+        tokens.append(token)
+        raw = raw[len(tokenizer.token_bytes(token)):]
+    return tokens
+
+
+@functools.cache
+def tokens_by_first_byte(tokenizer) -> dict[int, list[int]]:
+    found: dict[int, list[int]] = {}
+    for token in range(tokenizer.vocab_size):
+        if token not in tokenizer.special_ids and tokenizer.token_bytes(token):
+            found.setdefault(tokenizer.token_bytes(token)[0], []).append(token)
+    return found

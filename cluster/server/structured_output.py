@@ -27,6 +27,9 @@ from runtime.grammar import Grammar, GrammarError, GrammarTokenizer
 from runtime.tool_calls import ToolCallMarkers
 
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
+# Where the grammar leaves one way on, llguidance would otherwise allow only the tokenizer's own split of the
+# bytes it forces ('"city' after '{'), and a model that spells them otherwise ('"', 'ci', 'ty') is thrown off.
+EVERY_SPLIT = '%llguidance {"no_forcing": true}'
 # JSON written as models write it (", " and ": "), with no other whitespace, so a reply cannot run on in blanks;
 # tool arguments may have a blank or two around them (a model's newline before <|tool_call_end|>).
 JSON_LAYOUT = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
@@ -63,7 +66,7 @@ def _lark(answer_schema: dict[str, Any] | None, tools: list[Tool], choice: ToolC
         think_open, think_close = reasoning
         start = f"start: TEXT <[{think_close}]> reply" if in_reasoning else \
             f"start: (<[{think_open}]> TEXT <[{think_close}]>)? reply"
-    lines = [start, "TEXT: /(.|\\n)*/"]
+    lines = [EVERY_SPLIT, start, "TEXT: /(.|\\n)*/"]
     answer = "TEXT" if answer_schema is None else _json(answer_schema)
     if not tools or choice.mode == "none":
         lines.append(f"reply: {answer}")
