@@ -59,6 +59,10 @@ class EngineFull(RuntimeError):
     """The waiting queue is full; the caller should retry later."""
 
 
+class EngineStopped(RuntimeError):
+    """The engine was stopped (the server shuts down) before this sequence ended."""
+
+
 class SequenceFailed(RuntimeError):
     """The forward pass failed (e.g. a worker died) while this sequence was running; `cause` says why."""
 
@@ -294,11 +298,16 @@ class Engine:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the background loop; requests still waiting or running end as failed, so that their streams
+        end (a server shutting down) rather than wait for tokens that will not come."""
         with self._lock:
             self._stopping = True
             self._lock.notify()
         if self._thread is not None:
             self._thread.join()
+        with self._lock:
+            left, self.waiting = [s for s in self.waiting + self.running if not s.cancelled], []
+        self._fail(left, EngineStopped("the server is shutting down"))
 
     def _loop(self) -> None:
         while True:

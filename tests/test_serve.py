@@ -293,6 +293,34 @@ def test_chat_keeps_the_conversation_and_reset_forgets_it(make_tiny):
     assert replies[1] != replies[0]  # with the first exchange in the prompt, the answer changes
 
 
+def test_sigterm_mid_stream_ends_the_stream_with_the_reason_and_no_traceback(make_tiny, tmp_path):
+    """A server stopped while it streams (a client still waiting, say an agent's next turn) tells the client
+    why in the stream's last event and stops without a traceback on its console."""
+    console = tmp_path / "console.txt"
+    with console.open("w") as out:
+        process = start(cli("serve", str(make_tiny("Q4_K_M")), "--port", "0", "--threads", "1"),
+                        stderr=out, stdout=subprocess.DEVNULL, env={**os.environ, "KIMI_API_KEY": ""})
+    try:
+        deadline = time.monotonic() + 120
+        while not (url := re.search(r"ready at (http://127\.0\.0\.1:\d+)/v1", console.read_text())):
+            assert process.poll() is None and time.monotonic() < deadline, console.read_text()
+            time.sleep(0.2)
+        body = {"model": "tiny", "stream": True, "max_tokens": 2000, "ignore_eos": True,
+                "messages": [{"role": "user", "content": "Hello"}]}
+        events = []
+        with httpx.stream("POST", f"{url[1]}/v1/chat/completions", json=body, timeout=60) as reply:
+            for line in reply.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    events.append(json.loads(line[6:]))
+                    if len(events) == 3:
+                        process.terminate()
+        assert process.wait(timeout=30) == 0
+        assert events[-1]["error"]["code"] == "shutting_down" and "shutting down" in events[-1]["error"]["message"]
+        assert "Traceback" not in console.read_text() and "stopped (SIGTERM)" in console.read_text()
+    finally:
+        stop(process)
+
+
 def test_sigterm_stops_a_server_and_its_workers_cleanly_with_one_line(make_tiny):
     others = set(expert_worker_pids())
     process = start(cli("serve", str(make_tiny("Q4_K_M")), "--port", "0", "--workers", "1", "--threads", "1"),

@@ -18,7 +18,8 @@ from fastapi import Request as HttpRequest
 
 from cluster.server.errors import ApiError
 from cluster.server.metrics import ServerMetrics
-from runtime.engine import ContextLengthExceeded, Engine, EngineFull, Request, SequenceFailed, TokenOutput
+from runtime.engine import (ContextLengthExceeded, Engine, EngineFull, EngineStopped, Request, SequenceFailed,
+                            TokenOutput)
 from runtime.grammar import Grammar, GrammarTokenizer
 from runtime.sampling import SamplingParams
 from runtime.text_output import TextDelta, TextStream
@@ -128,7 +129,9 @@ class Generation:
                     continue
                 if isinstance(output, SequenceFailed):
                     self.error = str(output)
-                    raise ApiError(503, f"generation failed: {output}", "server_error", code="worker_failed")
+                    stopped = isinstance(output.cause, EngineStopped)
+                    raise ApiError(503, f"generation failed: {output}", "server_error",
+                                   code="shutting_down" if stopped else "worker_failed")
                 self._count(output)
                 delta = self.text.add(output.token)
                 finish = output.finish_reason

@@ -29,8 +29,10 @@ from ..tokenizer import Tokenizer
 from .demo_model import ARCH, Preset, tensor_specs, write_metadata
 from .demo_vocab import add_tokenizer_to, demo_tokenizer_metadata
 
-SCRIPTED = Preset(n_embd=256, num_layers=2, num_dense_layers=1, num_heads=4, q_lora_rank=256, kv_lora_rank=256,
-                  head_dim_nope=64, rope_dim=32, head_dim_v=64, n_ff_dense=256, n_ff_expert=256, num_experts=4,
+# One head with a latent just wide enough for a token's vector: attention's cost grows with heads x latent width
+# at every position of the context, and coding agents' prompts run to 60K tokens.
+SCRIPTED = Preset(n_embd=256, num_layers=2, num_dense_layers=1, num_heads=1, q_lora_rank=256, kv_lora_rank=128,
+                  head_dim_nope=64, rope_dim=32, head_dim_v=128, n_ff_dense=256, n_ff_expert=256, num_experts=4,
                   num_experts_used=2, base_dtype="f32")
 TOKEN_DIMS = 127  # dims 0..126: the token's own vector; 127: the constant; 128..254: the previous token's
 CONSTANT = TOKEN_DIMS
@@ -150,7 +152,7 @@ def _weights(vocab_size: int, table: dict[tuple[int, int], int], rng: np.random.
     kv = w["blk.0.attn_kv_a_mqa.weight"]
     kv[np.arange(TOKEN_DIMS), np.arange(TOKEN_DIMS)] = 1
     kv[p.kv_lora_rank: p.kv_lora_rank + 2 * ROPE_PAIRS: 2, CONSTANT] = ROPE_AMPLITUDE / constant
-    # Values to the stream's second half: head h carries latent dims 32h..32h+31.
+    # Values to the stream's second half: head h carries its share of the latent's dims.
     per_head = p.kv_lora_rank // p.num_heads
     for head in range(p.num_heads):
         for k in range(per_head):
