@@ -201,18 +201,17 @@ def plan(inventory: Inventory, nodes: list[NodeBudget], reserve_bytes: int = DEF
     else:  # with no memory left anywhere (only possible with allow_disk), share the disk paging equally
         weights = usable if available > 0 else [1] * len(nodes)
     owner = _spread(inventory, weights)
-    if total > available:
-        if not allow_disk:
-            raise PlacementError(_shortfall(inventory, nodes, head, reserve_bytes, usable, owner,
-                                            f"the routed experts need {format_bytes(total)} but the {len(nodes)} "
-                                            f"nodes have {format_bytes(available)} usable for them"))
-        fits = False
-    else:
+    fits = total <= available and _fit_to_budgets(owner, inventory, weights, usable)
+    if by_speed and not fits:  # whole experts cannot meet the speed shares node by node; memory's shares may
+        by_speed, weights = False, usable
+        owner = _spread(inventory, weights)
         fits = _fit_to_budgets(owner, inventory, weights, usable)
-        if not fits and not allow_disk:
-            raise PlacementError(_shortfall(inventory, nodes, head, reserve_bytes, usable, owner,
-                                            "the routed experts fit in total but not node by node, "
-                                            "whole experts being too coarse for the room left"))
+    if not fits and not allow_disk:
+        why = (f"the routed experts need {format_bytes(total)} but the {len(nodes)} nodes have "
+               f"{format_bytes(available)} usable for them" if total > available else
+               "the routed experts fit in total but not node by node, whole experts being too coarse for the "
+               "room left")
+        raise PlacementError(_shortfall(inventory, nodes, head, reserve_bytes, usable, owner, why))
     placement = dataclasses.replace(_placement(inventory, nodes, head, usable, owner, disk_backed=not fits),
                                     by_speed=by_speed)
     if replicas == "0" or not fits:  # disk-backed: no memory is left over to copy into

@@ -146,7 +146,11 @@ def test_shares_follow_speed_as_far_as_memory_allows(problem):
         event("the experts do not fit")
         return
     placement = plan(inventory, nodes, reserve_bytes=RESERVE)
-    assert placement.by_speed and not by_memory.by_speed
+    assert not by_memory.by_speed
+    if not placement.by_speed:  # whole experts could not meet the speed shares node by node: memory's shares
+        event("by memory: the speed shares did not fit")
+        assert placement.experts == by_memory.experts
+        return
     for layer in inventory.moe_layers:
         held = sorted(e for per_layer in placement.experts.values() for e in per_layer.get(layer, ()))
         assert held == list(range(inventory.expert_bytes.shape[1])), "every expert placed exactly once"
