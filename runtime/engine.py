@@ -25,6 +25,7 @@ import numpy as np
 from .grammar import Grammar
 from .kv_cache import KVCache, Segment
 from .model import KimiModel
+from .prompt_cache import PromptCache
 from .sampling import Sampler, SamplingParams, largest, sample_rows
 
 
@@ -105,6 +106,7 @@ class SequenceState:
         self.history = list(request.prompt)
         self.cache: KVCache | None = None
         self.prefilled = 0  # prompt tokens already in the cache
+        self.reused = 0  # of them, those taken from an earlier sequence's cache (prompt reuse)
         self.generated = 0
         self.cancelled = False
         self.last_logits: np.ndarray | None = None  # logits the first token was sampled from
@@ -125,7 +127,7 @@ class Engine:
     `start()` a background loop and `submit` requests from any thread."""
 
     def __init__(self, model: KimiModel, context_size: int = 4096, max_sequences: int = 16,
-                 max_step_tokens: int = 512, max_waiting: int = 256):
+                 max_step_tokens: int = 512, max_waiting: int = 256, prompt_cache: PromptCache | None = None):
         if context_size > model.config.context_length:
             raise ValueError(f"context size {context_size} exceeds the model's {model.config.context_length}")
         if max_sequences < 1 or max_step_tokens <= max_sequences:
@@ -133,6 +135,7 @@ class Engine:
                              f"(got {max_sequences} and {max_step_tokens})")
         self.model, self.context_size = model, context_size
         self.max_sequences, self.max_step_tokens, self.max_waiting = max_sequences, max_step_tokens, max_waiting
+        self.prompt_cache = prompt_cache  # where ended sequences' KV is kept for reuse, if anywhere
         self.waiting: list[SequenceState] = []
         self.running: list[SequenceState] = []
         self._lock = threading.Condition()
@@ -192,10 +195,12 @@ class Engine:
         """Run one forward pass over the running batch; returns the rows computed (0 when idle)."""
         with self._lock:
             self.waiting = [s for s in self.waiting if not s.cancelled]
+            for sequence in [s for s in self.running if s.cancelled]:
+                self._keep(sequence)
             self.running = [s for s in self.running if not s.cancelled]
             while self.waiting and len(self.running) < self.max_sequences:
                 sequence = self.waiting.pop(0)
-                sequence.cache = self.model.new_cache(len(sequence.request.prompt) + sequence.request.max_tokens)
+                self._start(sequence)
                 self.running.append(sequence)
             batch = self._plan_batch()
         if not batch:
@@ -252,6 +257,22 @@ class Engine:
         if sequence.matcher is not None:
             sequence.matcher.apply(logits)
 
+    def _start(self, sequence: SequenceState) -> None:
+        """Give a sequence its cache, its prompt's beginning already there if an earlier sequence computed it."""
+        prompt, capacity = sequence.request.prompt, len(sequence.request.prompt) + sequence.request.max_tokens
+        if self.prompt_cache is None:
+            sequence.cache = self.model.new_cache(capacity)
+            return
+        running = [(s.history, s.cache) for s in self.running if s.cache is not None]
+        sequence.cache, sequence.reused = self.prompt_cache.start(prompt, capacity, self.model.new_cache, running)
+        sequence.prefilled = sequence.reused
+
+    def _keep(self, sequence: SequenceState) -> None:
+        """A sequence has ended: its cache goes to the prompt cache (when there is one) or away."""
+        if self.prompt_cache is not None and sequence.cache is not None:
+            self.prompt_cache.keep(sequence.history, sequence.cache)
+        sequence.cache = None
+
     def _plan_batch(self) -> list[tuple[SequenceState, list[int]]]:
         """Decoding sequences first (one row each), then prompt chunks in arrival order within the budget."""
         decoding = [(s, s.next_rows(1)) for s in self.running if not s.prefilling]
@@ -278,7 +299,7 @@ class Engine:
         if finish is not None:
             with self._lock:
                 self.running.remove(sequence)
-            sequence.cache = None
+                self._keep(sequence)
         sequence.on_output(TokenOutput(token, finish, logprob, top))
 
     def _fail(self, sequences: list[SequenceState], error: Exception) -> None:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from .kv_cache import KVCache, Segment
 from .config import ModelConfig
 from .experts import Experts, LocalExperts
-from .ggml_forward import StepGraphs, StepShape
+from .ggml_forward import KV_BLOCK_MIN, StepGraphs, StepShape
 from .ggml_ops import COMPUTABLE_TYPES, GgmlRunner, RepackedWeight, Weight, repack
 from .gguf_file import GGUFModelFile
 
@@ -104,7 +104,10 @@ class KimiModel:
         return self.weight(f"blk.{layer}.{name}")
 
     def new_cache(self, capacity: int) -> KVCache:
-        return KVCache(self.config, capacity)
+        """A cache of at least `capacity` positions, rounded up to whole blocks of KV_BLOCK_MIN: every step then
+        attends whole blocks, and ggml's sums over the positions run alike whatever the length, so a row's
+        keys and values do not depend on how far its cache is filled (prompt reuse gives a cold run's rows)."""
+        return KVCache(self.config, -(-capacity // KV_BLOCK_MIN) * KV_BLOCK_MIN)
 
     @property
     def routes_in_graph(self) -> bool:

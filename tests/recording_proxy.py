@@ -24,13 +24,18 @@ class Exchange:
     done: bool = False  # the response was passed on to its end
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        pass  # a client stopped in the middle of a request (as the tests stop agents) is no error here
+
+
 class RecordingProxy:
     """Listens on 127.0.0.1 (a free port) and forwards to `upstream`; `.exchanges` in arrival order."""
 
     def __init__(self, upstream: str):
         self.exchanges: list[Exchange] = []
         self.upstream = httpx.Client(base_url=upstream, timeout=httpx.Timeout(None, connect=10))
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server = _Server(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)

@@ -4,8 +4,8 @@ Codex CLI and opencode at the versions tests/agents/package.json pins (`npm inst
 non-interactively, with its own default prompt and tools, against a scripted model
 (runtime/synthetic/scripted_model.py) that calls the client's own shell or function tool. The test checks that
 the tool ran, that the client's next request carried the tool's result, and that the server answered that
-request to its end. A pass-through proxy between client and server (tests/recording_proxy.py) shows what each
-request carried.
+request to its end, computing only what the turn added (prompt reuse). A pass-through proxy between client
+and server (tests/recording_proxy.py) shows what each request carried.
 
 The scripted model follows the last two tokens of its prompt, and every turn's prompt ends alike (the
 assistant's header), so it calls the tool again on the next turn: each client is stopped by its own turn
@@ -148,6 +148,13 @@ def assert_answered_to_the_end(turn: Exchange, last_event: str) -> None:
     assert sse_events(turn.answer)[-1]["type"] == last_event, turn.answer[-500:]
 
 
+def assert_reused(cached: int, previous_prompt: int) -> None:
+    """The next turn resends the conversation: prompt reuse must spare at least all of the turn before's prompt
+    (its last token was computed again then, for its logits)."""
+    print(f"next turn: {cached} prompt tokens reused, the turn before had {previous_prompt}")
+    assert cached >= previous_prompt - 1, f"the next turn reused {cached} tokens of the {previous_prompt} before"
+
+
 # ---- Claude Code: Anthropic's Messages API, its default prompt (about 60K tokens here) and tools ----
 
 CLAUDE_CONTEXT = 80_000
@@ -172,6 +179,9 @@ def test_claude_code_runs_its_bash_tool_and_sends_the_result_back(tmp_path, serv
     assert [r["tool_use_id"] for r in results] == [call["id"]] and not results[0].get("is_error"), results
     assert_answered_to_the_end(second, "message_stop")
     assert json.loads(said.strip().splitlines()[-1])["num_turns"] >= 2, said[-2000:]
+    before, usage = ([e["usage"] for e in sse_events(turn.answer) if e["type"] == "message_delta"][-1]
+                     for turn in (first, second))
+    assert_reused(usage["cache_read_input_tokens"], before["cache_read_input_tokens"] + before["input_tokens"])
 
 
 # ---- Codex CLI: the Responses API, its exec_command tool ----
@@ -205,6 +215,8 @@ def test_codex_runs_its_shell_tool_and_sends_the_result_back(tmp_path, serve):
     outputs = [item for item in second.body["input"] if item.get("type") == "function_call_output"]
     assert [o["call_id"] for o in outputs] == [call["call_id"]], outputs
     assert_answered_to_the_end(second, "response.completed")
+    before, usage = (sse_events(turn.answer)[-1]["response"]["usage"] for turn in (first, second))
+    assert_reused(usage["input_tokens_details"]["cached_tokens"], before["input_tokens"])
 
 
 # ---- opencode: chat completions through the AI SDK's OpenAI-compatible provider, its bash tool ----
@@ -233,6 +245,8 @@ def test_opencode_runs_its_bash_tool_and_sends_the_result_back(tmp_path, serve):
     results = [m for m in second.body["messages"] if m["role"] == "tool"]
     assert [m["tool_call_id"] for m in results] == [calls[0]["id"]], results
     assert second.status == 200 and second.done and second.answer.rstrip().endswith(b"data: [DONE]")
+    before, usage = ([e["usage"] for e in sse_events(turn.answer) if e.get("usage")][-1] for turn in (first, second))
+    assert_reused(usage["prompt_tokens_details"]["cached_tokens"], before["prompt_tokens"])
 
 
 # ---- OpenAI's Agents SDK: the Responses API, strict function tools ----
@@ -266,3 +280,5 @@ def test_the_agents_sdk_runs_its_strict_function_tools_and_sends_the_results_bac
     outputs = [item for item in second.body["input"] if item.get("type") == "function_call_output"]
     assert [o["call_id"] for o in outputs] == [c["call_id"] for c in calls] and len(calls) == 2
     assert second.status == 200 and second.done and json.loads(second.answer)["status"] == "completed"
+    before, usage = (json.loads(turn.answer)["usage"] for turn in (first, second))
+    assert_reused(usage["input_tokens_details"]["cached_tokens"], before["input_tokens"])

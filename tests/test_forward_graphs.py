@@ -70,17 +70,18 @@ def test_decoding_across_cache_blocks_equals_one_prompt(model):
     assert (np.abs(reused - whole).max(axis=1) <= 1.5e-2 * np.ptp(whole, axis=1)).all()
 
 
-def test_attended_positions_grow_by_blocks_and_stop_at_the_capacity(model):
+def test_attended_positions_grow_by_whole_blocks_and_stop_at_the_capacity(model):
     cache = model.new_cache(1000)
+    assert cache.capacity == 1024  # whole blocks: every step attends whole blocks, even at the end
     seen = set()
-    for cache.length in range(0, 999):
+    for cache.length in range(0, cache.capacity - 1):
         kv = kv_positions(cache, 1)
-        assert cache.length + 1 <= kv <= 1000 and kv % KV_BLOCK_MIN == 0 or kv == 1000
+        assert cache.length + 1 <= kv <= cache.capacity and kv % KV_BLOCK_MIN == 0
         assert kv - (cache.length + 1) <= max(KV_BLOCK_MIN, kv // 4)  # at most a quarter is padding
         seen.add(kv)
     assert len(seen) < 20  # a thousand decode steps rebuild their graphs a handful of times
     with pytest.raises(ValueError, match="raise the context size"):
-        cache.length = 1000
+        cache.length = cache.capacity
         kv_positions(cache, 1)
 
 

@@ -36,7 +36,8 @@ def cmd_chat(args) -> None:
         wait_until_ready(args.url, timeout_s=10)
         _chat_loop(args.url, args)
         return
-    args.model_name, args.max_sequences, args.step_tokens = None, 4, 512
+    # The private server's settings; its prompt cache lets each turn compute only what the last one added.
+    args.model_name, args.max_sequences, args.step_tokens, args.prompt_cache_gb = None, 4, 512, None
     with serving(args, "127.0.0.1", 0, announce=False) as url:
         print("type a message and press Enter; /reset forgets the conversation, Ctrl-D quits", file=sys.stderr)
         _chat_loop(url, args)

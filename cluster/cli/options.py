@@ -110,6 +110,10 @@ def add_server_args(p: argparse.ArgumentParser, port: bool = True) -> None:
                        help="most token rows in one step (default %(default)s): decoding sequences take one each, new "
                             "prompts are prefilled in chunks of what is left; lower it to keep decoding smooth "
                             "while long prompts arrive, raise it for faster prefill")
+    group.add_argument("--prompt-cache-gb", type=float, default=None,
+                       help="memory for the KV of ended requests, kept so that a prompt that starts as an earlier "
+                            "one did (an agent's next turn) computes only the rest (default: as much as the running "
+                            "sequences' KV cache at full context; 0 turns prompt reuse off)")
     group.add_argument("--model-name", default=None, help="the model id the server reports (default: the file name)")
     group.add_argument("--strict-model-name", action="store_true",
                        help="refuse requests that name another model (default: any name means the served model, "

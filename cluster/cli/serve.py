@@ -93,7 +93,11 @@ def serving(args, host: str, port: int, announce: bool = True):
             if cluster is not None:
                 cluster.remote.observers.append(service.metrics.observe_experts)
                 service.metrics.watch_failover(cluster.failover, cluster.placement.replica_count)
-            engine = Engine(model, context, max_sequences=max_sequences, max_step_tokens=args.step_tokens)
+            prompt_cache = prompt_cache_for(args, model, context, max_sequences)
+            engine = Engine(model, context, max_sequences=max_sequences, max_step_tokens=args.step_tokens,
+                            prompt_cache=prompt_cache)
+            if prompt_cache is not None:
+                service.metrics.watch_prompt_cache(prompt_cache)
             service.ready(engine, cluster.status if cluster is not None else dict)
             try:
                 yield url
@@ -104,6 +108,15 @@ def serving(args, host: str, port: int, announce: bool = True):
         raise
     finally:
         server.stop()
+
+
+def prompt_cache_for(args, model, context: int, max_sequences: int):
+    """The prompt cache `--prompt-cache-gb` asks for (by default as big as the running sequences' KV at full
+    context), or None when it is 0."""
+    from runtime.prompt_cache import PromptCache
+    per_token = model.new_cache(1).nbytes()
+    budget = context * max_sequences * per_token if args.prompt_cache_gb is None else int(args.prompt_cache_gb * 1e9)
+    return PromptCache(budget, per_token) if budget > 0 else None
 
 
 def wait_for_ctrl_c() -> None:

@@ -262,8 +262,14 @@ class Reply:
     def _message(self, content: list, stop_reason: str | None, stop_sequence: str | None) -> dict:
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.service.model_name,
                 "content": content, "stop_reason": stop_reason, "stop_sequence": stop_sequence,
-                "usage": {"input_tokens": self.generation.prompt_tokens,
-                          "output_tokens": self.generation.completion_tokens}}
+                "usage": self._usage()}
+
+    def _usage(self) -> dict:
+        """Anthropic's split: input_tokens are the prompt tokens computed, cache reads those reused."""
+        generation = self.generation
+        return {"input_tokens": generation.prompt_tokens - generation.cached_tokens,
+                "cache_creation_input_tokens": 0, "cache_read_input_tokens": generation.cached_tokens,
+                "output_tokens": generation.completion_tokens}
 
     def _stop(self, event: Event) -> tuple[str, str | None]:
         text = self.generation.text
@@ -319,7 +325,7 @@ class Reply:
                     stop_reason, stop_sequence = self._stop(event)
                     yield _event("message_delta", {"type": "message_delta",
                                                    "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                                                   "usage": {"output_tokens": self.generation.completion_tokens}})
+                                                   "usage": self._usage()})
             yield _event("message_stop", {"type": "message_stop"})
         except ApiError as e:
             yield _event("error", error_body(e))

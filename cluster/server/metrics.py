@@ -5,6 +5,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from cluster.failover import FailoverState
+from runtime.prompt_cache import PromptCache
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 ROUND_TRIP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
@@ -17,6 +18,9 @@ class ServerMetrics:
         self.requests = Counter("kimi_requests", "API requests by endpoint and HTTP status", ["endpoint", "status"],
                                 registry=r)
         self.prompt_tokens = Counter("kimi_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.reused_prompt_tokens = Counter("kimi_prompt_tokens_reused",
+                                            "Prompt tokens taken from an earlier request's KV cache, not computed",
+                                            registry=r)
         self.generated_tokens = Counter("kimi_generated_tokens", "Tokens generated", registry=r)
         self.time_to_first_token = Histogram("kimi_time_to_first_token_seconds",
                                              "From request arrival to its first generated token",
@@ -40,6 +44,10 @@ class ServerMetrics:
         self.expert_activations.labels(node).inc(pairs)
         if round_trip_s is not None:
             self.worker_round_trip.labels(node).observe(round_trip_s)
+
+    def watch_prompt_cache(self, cache: PromptCache) -> None:
+        """The prompt cache's kept caches, tokens, bytes and evictions, read at each scrape."""
+        self.registry.register(_PromptCacheCollector(cache))
 
     def watch_failover(self, state: FailoverState, replicas: int) -> None:
         """Failovers, rejoins, time degraded and who computed lost experts, read from `state` at each scrape."""
@@ -73,3 +81,18 @@ class _FailoverCollector:
         yield GaugeMetricFamily("kimi_workers_down", "Workers down now", value=len(self.state.down))
         yield GaugeMetricFamily("kimi_expert_replicas", "Second copies of (layer, expert) placed on other nodes",
                                 value=self.replicas)
+
+
+class _PromptCacheCollector:
+    def __init__(self, cache: PromptCache):
+        self.cache = cache
+
+    def collect(self):
+        stats = self.cache.stats()
+        yield GaugeMetricFamily("kimi_prompt_cache_entries", "Ended sequences' KV caches kept for reuse",
+                                value=stats.kept)
+        yield GaugeMetricFamily("kimi_prompt_cache_tokens", "Tokens whose KV the prompt cache holds",
+                                value=stats.kept_tokens)
+        yield GaugeMetricFamily("kimi_prompt_cache_bytes", "Bytes of KV the prompt cache holds", value=stats.kept_bytes)
+        yield CounterMetricFamily("kimi_prompt_cache_evictions", "Kept caches dropped for room",
+                                  value=stats.evictions)

@@ -262,7 +262,7 @@ class Reply:
             generation = self.generation
             response["usage"] = {
                 "input_tokens": generation.prompt_tokens,
-                "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                "input_tokens_details": {"cached_tokens": generation.cached_tokens, "cache_write_tokens": 0},
                 "output_tokens": generation.completion_tokens,
                 "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
                 "total_tokens": generation.prompt_tokens + generation.completion_tokens}

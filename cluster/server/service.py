@@ -172,10 +172,18 @@ class Generation:
         self.last_token_at = now
         self.completion_tokens += 1
         metrics.generated_tokens.inc()
+        if self.completion_tokens == 1:
+            metrics.reused_prompt_tokens.inc(self.cached_tokens)
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens taken from an earlier request's cache rather than computed (known once it started)."""
+        return self.sequence.reused
 
     def summary(self) -> str:
         """Token counts and speed for the access line."""
-        parts = [f"{self.prompt_tokens} prompt + {self.completion_tokens} generated tokens"]
+        reused = f" ({self.cached_tokens} reused)" if self.cached_tokens else ""
+        parts = [f"{self.prompt_tokens} prompt{reused} + {self.completion_tokens} generated tokens"]
         if self.first_token_at is not None:
             parts.append(f"first after {self.first_token_at - self.arrived:.2f} s")
         if self.completion_tokens > 1:
@@ -187,7 +195,8 @@ class Generation:
 
     def usage(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
 
 def engine_request(service: Service, prompt: list[int], max_tokens: int, params: SamplingParams,

@@ -1,0 +1,108 @@
+"""Prompt reuse: the KV of sequences that ended, kept by the tokens it holds, so that a request whose prompt
+starts the same way (a coding agent's next turn resends the whole conversation) computes only the rest.
+
+A new sequence starts from the longest common prefix of its prompt with a kept cache or a running sequence's.
+When its prompt goes on from all a kept cache holds (a conversation's next turn) and the cache has room, it
+takes that cache (no copy); otherwise it copies the matching rows into a cache of its own, and the kept one
+stays whole for others (a running sequence's rows before its current length never change, so they can be
+read too). The
+match goes token by token and stops where the tokens differ (a chat template that re-renders earlier turns
+otherwise), and one short of the prompt: the prompt's last token is always computed, its logits give the
+first token. Caches are kept within a byte budget, least recently used out; one whose tokens begin another
+kept cache's is dropped, the longer one holds it all.
+
+A cache's rows do not depend on how its prompt was split into steps (each row's math is its own), so a reply
+that reuses them is the reply a cold run gives: bit for bit when the head's kernels are row-independent
+(`--deterministic`), within rounding otherwise.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from .kv_cache import KVCache
+
+
+@dataclass
+class KeptCache:
+    tokens: np.ndarray  # int32: the tokens whose KV the cache's first len(tokens) rows hold
+    cache: KVCache
+
+
+@dataclass(frozen=True)
+class PromptCacheStats:
+    kept: int  # caches kept
+    kept_tokens: int
+    kept_bytes: int
+    evictions: int  # caches dropped for room
+
+
+class PromptCache:
+    """Kept KV caches within `budget_bytes`, at `bytes_per_token` each row (every layer)."""
+
+    def __init__(self, budget_bytes: int, bytes_per_token: int):
+        self.budget_bytes, self.bytes_per_token = budget_bytes, bytes_per_token
+        self._kept: OrderedDict[int, KeptCache] = OrderedDict()  # by cache serial, least recently used first
+        self._evictions = 0
+
+    def start(self, prompt: Sequence[int], capacity: int, new_cache: Callable[[int], KVCache],
+              running: Iterable[tuple[Sequence[int], KVCache]] = ()) -> tuple[KVCache, int]:
+        """A cache of `capacity` rows for a sequence with this prompt, its first rows filled from the longest
+        match among the kept caches and the `running` sequences' (tokens, cache); returns (cache, rows reused)."""
+        wanted = np.asarray(prompt[:-1], np.int32)
+        best, reused, whole, kept = None, 0, False, False
+        for tokens, cache, is_kept in self._sources(running):
+            matched = _common_prefix(tokens, wanted)
+            if matched > reused or (matched == reused and is_kept and not kept and matched > 0):
+                best, reused, whole, kept = cache, matched, matched == len(tokens), is_kept
+        if best is None:
+            return new_cache(capacity), 0
+        if kept:
+            self._kept.move_to_end(best.serial)
+            if whole and best.capacity >= capacity:  # the prompt goes on from all it holds: take it, no copy
+                del self._kept[best.serial]
+                best.length = reused
+                return best, reused
+        cache = new_cache(capacity)
+        for source, target in zip(best.keys, cache.keys):
+            target[:reused] = source[:reused]
+        if not best.config.is_mla:  # legacy files cache values apart from keys
+            for source, target in zip(best.values, cache.values):
+                target[:reused] = source[:reused]
+        cache.length = reused
+        return cache, reused
+
+    def keep(self, tokens: Sequence[int], cache: KVCache) -> None:
+        """Keep an ended sequence's cache; `tokens`: what its first cache.length rows hold (and maybe more)."""
+        held = np.asarray(tokens[:cache.length], np.int32)
+        if len(held) == 0 or len(held) * self.bytes_per_token > self.budget_bytes:
+            return
+        for serial, kept in list(self._kept.items()):
+            common = _common_prefix(kept.tokens, held)
+            if common == len(kept.tokens):  # it holds a beginning of this one
+                del self._kept[serial]
+            elif common == len(held):  # this one is a beginning of a kept one
+                return
+        self._kept[cache.serial] = KeptCache(held, cache)
+        while self.stats().kept_bytes > self.budget_bytes:
+            self._kept.popitem(last=False)
+            self._evictions += 1
+
+    def stats(self) -> PromptCacheStats:
+        tokens = sum(len(k.tokens) for k in self._kept.values())
+        return PromptCacheStats(len(self._kept), tokens, tokens * self.bytes_per_token, self._evictions)
+
+    def _sources(self, running: Iterable[tuple[Sequence[int], KVCache]]):
+        for kept in self._kept.values():
+            yield kept.tokens, kept.cache, True
+        for tokens, cache in running:
+            yield np.asarray(tokens[:cache.length], np.int32), cache, False
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n

@@ -1,0 +1,171 @@
+"""Prompt reuse (runtime/prompt_cache.py): a request whose prompt starts as an earlier one did computes only the
+rest, and gets exactly what a cold run gets: the same tokens and bit-equal log-probabilities with the kernels
+`--deterministic` serves with (each row's math its own), whatever the match's length and however the steps split
+the prompts. Through the API, the reuse shows in each protocol's usage, the access
+line and /metrics."""
+from __future__ import annotations
+
+import re
+
+import anthropic
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from runtime.engine import Engine, Request, TokenOutput
+from runtime.ggml_ops import GgmlRunner
+from runtime.gguf_file import GGUFModelFile
+from runtime.model import KimiModel
+from runtime.prompt_cache import PromptCache
+from runtime.sampling import SamplingParams
+from tests.test_api import KEY, parts, start_server, stop_server  # noqa: F401 (parts: a fixture)
+
+CONTEXT = 512
+STEP_TOKENS = 16  # small steps: cold and warm runs split their prompts at different places
+
+
+@pytest.fixture(scope="module")
+def model(make_tiny):
+    # As `--deterministic` serves: the head's weights in place, the routed experts interleaved (run row by row).
+    return KimiModel(GGUFModelFile(make_tiny("Q4_K_M")), GgmlRunner(2), repack="experts")
+
+
+def prompt(seed: int, length: int) -> tuple[int, ...]:
+    return tuple(int(t) for t in np.random.default_rng(seed).integers(30, 250, length))
+
+
+def request(tokens: tuple[int, ...], max_tokens: int = 6) -> Request:
+    return Request(tokens, max_tokens, SamplingParams(), top_logprobs=3)
+
+
+def engine(model, budget_tokens: int | None = 4096) -> Engine:
+    cache = None if budget_tokens is None else \
+        PromptCache(budget_tokens * model.new_cache(1).nbytes(), model.new_cache(1).nbytes())
+    return Engine(model, CONTEXT, max_sequences=4, max_step_tokens=STEP_TOKENS, prompt_cache=cache)
+
+
+def run(engine: Engine, *requests: Request) -> list[tuple[list[TokenOutput], int]]:
+    """Each request's outputs and the prompt tokens it reused, submitted together and run to the end."""
+    outputs = [[] for _ in requests]
+    sequences = [engine.submit(r, sink.append) for r, sink in zip(requests, outputs)]
+    while engine.step():
+        pass
+    return [(got, sequence.reused) for got, sequence in zip(outputs, sequences)]
+
+
+def cold(model, *requests: Request) -> list[list[TokenOutput]]:
+    return [run(engine(model, budget_tokens=None), r)[0][0] for r in requests]
+
+
+def test_a_prompt_that_starts_as_an_earlier_one_reuses_it_and_gets_the_cold_answer(model):
+    first = request(prompt(1, 100))
+    # Matches that end mid-step and on a step's edge, a whole earlier prompt, and the earlier reply too.
+    later = [request(first.prompt[:37] + prompt(2, 20)), request(first.prompt[:48] + prompt(3, 5)),
+             request(first.prompt + prompt(4, 9))]
+    warm = engine(model)
+    (answer, reused), = run(warm, first)
+    assert reused == 0
+    with_reply = request(first.prompt + tuple(o.token for o in answer) + prompt(5, 7))
+    expected_reuse = [37, 48, 100, 100 + len(answer) - 1]  # the reply's last token was never fed
+    for case, wanted in zip([*later, with_reply], expected_reuse):
+        (got, reused), = run(warm, case)
+        assert reused == wanted
+        assert got == cold(model, case)[0]  # tokens, log-probabilities and top-3 lists, bit for bit
+
+
+def test_the_same_prompt_again_computes_only_its_last_token(model):
+    again = request(prompt(6, 60))
+    warm = engine(model)
+    run(warm, again)
+    (got, reused), = run(warm, again)
+    assert reused == 59 and got == cold(model, again)[0]
+
+
+def test_a_conversation_re_rendered_differently_reuses_up_to_the_first_difference(model):
+    """Kimi's template drops earlier turns' reasoning: the next prompt differs inside, and the match stops there."""
+    turn = prompt(7, 80)
+    warm = engine(model)
+    run(warm, request(turn))
+    changed = turn[:50] + (turn[50] + 1,) + turn[51:] + prompt(8, 10)
+    (got, reused), = run(warm, request(changed))
+    assert reused == 50 and got == cold(model, request(changed))[0]
+
+
+def test_requests_that_share_a_prefix_at_once_each_get_their_cold_answer(model):
+    shared = prompt(9, 70)
+    a, b = request(shared + prompt(10, 6), max_tokens=8), request(shared + prompt(11, 6), max_tokens=8)
+    warm = engine(model)
+    outputs = run(warm, a, b)
+    assert outputs[0][1] == 0
+    # b reads a's rows while a runs (its first 70 are there once a has prefilled past them) or after a ended
+    for (got, _), expected in zip(outputs, cold(model, a, b)):
+        assert got == expected
+    (again, reused), = run(warm, request(shared + prompt(12, 3)))
+    assert reused == 70 and again == cold(model, request(shared + prompt(12, 3)))[0]
+
+
+def test_kept_caches_stay_within_the_budget_least_recently_used_first(model):
+    warm = engine(model, budget_tokens=150)
+    first, second, third = (request(prompt(seed, 60), max_tokens=1) for seed in (13, 14, 15))
+    for r in (first, second):
+        run(warm, r)
+    assert warm.prompt_cache.stats().kept == 2
+    run(warm, request(first.prompt + prompt(16, 3), max_tokens=1))  # first used again: second is now the oldest
+    run(warm, third)
+    stats = warm.prompt_cache.stats()
+    assert stats.kept_tokens * warm.prompt_cache.bytes_per_token == stats.kept_bytes <= 150 * \
+        warm.prompt_cache.bytes_per_token
+    assert stats.evictions >= 1
+    assert run(warm, request(second.prompt, max_tokens=1))[0][1] == 0  # evicted
+    assert run(warm, request(third.prompt, max_tokens=1))[0][1] == 59  # kept
+
+
+def test_a_cancelled_prefill_leaves_what_it_computed_for_the_retry(model):
+    """An agent whose client gave up mid-prefill sends the same prompt again."""
+    long_prompt = request(prompt(17, 120))
+    warm = engine(model)
+    sequence = warm.submit(long_prompt, lambda output: None)
+    for _ in range(3):
+        warm.step()  # three chunks of STEP_TOKENS
+    warm.cancel(sequence)
+    warm.step()
+    (got, reused), = run(warm, long_prompt)
+    assert reused == 3 * STEP_TOKENS and got == cold(model, long_prompt)[0]
+
+
+# ---- through the API ----
+
+@pytest.fixture(scope="module")
+def server(parts):  # noqa: F811
+    model, tokenizer = parts
+    lines: list[str] = []
+    server = start_server(model, tokenizer, access_log=lines.append, context=CONTEXT, max_sequences=2,
+                          prompt_cache=PromptCache(10**8, model.new_cache(1).nbytes()))
+    server.service.metrics.watch_prompt_cache(server.service.engine.prompt_cache)
+    server.access_lines = lines
+    yield server
+    stop_server(server)
+
+
+CONVERSATION = [{"role": "user", "content": "Tell me about mixture-of-experts models, in detail please."}]
+
+
+def test_usage_the_access_line_and_metrics_say_what_was_reused(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+    first = client.chat.completions.create(model="tiny", messages=CONVERSATION, max_tokens=4, temperature=0)
+    turn = CONVERSATION + [{"role": "assistant", "content": first.choices[0].message.content},
+                           {"role": "user", "content": "And then?"}]
+    second = client.chat.completions.create(model="tiny", messages=turn, max_tokens=4, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < second.usage.prompt_tokens
+    assert f"{second.usage.prompt_tokens} prompt ({cached} reused)" in server.access_lines[-1]
+    usage = anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0).messages.create(
+        model="tiny", max_tokens=4, messages=turn).usage
+    assert usage.cache_read_input_tokens == second.usage.prompt_tokens - 1  # all but the last token, again
+    assert usage.input_tokens == 1 and usage.cache_creation_input_tokens == 0
+    metrics = httpx.get(f"{server.url}/metrics").text
+    reused = float(re.search(r"^kimi_prompt_tokens_reused_total (\S+)$", metrics, re.M)[1])
+    assert reused == cached + usage.cache_read_input_tokens
+    assert float(re.search(r"^kimi_prompt_cache_entries (\S+)$", metrics, re.M)[1]) >= 1
