@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from .kv_cache import KVCache
+from .prompt_store import PromptStore, common_prefix
 
 
 @dataclass
@@ -38,15 +39,19 @@ class PromptCacheStats:
     kept_tokens: int
     kept_bytes: int
     evictions: int  # caches dropped for room
+    loaded: int  # prompts read from the store on disk
+    stored_bytes: int  # the store's files
 
 
 class PromptCache:
     """Kept KV caches within `budget_bytes`, at `bytes_per_token` each row (every layer)."""
 
-    def __init__(self, budget_bytes: int, bytes_per_token: int):
-        self.budget_bytes, self.bytes_per_token = budget_bytes, bytes_per_token
+    def __init__(self, budget_bytes: int, bytes_per_token: int, store: PromptStore | None = None):
+        """store: where kept caches are also written, and looked for when memory has less (--prompt-cache-dir)."""
+        self.budget_bytes, self.bytes_per_token, self.store = budget_bytes, bytes_per_token, store
         self._kept: OrderedDict[int, KeptCache] = OrderedDict()  # by cache serial, least recently used first
         self._evictions = 0
+        self._loaded = 0
 
     def start(self, prompt: Sequence[int], capacity: int, new_cache: Callable[[int], KVCache],
               running: Iterable[tuple[Sequence[int], KVCache]] = ()) -> tuple[KVCache, int]:
@@ -55,9 +60,17 @@ class PromptCache:
         wanted = np.asarray(prompt[:-1], np.int32)
         best, reused, whole, kept = None, 0, False, False
         for tokens, cache, is_kept in self._sources(running):
-            matched = _common_prefix(tokens, wanted)
+            matched = common_prefix(tokens, wanted)
             if matched > reused or (matched == reused and is_kept and not kept and matched > 0):
                 best, reused, whole, kept = cache, matched, matched == len(tokens), is_kept
+        if self.store is not None:
+            stored, matched = self.store.longest(wanted)
+            if matched > reused:
+                cache = new_cache(capacity)
+                if self.store.load(stored, cache, matched):
+                    self._loaded += 1
+                    cache.length = matched
+                    return cache, matched
         if best is None:
             return new_cache(capacity), 0
         if kept:
@@ -81,28 +94,25 @@ class PromptCache:
         if len(held) == 0 or len(held) * self.bytes_per_token > self.budget_bytes:
             return
         for serial, kept in list(self._kept.items()):
-            common = _common_prefix(kept.tokens, held)
+            common = common_prefix(kept.tokens, held)
             if common == len(kept.tokens):  # it holds a beginning of this one
                 del self._kept[serial]
             elif common == len(held):  # this one is a beginning of a kept one
                 return
         self._kept[cache.serial] = KeptCache(held, cache)
+        if self.store is not None:
+            self.store.save(held, cache)
         while self.stats().kept_bytes > self.budget_bytes:
             self._kept.popitem(last=False)
             self._evictions += 1
 
     def stats(self) -> PromptCacheStats:
         tokens = sum(len(k.tokens) for k in self._kept.values())
-        return PromptCacheStats(len(self._kept), tokens, tokens * self.bytes_per_token, self._evictions)
+        return PromptCacheStats(len(self._kept), tokens, tokens * self.bytes_per_token, self._evictions,
+                                self._loaded, self.store.total_bytes() if self.store is not None else 0)
 
     def _sources(self, running: Iterable[tuple[Sequence[int], KVCache]]):
         for kept in self._kept.values():
             yield kept.tokens, kept.cache, True
         for tokens, cache in running:
             yield np.asarray(tokens[:cache.length], np.int32), cache, False
-
-
-def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    n = min(len(a), len(b))
-    differ = np.flatnonzero(a[:n] != b[:n])
-    return int(differ[0]) if len(differ) else n

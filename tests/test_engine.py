@@ -220,3 +220,21 @@ def test_with_every_weight_interleaved_batching_changes_logits_only_by_rounding(
     alone, together = alone_and_together(interleaved)
     for a, b in zip(alone, together):
         assert np.abs(a - b).max() <= 1e-3 * (a.max() - a.min())
+
+
+def test_a_long_prompt_is_prefilled_between_the_decode_steps_of_a_running_stream(model):
+    """A 16K-token prompt arrives while a sequence streams: each step carries one row of the stream beside a
+    chunk of the prompt, so the stream waits no more than one chunk's time for any token."""
+    engine = Engine(model, context_size=16_384, max_sequences=2, max_step_tokens=512)
+    streamed: list[TokenOutput] = []
+    engine.submit(Request(tuple(range(30, 40)), 100, SamplingParams()), streamed.append)
+    engine.step()
+    long_prompt = tuple(int(t) for t in np.random.default_rng(0).integers(30, 250, 16_000))
+    arriving = engine.submit(Request(long_prompt, 1, SamplingParams()), lambda output: None)
+    steps = 0
+    while arriving.prefilling:
+        before = len(streamed)
+        assert engine.step() <= 512
+        assert len(streamed) == before + 1, "the stream got no token in a step of the long prompt's prefill"
+        steps += 1
+    assert steps >= 16_000 // 512

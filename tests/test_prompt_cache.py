@@ -5,7 +5,11 @@ the prompts. Through the API, the reuse shows in each protocol's usage, the acce
 line and /metrics."""
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import time
+from pathlib import Path
 
 import anthropic
 import httpx
@@ -18,8 +22,10 @@ from runtime.ggml_ops import GgmlRunner
 from runtime.gguf_file import GGUFModelFile
 from runtime.model import KimiModel
 from runtime.prompt_cache import PromptCache
+from runtime.prompt_store import PromptStore, model_identity
 from runtime.sampling import SamplingParams
 from tests.test_api import KEY, parts, start_server, stop_server  # noqa: F401 (parts: a fixture)
+from tests.test_serve import cli, start, stop
 
 CONTEXT = 512
 STEP_TOKENS = 16  # small steps: cold and warm runs split their prompts at different places
@@ -169,3 +175,87 @@ def test_usage_the_access_line_and_metrics_say_what_was_reused(server):
     reused = float(re.search(r"^kimi_prompt_tokens_reused_total (\S+)$", metrics, re.M)[1])
     assert reused == cached + usage.cache_read_input_tokens
     assert float(re.search(r"^kimi_prompt_cache_entries (\S+)$", metrics, re.M)[1]) >= 1
+
+
+# ---- on disk (--prompt-cache-dir) ----
+
+def stored_engine(model, folder, budget_bytes: int = 10**9) -> Engine:
+    per_token = model.new_cache(1).nbytes()
+    store = PromptStore(folder, model_identity(model.file), budget_bytes)
+    return Engine(model, CONTEXT, max_sequences=4, max_step_tokens=STEP_TOKENS,
+                  prompt_cache=PromptCache(4096 * per_token, per_token, store))
+
+
+def seen_before_a_restart(model, folder, tokens: tuple[int, ...]) -> Path:
+    """Serve `tokens` once with a store in `folder`; returns the file it left."""
+    before = stored_engine(model, folder)
+    run(before, request(tokens))
+    before.prompt_cache.store.flush()
+    (path,) = folder.glob("*/*.kv")
+    return path
+
+
+def test_a_restarted_server_reads_a_prompt_it_has_seen_from_disk(model, tmp_path):
+    system = prompt(20, 90)
+    seen_before_a_restart(model, tmp_path, system)
+    restarted = stored_engine(model, tmp_path)
+    follow = request(system + prompt(21, 8))
+    (got, reused), = run(restarted, follow)
+    assert reused == 90 and got == cold(model, follow)[0]
+    assert restarted.prompt_cache.stats().loaded == 1
+
+
+@pytest.mark.parametrize("damage", ["a flipped byte", "cut in half", "another model's"])
+def test_a_damaged_or_foreign_file_is_skipped_with_one_warning(model, tmp_path, capsys, damage):
+    system = prompt(22, 90)
+    path = seen_before_a_restart(model, tmp_path, system)
+    data = path.read_bytes()
+    if damage == "a flipped byte":
+        data = data[:-100] + bytes([data[-100] ^ 0xFF]) + data[-99:]
+    elif damage == "cut in half":
+        data = data[:len(data) // 2]
+    else:
+        data = data.replace(path.parent.name.encode(), b"0" * len(path.parent.name))
+    path.write_bytes(data)
+    capsys.readouterr()
+    restarted = stored_engine(model, tmp_path)
+    follow = request(system + prompt(23, 4))
+    (got, reused), = run(restarted, follow)
+    assert reused == 0 and got == cold(model, follow)[0]
+    assert capsys.readouterr().err.count("warning: skipped") == 1 and not path.exists()
+
+
+def test_the_folder_keeps_to_its_budget_least_recently_used_out(model, tmp_path):
+    size = seen_before_a_restart(model, tmp_path / "probe", prompt(24, 60)).stat().st_size
+    engine = stored_engine(model, tmp_path, budget_bytes=int(2.5 * size))
+    prompts = [prompt(seed, 60) for seed in (25, 26, 27, 28)]
+    for tokens in prompts:
+        run(engine, request(tokens, max_tokens=1))
+    engine.prompt_cache.store.flush()
+    assert len(list(tmp_path.glob("*/*.kv"))) == 2  # the last two (the probe wrote below probe/)
+    restarted = stored_engine(model, tmp_path, budget_bytes=int(2.5 * size))
+    reuses = [run(restarted, request(tokens + (5,), max_tokens=1))[0][1] for tokens in (prompts[0], prompts[3])]
+    assert reuses == [0, 60]
+
+
+def test_serve_with_a_prompt_cache_dir_skips_a_seen_prompt_after_a_restart(make_tiny, tmp_path):
+    """`serve --prompt-cache-dir`: the same conversation after a restart computes only its last token."""
+    def serve_once() -> int:
+        console = tmp_path / "console.txt"
+        with console.open("w") as out:
+            process = start(cli("serve", str(make_tiny("Q4_K_M")), "--port", "0", "--prompt-cache-dir",
+                                str(tmp_path / "kv")), stderr=out, stdout=subprocess.DEVNULL,
+                            env={**os.environ, "KIMI_API_KEY": ""})
+        try:
+            deadline = time.monotonic() + 120
+            while not (url := re.search(r"ready at (http://127\.0\.0\.1:\d+)/v1", console.read_text())):
+                assert process.poll() is None and time.monotonic() < deadline, console.read_text()
+                time.sleep(0.2)
+            client = openai.OpenAI(base_url=f"{url[1]}/v1", api_key="none", max_retries=0)
+            reply = client.chat.completions.create(model="tiny", messages=CONVERSATION, max_tokens=2)
+        finally:
+            stop(process)  # SIGTERM: the server writes what it kept before it exits
+        return reply.usage.prompt_tokens_details.cached_tokens, reply.usage.prompt_tokens
+    assert serve_once()[0] == 0
+    cached, prompt_tokens = serve_once()
+    assert cached == prompt_tokens - 1

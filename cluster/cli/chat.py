@@ -37,7 +37,8 @@ def cmd_chat(args) -> None:
         _chat_loop(args.url, args)
         return
     # The private server's settings; its prompt cache lets each turn compute only what the last one added.
-    args.model_name, args.max_sequences, args.step_tokens, args.prompt_cache_gb = None, 4, 512, None
+    args.model_name, args.max_sequences, args.step_tokens = None, 4, 512
+    args.prompt_cache_gb, args.prompt_cache_dir = None, None
     with serving(args, "127.0.0.1", 0, announce=False) as url:
         print("type a message and press Enter; /reset forgets the conversation, Ctrl-D quits", file=sys.stderr)
         _chat_loop(url, args)

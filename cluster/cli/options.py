@@ -114,6 +114,12 @@ def add_server_args(p: argparse.ArgumentParser, port: bool = True) -> None:
                        help="memory for the KV of ended requests, kept so that a prompt that starts as an earlier "
                             "one did (an agent's next turn) computes only the rest (default: as much as the running "
                             "sequences' KV cache at full context; 0 turns prompt reuse off)")
+    group.add_argument("--prompt-cache-dir", default=None, metavar="DIR",
+                       help="also write the kept KV to files in DIR (a folder per model file), so that a restarted "
+                            "server skips the prefill of prompts it has seen (default: memory only)")
+    group.add_argument("--prompt-cache-disk-gb", type=float, default=50,
+                       help="most disk the --prompt-cache-dir files take, least recently used out (default "
+                            "%(default)s)")
     group.add_argument("--model-name", default=None, help="the model id the server reports (default: the file name)")
     group.add_argument("--strict-model-name", action="store_true",
                        help="refuse requests that name another model (default: any name means the served model, "

@@ -103,6 +103,8 @@ def serving(args, host: str, port: int, announce: bool = True):
                 yield url
             finally:
                 engine.stop()
+                if prompt_cache is not None and prompt_cache.store is not None:
+                    prompt_cache.store.flush()  # the last kept prompts reach the disk before the process ends
     except Exception as e:
         service.load_error = str(e)
         raise
@@ -112,11 +114,16 @@ def serving(args, host: str, port: int, announce: bool = True):
 
 def prompt_cache_for(args, model, context: int, max_sequences: int):
     """The prompt cache `--prompt-cache-gb` asks for (by default as big as the running sequences' KV at full
-    context), or None when it is 0."""
+    context), or None when it is 0; with `--prompt-cache-dir`, its files too."""
     from runtime.prompt_cache import PromptCache
+    from runtime.prompt_store import PromptStore, model_identity
     per_token = model.new_cache(1).nbytes()
     budget = context * max_sequences * per_token if args.prompt_cache_gb is None else int(args.prompt_cache_gb * 1e9)
-    return PromptCache(budget, per_token) if budget > 0 else None
+    if budget <= 0:
+        return None
+    store = None if args.prompt_cache_dir is None else \
+        PromptStore(args.prompt_cache_dir, model_identity(model.file), int(args.prompt_cache_disk_gb * 1e9))
+    return PromptCache(budget, per_token, store)
 
 
 def wait_for_ctrl_c() -> None:

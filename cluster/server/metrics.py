@@ -96,3 +96,7 @@ class _PromptCacheCollector:
         yield GaugeMetricFamily("kimi_prompt_cache_bytes", "Bytes of KV the prompt cache holds", value=stats.kept_bytes)
         yield CounterMetricFamily("kimi_prompt_cache_evictions", "Kept caches dropped for room",
                                   value=stats.evictions)
+        yield CounterMetricFamily("kimi_prompt_cache_loaded", "Prompts read from --prompt-cache-dir's files",
+                                  value=stats.loaded)
+        yield GaugeMetricFamily("kimi_prompt_cache_disk_bytes", "Bytes of --prompt-cache-dir's files",
+                                value=stats.stored_bytes)
