@@ -168,7 +168,8 @@ GOOD = {"model": "tiny", "prompt": "hello", "max_tokens": 2}
 @pytest.mark.parametrize("path, body, key, status, code, words", [
     ("/v1/completions", "{not json", KEY, 400, None, "not valid JSON"),
     ("/v1/completions", "[1, 2]", KEY, 400, None, "JSON object"),
-    ("/v1/completions", {**GOOD, "prompt": "word " * 400}, KEY, 400, "context_length_exceeded", "context holds 256"),
+    ("/v1/completions", {**GOOD, "prompt": "word " * 400}, KEY, 400, "context_length_exceeded",
+     "context holds 256; shorten the prompt (or start the server with --context above"),
     ("/v1/completions", {**GOOD, "max_tokens": 0}, KEY, 400, "invalid_value", "max_tokens"),
     ("/v1/completions", {**GOOD, "prompt": [1, 10**6]}, KEY, 400, None, "token ids must lie in"),
     ("/v1/completions", {**GOOD, "max_tokens": "5"}, KEY, 400, "invalid_value", "max_tokens"),

@@ -113,7 +113,9 @@ class Generation:
         except EngineFull as e:
             raise ApiError(503, f"the server is at capacity: {e}", "server_error", code="server_busy") from None
         except ContextLengthExceeded as e:
-            raise ApiError(400, str(e), param=prompt_param if e.field == "prompt" else e.field,
+            # A coding agent's prompt outgrows a small context: its user is usually the one who starts the server.
+            advice = f" (or start the server with --context above {self.prompt_tokens})" if e.field == "prompt" else ""
+            raise ApiError(400, f"{e}{advice}", param=prompt_param if e.field == "prompt" else e.field,
                            code="context_length_exceeded") from None
         except ValueError as e:  # another request the engine can never run (empty prompt, unknown token ids)
             raise ApiError(400, str(e), param="prompt") from None
