@@ -1,19 +1,18 @@
 """Prompt reuse: the KV of sequences that ended, kept by the tokens it holds, so that a request whose prompt
 starts the same way (a coding agent's next turn resends the whole conversation) computes only the rest.
 
-A new sequence starts from the longest common prefix of its prompt with a kept cache or a running sequence's.
+A new sequence starts from the longest common prefix of its prompt with a kept cache, a running sequence's
+cache (its rows before its current length never change) or, with a store (prompt_store.py), a file on disk.
 When its prompt goes on from all a kept cache holds (a conversation's next turn) and the cache has room, it
-takes that cache (no copy); otherwise it copies the matching rows into a cache of its own, and the kept one
-stays whole for others (a running sequence's rows before its current length never change, so they can be
-read too). The
-match goes token by token and stops where the tokens differ (a chat template that re-renders earlier turns
-otherwise), and one short of the prompt: the prompt's last token is always computed, its logits give the
-first token. Caches are kept within a byte budget, least recently used out; one whose tokens begin another
-kept cache's is dropped, the longer one holds it all.
+takes that cache, no copy; otherwise it copies the matching rows into a cache of its own, and the source
+stays whole for others. The match goes token by token and stops where the tokens differ (a chat template
+that re-renders earlier turns otherwise), and one short of the prompt: the prompt's last token is always
+computed, its logits give the first token. Caches are kept within a byte budget, least recently used out;
+one whose tokens begin another kept cache's is dropped, the longer one holds it all.
 
-A cache's rows do not depend on how its prompt was split into steps (each row's math is its own), so a reply
-that reuses them is the reply a cold run gives: bit for bit when the head's kernels are row-independent
-(`--deterministic`), within rounding otherwise.
+A row's keys and values do not depend on how its prompt was split into steps (each row's math is its own, and
+caches are whole blocks: model.new_cache), so a reply that reuses them is the reply a cold run gives: bit for
+bit with `--deterministic`'s kernels, within the rounding of a repacked head otherwise.
 """
 from __future__ import annotations
 
@@ -56,13 +55,10 @@ class PromptCache:
     def start(self, prompt: Sequence[int], capacity: int, new_cache: Callable[[int], KVCache],
               running: Iterable[tuple[Sequence[int], KVCache]] = ()) -> tuple[KVCache, int]:
         """A cache of `capacity` rows for a sequence with this prompt, its first rows filled from the longest
-        match among the kept caches and the `running` sequences' (tokens, cache); returns (cache, rows reused)."""
+        match among the kept caches, the `running` sequences' (tokens, cache) and the store; returns (cache,
+        rows reused)."""
         wanted = np.asarray(prompt[:-1], np.int32)
-        best, reused, whole, kept = None, 0, False, False
-        for tokens, cache, is_kept in self._sources(running):
-            matched = common_prefix(tokens, wanted)
-            if matched > reused or (matched == reused and is_kept and not kept and matched > 0):
-                best, reused, whole, kept = cache, matched, matched == len(tokens), is_kept
+        best, reused, whole = self._longest_in_memory(wanted, running)
         if self.store is not None:
             stored, matched = self.store.longest(wanted)
             if matched > reused:
@@ -73,20 +69,13 @@ class PromptCache:
                     return cache, matched
         if best is None:
             return new_cache(capacity), 0
-        if kept:
+        if best.serial in self._kept:
             self._kept.move_to_end(best.serial)
             if whole and best.capacity >= capacity:  # the prompt goes on from all it holds: take it, no copy
                 del self._kept[best.serial]
                 best.length = reused
                 return best, reused
-        cache = new_cache(capacity)
-        for source, target in zip(best.keys, cache.keys):
-            target[:reused] = source[:reused]
-        if not best.config.is_mla:  # legacy files cache values apart from keys
-            for source, target in zip(best.values, cache.values):
-                target[:reused] = source[:reused]
-        cache.length = reused
-        return cache, reused
+        return _copy_rows(best, reused, new_cache(capacity)), reused
 
     def keep(self, tokens: Sequence[int], cache: KVCache) -> None:
         """Keep an ended sequence's cache; `tokens`: what its first cache.length rows hold (and maybe more)."""
@@ -102,17 +91,37 @@ class PromptCache:
         self._kept[cache.serial] = KeptCache(held, cache)
         if self.store is not None:
             self.store.save(held, cache)
-        while self.stats().kept_bytes > self.budget_bytes:
+        while self._kept_tokens() * self.bytes_per_token > self.budget_bytes:
             self._kept.popitem(last=False)
             self._evictions += 1
 
     def stats(self) -> PromptCacheStats:
-        tokens = sum(len(k.tokens) for k in self._kept.values())
+        tokens = self._kept_tokens()
         return PromptCacheStats(len(self._kept), tokens, tokens * self.bytes_per_token, self._evictions,
                                 self._loaded, self.store.total_bytes() if self.store is not None else 0)
 
-    def _sources(self, running: Iterable[tuple[Sequence[int], KVCache]]):
-        for kept in self._kept.values():
-            yield kept.tokens, kept.cache, True
-        for tokens, cache in running:
-            yield np.asarray(tokens[:cache.length], np.int32), cache, False
+    def _kept_tokens(self) -> int:
+        return sum(len(k.tokens) for k in self._kept.values())
+
+    def _longest_in_memory(self, wanted: np.ndarray, running: Iterable[tuple[Sequence[int], KVCache]]
+                           ) -> tuple[KVCache | None, int, bool]:
+        """(cache, rows matched, whether the match is all it holds); a kept cache wins a tie (it may be taken)."""
+        best, reused, whole = None, 0, False
+        sources = [(kept.tokens, kept.cache) for kept in self._kept.values()]
+        sources += [(np.asarray(tokens[:cache.length], np.int32), cache) for tokens, cache in running]
+        for tokens, cache in sources:
+            matched = common_prefix(tokens, wanted)
+            if matched > reused:
+                best, reused, whole = cache, matched, matched == len(tokens)
+        return best, reused, whole
+
+
+def _copy_rows(source: KVCache, rows: int, target: KVCache) -> KVCache:
+    """target with source's first `rows` rows, every layer."""
+    for a, b in zip(source.keys, target.keys):
+        b[:rows] = a[:rows]
+    if not source.config.is_mla:  # legacy files cache values apart from keys
+        for a, b in zip(source.values, target.values):
+            b[:rows] = a[:rows]
+    target.length = rows
+    return target
