@@ -110,14 +110,14 @@ def add_server_args(p: argparse.ArgumentParser, port: bool = True) -> None:
                        help="most token rows in one step (default %(default)s): decoding sequences take one each, new "
                             "prompts are prefilled in chunks of what is left; lower it to keep decoding smooth "
                             "while long prompts arrive, raise it for faster prefill")
-    group.add_argument("--prompt-cache-gb", type=float, default=None,
+    group.add_argument("--prompt-cache-gb", type=float, default=None, metavar="GB",
                        help="memory for the KV of ended requests, kept so that a prompt that starts as an earlier "
                             "one did (an agent's next turn) computes only the rest (default: as much as the running "
                             "sequences' KV cache at full context; 0 turns prompt reuse off)")
     group.add_argument("--prompt-cache-dir", default=None, metavar="DIR",
                        help="also write the kept KV to files in DIR (a folder per model file), so that a restarted "
                             "server skips the prefill of prompts it has seen (default: memory only)")
-    group.add_argument("--prompt-cache-disk-gb", type=float, default=50,
+    group.add_argument("--prompt-cache-disk-gb", type=float, default=50, metavar="GB",
                        help="most disk the --prompt-cache-dir files take, least recently used out (default "
                             "%(default)s)")
     group.add_argument("--model-name", default=None, help="the model id the server reports (default: the file name)")
