@@ -33,7 +33,7 @@ REPLY_TOKENS = 8
 LLAMA_SESSION = """
 import json, sys, time
 import llama_cpp
-args = json.loads(sys.argv[1])
+args = json.loads(sys.stdin.read())  # the prompts outgrow a command line
 llm = llama_cpp.Llama(args["model"], n_ctx=args["context"], n_batch=512, n_threads=args["threads"], verbose=False)
 times = []
 for prompt in args["turns"]:
@@ -113,8 +113,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         replay(model, context, prompts[:1], ["--prompt-cache-dir", folder])
         restarted = replay(model, context, prompts[:1], ["--prompt-cache-dir", folder])[0]
-    out = subprocess.run([sys.executable, "-c", LLAMA_SESSION, json.dumps(
-        {"model": str(model), "context": context, "threads": args.threads, "turns": prompts})],
+    out = subprocess.run([sys.executable, "-c", LLAMA_SESSION], input=json.dumps(
+        {"model": str(model), "context": context, "threads": args.threads, "turns": prompts}),
         capture_output=True, text=True, cwd=REPO_ROOT)
     if out.returncode != 0:
         raise RuntimeError(f"llama.cpp failed:\n{out.stderr[-2000:]}")
