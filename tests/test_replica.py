@@ -64,6 +64,8 @@ def test_inspect_and_plan_on_the_replica(replica, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert plan.returncode == 0, plan.stderr
     assert "60 MoE layers over 4 nodes" in plan.stdout and "fits: every expert has a place" in plan.stdout
+    # K2.6's MLA cache in F16: 61 layers x (512 latent + 64 rope) x 2 bytes a token
+    assert "the head's KV cache: 68.6 KiB per token of context, 4096 tokens x 16 sequences = 4.3 GiB" in plan.stdout
 
 
 @pytest.mark.slow
