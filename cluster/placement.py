@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from runtime.kv_cache import bytes_per_token
+
 if TYPE_CHECKING:
     from runtime.config import ModelConfig
     from runtime.gguf_file import GGUFModelFile
 
 GiB = 1 << 30
 DEFAULT_RESERVE_BYTES = 2 * GiB
-KV_BYTES_PER_VALUE = 2  # the KV cache is float16, as llama.cpp's default cache
 REPLICA_MODES = ("0", "1", "auto")
 ALLOW_DISK_HINT = "add memory or a node, or set allow_disk: true to let workers page experts from their local disk"
 
@@ -60,9 +61,7 @@ class Inventory:
                 expert_bytes[layer] += model_file.expert_range(layer, 0, kind).nbytes
                 expert_tensors.add(f"blk.{layer}.ffn_{kind}_exps.weight")
         non_expert_bytes = sum(t.nbytes for name, t in model_file.tensors.items() if name not in expert_tensors)
-        values_per_token = (config.kv_cache_width if config.is_mla
-                            else config.num_heads * (config.head_dim_qk + config.head_dim_v))
-        kv_cache_bytes = KV_BYTES_PER_VALUE * values_per_token * config.num_layers * context * max_sequences
+        kv_cache_bytes = bytes_per_token(config) * context * max_sequences
         return cls(expert_bytes, tuple(config.moe_layers), non_expert_bytes + kv_cache_bytes, kv_cache_bytes)
 
     @property

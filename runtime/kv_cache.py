@@ -16,6 +16,13 @@ from .config import ModelConfig
 _cache_serials = itertools.count()
 
 
+def bytes_per_token(config: ModelConfig) -> int:
+    """A cache's bytes per position, every layer: float16 latent and rope key (absorbed MLA), or per-head keys
+    and values (legacy files)."""
+    values = config.kv_cache_width if config.is_mla else config.num_heads * (config.head_dim_qk + config.head_dim_v)
+    return 2 * values * config.num_layers
+
+
 @dataclass
 class KVCache:
     """One sequence's float16 cache, as llama.cpp's default F16 cache holds it; `length` positions filled.
@@ -39,9 +46,6 @@ class KVCache:
         else:
             self.keys = [np.zeros((n, c.num_heads, c.head_dim_qk), np.float16) for _ in range(c.num_layers)]
             self.values = [np.zeros((n, c.num_heads, c.head_dim_v), np.float16) for _ in range(c.num_layers)]
-
-    def nbytes(self) -> int:
-        return sum(k.nbytes for k in self.keys) + (0 if self.config.is_mla else sum(v.nbytes for v in self.values))
 
 
 @dataclass(frozen=True)

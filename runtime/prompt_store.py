@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .gguf_file import GGUFModelFile
-from .kv_cache import KVCache
+from .kv_cache import KVCache, bytes_per_token
 
 MAGIC = b"KIMI-KV-1\n"
 SAMPLED_TENSORS = ("token_embd.weight", "output.weight", "blk.0.attn_q_a.weight", "blk.0.attn_kv_a_mqa.weight")
@@ -78,26 +78,23 @@ class PromptStore:
         return best, matched
 
     def load(self, stored: StoredPrompt, cache: KVCache, rows: int) -> bool:
-        """Fill cache rows [0, rows) from a stored prompt; False (with a warning, the file set aside) when the
-        file does not hold what its header says."""
+        """Fill cache rows [0, rows) from a stored prompt, a layer at a time (a file can hold gigabytes); False,
+        with a warning and the file set aside, when the file does not hold what its header says (the cache's rows
+        are then not to be used)."""
         try:
             with stored.path.open("rb") as f:
                 header = self._header(f)
-                payload = f.read()
-            layers = _rows_of(cache)
-            width = sum(a.shape[1] * a.shape[2] * a.itemsize for a in layers)
-            count = header["tokens"]
-            expected = 4 * count + width * count
-            if len(payload) != expected + 32 or header["row_bytes"] != width:
-                raise ValueError(f"{len(payload)} bytes where {expected + 32} were expected")
-            if hashlib.blake2b(payload[:-32], digest_size=32).digest() != payload[-32:]:
-                raise ValueError("its digest does not match its contents")
-            offset = 4 * count
-            for array in layers:
-                size = count * array.shape[1] * array.shape[2] * array.itemsize
-                stored_rows = np.frombuffer(payload, array.dtype, count * array.shape[1] * array.shape[2], offset)
-                array[:rows] = stored_rows.reshape(count, *array.shape[1:])[:rows]
-                offset += size
+                count, layers = header["tokens"], _rows_of(cache)
+                if header["row_bytes"] != bytes_per_token(cache.config):
+                    raise ValueError(f"its rows are {header['row_bytes']} bytes, this model's "
+                                     f"{bytes_per_token(cache.config)}")
+                digest = hashlib.blake2b(_exactly(f, 4 * count), digest_size=32)
+                for array in layers:
+                    piece = _exactly(f, count * array[0].nbytes)
+                    digest.update(piece)
+                    array[:rows] = np.frombuffer(piece, array.dtype).reshape(count, *array.shape[1:])[:rows]
+                if _exactly(f, 32) != digest.digest() or f.read(1):
+                    raise ValueError("its digest does not match its contents")
         except (OSError, ValueError, KeyError) as e:
             self._set_aside(stored.path, e)
             return False
@@ -136,10 +133,8 @@ class PromptStore:
         count = len(tokens)
         if any(common_prefix(s.tokens, tokens) == count for s in self._snapshot()):
             return  # a stored prompt already begins with all of this one
-        layers = _rows_of(cache)
-        width = sum(a.shape[1] * a.shape[2] * a.itemsize for a in layers)
-        size_estimate = len(MAGIC) + 4 * count + width * count + 1024
-        if size_estimate > self.budget_bytes:
+        layers, width = _rows_of(cache), bytes_per_token(cache.config)
+        if (4 + width) * count > self.budget_bytes:
             return
         name = hashlib.sha256(tokens.tobytes()).hexdigest()[:24]
         path, partial = self.folder / f"{name}.kv", self.folder / f"{name}.kv.partial"
@@ -190,6 +185,13 @@ class PromptStore:
         with self._lock:
             self._stored.pop(path, None)
         path.unlink(missing_ok=True)
+
+
+def _exactly(f, size: int) -> bytes:
+    data = f.read(size)
+    if len(data) != size:
+        raise ValueError("it ends early: cut short")
+    return data
 
 
 def _rows_of(cache: KVCache) -> list[np.ndarray]:

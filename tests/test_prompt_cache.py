@@ -20,6 +20,7 @@ import pytest
 from runtime.engine import Engine, Request, TokenOutput
 from runtime.ggml_ops import GgmlRunner
 from runtime.gguf_file import GGUFModelFile
+from runtime.kv_cache import bytes_per_token
 from runtime.model import KimiModel
 from runtime.prompt_cache import PromptCache
 from runtime.prompt_store import PromptStore, model_identity
@@ -47,7 +48,7 @@ def request(tokens: tuple[int, ...], max_tokens: int = 6) -> Request:
 
 def engine(model, budget_tokens: int | None = 4096) -> Engine:
     cache = None if budget_tokens is None else \
-        PromptCache(budget_tokens * model.new_cache(1).nbytes(), model.new_cache(1).nbytes())
+        PromptCache(budget_tokens * bytes_per_token(model.config), bytes_per_token(model.config))
     return Engine(model, CONTEXT, max_sequences=4, max_step_tokens=STEP_TOKENS, prompt_cache=cache)
 
 
@@ -147,7 +148,7 @@ def server(parts):  # noqa: F811
     model, tokenizer = parts
     lines: list[str] = []
     server = start_server(model, tokenizer, access_log=lines.append, context=CONTEXT, max_sequences=2,
-                          prompt_cache=PromptCache(10**8, model.new_cache(1).nbytes()))
+                          prompt_cache=PromptCache(10**8, bytes_per_token(model.config)))
     server.service.metrics.watch_prompt_cache(server.service.engine.prompt_cache)
     server.access_lines = lines
     yield server
@@ -180,7 +181,7 @@ def test_usage_the_access_line_and_metrics_say_what_was_reused(server):
 # ---- on disk (--prompt-cache-dir) ----
 
 def stored_engine(model, folder, budget_bytes: int = 10**9) -> Engine:
-    per_token = model.new_cache(1).nbytes()
+    per_token = bytes_per_token(model.config)
     store = PromptStore(folder, model_identity(model.file), budget_bytes)
     return Engine(model, CONTEXT, max_sequences=4, max_step_tokens=STEP_TOKENS,
                   prompt_cache=PromptCache(4096 * per_token, per_token, store))

@@ -115,9 +115,10 @@ def serving(args, host: str, port: int, announce: bool = True):
 def prompt_cache_for(args, model, context: int, max_sequences: int):
     """The prompt cache `--prompt-cache-gb` asks for (by default as big as the running sequences' KV at full
     context), or None when it is 0; with `--prompt-cache-dir`, its files too."""
+    from runtime.kv_cache import bytes_per_token
     from runtime.prompt_cache import PromptCache
     from runtime.prompt_store import PromptStore, model_identity
-    per_token = model.new_cache(1).nbytes()
+    per_token = bytes_per_token(model.config)
     budget = context * max_sequences * per_token if args.prompt_cache_gb is None else int(args.prompt_cache_gb * 1e9)
     if budget <= 0:
         return None
