@@ -75,7 +75,7 @@ class ClusterConfig:
     tls: TLSFiles | None = None
     wire_dtype: str = "f32"
     allow_disk: bool = False
-    context: int = 4096
+    context: int | None = None  # tokens per sequence; None: the largest the head holds (context_plan.py)
     max_sequences: int = 16
     threads: int | None = None  # None: every core Ray gives the process
     deadline_s: float = 3.0  # per worker request (and per 512 pairs in it); then the worker counts as failed

@@ -28,9 +28,10 @@ from tqdm import tqdm
 
 from cluster import routing_counts, shard_transfer
 from cluster.config import ClusterConfig
+from cluster.context_plan import KVPlan, plan_context
 from cluster.cost_model.estimate import ModelCost, check_probed_for, expert_gbps
 from cluster.failover import FailoverState, HeadFallback
-from cluster.placement import GiB, Inventory, NodeBudget, Placement, plan, with_copies
+from cluster.placement import GiB, Inventory, NodeBudget, Placement, with_copies
 from cluster.recovery import WorkerRecovery
 from cluster.security import ray_auth
 from cluster.transport import RemoteExperts, WorkerClient, WorkerFailed
@@ -39,6 +40,7 @@ from runtime.config import ModelConfig
 from runtime.experts import ExpertShard
 from runtime.ggml_ops import GgmlRunner
 from runtime.gguf_file import GGUFModelFile
+from runtime.kv_cache import bytes_per_token
 from runtime.model import KimiModel
 
 HEAD = "head"
@@ -148,6 +150,7 @@ class ExpertCluster:
         self.recovery: WorkerRecovery | None = None
         self.recovery_error = ""  # the last check that went wrong while bringing a worker back
         self._inventory: Inventory | None = None
+        self.kv_plan: KVPlan | None = None  # set by plan()
         self._started_ray = False
         self._ray_temp_dir: str | None = None
         self._stream_error = ""
@@ -203,19 +206,25 @@ class ExpertCluster:
                            "short of CPU or memory?")
 
     def inventory(self) -> Inventory:
-        """What must be placed: every expert's bytes, and what the head holds (weights and KV cache)."""
+        """What must be placed: every expert's bytes, and what the head holds (weights and, once planned, the
+        KV cache)."""
         if self._inventory is None:
-            self._inventory = Inventory.from_model(self.model_file, self.model_config, self.config.context,
-                                                   self.config.max_sequences)
+            self._inventory = Inventory.from_model(self.model_file, self.model_config, 1, 1).with_kv_cache(0)
         return self._inventory
 
     def plan(self, budgets: list[NodeBudget]) -> Placement:
         """Where every expert goes (by the nodes' probed speeds when the config has them all; replicas of the
-        most routed first, by the counts of earlier runs)."""
+        most routed first, by the counts of earlier runs), and the context the head's KV cache holds
+        (self.kv_plan: the config's, else the largest that fits)."""
         inventory = self.inventory()
         heat = routing_counts.load(self.model_file, inventory.expert_bytes.shape, self.routing_dir)
-        return plan(inventory, self._with_speeds(budgets), self.config.reserve_bytes, self.config.allow_disk,
-                    self.config.replicas, heat)
+        placement, self.kv_plan = plan_context(
+            inventory, self._with_speeds(budgets), bytes_per_token=bytes_per_token(self.model_config),
+            max_sequences=self.config.max_sequences, model_context=self.model_config.context_length,
+            context=self.config.context, reserve_bytes=self.config.reserve_bytes, allow_disk=self.config.allow_disk,
+            replicas=self.config.replicas, heat=heat)
+        self._inventory = inventory.with_kv_cache(self.kv_plan.reserved_bytes)
+        return placement
 
     def _with_speeds(self, budgets: list[NodeBudget]) -> list[NodeBudget]:
         """Each budget of a config node with probed figures gets its expert speed for this model."""

@@ -64,6 +64,11 @@ class Inventory:
         kv_cache_bytes = bytes_per_token(config) * context * max_sequences
         return cls(expert_bytes, tuple(config.moe_layers), non_expert_bytes + kv_cache_bytes, kv_cache_bytes)
 
+    def with_kv_cache(self, kv_cache_bytes: int) -> Inventory:
+        """The same weights with a KV cache of another size on the head."""
+        return dataclasses.replace(self, head_bytes=self.head_bytes - self.kv_cache_bytes + kv_cache_bytes,
+                                   kv_cache_bytes=kv_cache_bytes)
+
     @property
     def total_expert_bytes(self) -> int:
         return int(self.expert_bytes.sum())

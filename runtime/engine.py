@@ -195,13 +195,16 @@ class Engine:
         """Run one forward pass over the running batch; returns the rows computed (0 when idle)."""
         with self._lock:
             self.waiting = [s for s in self.waiting if not s.cancelled]
-            for sequence in [s for s in self.running if s.cancelled]:
-                self._keep(sequence)
+            cancelled = [s for s in self.running if s.cancelled]
             self.running = [s for s in self.running if not s.cancelled]
+            for sequence in cancelled:
+                self._keep(sequence)
             while self.waiting and len(self.running) < self.max_sequences:
                 sequence = self.waiting.pop(0)
                 self._start(sequence)
                 self.running.append(sequence)
+                if self.prompt_cache is not None:
+                    self.prompt_cache.make_room(self._running_rows())
             batch = self._plan_batch()
         if not batch:
             return 0
@@ -258,20 +261,28 @@ class Engine:
             sequence.matcher.apply(logits)
 
     def _start(self, sequence: SequenceState) -> None:
-        """Give a sequence its cache, its prompt's beginning already there if an earlier sequence computed it."""
-        prompt, capacity = sequence.request.prompt, len(sequence.request.prompt) + sequence.request.max_tokens
+        """Give a sequence its cache, its prompt's beginning already there if an earlier sequence computed it.
+        A cache spans the whole context (memory comes as rows are written), so that the conversation's next
+        turn, which sends more, can take it over whole."""
         if self.prompt_cache is None:
-            sequence.cache = self.model.new_cache(capacity)
+            sequence.cache = self.model.new_cache(self.context_size)
             return
         running = [(s.history, s.cache) for s in self.running if s.cache is not None]
-        sequence.cache, sequence.reused = self.prompt_cache.start(prompt, capacity, self.model.new_cache, running)
+        sequence.cache, sequence.reused = self.prompt_cache.start(sequence.request.prompt, self.context_size,
+                                                                  self.model.new_cache, running)
         sequence.prefilled = sequence.reused
 
     def _keep(self, sequence: SequenceState) -> None:
-        """A sequence has ended: its cache goes to the prompt cache (when there is one) or away."""
+        """A sequence has ended (and left self.running): its cache goes to the prompt cache (when there is one)
+        or away."""
         if self.prompt_cache is not None and sequence.cache is not None:
+            self.prompt_cache.make_room(self._running_rows())  # it no longer runs
             self.prompt_cache.keep(sequence.history, sequence.cache)
         sequence.cache = None
+
+    def _running_rows(self) -> int:
+        """Rows the running sequences' caches may fill (what the prompt cache leaves them, when it shares)."""
+        return sum(s.cache.capacity for s in self.running if s.cache is not None)
 
     def _plan_batch(self) -> list[tuple[SequenceState, list[int]]]:
         """Decoding sequences first (one row each), then prompt chunks in arrival order within the budget."""

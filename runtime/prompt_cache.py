@@ -8,7 +8,8 @@ takes that cache, no copy; otherwise it copies the matching rows into a cache of
 stays whole for others. The match goes token by token and stops where the tokens differ (a chat template
 that re-renders earlier turns otherwise), and one short of the prompt: the prompt's last token is always
 computed, its logits give the first token. Caches are kept within a byte budget, least recently used out;
-one whose tokens begin another kept cache's is dropped, the longer one holds it all.
+one whose tokens begin another kept cache's is dropped, the longer one holds it all. The budget may be the
+head's whole KV memory, shared with the running sequences: what they may grow to is then left to them.
 
 A row's keys and values do not depend on how its prompt was split into steps (each row's math is its own, and
 caches are whole blocks: model.new_cache), so a reply that reuses them is the reply a cold run gives: bit for
@@ -45,9 +46,13 @@ class PromptCacheStats:
 class PromptCache:
     """Kept KV caches within `budget_bytes`, at `bytes_per_token` each row (every layer)."""
 
-    def __init__(self, budget_bytes: int, bytes_per_token: int, store: PromptStore | None = None):
-        """store: where kept caches are also written, and looked for when memory has less (--prompt-cache-dir)."""
+    def __init__(self, budget_bytes: int, bytes_per_token: int, store: PromptStore | None = None,
+                 shares_with_running: bool = False):
+        """store: where kept caches are also written, and looked for when memory has less (--prompt-cache-dir).
+        shares_with_running: the budget holds the running sequences' caches too (make_room says how much)."""
         self.budget_bytes, self.bytes_per_token, self.store = budget_bytes, bytes_per_token, store
+        self.shares_with_running = shares_with_running
+        self._running_bytes = 0  # what the running sequences may hold, when they share the budget
         self._kept: OrderedDict[int, KeptCache] = OrderedDict()  # by cache serial, least recently used first
         self._evictions = 0
         self._loaded = 0
@@ -91,7 +96,17 @@ class PromptCache:
         self._kept[cache.serial] = KeptCache(held, cache)
         if self.store is not None:
             self.store.save(held, cache)
-        while self._kept_tokens() * self.bytes_per_token > self.budget_bytes:
+        self._evict()
+
+    def make_room(self, running_tokens: int) -> None:
+        """The running sequences may now hold this many rows (their caches' capacities): when they share the
+        budget, kept caches go, least recently used first, until both fit."""
+        if self.shares_with_running:
+            self._running_bytes = running_tokens * self.bytes_per_token
+            self._evict()
+
+    def _evict(self) -> None:
+        while self._kept and self._kept_tokens() * self.bytes_per_token > self.budget_bytes - self._running_bytes:
             self._kept.popitem(last=False)
             self._evictions += 1
 

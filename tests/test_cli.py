@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from cluster.cli.main import build_parser, main
-from cluster.cli.options import DEFAULT_CONTEXT, DEFAULT_MAX_SEQUENCES, resolve_repack
+from cluster.cli.options import DEFAULT_MAX_SEQUENCES, resolve_repack
+from cluster.context_plan import LEAST_CONTEXT
 from cluster.cost_model.estimate import MachineSpeed, ModelCost, model_types
 from cluster.cost_model.probe import round_trip_ms
 from cluster.placement import GiB, Inventory
@@ -107,7 +108,7 @@ def test_plan_shows_replicas_and_refuses_ones_that_do_not_fit(make_tiny, capsys)
     assert "replicas" in header and "second copies of workers' experts" in out
     # Every node gets room for its own third of the experts and a little more: not for a copy of every expert.
     model_file = GGUFModelFile(path)
-    inventory = Inventory.from_model(model_file, ModelConfig.from_metadata(model_file.metadata), DEFAULT_CONTEXT,
+    inventory = Inventory.from_model(model_file, ModelConfig.from_metadata(model_file.metadata), LEAST_CONTEXT,
                                      DEFAULT_MAX_SEQUENCES)
     share_gb = 1.2 * inventory.total_expert_bytes / 3 / GiB
     with pytest.raises(SystemExit) as exit_info:

@@ -71,7 +71,7 @@ def test_defaults(tmp_path):
     assert config == ClusterConfig(model=Path("/models/k2.gguf"), source=str(tmp_path / "cluster.yaml"))
     assert (config.ray_address, config.nodes, config.model_paths) == (None, (), {})
     assert (config.reserve_gb, config.port, config.wire_dtype, config.allow_disk) == (4.0, 50551, "f32", False)
-    assert (config.context, config.max_sequences, config.threads, config.deadline_s) == (4096, 16, None, 3.0)
+    assert (config.context, config.max_sequences, config.threads, config.deadline_s) == (None, 16, None, 3.0)
     assert (config.token, config.tls, config.api_key, config.replicas) == (None, None, None, "0")
     assert config.node_budgets() == []
     # A key written but left empty in YAML is null: empty lists mean the same as leaving them out.

@@ -128,6 +128,37 @@ def test_kept_caches_stay_within_the_budget_least_recently_used_first(model):
     assert run(warm, request(third.prompt, max_tokens=1))[0][1] == 59  # kept
 
 
+def test_kept_caches_make_way_for_the_running_sequences(model):
+    """serve's default: the prompt cache shares the head's KV memory with the running sequences, and each of
+    those may fill its whole context: they come first."""
+    per_token = bytes_per_token(model.config)
+    cache = PromptCache(3 * 128 * per_token, per_token, shares_with_running=True)
+    warm = Engine(model, 128, max_sequences=3, max_step_tokens=STEP_TOKENS, prompt_cache=cache)
+    first, second = (request(prompt(seed, 70), max_tokens=1) for seed in (17, 18))
+    for r in (first, second):
+        run(warm, r)
+    assert (cache.stats().kept, cache.stats().kept_tokens) == (2, 140)
+
+    def running(*seeds):
+        sequences = [warm.submit(request(prompt(seed, 10), max_tokens=20), lambda output: None) for seed in seeds]
+        warm.step()
+        return sequences
+
+    # Two running sequences may take 256 of the 384 rows: 128 are left, and the older kept cache goes.
+    running(19, 20)
+    assert (cache.stats().kept, cache.stats().evictions) == (1, 1)
+    while warm.step():
+        pass
+    # Three leave nothing to keep while they run.
+    for sequence in running(21, 22, 23):
+        assert sequence.cache.capacity == 128
+    assert cache.stats().kept == 0
+    while warm.step():
+        pass
+    assert cache.stats().kept == 3, "each has ended and is kept"
+    assert run(warm, request(first.prompt, max_tokens=1))[0][1] == 0
+
+
 def test_a_cancelled_prefill_leaves_what_it_computed_for_the_retry(model):
     """An agent whose client gave up mid-prefill sends the same prompt again."""
     long_prompt = request(prompt(17, 120))

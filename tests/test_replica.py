@@ -1,6 +1,7 @@
 """Kimi K2.6's sparse replica: the real file set's layout, sizes and vocabulary, in a few MB of disk."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -60,12 +61,29 @@ def test_inspect_and_plan_on_the_replica(replica, tmp_path):
     config.write_text("nodes:\n" + "".join(
         f"  - {{name: n{i}, address: 10.0.0.{i + 1}, memory_gb: 128{', head: true' if i == 0 else ''}}}\n"
         for i in range(4)) + "token_file: null\n")
-    plan = subprocess.run([sys.executable, "-m", "cluster.cli", "plan", str(replica), "--config", str(config)],
-                          capture_output=True, text=True, timeout=120)
-    assert plan.returncode == 0, plan.stderr
-    assert "60 MoE layers over 4 nodes" in plan.stdout and "fits: every expert has a place" in plan.stdout
+
+    def plan(*flags):
+        return subprocess.run([sys.executable, "-m", "cluster.cli", "plan", str(replica), "--config", str(config),
+                               *flags], capture_output=True, text=True, timeout=120)
+
+    fixed = plan("--context", "4096")
+    assert fixed.returncode == 0, fixed.stderr
+    assert "60 MoE layers over 4 nodes" in fixed.stdout and "fits: every expert has a place" in fixed.stdout
     # K2.6's MLA cache in F16: 61 layers x (512 latent + 64 rope) x 2 bytes a token
-    assert "the head's KV cache: 68.6 KiB per token of context, 4096 tokens x 16 sequences = 4.3 GiB" in plan.stdout
+    assert ("the head's KV cache: 4096 tokens of context (--context) x 16 sequences, at 68.6 KiB per token: "
+            "4.3 GiB of KV cache on the head") in fixed.stdout
+    # By default, the most the head holds beside its share of the experts (all it has left at 4096 tokens).
+    automatic = plan()
+    found = re.search(r"the head's KV cache: (\d+) tokens of context \(the most the head holds, up to the model's "
+                      r"131072; --context sets it\) x 16 sequences", automatic.stdout)
+    assert automatic.returncode == 0 and found, automatic.stdout + automatic.stderr
+    context = int(found.group(1))
+    assert context > 4096 and context % 1024 == 0
+    kv_bytes = 16 * 61 * (512 + 64) * 2
+    head_left = re.search(r"kept prompts share its ([\d.]+) GiB of KV memory", fixed.stdout).group(1)
+    assert context == 4096 + (float(head_left) * 2**30 - 4096 * kv_bytes) // kv_bytes // 1024 * 1024
+    # Two sequences (an agent's setting) get the model's whole context.
+    assert "131072 tokens of context (the most the head holds" in plan("--max-sequences", "2").stdout
 
 
 @pytest.mark.slow

@@ -18,7 +18,8 @@ def add_plan_parser(sub) -> None:
                                    "anything. Exits 1 when the pool is too small.")
     p.add_argument("model", help="path to the .gguf file (or its first part)")
     p.add_argument("--context", type=int, default=None,
-                   help="plan the head's KV cache for this many tokens per sequence (default: the config's)")
+                   help="plan the head's KV cache for this many tokens per sequence (default: the config's, else "
+                        "the largest the head holds beside its experts, up to the model's own length)")
     p.add_argument("--max-sequences", type=int, default=None,
                    help="... and for this many sequences at once (default: the config's)")
     p.add_argument("--estimate", action="store_true",
@@ -72,7 +73,7 @@ def cmd_plan(args) -> None:
     """Print where every expert would live, and whether the pool is big enough, without loading anything."""
     from cluster.config import ClusterConfig
     from cluster.head import ExpertCluster, local_budgets
-    from cluster.placement import PlacementError, format_bytes
+    from cluster.placement import PlacementError
     config = cluster_config(args)
     if config is None:  # one process on this machine
         given = {"model": args.model, "reserve_gb": args.reserve_gb, "allow_disk": bool(args.allow_disk),
@@ -98,10 +99,7 @@ def cmd_plan(args) -> None:
     print(placement.format_table())
     print("fits: every expert has a place" + (" (some paged from disk)" if placement.disk_backed else "")
           + (f"; {placement.replica_count} second copies of workers' experts" if placement.replicas else ""))
-    kv_bytes = cluster.inventory().kv_cache_bytes
-    print(f"the head's KV cache: {format_bytes(kv_bytes // (config.context * config.max_sequences))} per token of "
-          f"context, {config.context} tokens x {config.max_sequences} sequences = {format_bytes(kv_bytes)} (--context, "
-          "--max-sequences); the prompt cache may keep as much again (--prompt-cache-gb)")
+    print(f"the head's KV cache: {cluster.kv_plan.describe(cluster.model_config.context_length)}")
     if args.estimate:
         from cluster.cost_model.estimate import ModelCost, estimate
         cost = ModelCost.from_model(cluster.model_file, cluster.model_config)

@@ -8,8 +8,7 @@ import sys
 import numpy as np
 
 from cluster.cli.model_session import model_session
-from cluster.cli.options import (add_cluster_args, add_runtime_args, add_sampling_args, cluster_config, context_size,
-                                 sampling_params)
+from cluster.cli.options import add_cluster_args, add_runtime_args, add_sampling_args, cluster_config, sampling_params
 
 
 def add_generate_parser(sub) -> None:
@@ -40,14 +39,14 @@ def cmd_generate(args) -> None:
     config = cluster_config(args)
     if config is not None:  # one sequence: the head plans a KV cache for one, not for a server's batch
         config = dataclasses.replace(config, max_sequences=1)
-    with model_session(args, config) as (model, tokenizer, _):
-        _generate(args, params, model, tokenizer, context_size(args, config))
+    with model_session(args, config, max_sequences=1) as (model, tokenizer, _, kv):
+        _generate(args, params, model, tokenizer, kv.context)
 
 
 def _generate(args, params, model, tokenizer, context: int) -> None:
     from runtime.engine import Engine, GenerationStats
     prompt = _prompt_tokens(tokenizer, args.prompt, args.chat)
-    engine = Engine(model, context_size=min(context, model.config.context_length))
+    engine = Engine(model, context_size=context)
     stats = GenerationStats()
     decoder = tokenizer.stream_decoder() if not args.json else None
     tokens = []

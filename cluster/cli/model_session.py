@@ -6,10 +6,11 @@ import sys
 
 
 @contextlib.contextmanager
-def model_session(args, config, model_file=None, tokenizer=None):
-    """(model, tokenizer, cluster): in this process (config None, cluster None), or with its experts spread
-    over a Ray cluster. model_file and tokenizer: already opened ones to reuse (a real GGUF's header takes
-    seconds)."""
+def model_session(args, config, max_sequences: int, model_file=None, tokenizer=None):
+    """(model, tokenizer, cluster, kv_plan): in this process (config None, cluster None), or with its experts
+    spread over a Ray cluster (which plans for the config's max_sequences). kv_plan: the context each of
+    max_sequences sequences gets (--context, else the largest the memory holds) and the KV memory for it.
+    model_file and tokenizer: already opened ones to reuse (a real GGUF's header takes seconds)."""
     from runtime.ggml_ops import GgmlRunner
     from runtime.gguf_file import GGUFModelFile
     from runtime.model import KimiModel
@@ -21,10 +22,11 @@ def model_session(args, config, model_file=None, tokenizer=None):
         available = available_memory_bytes()
         model = KimiModel(model_file, GgmlRunner(args.threads), progress=sys.stderr.isatty(),
                           repack=repack_that_fits(args.repack, model_file, available))
+        kv_plan = _plan_here(model_file, model.config, available, max_sequences, args.context)
         if not _experts_fit(model_file, available):  # paged from disk: see ExpertShard.read_on_demand
             model.experts.read_on_demand(model_file)
         model.load(progress=sys.stderr.isatty())
-        yield model, tokenizer, None
+        yield model, tokenizer, None, kv_plan
         return
     from cluster.head import ExpertCluster
     with ExpertCluster(args.model, config, local_workers=args.workers or 0, worker_memory_gb=args.worker_memory,
@@ -32,7 +34,16 @@ def model_session(args, config, model_file=None, tokenizer=None):
                        progress=sys.stderr.isatty()) as cluster:
         model = cluster.start()
         print(cluster.placement.format_table(), file=sys.stderr)
-        yield model, tokenizer, cluster
+        yield model, tokenizer, cluster, cluster.kv_plan
+
+
+def _plan_here(model_file, model_config, available: int, max_sequences: int, context: int | None):
+    from cluster.context_plan import plan_here
+    from cluster.placement import Inventory
+    from runtime.kv_cache import bytes_per_token
+    inventory = Inventory.from_model(model_file, model_config, 1, 1).with_kv_cache(0)
+    return plan_here(inventory, available, bytes_per_token=bytes_per_token(model_config),
+                     max_sequences=max_sequences, model_context=model_config.context_length, context=context)
 
 
 def repack_that_fits(repack: str, model_file, available_bytes: int | None = None) -> str:

@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 import os
 
-DEFAULT_CONTEXT, DEFAULT_MAX_SEQUENCES = 4096, 16
+DEFAULT_MAX_SEQUENCES = 16
 
 
 def cluster_config(args):
@@ -23,10 +23,6 @@ def cluster_config(args):
     given = {"context": getattr(args, "context", None), "max_sequences": getattr(args, "max_sequences", None),
              "replicas": getattr(args, "replicas", None), "allow_disk": getattr(args, "allow_disk", None)}
     return dataclasses.replace(config, **{key: value for key, value in given.items() if value is not None})
-
-
-def context_size(args, config) -> int:
-    return config.context if config is not None else args.context or DEFAULT_CONTEXT
 
 
 def configured_api_key(args, config) -> str | None:
@@ -63,7 +59,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 def add_runtime_args(p: argparse.ArgumentParser, serving: bool = False) -> None:
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
     p.add_argument("--context", type=int, default=None,
-                   help=f"context size in tokens (default: the cluster config's, else {DEFAULT_CONTEXT})")
+                   help="tokens each sequence holds, prompt and reply (default: the cluster config's, else the "
+                        "largest the head's memory holds beside the model for every sequence at once, up to the "
+                        "model's own length; `plan` shows it)")
     p.add_argument("--repack", choices=["none", "experts", "head", "all"], default=None if serving else "all",
                    help="copy weights into ggml's faster interleaved layout, as llama.cpp does on x86: "
                         "experts = the routed experts, head = all but the routed experts, all = both (needs "
@@ -112,8 +110,9 @@ def add_server_args(p: argparse.ArgumentParser, port: bool = True) -> None:
                             "while long prompts arrive, raise it for faster prefill")
     group.add_argument("--prompt-cache-gb", type=float, default=None, metavar="GB",
                        help="memory for the KV of ended requests, kept so that a prompt that starts as an earlier "
-                            "one did (an agent's next turn) computes only the rest (default: as much as the running "
-                            "sequences' KV cache at full context; 0 turns prompt reuse off)")
+                            "one did (an agent's next turn) computes only the rest (default: the head's KV memory "
+                            "that the plan sets aside, less what the running sequences may hold at the time; 0 "
+                            "turns prompt reuse off)")
     group.add_argument("--prompt-cache-dir", default=None, metavar="DIR",
                        help="also write the kept KV to files in DIR (a folder per model file), so that a restarted "
                             "server skips the prefill of prompts it has seen (default: memory only)")

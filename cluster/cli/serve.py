@@ -10,7 +10,7 @@ from pathlib import Path
 from cluster.addresses import is_loopback
 from cluster.cli.model_session import model_session
 from cluster.cli.options import (DEFAULT_MAX_SEQUENCES, add_cluster_args, add_runtime_args, add_sampling_args,
-                                 add_server_args, cluster_config, configured_api_key, context_size, sampling_params)
+                                 add_server_args, cluster_config, configured_api_key, sampling_params)
 
 DEMO_PATH = Path.home() / ".cache" / "kimi-cluster" / "kimi-demo-tiny.gguf"
 DEMO_PROMPT = "Write one sentence about pooling the memory of several computers."
@@ -74,30 +74,31 @@ def serving(args, host: str, port: int, announce: bool = True):
     api_key = configured_api_key(args, config)
     check_exposure(host, api_key, args.no_auth)
     model_file = GGUFModelFile(args.model)
-    context = context_size(args, config)
-    context = min(context, int(model_file.metadata.get("deepseek2.context_length", context)))
     service = Service(args.model_name or Path(args.model).name.split("-0000")[0].removesuffix(".gguf"),
-                      Tokenizer.from_metadata(model_file.metadata), context, api_key=api_key,
+                      Tokenizer.from_metadata(model_file.metadata),
+                      int(model_file.metadata.get("deepseek2.context_length", 0)), api_key=api_key,
                       protect_metrics=args.protect_metrics, strict_model_name=args.strict_model_name,
                       access_log=None if not announce or args.quiet else _print_access_line)
     server = ApiServer(service, host, port)
     url = f"http://{host}:{server.start()}"
     if announce:
         print(f"kimi-cluster: {url}/v1 answers for '{service.model_name}' once the model has loaded "
-              f"({max_sequences} sequences at once, {context} tokens of context each, {args.step_tokens} token "
-              f"rows per step, API key {'required' if service.api_key else 'not required'})", file=sys.stderr)
+              f"({max_sequences} sequences at once, {args.step_tokens} token rows per step, API key "
+              f"{'required' if service.api_key else 'not required'})", file=sys.stderr)
     else:
         print(f"loading {args.model} ...", file=sys.stderr)
     try:
-        with model_session(args, config, model_file, service.tokenizer) as (model, _, cluster):
+        with model_session(args, config, max_sequences, model_file, service.tokenizer) as (model, _, cluster, kv):
             if cluster is not None:
                 cluster.remote.observers.append(service.metrics.observe_experts)
                 service.metrics.watch_failover(cluster.failover, cluster.placement.replica_count)
-            prompt_cache = prompt_cache_for(args, model, context, max_sequences)
-            engine = Engine(model, context, max_sequences=max_sequences, max_step_tokens=args.step_tokens,
+            prompt_cache = prompt_cache_for(args, model, kv)
+            engine = Engine(model, kv.context, max_sequences=max_sequences, max_step_tokens=args.step_tokens,
                             prompt_cache=prompt_cache)
             if prompt_cache is not None:
                 service.metrics.watch_prompt_cache(prompt_cache)
+            if announce:
+                print(f"kimi-cluster: {kv.describe(model.config.context_length)}", file=sys.stderr)
             service.ready(engine, cluster.status if cluster is not None else dict)
             try:
                 yield url
@@ -112,19 +113,18 @@ def serving(args, host: str, port: int, announce: bool = True):
         server.stop()
 
 
-def prompt_cache_for(args, model, context: int, max_sequences: int):
-    """The prompt cache `--prompt-cache-gb` asks for (by default as big as the running sequences' KV at full
-    context), or None when it is 0; with `--prompt-cache-dir`, its files too."""
-    from runtime.kv_cache import bytes_per_token
+def prompt_cache_for(args, model, kv):
+    """The prompt cache: `--prompt-cache-gb` of its own, or by default the plan's KV memory (kv: KVPlan), less
+    what the running sequences may hold at the time; None when --prompt-cache-gb is 0. With
+    `--prompt-cache-dir`, its files too."""
     from runtime.prompt_cache import PromptCache
     from runtime.prompt_store import PromptStore, model_identity
-    per_token = bytes_per_token(model.config)
-    budget = context * max_sequences * per_token if args.prompt_cache_gb is None else int(args.prompt_cache_gb * 1e9)
+    budget = kv.pool_bytes if args.prompt_cache_gb is None else int(args.prompt_cache_gb * 1e9)
     if budget <= 0:
         return None
     store = None if args.prompt_cache_dir is None else \
         PromptStore(args.prompt_cache_dir, model_identity(model.file), int(args.prompt_cache_disk_gb * 1e9))
-    return PromptCache(budget, per_token, store)
+    return PromptCache(budget, kv.bytes_per_token, store, shares_with_running=args.prompt_cache_gb is None)
 
 
 def wait_for_ctrl_c() -> None:

@@ -34,7 +34,7 @@ class Service:
     """What the API serves. `engine` is None until the model has loaded."""
     model_name: str
     tokenizer: Tokenizer
-    context_size: int
+    context_size: int  # tokens a sequence holds; the engine's, once ready
     api_key: str | None = None
     protect_metrics: bool = False  # ask for the key on /health and /metrics too
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
@@ -57,6 +57,7 @@ class Service:
 
     def ready(self, engine: Engine, cluster_status: Callable[[], dict] = dict) -> None:
         self.cluster_status = cluster_status
+        self.context_size = engine.context_size  # the plan decides it while the model loads
         engine.on_step = lambda rows, seconds: self.metrics.step_rows.observe(rows)
         # Read at every scrape, so they agree with /health even when no step has run since a sequence left.
         self.metrics.running.set_function(lambda: engine.num_running)
