@@ -2,8 +2,8 @@
 
 The head keeps every sequence's KV cache (~70 KB a token at K2.6's size). Unless --context names a size, a
 sequence gets the largest context the plan can hold for --max-sequences of them, up to the model's own
-length, without costing the experts anything: they stay in memory (if they were at the least context) and
-keep their shares by speed. What the head has left after that is the KV pool's too: the prompt cache keeps
+length, without costing the experts anything: each node keeps the share of them it has at the least
+context (4,096), and they stay in memory if they were there. What the head has left after that is the KV pool's too: the prompt cache keeps
 ended conversations in the pool, beside what the running sequences hold (runtime/prompt_cache.py).
 Pure data logic over byte sizes, as placement.py is.
 """
@@ -43,8 +43,8 @@ def plan_context(inventory: Inventory, nodes: list[NodeBudget], *, bytes_per_tok
                  model_context: int, context: int | None = None, **plan_args) -> tuple[Placement, KVPlan]:
     """The placement and the KV plan: for `context` tokens a sequence when given (refused if it does not fit),
     else for the largest context, from LEAST_CONTEXT up to model_context, that the head's memory left beside
-    its share of the experts holds (before replicas: context comes first) and whose placement is as good as
-    the least's. plan_args go to placement.plan (reserve_bytes, allow_disk, replicas, heat)."""
+    its share of the experts holds (before replicas: context comes first), the experts shared as at the least
+    context and placed as well (in memory if they were, by speed if they were). plan_args go to placement.plan (reserve_bytes, allow_disk, replicas, heat)."""
     head = next(n.name for n in nodes if n.is_head)
 
     def attempt(tokens: int, **overrides) -> Placement:
@@ -57,12 +57,15 @@ def plan_context(inventory: Inventory, nodes: list[NodeBudget], *, bytes_per_tok
     else:
         least = min(LEAST_CONTEXT, model_context)
         placement = attempt(least)  # refuses, as a plan does, when even the least does not fit
-        room = _left_on_head(attempt(least, replicas="0"), head) // (max_sequences * bytes_per_token)
+        bare = attempt(least, replicas="0")
+        room = _left_on_head(bare, head) // (max_sequences * bytes_per_token)
         most = min(model_context, least + room)
         candidates = [least] + [c for c in range(0, most + 1, CONTEXT_STEP) if c > least]
         if most == model_context > candidates[-1]:
             candidates.append(model_context)
-        chosen, placement = _largest(candidates, placement, attempt)
+        # The experts keep the shares the least context gave them: a longer one takes the head's room, not theirs.
+        shares = [bare.budgets[n.name] for n in nodes]
+        chosen, placement = _largest(candidates, placement, lambda tokens: attempt(tokens, shares=shares))
     reserved = chosen * max_sequences * bytes_per_token
     return placement, KVPlan(chosen, max_sequences, bytes_per_token, reserved + _left_on_head(placement, head),
                              context is None)

@@ -180,12 +180,14 @@ class Placement:
 
 
 def plan(inventory: Inventory, nodes: list[NodeBudget], reserve_bytes: int = DEFAULT_RESERVE_BYTES,
-         allow_disk: bool = False, replicas: str = "0", heat: np.ndarray | None = None) -> Placement:
+         allow_disk: bool = False, replicas: str = "0", heat: np.ndarray | None = None,
+         shares: list[int] | None = None) -> Placement:
     """Spread every MoE layer's experts over all nodes, each expert placed exactly once: by expert speed
     when every node has one and the experts fit in memory, else by usable memory. Then replicas: "0"
     none; "1" a second copy of every worker's expert on another node, refused if it does not fit; "auto"
     as many second copies as the memory left over holds, the most routed first (heat: [num_layers,
-    num_experts] routing counts, when known)."""
+    num_experts] routing counts, when known). shares: bytes per node to share the experts by when not by
+    speed, instead of the usable memory (context_plan.py keeps the shares a shorter context gave)."""
     if replicas not in REPLICA_MODES:
         raise PlacementError(f"replicas must be one of {', '.join(REPLICA_MODES)}, not {replicas!r}")
     head = _head_node(nodes)
@@ -203,11 +205,11 @@ def plan(inventory: Inventory, nodes: list[NodeBudget], reserve_bytes: int = DEF
     if by_speed:
         weights = _speed_shares(total, usable, [n.expert_gbps for n in nodes])
     else:  # with no memory left anywhere (only possible with allow_disk), share the disk paging equally
-        weights = usable if available > 0 else [1] * len(nodes)
+        weights = (shares or usable) if available > 0 else [1] * len(nodes)
     owner = _spread(inventory, weights)
     fits = total <= available and _fit_to_budgets(owner, inventory, weights, usable)
     if by_speed and not fits:  # whole experts cannot meet the speed shares node by node; memory's shares may
-        by_speed, weights = False, usable
+        by_speed, weights = False, shares or usable
         owner = _spread(inventory, weights)
         fits = _fit_to_budgets(owner, inventory, weights, usable)
     if not fits and not allow_disk:

@@ -69,8 +69,9 @@ def served(make_tiny):
     stop(process)
 
 
-def generate(path, *extra: str) -> str:
-    out = subprocess.run(cli("generate", str(path), "--prompt", PROMPT, "--max-tokens", str(MAX_TOKENS),
+def generate(path, *extra: str, prompt: str = PROMPT, max_tokens: int = MAX_TOKENS) -> str:
+    """The greedy answer of one process, cold (--repack none: the kernels --deterministic serves with)."""
+    out = subprocess.run(cli("generate", str(path), "--prompt", prompt, "--max-tokens", str(max_tokens),
                              "--json", "--repack", "none", *extra), capture_output=True, text=True, check=True)
     return json.loads(out.stdout)["text"]
 
@@ -255,10 +256,9 @@ def test_four_streams_survive_a_stopped_worker_and_it_rejoins_when_continued(ser
 
 
 def test_a_long_prompt_survives_a_worker_lost_during_its_prefill(served):
-    _, url, _ = served
-    body = {"prompt": " ".join([PROMPT] * 40), "max_tokens": 8, "temperature": 0}
-    expected = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()
-    assert expected["usage"]["prompt_tokens"] > 200
+    path, url, _ = served
+    prompt = " ".join(["Spread every layer over the machines,"] * 40)  # a prompt no earlier request began with
+    body = {"prompt": prompt, "max_tokens": 8, "temperature": 0}
     victim = expert_worker_pids()[1]
     os.kill(victim, signal.SIGSTOP)  # it stops answering in the middle of the prompt's chunk
     try:
@@ -266,8 +266,27 @@ def test_a_long_prompt_survives_a_worker_lost_during_its_prefill(served):
     finally:
         os.kill(victim, signal.SIGCONT)
     assert response.status_code == 200
-    assert response.json()["choices"][0]["text"] == expected["choices"][0]["text"]
+    usage = response.json()["usage"]
+    assert usage["prompt_tokens"] > 200 and usage["prompt_tokens_details"]["cached_tokens"] == 0
+    assert response.json()["choices"][0]["text"] == generate(path, prompt=prompt, max_tokens=8)
     wait_for_health(url, "ok", timeout_s=30)
+
+
+def test_a_conversation_s_next_turn_reuses_its_prompt_on_the_head_through_a_lost_worker(served):
+    """The KV cache lives on the head: with the experts on workers, and one of them killed between turns, the
+    next turn computes only what it adds, and answers as a cold run of its whole prompt does."""
+    path, url, _ = served
+    first = httpx.post(f"{url}/v1/completions", json={"prompt": "Turn one: the head keeps the cache", "max_tokens": 8,
+                                                      "temperature": 0}, timeout=120).json()
+    second_prompt = "Turn one: the head keeps the cache" + first["choices"][0]["text"] + " and turn two goes on"
+    fallback = metric_samples(url)[("kimi_fallback_expert_activations_total", None)]
+    os.kill(expert_worker_pids()[0], signal.SIGKILL)
+    second = httpx.post(f"{url}/v1/completions", json={"prompt": second_prompt, "max_tokens": 8, "temperature": 0},
+                        timeout=120).json()
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= first["usage"]["prompt_tokens"] - 1
+    assert second["choices"][0]["text"] == generate(path, prompt=second_prompt, max_tokens=8)
+    assert metric_samples(url)[("kimi_fallback_expert_activations_total", None)] > fallback, "the head covered"
+    wait_for_health(url, "ok")
 
 
 def test_ctrl_c_stops_the_server_and_its_workers(served):

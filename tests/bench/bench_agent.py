@@ -4,11 +4,12 @@ prompt reuse, without it (`--prompt-cache-gb 0`), and after a restart with the c
 computes only what follows it, as llama-server's slot does).
 
     python tests/bench/bench_agent.py [MODEL.gguf] [--preset k2-slice] [--system-tokens 8192] [--turns 6]
-                                      [--turn-tokens 500]
+                                      [--turn-tokens 500] [--replays 100]
 
 The session: a system prompt with tools (--system-tokens), then --turns turns, each adding --turn-tokens of
 tool output to everything before; every turn asks for 8 greedy tokens. Prompts are token ids, the same for
-both engines.
+both engines. Then a leak check: --replays smaller sessions, each its own, through one server whose prompt
+cache holds about three of them; its resident memory must stay flat once the cache is full.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import REPO_ROOT, bench_model  # noqa: E402
 
 REPLY_TOKENS = 8
+LEAK_SESSION = (512, 6, 64)  # the leak check's sessions: system tokens, turns, tokens a turn
 
 LLAMA_SESSION = """
 import json, sys, time
@@ -44,9 +46,9 @@ print(json.dumps(times))
 """
 
 
-def session(vocab: int, system_tokens: int, turns: int, turn_tokens: int) -> list[list[int]]:
+def session(vocab: int, system_tokens: int, turns: int, turn_tokens: int, seed: int = 0) -> list[list[int]]:
     """Each turn's whole prompt: the system prompt, then every turn's tool output so far."""
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     prompt = [int(t) for t in rng.integers(100, vocab - 300, system_tokens)]
     prompts = []
     for _ in range(turns):
@@ -91,6 +93,33 @@ def replay(model: Path, context: int, prompts: list[list[int]], extra: list[str]
         process.wait(timeout=120)
 
 
+def resident_bytes(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024
+
+
+def leak_check(model: Path, vocab: int, replays: int) -> list[int]:
+    """The server's resident memory after each of `replays` sessions, each with a system prompt of its own
+    (LEAK_SESSION's shape), while a prompt cache that holds about three of them keeps, hands over and evicts."""
+    sessions = [session(vocab, *LEAK_SESSION, seed=seed) for seed in range(1, replays + 1)]
+    context = -(-(len(sessions[0][-1]) + REPLY_TOKENS + 64) // 1024) * 1024
+    from runtime.gguf_file import GGUFModelFile
+    from runtime.kv_cache import bytes_per_token
+    from runtime.model import checked_config
+    three = 3 * len(sessions[0][-1]) * bytes_per_token(checked_config(GGUFModelFile(model)))
+    process, url = serve(model, context, ["--prompt-cache-gb", f"{three / 1e9:.6f}"])
+    try:
+        resident = []
+        for prompts in sessions:
+            for prompt in prompts:
+                first_token_s(url, prompt)
+            resident.append(resident_bytes(process.pid))
+        return resident
+    finally:
+        process.terminate()
+        process.wait(timeout=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", help="GGUF file (default: make the --preset Q4_K_M file)")
@@ -99,6 +128,8 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--turn-tokens", type=int, default=500)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--replays", type=int, default=100,
+                        help="sessions replayed for the leak check (smaller ones, each its own; 0: none)")
     args = parser.parse_args()
     model = bench_model(args.model, args.preset)
     from runtime.gguf_file import GGUFModelFile
@@ -126,6 +157,15 @@ def main() -> None:
               f"{ours / reused[0][0]:11.2f}x {ours / theirs:14.2f}x")
     print(f"after a restart with --prompt-cache-dir: turn 1 in {restarted[0]:.2f} s, {restarted[1]} tokens read "
           f"from disk ({restarted[0] / cold[0][0]:.2f}x a cold turn 1)")
+    if args.replays:
+        resident = leak_check(model, vocab, args.replays)
+        settled = min(10, len(resident)) - 1
+        system, turns, turn = LEAK_SESSION
+        print(f"leak check, {args.replays} sessions of {system} + {turns} x {turn} tokens: "
+              "server RSS " + ", ".join(f"{resident[i - 1] / 2**20:.0f} MiB after {i}"
+                                        for i in sorted({1, settled + 1, len(resident)}))
+              + f"; {(resident[-1] - resident[settled]) / max(1, len(resident) - 1 - settled) / 1024:+.1f} KiB a "
+                "session after the first ten")
 
 
 if __name__ == "__main__":
