@@ -2,7 +2,8 @@
 
 Absorbed MLA: the cache holds, per token, the normalised latent c (kv_lora_rank) and the shared rope key
 k_pe (rope_dim) in float16, as llama.cpp's default F16 cache does; the attention itself is built in
-ggml_forward.py. Legacy files (attn_kv_b) cache expanded per-head keys and values instead.
+ggml_forward.py. Legacy files (attn_kv_b) cache expanded per-head keys and values instead. A cache's memory
+can be shared with caches that begin as it does (kv_memory.py).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import ModelConfig
+from .kv_memory import LayerMemory, PlainLayers, layer_memory
 
 _cache_serials = itertools.count()
 
@@ -34,6 +36,7 @@ class KVCache:
     capacity: int
     keys: list[np.ndarray] = field(init=False)
     values: list[np.ndarray] = field(init=False)
+    _memory: list[LayerMemory | PlainLayers] = field(init=False, repr=False)
     length: int = 0
     # Graphs are planned for particular caches (they point into their arrays): a serial names each cache.
     serial: int = field(init=False, default_factory=lambda: next(_cache_serials))
@@ -41,11 +44,25 @@ class KVCache:
     def __post_init__(self):
         c, n = self.config, self.capacity
         if c.is_mla:
-            self.keys = [np.zeros((n, 1, c.kv_cache_width), np.float16) for _ in range(c.num_layers)]
+            self._memory = [layer_memory(c.num_layers, (n, 1, c.kv_cache_width))]
+            self.keys = self._memory[0].arrays
             self.values = [k[:, :, :c.kv_lora_rank] for k in self.keys]
         else:
-            self.keys = [np.zeros((n, c.num_heads, c.head_dim_qk), np.float16) for _ in range(c.num_layers)]
-            self.values = [np.zeros((n, c.num_heads, c.head_dim_v), np.float16) for _ in range(c.num_layers)]
+            self._memory = [layer_memory(c.num_layers, (n, c.num_heads, c.head_dim_qk)),
+                            layer_memory(c.num_layers, (n, c.num_heads, c.head_dim_v))]
+            self.keys, self.values = self._memory[0].arrays, self._memory[1].arrays
+
+    def begin_as(self, source: KVCache, rows: int) -> int:
+        """Start with source's first `rows` rows (their tokens' KV): the source's pages themselves as far as
+        whole pages go, copies of the rows after them. Returns the rows shared without a copy."""
+        shared = rows
+        for mine, theirs in zip(self._memory, source._memory):
+            done = mine.share(theirs, rows)
+            for a, b in zip(theirs.arrays, mine.arrays):
+                b[done:rows] = a[done:rows]
+            shared = min(shared, done)
+        self.length = rows
+        return shared
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,9 @@ starts the same way (a coding agent's next turn resends the whole conversation) 
 A new sequence starts from the longest common prefix of its prompt with a kept cache, a running sequence's
 cache (its rows before its current length never change) or, with a store (prompt_store.py), a file on disk.
 When its prompt goes on from all a kept cache holds (a conversation's next turn) and the cache has room, it
-takes that cache, no copy; otherwise it copies the matching rows into a cache of its own, and the source
-stays whole for others. The match goes token by token and stops where the tokens differ (a chat template
+takes that cache; otherwise a cache of its own begins with the matching rows, the source's very pages as far
+as whole pages go (kv_memory.py: both read the same memory, nothing is copied) and a copy of the few rows
+after them, and the source stays whole for others. The match goes token by token and stops where the tokens differ (a chat template
 that re-renders earlier turns otherwise), and one short of the prompt: the prompt's last token is always
 computed, its logits give the first token. Caches are kept within a byte budget, least recently used out;
 one whose tokens begin another kept cache's is dropped, the longer one holds it all. The budget may be the
@@ -41,6 +42,8 @@ class PromptCacheStats:
     evictions: int  # caches dropped for room
     loaded: int  # prompts read from the store on disk
     stored_bytes: int  # the store's files
+    rows_shared: int  # reused rows a new cache reads from the source's own memory (no copy)
+    rows_copied: int  # reused rows copied (past the last whole page shared, or taken from disk)
 
 
 class PromptCache:
@@ -54,8 +57,7 @@ class PromptCache:
         self.shares_with_running = shares_with_running
         self._running_bytes = 0  # what the running sequences may hold, when they share the budget
         self._kept: OrderedDict[int, KeptCache] = OrderedDict()  # by cache serial, least recently used first
-        self._evictions = 0
-        self._loaded = 0
+        self._evictions = self._loaded = self._rows_shared = self._rows_copied = 0
 
     def start(self, prompt: Sequence[int], capacity: int, new_cache: Callable[[int], KVCache],
               running: Iterable[tuple[Sequence[int], KVCache]] = ()) -> tuple[KVCache, int]:
@@ -70,6 +72,7 @@ class PromptCache:
                 cache = new_cache(capacity)
                 if self.store.load(stored, cache, matched):
                     self._loaded += 1
+                    self._rows_copied += matched
                     cache.length = matched
                     return cache, matched
         if best is None:
@@ -80,7 +83,11 @@ class PromptCache:
                 del self._kept[best.serial]
                 best.length = reused
                 return best, reused
-        return _copy_rows(best, reused, new_cache(capacity)), reused
+        cache = new_cache(capacity)
+        shared = cache.begin_as(best, reused)
+        self._rows_shared += shared
+        self._rows_copied += reused - shared
+        return cache, reused
 
     def keep(self, tokens: Sequence[int], cache: KVCache) -> None:
         """Keep an ended sequence's cache; `tokens`: what its first cache.length rows hold (and maybe more)."""
@@ -113,7 +120,8 @@ class PromptCache:
     def stats(self) -> PromptCacheStats:
         tokens = self._kept_tokens()
         return PromptCacheStats(len(self._kept), tokens, tokens * self.bytes_per_token, self._evictions,
-                                self._loaded, self.store.total_bytes() if self.store is not None else 0)
+                                self._loaded, self.store.total_bytes() if self.store is not None else 0,
+                                self._rows_shared, self._rows_copied)
 
     def _kept_tokens(self) -> int:
         return sum(len(k.tokens) for k in self._kept.values())
@@ -130,13 +138,3 @@ class PromptCache:
                 best, reused, whole = cache, matched, matched == len(tokens)
         return best, reused, whole
 
-
-def _copy_rows(source: KVCache, rows: int, target: KVCache) -> KVCache:
-    """target with source's first `rows` rows, every layer."""
-    for a, b in zip(source.keys, target.keys):
-        b[:rows] = a[:rows]
-    if not source.config.is_mla:  # legacy files cache values apart from keys
-        for a, b in zip(source.values, target.values):
-            b[:rows] = a[:rows]
-    target.length = rows
-    return target

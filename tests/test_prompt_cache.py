@@ -110,6 +110,10 @@ def test_requests_that_share_a_prefix_at_once_each_get_their_cold_answer(model):
         assert got == expected
     (again, reused), = run(warm, request(shared + prompt(12, 3)))
     assert reused == 70 and again == cold(model, request(shared + prompt(12, 3)))[0]
+    # The 70 rows are a's or b's own pages as far as whole pages go (kv_memory.py), a copy after them.
+    stats, run_rows = warm.prompt_cache.stats(), 4096 // np.gcd(4096, bytes_per_token(model.config) //
+                                                                 model.config.num_layers)
+    assert stats.rows_shared == 70 // run_rows * run_rows > 0 and stats.rows_copied == 70 - stats.rows_shared
 
 
 def test_kept_caches_stay_within_the_budget_least_recently_used_first(model):

@@ -100,3 +100,7 @@ class _PromptCacheCollector:
                                   value=stats.loaded)
         yield GaugeMetricFamily("kimi_prompt_cache_disk_bytes", "Bytes of --prompt-cache-dir's files",
                                 value=stats.stored_bytes)
+        yield CounterMetricFamily("kimi_prompt_rows_shared", "Reused KV rows read from the earlier cache's own "
+                                  "memory, not copied", value=stats.rows_shared)
+        yield CounterMetricFamily("kimi_prompt_rows_copied", "Reused KV rows copied (past the last whole page "
+                                  "shared, or read from disk)", value=stats.rows_copied)
