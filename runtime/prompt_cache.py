@@ -6,11 +6,12 @@ cache (its rows before its current length never change) or, with a store (prompt
 When its prompt goes on from all a kept cache holds (a conversation's next turn) and the cache has room, it
 takes that cache; otherwise a cache of its own begins with the matching rows, the source's very pages as far
 as whole pages go (kv_memory.py: both read the same memory, nothing is copied) and a copy of the few rows
-after them, and the source stays whole for others. The match goes token by token and stops where the tokens differ (a chat template
-that re-renders earlier turns otherwise), and one short of the prompt: the prompt's last token is always
-computed, its logits give the first token. Caches are kept within a byte budget, least recently used out;
-one whose tokens begin another kept cache's is dropped, the longer one holds it all. The budget may be the
-head's whole KV memory, shared with the running sequences: what they may grow to is then left to them.
+after them, and the source stays whole for others. The match goes token by token and stops where the
+tokens differ (a chat template that re-renders earlier turns otherwise), and one short of the prompt: the
+prompt's last token is always computed, its logits give the first token. Caches are kept within a byte
+budget, least recently used out; one whose tokens begin another kept cache's is dropped, the longer one
+holds it all. The budget may be the head's whole KV memory, shared with the running sequences: what they
+may grow to is then left to them.
 
 A row's keys and values do not depend on how its prompt was split into steps (each row's math is its own, and
 caches are whole blocks: model.new_cache), so a reply that reuses them is the reply a cold run gives: bit for
