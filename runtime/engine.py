@@ -285,13 +285,15 @@ class Engine:
         return sum(s.cache.capacity for s in self.running if s.cache is not None)
 
     def _plan_batch(self) -> list[tuple[SequenceState, list[int]]]:
-        """Decoding sequences first (one row each), then prompt chunks in arrival order within the budget."""
+        """Decoding sequences first (one row each), then prompt chunks in arrival order within the budget (and
+        within what a long context's attention may take in one step)."""
         decoding = [(s, s.next_rows(1)) for s in self.running if not s.prefilling]
         budget = self.max_step_tokens - len(decoding)
         prefills = []
         for sequence in self.running:
             if sequence.prefilling and budget > 0:
-                rows = sequence.next_rows(budget)
+                left = len(sequence.request.prompt) - sequence.prefilled
+                rows = sequence.next_rows(self.model.prefill_rows(sequence.cache, min(budget, left)))
                 prefills.append((sequence, rows))
                 budget -= len(rows)
         return decoding + prefills

@@ -27,6 +27,7 @@ from .kv_cache import KVCache, Segment
 from .router import MIN_WEIGHT_SUM, route
 
 KV_BLOCK_MIN = 64
+ATTENTION_SCORES_BYTES = 1 << 30  # the most a sequence's attention scores may take in one step
 ROPE_NORM_MODE = 0  # deepseek2 rotates adjacent pairs
 TENSORS_PER_LAYER, TENSORS_PER_SEGMENT = 96, 32  # with room: running out aborts the process
 
@@ -39,6 +40,18 @@ def kv_positions(cache: KVCache, new_rows: int) -> int:
                          "raise the context size")
     block = max(KV_BLOCK_MIN, (1 << (end.bit_length() - 1)) // 4)
     return min(cache.capacity, -(-end // block) * block)
+
+
+def rows_within_scores(cache: KVCache, wanted: int, heads: int) -> int:
+    """The most of `wanted` new rows (at least one) a step may give this cache while their attention scores
+    (rows x attended positions x heads, float32, and as much again for their softmax) stay within
+    ATTENTION_SCORES_BYTES: at a long context a prompt goes in smaller chunks, not in one whose scores outgrow
+    the memory (512 rows at 128K positions and 64 heads would take 34 GB). A row's math is its own, so the
+    chunks change no result."""
+    rows = wanted
+    while rows > 1 and 2 * 4 * rows * kv_positions(cache, rows) * heads > ATTENTION_SCORES_BYTES:
+        rows = -(-rows // 2)
+    return rows
 
 
 class StepModel(Protocol):

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from .kv_cache import KVCache, Segment
 from .config import ModelConfig
 from .experts import Experts, LocalExperts
-from .ggml_forward import KV_BLOCK_MIN, StepGraphs, StepShape
+from .ggml_forward import KV_BLOCK_MIN, StepGraphs, StepShape, rows_within_scores
 from .ggml_ops import COMPUTABLE_TYPES, GgmlRunner, RepackedWeight, Weight, repack
 from .gguf_file import GGUFModelFile
 
@@ -108,6 +108,10 @@ class KimiModel:
         attends whole blocks, and ggml's sums over the positions run alike whatever the length, so a row's
         keys and values do not depend on how far its cache is filled (prompt reuse gives a cold run's rows)."""
         return KVCache(self.config, -(-capacity // KV_BLOCK_MIN) * KV_BLOCK_MIN)
+
+    def prefill_rows(self, cache: KVCache, wanted: int) -> int:
+        """How many of `wanted` prompt rows one step may give this cache (its attention's memory is bounded)."""
+        return rows_within_scores(cache, wanted, self.config.num_heads)
 
     @property
     def routes_in_graph(self) -> bool:

@@ -295,3 +295,21 @@ def test_serve_with_a_prompt_cache_dir_skips_a_seen_prompt_after_a_restart(make_
     assert serve_once()[0] == 0
     cached, prompt_tokens = serve_once()
     assert cached == prompt_tokens - 1
+
+
+def test_a_long_context_prefills_in_chunks_whose_attention_fits_its_memory(model, monkeypatch):
+    """At a long context a prompt's chunk is cut so that its attention scores stay within a bound; the rows
+    are each their own, so the answer is the one whole chunks give."""
+    long = request(prompt(40, 300), max_tokens=4)
+    expected = cold(model, long)[0]
+    heads = model.config.num_heads
+    monkeypatch.setattr("runtime.ggml_forward.ATTENTION_SCORES_BYTES", 2 * 4 * heads * 64 * 256)
+    sizes = []
+    bounded = Engine(model, CONTEXT, max_sequences=4, max_step_tokens=256)
+    bounded.on_step = lambda rows, seconds: sizes.append(rows)
+    (got, _), = run(bounded, long)
+    assert got == expected
+    ends = np.cumsum(sizes)
+    chunks = sizes[:int(np.searchsorted(ends, 300)) + 1]
+    assert sum(chunks) == 300 and len(chunks) > 2, "300 rows in more steps than the 256-row budget needs"
+    assert all(rows * end <= 64 * 256 for rows, end in zip(chunks, ends)), "rows x positions within the bound"
