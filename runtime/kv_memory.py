@@ -47,10 +47,11 @@ class LayerMemory:
         # The arrays hold the mapping: it stays while anything (a step's graph) still reads them.
         self.arrays = [np.frombuffer(mapping, np.float16, math.prod(shape), layer * self.layer_bytes).reshape(shape)
                        for layer in range(num_layers)]
-        self.mapped_rows = [0]  # the most rows other caches map from this one (a list: the finalizer reads it)
         self.runs = [0]  # the rows where each mapping of the arrays' pages begins (one, until it shares)
+        # [the most rows other caches map from this one, the first row of its own pages]: the finalizer reads it
+        self.extent = [0, 0]
         weakref.finalize(self, _give_back, mapping, self.arrays[0].ctypes.data, num_layers, self.layer_bytes,
-                         self.row_bytes, self.mapped_rows)
+                         self.row_bytes, self.extent)
 
     @property
     def rows_per_page_run(self) -> int:
@@ -73,7 +74,8 @@ class LayerMemory:
                 if got != target:
                     raise OSError(ctypes.get_errno(), "mremap of a shared KV cache range failed")
         self.runs = starts + [shared]
-        source.mapped_rows[0] = max(source.mapped_rows[0], shared)
+        self.extent[1] = shared
+        source.extent[0] = max(source.extent[0], shared)
         return shared
 
 
@@ -112,11 +114,13 @@ def layer_memory(num_layers: int, shape: tuple[int, ...]) -> LayerMemory | Plain
 
 
 def _give_back(mapping: ctypes.Array, address: int, num_layers: int, layer_bytes: int, row_bytes: int,
-               mapped_rows: list[int]) -> None:
-    """A cache is dropped: free its rows beyond those other caches map (its file lives on for those)."""
-    if mapped_rows[0] == 0:
+               extent: list[int]) -> None:
+    """A cache is dropped: free its own rows beyond those other caches map (its file lives on for those). Rows
+    it maps from another cache are that cache's to free."""
+    mapped, own = extent
+    if mapped == 0:
         return  # nobody else maps it: file and pages go with the mapping
-    start = -(-mapped_rows[0] * row_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
+    start = -(-max(mapped, own) * row_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
     for layer in range(num_layers):
         if _libc.madvise(address + layer * layer_bytes + start, layer_bytes - start, _MADV_REMOVE):
             raise OSError(ctypes.get_errno(), "madvise(MADV_REMOVE) failed on a KV cache's memory")

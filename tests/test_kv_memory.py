@@ -79,6 +79,15 @@ def test_a_dropped_cache_gives_back_the_rows_nobody_else_maps():
         os.close(file)
 
 
+def test_a_dropped_cache_leaves_the_rows_it_maps_from_another_to_that_one():
+    first, second, third = filled(5), LayerMemory(LAYERS, (ROWS, 1, WIDTH)), LayerMemory(LAYERS, (ROWS, 1, WIDTH))
+    second.share(first, 96)
+    third.share(second, 64)  # fewer rows than second maps from first
+    del second
+    gc.collect()
+    assert np.array_equal(first.arrays[1][:96], filled(5).arrays[1][:96]), "first's rows 64-95 are whole"
+
+
 def test_caches_hold_no_descriptor():
     """A server keeps thousands of ended requests' caches: a descriptor each would run out (ulimit -n)."""
     before = len(os.listdir("/proc/self/fd"))
