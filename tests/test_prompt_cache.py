@@ -313,3 +313,16 @@ def test_a_long_context_prefills_in_chunks_whose_attention_fits_its_memory(model
     chunks = sizes[:int(np.searchsorted(ends, 300)) + 1]
     assert sum(chunks) == 300 and len(chunks) > 2, "300 rows in more steps than the 256-row budget needs"
     assert all(rows * end <= 64 * 256 for rows, end in zip(chunks, ends)), "rows x positions within the bound"
+
+
+def test_without_memory_files_the_shared_rows_are_copied(model, monkeypatch):
+    """Where the system has no memory files (not Linux), caches are plain arrays: the rows are copied, and
+    the answers are the same."""
+    monkeypatch.setattr("runtime.kv_memory.SHARING", False)
+    first, second = request(prompt(50, 80)), request(prompt(50, 80)[:70] + prompt(51, 5))
+    warm = engine(model)
+    run(warm, first)
+    (got, reused), = run(warm, second)
+    assert reused == 70 and got == cold(model, second)[0]
+    stats = warm.prompt_cache.stats()
+    assert (stats.rows_shared, stats.rows_copied) == (0, 70)
