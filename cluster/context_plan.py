@@ -3,8 +3,9 @@
 The head keeps every sequence's KV cache (~70 KB a token at K2.6's size). Unless --context names a size, a
 sequence gets the largest context the plan can hold for --max-sequences of them, up to the model's own
 length, without costing the experts anything: each node keeps the share of them it has at the least
-context (4,096), and they stay in memory if they were there. What the head has left after that is the KV pool's too: the prompt cache keeps
-ended conversations in the pool, beside what the running sequences hold (runtime/prompt_cache.py).
+context (4,096), and they stay in memory if they were there. What the head has left after that is the KV
+pool's too: the prompt cache keeps ended conversations in the pool, beside what the running sequences hold
+(runtime/prompt_cache.py).
 Pure data logic over byte sizes, as placement.py is.
 """
 from __future__ import annotations
@@ -44,7 +45,8 @@ def plan_context(inventory: Inventory, nodes: list[NodeBudget], *, bytes_per_tok
     """The placement and the KV plan: for `context` tokens a sequence when given (refused if it does not fit),
     else for the largest context, from LEAST_CONTEXT up to model_context, that the head's memory left beside
     its share of the experts holds (before replicas: context comes first), the experts shared as at the least
-    context and placed as well (in memory if they were, by speed if they were). plan_args go to placement.plan (reserve_bytes, allow_disk, replicas, heat)."""
+    context and placed as well (in memory if they were, by speed if they were). plan_args go to
+    placement.plan (reserve_bytes, allow_disk, replicas, heat)."""
     head = next(n.name for n in nodes if n.is_head)
 
     def attempt(tokens: int, **overrides) -> Placement:

@@ -209,7 +209,7 @@ class ExpertCluster:
         """What must be placed: every expert's bytes, and what the head holds (weights and, once planned, the
         KV cache)."""
         if self._inventory is None:
-            self._inventory = Inventory.from_model(self.model_file, self.model_config, 1, 1).with_kv_cache(0)
+            self._inventory = Inventory.from_model(self.model_file, self.model_config)
         return self._inventory
 
     def plan(self, budgets: list[NodeBudget]) -> Placement:

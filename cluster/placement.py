@@ -48,11 +48,13 @@ class Inventory:
         object.__setattr__(self, "moe_layers", tuple(int(layer) for layer in self.moe_layers))
 
     @classmethod
-    def from_model(cls, model_file: GGUFModelFile, config: ModelConfig, context: int,
-                   max_sequences: int) -> Inventory:
-        """Sizes from the tensor index only: no tensor data is read."""
-        if context < 1 or max_sequences < 1:
-            raise ValueError(f"context ({context}) and max_sequences ({max_sequences}) must be at least 1")
+    def from_model(cls, model_file: GGUFModelFile, config: ModelConfig, context: int = 0,
+                   max_sequences: int = 1) -> Inventory:
+        """Sizes from the tensor index only: no tensor data is read. With no context, no KV cache (the context
+        planner sizes it: with_kv_cache)."""
+        if context < 0 or max_sequences < 1:
+            raise ValueError(f"context ({context}) must not be negative and max_sequences ({max_sequences}) must "
+                             "be at least 1")
         expert_bytes = np.zeros((config.num_layers, config.num_experts), dtype=np.int64)
         expert_tensors = set()
         for layer in config.moe_layers:

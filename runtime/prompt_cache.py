@@ -114,8 +114,10 @@ class PromptCache:
             self._evict()
 
     def _evict(self) -> None:
-        while self._kept and self._kept_tokens() * self.bytes_per_token > self.budget_bytes - self._running_bytes:
-            self._kept.popitem(last=False)
+        held = self._kept_tokens() * self.bytes_per_token
+        while self._kept and held > self.budget_bytes - self._running_bytes:
+            _, dropped = self._kept.popitem(last=False)
+            held -= len(dropped.tokens) * self.bytes_per_token
             self._evictions += 1
 
     def stats(self) -> PromptCacheStats:

@@ -212,7 +212,7 @@ def test_the_readme_cluster_steps_serve_from_three_machines(cluster):
 
 SHORT_STREAM = 12  # tokens
 SPEED_PROBE = 200  # tokens streamed to measure the cluster's decode speed
-MOST_TOKENS = 3500  # the longest stream the served context (4,096 tokens) holds beside the prompt
+MOST_TOKENS = 3500  # a stream the served context (4,096 tokens at least) holds beside the prompt
 OUTAGE_S = 8  # a cable pulled for a few seconds: past the deadline, short of Ray's giving the node up
 
 

@@ -41,7 +41,7 @@ def _plan_here(model_file, model_config, available: int, max_sequences: int, con
     from cluster.context_plan import plan_here
     from cluster.placement import Inventory
     from runtime.kv_cache import bytes_per_token
-    inventory = Inventory.from_model(model_file, model_config, 1, 1).with_kv_cache(0)
+    inventory = Inventory.from_model(model_file, model_config)
     return plan_here(inventory, available, bytes_per_token=bytes_per_token(model_config),
                      max_sequences=max_sequences, model_context=model_config.context_length, context=context)
 
