@@ -12,6 +12,13 @@ on its neighbours, as in llama.cpp.)
 
 A sequence may be constrained (banned tokens, a grammar for structured output): its logits row is masked
 before sampling, with the grammar's mask computed while the model runs the step; logprobs stay the model's.
+
+A decoding sequence may also feed tokens drafted from its context (speculative.py) in the same step: their
+rows' logits say what the model would have written after each, and the sequence samples row by row, as it
+would have one step at a time, while its samples agree with the draft. The first disagreement is its last
+token of the step; the cache rows of the rejected drafts are given back (the cache's length), and are written
+over next. Every token is sampled from the model's own distribution for its position, with the sequence's
+own generator, so the output is what decoding without drafts gives.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ from .kv_cache import KVCache, Segment
 from .model import KimiModel
 from .prompt_cache import PromptCache
 from .sampling import Sampler, SamplingParams, largest, sample_rows
+from .speculative import Drafter, DraftStore
 
 
 @dataclass(frozen=True)
@@ -110,6 +118,17 @@ class SequenceState:
         self.generated = 0
         self.cancelled = False
         self.last_logits: np.ndarray | None = None  # logits the first token was sampled from
+        self.drafter: Drafter | None = None  # from its first decoding step, when the engine drafts
+        self.draft: list[int] = []  # the tokens it drafted for the step that runs
+
+    @property
+    def drafted(self) -> int:
+        return self.drafter.drafted if self.drafter is not None else 0
+
+    @property
+    def accepted(self) -> int:
+        """Drafted tokens that were right (each one a token this sequence got without a step of its own)."""
+        return self.drafter.accepted if self.drafter is not None else 0
 
     @property
     def prefilling(self) -> bool:
@@ -119,7 +138,7 @@ class SequenceState:
         """The tokens this sequence feeds into the next step: a prompt chunk, or its last sampled token."""
         if self.prefilling:
             return list(self.request.prompt[self.prefilled: self.prefilled + budget])
-        return [self.history[-1]]
+        return [self.history[-1], *self.draft]
 
 
 class Engine:
@@ -127,7 +146,9 @@ class Engine:
     `start()` a background loop and `submit` requests from any thread."""
 
     def __init__(self, model: KimiModel, context_size: int = 4096, max_sequences: int = 16,
-                 max_step_tokens: int = 512, max_waiting: int = 256, prompt_cache: PromptCache | None = None):
+                 max_step_tokens: int = 512, max_waiting: int = 256, prompt_cache: PromptCache | None = None,
+                 max_draft: int = 0):
+        """max_draft: the most tokens a sequence may draft per step (speculative.parse_speculate); 0: none."""
         if context_size > model.config.context_length:
             raise ValueError(f"context size {context_size} exceeds the model's {model.config.context_length}")
         if max_sequences < 1 or max_step_tokens <= max_sequences:
@@ -136,6 +157,9 @@ class Engine:
         self.model, self.context_size = model, context_size
         self.max_sequences, self.max_step_tokens, self.max_waiting = max_sequences, max_step_tokens, max_waiting
         self.prompt_cache = prompt_cache  # where ended sequences' KV is kept for reuse, if anywhere
+        self.max_draft = max_draft
+        self.draft_store = DraftStore() if max_draft else None  # recent replies, drafted from by every sequence
+        self.drafted_tokens = self.accepted_tokens = 0  # totals over every sequence
         self.waiting: list[SequenceState] = []
         self.running: list[SequenceState] = []
         self._lock = threading.Condition()
@@ -212,7 +236,7 @@ class Engine:
         tokens = np.concatenate([np.asarray(rows, np.int32) for _, rows in batch])
         segments, start = [], 0
         for sequence, rows in batch:
-            segments.append(Segment(sequence.cache, start, len(rows)))
+            segments.append(Segment(sequence.cache, start, len(rows), logits=1 + len(sequence.draft)))
             start += len(rows)
         for sequence, _ in batch:
             if sequence.matcher is not None:
@@ -222,35 +246,63 @@ class Engine:
         except Exception as e:  # the model or a worker failed: every sequence in this step ends with the reason
             self._fail([s for s, _ in batch], e)
             return len(tokens)
-        emitting = []  # indices into batch and logits of the sequences that get a token this step
-        unmasked = {}  # index -> the model's logits of a row that constraints then masked (for logprobs)
-        for index, (sequence, rows) in enumerate(batch):
+        sampling, first = [], 0  # (sequence, its logits rows) of the sequences that get tokens this step
+        for segment, (sequence, rows) in zip(segments, batch):
+            block, first = logits[first: first + segment.logits], first + segment.logits
             if sequence.prefilling:
                 sequence.prefilled += len(rows)
                 if sequence.prefilling:
                     continue
-                sequence.last_logits = logits[index]
-            if sequence.request.banned_tokens or sequence.matcher is not None:
-                unmasked[index] = sequence.last_logits = logits[index].copy()
-                try:
-                    self._constrain(sequence, logits[index])
-                except Exception as e:
-                    self._fail([sequence], e)
-                    continue
-            emitting.append(index)
-        sequences = [batch[i][0] for i in emitting]
-        rows = logits if len(emitting) == len(batch) else logits[emitting]
-        sampled = sample_rows([s.sampler for s in sequences], rows, [s.history for s in sequences])
-        for sequence, index, token in zip(sequences, emitting, sampled):
-            try:
-                if isinstance(token, ValueError):  # e.g. NaN logits: this sequence ends, the others go on
-                    raise token
-                self._emit(sequence, unmasked.get(index, logits[index]), token)
-            except Exception as e:
-                self._fail([sequence], e)
+                sequence.last_logits = block[0].copy()  # a constrained row is masked in place
+            sampling.append((sequence, block))
+        self._sample(sampling)
         if self.on_step is not None:
             self.on_step(len(tokens), time.perf_counter() - started)
         return len(tokens)
+
+    def _sample(self, sampling: list[tuple[SequenceState, np.ndarray]]) -> None:
+        """Each sequence's tokens from its logits rows: row i after its first i drafted tokens. Rows are taken in
+        rounds, every sequence's row i together; a sequence goes on to its next row while its sample equals its
+        draft."""
+        position = 0
+        while sampling:
+            rows, unmasked, ready = [], [], []
+            for sequence, block in sampling:
+                row = block[position]
+                unmasked.append(row)
+                if sequence.request.banned_tokens or sequence.matcher is not None:
+                    unmasked[-1] = row.copy()
+                    try:
+                        self._constrain(sequence, row)
+                    except Exception as e:
+                        self._fail([sequence], e)
+                        unmasked.pop()
+                        continue
+                rows.append(row)
+                ready.append((sequence, block))
+            sequences = [sequence for sequence, _ in ready]
+            sampled = sample_rows([s.sampler for s in sequences], rows, [s.history for s in sequences])
+            going_on = []
+            for (sequence, block), row, token in zip(ready, unmasked, sampled):
+                try:
+                    if isinstance(token, ValueError):  # e.g. NaN logits: this sequence ends, the others go on
+                        raise token
+                    finished = self._emit(sequence, row, token)
+                except Exception as e:
+                    self._fail([sequence], e)
+                    continue
+                agrees = position < len(sequence.draft) and token == sequence.draft[position]
+                if agrees and not finished:
+                    going_on.append((sequence, block))
+                elif sequence.draft:
+                    self._verified(sequence, accepted=position + agrees)
+            sampling, position = going_on, position + 1
+
+    def _verified(self, sequence: SequenceState, accepted: int) -> None:
+        sequence.drafter.verified(len(sequence.draft), accepted)
+        self.drafted_tokens += len(sequence.draft)
+        self.accepted_tokens += accepted
+        sequence.draft = []
 
     @staticmethod
     def _constrain(sequence: SequenceState, logits: np.ndarray) -> None:
@@ -278,6 +330,8 @@ class Engine:
         if self.prompt_cache is not None and sequence.cache is not None:
             self.prompt_cache.make_room(self._running_rows())  # it no longer runs
             self.prompt_cache.keep(sequence.history, sequence.cache)
+        if self.draft_store is not None and sequence.generated:
+            self.draft_store.add(sequence.history[len(sequence.request.prompt):])
         sequence.cache = None
 
     def _running_rows(self) -> int:
@@ -285,10 +339,16 @@ class Engine:
         return sum(s.cache.capacity for s in self.running if s.cache is not None)
 
     def _plan_batch(self) -> list[tuple[SequenceState, list[int]]]:
-        """Decoding sequences first (one row each), then prompt chunks in arrival order within the budget (and
-        within what a long context's attention may take in one step)."""
-        decoding = [(s, s.next_rows(1)) for s in self.running if not s.prefilling]
+        """Decoding sequences first (one row each, and their drafts within half of what the budget leaves), then
+        prompt chunks in arrival order within the budget (and within what a long context's attention may take
+        in one step)."""
+        decoding = [s for s in self.running if not s.prefilling]
         budget = self.max_step_tokens - len(decoding)
+        drafts = budget // 2
+        for sequence in decoding:
+            sequence.draft = self._draft(sequence, drafts)
+            drafts -= len(sequence.draft)
+            budget -= len(sequence.draft)
         prefills = []
         for sequence in self.running:
             if sequence.prefilling and budget > 0:
@@ -296,14 +356,34 @@ class Engine:
                 rows = sequence.next_rows(self.model.prefill_rows(sequence.cache, min(budget, left)))
                 prefills.append((sequence, rows))
                 budget -= len(rows)
-        return decoding + prefills
+        return [(s, s.next_rows(1)) for s in decoding] + prefills
 
-    def _emit(self, sequence: SequenceState, logits: np.ndarray, token: int) -> None:
+    def _draft(self, sequence: SequenceState, budget: int) -> list[int]:
+        """The tokens a decoding sequence drafts for this step: none past its max_tokens, none the step's
+        attention memory could not take, and only tokens its constraints allow."""
+        if not self.max_draft:
+            return []
+        if sequence.drafter is None:
+            sequence.drafter = Drafter(sequence.history, self.draft_store, self.max_draft)
+        room = min(budget, sequence.request.max_tokens - sequence.generated - 1, sequence.drafter.limit)
+        if room > 0:
+            room = self.model.prefill_rows(sequence.cache, 1 + room) - 1
+        draft = sequence.drafter.propose(sequence.history, room)
+        banned = sequence.request.banned_tokens
+        if banned and (cut := [i for i, token in enumerate(draft) if token in banned]):
+            draft = draft[:cut[0]]
+        if sequence.matcher is not None and draft:
+            draft = draft[:sequence.matcher.valid_prefix(draft)]
+        return draft
+
+    def _emit(self, sequence: SequenceState, logits: np.ndarray, token: int) -> bool:
+        """Hand a sampled token to its sequence; returns whether the sequence has ended."""
         request = sequence.request
         if sequence.matcher is not None:
             sequence.matcher.accept(token)
         sequence.history.append(token)
         sequence.generated += 1
+        sequence.cache.length = len(sequence.history) - 1  # rows past it held drafts that were not taken
         finish = "stop" if token in request.stop_tokens else \
             "length" if sequence.generated >= request.max_tokens else None
         logprob, top = None, ()
@@ -314,6 +394,7 @@ class Engine:
                 self.running.remove(sequence)
                 self._keep(sequence)
         sequence.on_output(TokenOutput(token, finish, logprob, top))
+        return finish is not None
 
     def _fail(self, sequences: list[SequenceState], error: Exception) -> None:
         with self._lock:

@@ -75,16 +75,21 @@ class StepModel(Protocol):
 
 @dataclass(frozen=True)
 class StepShape:
-    segments: tuple[tuple[int, int, int], ...]  # per segment: cache serial, new rows, cached positions attended
-    all_logits: bool
+    # per segment: cache serial, new rows, cached positions attended, rows whose logits are returned
+    segments: tuple[tuple[int, int, int, int], ...]
 
     @classmethod
     def of(cls, segments: Sequence[Segment], all_logits: bool) -> "StepShape":
-        return cls(tuple((s.cache.serial, s.count, kv_positions(s.cache, s.count)) for s in segments), all_logits)
+        return cls(tuple((s.cache.serial, s.count, kv_positions(s.cache, s.count), s.count if all_logits else s.logits)
+                         for s in segments))
 
     @property
     def num_tokens(self) -> int:
-        return sum(count for _, count, _ in self.segments)
+        return sum(count for _, count, _, _ in self.segments)
+
+    @property
+    def all_logits(self) -> bool:
+        return all(logits == count for _, count, _, logits in self.segments)
 
 
 class StepGraphs:
@@ -95,9 +100,10 @@ class StepGraphs:
         num_tokens = shape.num_tokens
         self.tokens = np.zeros(num_tokens, np.int32)
         self.positions = np.zeros(num_tokens, np.int32)
-        self.out_rows = np.zeros(num_tokens if shape.all_logits else len(segments), np.int32)
-        self.write_rows = [np.zeros(count, np.int64) for _, count, _ in shape.segments]
-        self.masks = [np.zeros((count, kv), np.float32) for _, count, kv in shape.segments]
+        self.out_rows = np.concatenate([np.arange(seg.start + count - logits, seg.start + count, dtype=np.int32)
+                                        for (_, count, _, logits), seg in zip(shape.segments, segments)])
+        self.write_rows = [np.zeros(count, np.int64) for _, count, _, _ in shape.segments]
+        self.masks = [np.zeros((count, kv), np.float32) for _, count, kv, _ in shape.segments]
         # Layers whose routed experts run outside the graph: the pass is cut after their router.
         self.cuts = [layer for layer in c.moe_layers if model.experts_in_graph(layer, num_tokens) is None]
         bounds = [-1] + self.cuts + [c.num_layers - 1]
@@ -143,8 +149,6 @@ class StepGraphs:
             self.write_rows[i][...] = positions
             visible = np.arange(self.masks[i].shape[1])[None, :] <= positions[:, None]
             self.masks[i][...] = np.where(visible, np.float32(0), np.float32(-np.inf))
-        self.out_rows[...] = (np.arange(len(self.tokens)) if self.shape.all_logits
-                              else [s.start + s.count - 1 for s in segments])
 
     # -- building ------------------------------------------------------------------------------------------
 
@@ -253,7 +257,7 @@ class _LayerGraph:
         """Write segment i's new rows into its cache, then attend over its cached positions (llama.cpp's
         attention without flash attention). Returns [Dv, rows, H]."""
         ctx, g, cache, start = self.ctx, self.g, self.segments[i].cache, self.segments[i].start
-        count, kv = self.step.shape.segments[i][1:]
+        count, kv = self.step.shape.segments[i][1:3]
         rows, mask = self.inputs["write_rows"][i], self.inputs["masks"][i]
         keys = self._write(g.external(cache.keys[layer]), new_keys, start, count, rows)
         values = keys if new_values is None else self._write(g.external(cache.values[layer]), new_values, start, count,

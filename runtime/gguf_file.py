@@ -224,10 +224,16 @@ class GGUFModelFile:
                     continue
                 self.info(name)
             info = self.tensors[name]
-            if info.ne != tuple(ne):
+            if _without_trailing_ones(info.ne) != _without_trailing_ones(ne):  # ggml's [64, 256] is [64, 256, 1]
                 raise GGUFError(f"{self.paths[info.shard]}: tensor '{name}' has shape {list(info.ne)} but the "
                                 f"metadata implies {list(ne)}; the file's metadata and tensors disagree")
             if allowed is not None and info.ggml_type not in allowed:
                 raise GGUFError(f"{self.paths[info.shard]}: tensor '{name}' is {info.ggml_type.name}, a type this "
                                 "build cannot compute; use a file quantized to a supported type")
 
+
+def _without_trailing_ones(ne: Iterable[int]) -> tuple[int, ...]:
+    ne = tuple(ne)
+    while len(ne) > 1 and ne[-1] == 1:
+        ne = ne[:-1]
+    return ne

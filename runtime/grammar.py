@@ -109,6 +109,10 @@ class GrammarMatcher:
         allowed = np.unpackbits(self._bitmask[0].view(np.uint8), bitorder="little")[:logits.shape[-1]]
         logits[allowed == 0] = -np.inf
 
+    def valid_prefix(self, tokens: list[int]) -> int:
+        """How many of `tokens`, from the first, the grammar allows in turn from here (the matcher stays)."""
+        return self._matcher.validate_tokens(tokens)
+
     def accept(self, token: int) -> None:
         if self._matcher.is_stopped() and not self._matcher.is_error():
             return  # complete, its end token taken: more end tokens (generation past them) change nothing

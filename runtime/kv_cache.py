@@ -67,7 +67,9 @@ class KVCache:
 
 @dataclass(frozen=True)
 class Segment:
-    """The rows [start, start + count) of a step's flat batch that belong to one sequence's cache."""
+    """The rows [start, start + count) of a step's flat batch that belong to one sequence's cache; the step
+    returns the logits of its last `logits` rows (a prompt chunk needs its last; drafted tokens need all)."""
     cache: KVCache
     start: int
     count: int
+    logits: int = 1

@@ -22,7 +22,7 @@ from .gguf_file import GGUFModelFile
 
 
 REPACK_CHOICES = ("none", "experts", "head", "all")
-STEP_SHAPES_KEPT = 4
+STEP_SHAPES_KEPT = 8
 MAX_TOKENS_OF_KEPT_STEPS = 64
 
 
@@ -133,7 +133,7 @@ class KimiModel:
     def forward(self, tokens: np.ndarray, segments: Sequence[Segment], all_logits: bool = False) -> np.ndarray:
         """tokens: [T] for the rows of every segment; advances each segment's cache by its row count.
 
-        Returns logits [T, V] if all_logits, else the last row of each segment: [len(segments), V].
+        Returns logits [T, V] if all_logits, else each segment's last `logits` rows, in order.
         """
         segments = list(segments)
         graphs = self._step_graphs(StepShape.of(segments, all_logits), segments)

@@ -9,6 +9,7 @@ import numpy as np
 
 from cluster.cli.model_session import model_session
 from cluster.cli.options import add_cluster_args, add_runtime_args, add_sampling_args, cluster_config, sampling_params
+from runtime.speculative import parse_speculate
 
 
 def add_generate_parser(sub) -> None:
@@ -39,14 +40,14 @@ def cmd_generate(args) -> None:
     config = cluster_config(args)
     if config is not None:  # one sequence: the head plans a KV cache for one, not for a server's batch
         config = dataclasses.replace(config, max_sequences=1)
-    with model_session(args, config, max_sequences=1) as (model, tokenizer, _, kv):
-        _generate(args, params, model, tokenizer, kv.context)
+    with model_session(args, config, max_sequences=1) as (model, tokenizer, cluster, kv):
+        _generate(args, params, model, tokenizer, kv.context, parse_speculate(args.speculate, cluster is not None))
 
 
-def _generate(args, params, model, tokenizer, context: int) -> None:
+def _generate(args, params, model, tokenizer, context: int, max_draft: int) -> None:
     from runtime.engine import Engine, GenerationStats
     prompt = _prompt_tokens(tokenizer, args.prompt, args.chat)
-    engine = Engine(model, context_size=context)
+    engine = Engine(model, context_size=context, max_draft=max_draft)
     stats = GenerationStats()
     decoder = tokenizer.stream_decoder() if not args.json else None
     tokens = []
@@ -60,10 +61,19 @@ def _generate(args, params, model, tokenizer, context: int) -> None:
     if args.json:
         print(json.dumps({"prompt_tokens": prompt, "tokens": tokens, "text": text,
                           "tokens_per_s": round(stats.decode_tokens_per_s, 3),
+                          "drafted_tokens": engine.drafted_tokens, "accepted_tokens": engine.accepted_tokens,
                           "prompt_tokens_per_s": round(stats.prompt_tokens_per_s, 3),
                           "finish_reason": stats.finish_reason}))
         return
     print(decoder.flush())
     print(f"[prompt: {stats.prompt_tokens} tokens at {stats.prompt_tokens_per_s:.1f} tokens/s; "
-          f"generated: {stats.generated_tokens} tokens at {stats.decode_tokens_per_s:.1f} tokens/s; "
+          f"generated: {stats.generated_tokens} tokens at {stats.decode_tokens_per_s:.1f} tokens/s"
+          f"{_drafts(engine)}; "
           f"finish: {stats.finish_reason}]", file=sys.stderr)
+
+
+def _drafts(engine) -> str:
+    """How many drafted tokens were right, if any were drafted."""
+    if not engine.drafted_tokens:
+        return ""
+    return f", {engine.accepted_tokens}/{engine.drafted_tokens} drafted tokens accepted"

@@ -7,6 +7,8 @@ import argparse
 import dataclasses
 import os
 
+from runtime.speculative import AUTO_LOCAL, AUTO_REMOTE, parse_speculate
+
 DEFAULT_MAX_SEQUENCES = 16
 
 
@@ -67,6 +69,12 @@ def add_runtime_args(p: argparse.ArgumentParser, serving: bool = False) -> None:
                         "experts = the routed experts, head = all but the routed experts, all = both (needs "
                         "RAM for the whole model), none = read everything in place from the file. Default: " +
                         ("all, the fastest; experts with --deterministic" if serving else "all, the fastest"))
+    p.add_argument("--speculate", type=speculate_choice, default="auto", metavar="auto|off|N",
+                   help="draft tokens from the context (what the reply copies from its prompt or from earlier "
+                        "replies) and check them in the same step, several tokens per step where they are right; "
+                        "the output is the same. N: at most N drafted tokens per step; auto: up to "
+                        f"{AUTO_LOCAL} in one process, {AUTO_REMOTE} with workers (whose round trips every row "
+                        "shares); the length adapts to how often drafts are right (default %(default)s)")
     if serving:
         p.add_argument("--deterministic", action="store_true",
                        help="a sequence gets exactly the tokens it would get alone, whatever shares its batch: "
@@ -149,6 +157,15 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
                        help="second copies of workers' experts, so a lost worker costs no fallback to the head: "
                             "0 none, 1 every expert twice (refused if it does not fit), auto as many as the memory "
                             "left over holds (default: the cluster config's, else 0)")
+
+
+def speculate_choice(text: str) -> str:
+    """--speculate's value, checked (the number it stands for depends on where the experts run)."""
+    try:
+        parse_speculate(text, experts_remote=False)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--speculate takes ")) from None
+    return text
 
 
 def positive_int(text: str) -> int:

@@ -65,6 +65,7 @@ def serving(args, host: str, port: int, announce: bool = True):
     from cluster.server.service import Service
     from runtime.engine import Engine
     from runtime.gguf_file import GGUFModelFile
+    from runtime.speculative import parse_speculate
     from runtime.tokenizer import Tokenizer
     config = cluster_config(args)
     max_sequences = config.max_sequences if config is not None else args.max_sequences or DEFAULT_MAX_SEQUENCES
@@ -94,7 +95,8 @@ def serving(args, host: str, port: int, announce: bool = True):
                 service.metrics.watch_failover(cluster.failover, cluster.placement.replica_count)
             prompt_cache = prompt_cache_for(args, model, kv)
             engine = Engine(model, kv.context, max_sequences=max_sequences, max_step_tokens=args.step_tokens,
-                            prompt_cache=prompt_cache)
+                            prompt_cache=prompt_cache,
+                            max_draft=parse_speculate(args.speculate, experts_remote=cluster is not None))
             if prompt_cache is not None:
                 service.metrics.watch_prompt_cache(prompt_cache)
             if announce:

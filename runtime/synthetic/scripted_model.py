@@ -34,8 +34,15 @@ from .demo_vocab import add_tokenizer_to, demo_tokenizer_metadata
 SCRIPTED = Preset(n_embd=256, num_layers=2, num_dense_layers=1, num_heads=1, q_lora_rank=256, kv_lora_rank=128,
                   head_dim_nope=64, rope_dim=32, head_dim_v=128, n_ff_dense=256, n_ff_expert=256, num_experts=4,
                   num_experts_used=2, base_dtype="f32")
-TOKEN_DIMS = 127  # dims 0..126: the token's own vector; 127: the constant; 128..254: the previous token's
-CONSTANT = TOKEN_DIMS
+# A model that recites a ~300-token text (up to 511 bigrams) at Kimi K2's depth and expert counts (61 layers,
+# 384 experts, 8 used; experts 32 wide, as the k2-depth demo preset): drafts from the prompt have something to
+# copy, and a step costs what K2's layer count makes it cost.
+RECITER = Preset(n_embd=512, num_layers=61, num_dense_layers=1, num_heads=1, q_lora_rank=256, kv_lora_rank=256,
+                 head_dim_nope=64, rope_dim=32, head_dim_v=256, n_ff_dense=256, n_ff_expert=32, num_experts=384,
+                 num_experts_used=8, base_dtype="f16")
+RECITE_ASK = "Repeat this text exactly:\n\n"
+# The stream's first half holds the token's own vector (its last dim: the constant), the second the previous
+# token's; the latent (one head) carries the token's vector: n_embd = 2 * kv_lora_rank = 2 * head_dim_v.
 ROPE_PAIRS = 5  # RoPE's fastest rotations, which YaRN leaves as they are (wavelength < 128 positions)
 ROPE_BASE = 50000.0  # write_metadata's rope.freq_base
 ROPE_AMPLITUDE = 40.0  # per pair, for query and key: the previous position wins by e^30 or more
@@ -116,13 +123,19 @@ def _spell_text(written: list[int], text: bytes, ids: list[int], table: dict, pi
     return found
 
 
-def _embeddings(vocab_size: int, rng: np.random.Generator) -> np.ndarray:
+def _token_dims(p: Preset) -> int:
+    """Dims 0..token_dims-1: the token's own vector; token_dims: the constant."""
+    return p.kv_lora_rank - 1
+
+
+def _embeddings(p: Preset, vocab_size: int, rng: np.random.Generator) -> np.ndarray:
     """Every row the same length, so that RMSNorm scales every token's constant coordinate alike."""
-    token = rng.standard_normal((vocab_size, TOKEN_DIMS)).astype(np.float32)
-    token *= np.sqrt(TOKEN_DIMS) / np.linalg.norm(token, axis=1, keepdims=True)
-    table = np.zeros((vocab_size, SCRIPTED.n_embd), np.float32)
-    table[:, :TOKEN_DIMS] = token
-    table[:, CONSTANT] = np.sqrt(TOKEN_DIMS)
+    dims = _token_dims(p)
+    token = rng.standard_normal((vocab_size, dims)).astype(np.float32)
+    token *= np.sqrt(dims) / np.linalg.norm(token, axis=1, keepdims=True)
+    table = np.zeros((vocab_size, p.n_embd), np.float32)
+    table[:, :dims] = token
+    table[:, dims] = np.sqrt(dims)
     return table
 
 
@@ -130,51 +143,54 @@ def _rms_norm(x: np.ndarray) -> np.ndarray:
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-6)
 
 
-def _weights(vocab_size: int, table: dict[tuple[int, int], int], rng: np.random.Generator) -> dict[str, np.ndarray]:
-    p, d = SCRIPTED, SCRIPTED.n_embd
-    embeddings = _embeddings(vocab_size, rng)
-    constant = _rms_norm(embeddings[0])[CONSTANT]  # the constant coordinate after attn_norm, the same for all
-    w: dict[str, np.ndarray] = {name: np.zeros(shape, np.float32) for name, shape, _ in tensor_specs(p, vocab_size)}
-    for name, array in w.items():
-        if name.endswith("norm.weight"):
-            array[:] = 1
+def _weights(p: Preset, vocab_size: int, table: dict[tuple[int, int], int], rng: np.random.Generator
+             ) -> dict[str, np.ndarray]:
+    """The tensors that are not zero (norms are ones; every other branch adds nothing, a zero tensor)."""
+    d, dims, q_b = p.n_embd, _token_dims(p), "blk.0.attn_q_b.weight"
+    embeddings = _embeddings(p, vocab_size, rng)
+    constant = _rms_norm(embeddings[0])[dims]  # the constant coordinate after attn_norm, the same for all
+    shapes = {name: shape for name, shape, _ in tensor_specs(p, vocab_size)}
+    w = {name: np.ones(shape, np.float32) for name, shape in shapes.items() if name.endswith("norm.weight")}
+    w.update({name: np.zeros(shapes[name], np.float32) for name in (
+        "blk.0.attn_q_a.weight", q_b, "blk.0.attn_kv_a_mqa.weight", "blk.0.attn_v_b.weight",
+        "blk.0.attn_output.weight")})
     w["token_embd.weight"] = embeddings
     # Query: q_a reads the constant into a vector of ones (q_a_norm keeps it), q_b turns it into each head's
     # RoPE part, rotated back by one position's angle; the no-RoPE part stays zero.
-    w["blk.0.attn_q_a.weight"][:, CONSTANT] = 1 / constant
+    w["blk.0.attn_q_a.weight"][:, dims] = 1 / constant
     angles = ROPE_BASE ** (-2 * np.arange(ROPE_PAIRS) / p.rope_dim)
     head_rows = p.head_dim_nope + p.rope_dim
     for head in range(p.num_heads):
         rope_row = head * head_rows + p.head_dim_nope
-        w["blk.0.attn_q_b.weight"][rope_row: rope_row + 2 * ROPE_PAIRS: 2, 0] = ROPE_AMPLITUDE * np.cos(angles)
-        w["blk.0.attn_q_b.weight"][rope_row + 1: rope_row + 2 * ROPE_PAIRS: 2, 0] = -ROPE_AMPLITUDE * np.sin(angles)
+        w[q_b][rope_row: rope_row + 2 * ROPE_PAIRS: 2, 0] = ROPE_AMPLITUDE * np.cos(angles)
+        w[q_b][rope_row + 1: rope_row + 2 * ROPE_PAIRS: 2, 0] = -ROPE_AMPLITUDE * np.sin(angles)
     # Key: the same constant, unrotated; latent (the values): the token's own vector.
     kv = w["blk.0.attn_kv_a_mqa.weight"]
-    kv[np.arange(TOKEN_DIMS), np.arange(TOKEN_DIMS)] = 1
-    kv[p.kv_lora_rank: p.kv_lora_rank + 2 * ROPE_PAIRS: 2, CONSTANT] = ROPE_AMPLITUDE / constant
+    kv[np.arange(dims), np.arange(dims)] = 1
+    kv[p.kv_lora_rank: p.kv_lora_rank + 2 * ROPE_PAIRS: 2, dims] = ROPE_AMPLITUDE / constant
     # Values to the stream's second half: head h carries its share of the latent's dims.
     per_head = p.kv_lora_rank // p.num_heads
     for head in range(p.num_heads):
         for k in range(per_head):
             dim = head * per_head + k
-            if dim < TOKEN_DIMS:
+            if dim < dims:
                 w["blk.0.attn_v_b.weight"][head, k, dim] = 1
                 w["blk.0.attn_output.weight"][d // 2 + dim, head * p.head_dim_v + k] = 1
-    # The router needs no care: every expert adds nothing.
-    w["output.weight"] = _output(embeddings, table, vocab_size)
+    w["output.weight"] = _output(p, embeddings, table, vocab_size)
     return w
 
 
-def _state(embeddings: np.ndarray, previous: int, current: int) -> np.ndarray:
+def _state(p: Preset, embeddings: np.ndarray, previous: int, current: int) -> np.ndarray:
     """The final hidden state at `current` after `previous`: its vector and the previous one's, normalized."""
-    latent = _rms_norm(np.pad(_rms_norm(embeddings[previous])[:TOKEN_DIMS], (0, SCRIPTED.kv_lora_rank - TOKEN_DIMS)))
+    dims = _token_dims(p)
+    latent = _rms_norm(np.pad(_rms_norm(embeddings[previous])[:dims], (0, p.kv_lora_rank - dims)))
     stream = embeddings[current].copy()
-    stream[SCRIPTED.n_embd // 2: SCRIPTED.n_embd // 2 + TOKEN_DIMS] += latent[:TOKEN_DIMS]
+    stream[p.n_embd // 2: p.n_embd // 2 + dims] += latent[:dims]
     return _rms_norm(stream)
 
 
-def _output(embeddings: np.ndarray, table: dict[tuple[int, int], int], vocab_size: int) -> np.ndarray:
-    states = np.stack([_state(embeddings, a, b) for a, b in table])  # [N, D]
+def _output(p: Preset, embeddings: np.ndarray, table: dict[tuple[int, int], int], vocab_size: int) -> np.ndarray:
+    states = np.stack([_state(p, embeddings, a, b) for a, b in table])  # [N, D]
     targets = np.zeros((len(table), vocab_size), np.float32)
     targets[np.arange(len(table)), list(table.values())] = LOGIT
     solution, *_ = np.linalg.lstsq(states, targets, rcond=None)  # states @ solution = targets
@@ -182,22 +198,68 @@ def _output(embeddings: np.ndarray, table: dict[tuple[int, int], int], vocab_siz
 
 
 def write_scripted_model(path: str | Path, scripts: Sequence[Sequence[int]], seed: int = 0,
-                         chat_template: str = "instruct") -> Path:
-    """Write a model that writes `scripts` (token sequences of the demo vocabulary, see `spell`) greedily."""
+                         chat_template: str = "instruct", preset: Preset = SCRIPTED) -> Path:
+    """Write a model that writes `scripts` (token sequences of the demo vocabulary, see `spell`) greedily.
+    Routers are random, so that tokens spread over the experts as in a trained model (which add nothing);
+    matrices are stored as the preset's base_dtype says."""
+    if preset.n_embd != 2 * preset.kv_lora_rank or preset.num_heads * preset.head_dim_v != preset.kv_lora_rank:
+        raise ValueError("a scripted model needs n_embd = 2 * kv_lora_rank = 2 * num_heads * head_dim_v")
     table = next_tokens(scripts)
-    if len(table) > SCRIPTED.n_embd - 1:
-        raise ValueError(f"{len(table)} scripted bigrams are more than a {SCRIPTED.n_embd}-wide state can tell "
+    if len(table) > preset.n_embd - 1:
+        raise ValueError(f"{len(table)} scripted bigrams are more than a {preset.n_embd}-wide state can tell "
                          "apart; shorten the scripts")
     tokenizer = demo_tokenizer_metadata(chat_template)
     vocab_size = len(tokenizer["tokenizer.ggml.tokens"])
     path = Path(path)
     writer = GGUFWriter(path, ARCH)
-    write_metadata(writer, SCRIPTED, vocab_size, name="Kimi-K2 scripted")
+    write_metadata(writer, preset, vocab_size, name="Kimi-K2 scripted")
     add_tokenizer_to(writer, tokenizer)
-    for name, array in _weights(vocab_size, table, np.random.default_rng(seed)).items():
+    weights = _weights(preset, vocab_size, table, np.random.default_rng(seed))
+    routers = np.random.default_rng(seed + 1)
+    for name, shape, fan_in in tensor_specs(preset, vocab_size):
+        if name.endswith("ffn_gate_inp.weight"):
+            array = routers.standard_normal(shape, dtype=np.float32) / np.float32(np.sqrt(fan_in))
+        else:
+            array = weights.get(name)
+            if array is None:  # zeros from calloc: untouched pages cost no memory while the file is written
+                array = np.zeros(shape, np.float32 if fan_in is None or preset.base_dtype == "f32" else np.float16)
         writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file(progress=False)
     writer.close()
     return path
+
+
+def recitable(source: str, tokenizer: Tokenizer, max_tokens: int) -> str:
+    """A text of `source`'s words, each word once, in order, up to `max_tokens` tokens, that a model which
+    follows its last two tokens can recite in the tokenizer's own spelling (no pair of tokens in it is followed
+    by two different ones): the text a reciting model is given."""
+    words, kept, seen = source.split(), [], set()
+    for word in words:
+        if word.lower() in seen:
+            continue
+        tokens = tokenizer.encode(" ".join(kept + [word]), parse_special=False, add_bos=False)
+        if len(tokens) > max_tokens:
+            break
+        try:
+            next_tokens([tokens])
+        except ScriptConflict:
+            continue
+        kept.append(word)
+        seen.add(word.lower())
+    return " ".join(kept)
+
+
+def recital(text: str, tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    """(prompt, script) of a model that recites `text` (see `recitable`): the prompt asks for it in the chat
+    template, and the script writes the text's tokens, as the prompt spells them, and the end of its turn."""
+    prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": RECITE_ASK + text}]),
+                              parse_special=True)
+    quoted = tokenizer.encode(text, parse_special=False, add_bos=False)
+    if not any(prompt[i: i + len(quoted)] == quoted for i in range(len(prompt) - len(quoted) + 1)):
+        raise ValueError("the prompt spells the text with other tokens than the text alone; start it with a word")
+    end_of_turn = tokenizer.encode("<|im_end|>", parse_special=True, add_bos=False)
+    script = [*prompt[-2:], *quoted, *end_of_turn]
+    next_tokens([script])  # a ScriptConflict if the text cannot be recited
+    return prompt, script

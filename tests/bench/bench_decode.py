@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
@@ -93,13 +94,16 @@ def bench_parser(description: str, preset: str = "k2-slice") -> argparse.Argumen
     return parser
 
 
-def median_decode_speeds(commands: dict[str, list[str]], rounds: int) -> dict[str, float]:
+def median_decode_speeds(commands: dict[str, list[str]], rounds: int,
+                         check: Callable[[str, dict], None] | None = None) -> dict[str, float]:
     """Run every command once per round, in turn, after one warm-up round (it fills the page cache for
-    all); median decode tokens/s of each."""
+    all); median decode tokens/s of each. check(name, result) looks at every run's output."""
     speeds: dict[str, list[float]] = {name: [] for name in commands}
     for round_no in range(rounds + 1):
         for name, command in commands.items():
             result, _ = run_with_peak_rss(command)
+            if check is not None:
+                check(name, result)
             if round_no > 0:
                 speeds[name].append(result["tokens_per_s"])
                 print(f"  round {round_no} {name:12s} decode {result['tokens_per_s']:7.2f} tok/s", flush=True)
