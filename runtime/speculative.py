@@ -68,7 +68,7 @@ class TokenIndex:
             return 0, []
         tokens, best, best_length = self.tokens, -1, 0
         for place in reversed(places[-CANDIDATES:]):
-            if place + 1 >= len(tokens):  # the query itself (or nothing follows)
+            if place + 1 >= len(tokens) or tokens[place + 1] == SEPARATOR:  # the query itself, or nothing follows
                 continue
             length = MIN_MATCH
             while (length < LONGEST_MEASURED and length < len(query) and place - length >= 0
@@ -120,9 +120,19 @@ class Drafter:
         limit = min(self.limit, room)
         if limit < 1:
             return []
-        length, draft = self.index.continuation(history, limit)
+        draft: list[int] = []
+        while len(draft) < limit:  # a place near the end (text that repeats itself) runs out: look again from there
+            more = self._continuation(history[-LONGEST_MEASURED:] + draft, limit - len(draft))
+            if not more:
+                break
+            draft += more
+        return draft
+
+    def _continuation(self, query: list[int], limit: int) -> list[int]:
+        """What follows the longest match of query's end: in the sequence's own tokens, else in recent replies."""
+        length, draft = self.index.continuation(query, limit)
         if self.store is not None and len(draft) < limit:
-            stored_length, stored = self.store.index.continuation(history, limit)
+            stored_length, stored = self.store.index.continuation(query, limit)
             if stored_length > length or (stored_length == length and len(stored) > len(draft)):
                 draft = stored
         return draft

@@ -55,6 +55,12 @@ def served(make_tiny):
     # --deterministic: the same kernels as `generate --repack none` below, so the same text exactly.
     process = start(cli("serve", str(path), "--workers", "2", "--port", "0", "--threads", "1", "--deterministic"),
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "KIMI_API_KEY": ""})
+    yield path, ready_url(process), process
+    stop(process)
+
+
+def ready_url(process: subprocess.Popen) -> str:
+    """The address a starting `serve` (stderr piped) prints, once its model has loaded."""
     url = None
     for line in process.stderr:  # the first line names the address, before the model loads
         if (match := re.search(r"(http://127\.0\.0\.1:\d+)/v1", line)):
@@ -65,8 +71,7 @@ def served(make_tiny):
     while httpx.get(f"{url}/health", timeout=30).status_code != 200:
         assert process.poll() is None and time.monotonic() < deadline, "serve did not become ready"
         time.sleep(0.2)
-    yield path, url, process
-    stop(process)
+    return url
 
 
 def generate(path, *extra: str, prompt: str = PROMPT, max_tokens: int = MAX_TOKENS) -> str:

@@ -5,6 +5,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from cluster.failover import FailoverState
+from runtime.engine import Engine
 from runtime.prompt_cache import PromptCache
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -48,6 +49,10 @@ class ServerMetrics:
     def watch_prompt_cache(self, cache: PromptCache) -> None:
         """The prompt cache's kept caches, tokens, bytes and evictions, read at each scrape."""
         self.registry.register(_PromptCacheCollector(cache))
+
+    def watch_speculation(self, engine: Engine) -> None:
+        """Drafted and accepted tokens and the acceptance rate, read from the engine at each scrape."""
+        self.registry.register(_SpeculationCollector(engine))
 
     def watch_failover(self, state: FailoverState, replicas: int) -> None:
         """Failovers, rejoins, time degraded and who computed lost experts, read from `state` at each scrape."""
@@ -104,3 +109,17 @@ class _PromptCacheCollector:
                                   "memory, not copied", value=stats.rows_shared)
         yield CounterMetricFamily("kimi_prompt_rows_copied", "Reused KV rows copied (past the last whole page "
                                   "shared, or read from disk)", value=stats.rows_copied)
+
+
+class _SpeculationCollector:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def collect(self):
+        drafted, accepted = self.engine.drafted_tokens, self.engine.accepted_tokens
+        yield CounterMetricFamily("kimi_drafted_tokens", "Tokens drafted from the context and checked in a step "
+                                  "(speculative decoding)", value=drafted)
+        yield CounterMetricFamily("kimi_accepted_tokens", "Drafted tokens that the model's own choice confirmed: "
+                                  "tokens had without a step of their own", value=accepted)
+        yield GaugeMetricFamily("kimi_draft_acceptance_rate", "Accepted over drafted tokens since the start (0 "
+                                "before any draft)", value=accepted / drafted if drafted else 0.0)

@@ -62,6 +62,7 @@ class Service:
         # Read at every scrape, so they agree with /health even when no step has run since a sequence left.
         self.metrics.running.set_function(lambda: engine.num_running)
         self.metrics.waiting.set_function(lambda: engine.num_waiting)
+        self.metrics.watch_speculation(engine)
         self.engine = engine
         engine.start()
 
@@ -192,6 +193,8 @@ class Generation:
         if self.completion_tokens > 1:
             rate = (self.completion_tokens - 1) / max(self.last_token_at - self.first_token_at, 1e-9)
             parts.append(f"{rate:.1f} tokens/s")
+        if self.sequence.drafted:
+            parts.append(f"{self.sequence.accepted}/{self.sequence.drafted} drafted tokens accepted")
         if self.error:
             parts.append(f"failed: {self.error}")
         return ", ".join(parts)

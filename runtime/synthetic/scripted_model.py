@@ -231,12 +231,15 @@ def write_scripted_model(path: str | Path, scripts: Sequence[Sequence[int]], see
     return path
 
 
-def recitable(source: str, tokenizer: Tokenizer, max_tokens: int) -> str:
-    """A text of `source`'s words, each word once, in order, up to `max_tokens` tokens, that a model which
-    follows its last two tokens can recite in the tokenizer's own spelling (no pair of tokens in it is followed
-    by two different ones): the text a reciting model is given."""
-    words, kept, seen = source.split(), [], set()
-    for word in words:
+def recitable(tokenizer: Tokenizer, max_tokens: int, source: str | None = None) -> str:
+    """A text of `source`'s words (default: the vocabulary's whole-word tokens), each word once, in order, up to
+    `max_tokens` tokens, that a model which follows its last two tokens can recite in the tokenizer's own
+    spelling (no pair of tokens in it is followed by two different ones): the text a reciting model is given."""
+    if source is None:
+        pieces = (tokenizer.token_bytes(i).decode("utf-8", "replace") for i in range(tokenizer.vocab_size))
+        source = " ".join(piece[1:] for piece in pieces if piece[:1] == " " and piece[1:].isalpha() and len(piece) > 3)
+    kept, seen = [], set()
+    for word in source.split():
         if word.lower() in seen:
             continue
         tokens = tokenizer.encode(" ".join(kept + [word]), parse_special=False, add_bos=False)
@@ -251,11 +254,16 @@ def recitable(source: str, tokenizer: Tokenizer, max_tokens: int) -> str:
     return " ".join(kept)
 
 
+def recital_prompt(text: str, tokenizer: Tokenizer) -> list[int]:
+    """A chat prompt that asks for `text` word for word, quoting it."""
+    return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": RECITE_ASK + text}]),
+                            parse_special=True)
+
+
 def recital(text: str, tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
-    """(prompt, script) of a model that recites `text` (see `recitable`): the prompt asks for it in the chat
-    template, and the script writes the text's tokens, as the prompt spells them, and the end of its turn."""
-    prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": RECITE_ASK + text}]),
-                              parse_special=True)
+    """(prompt, script) of a model that recites `text` (see `recitable`): the prompt asks for it (recital_prompt),
+    and the script writes the text's tokens, as the prompt spells them, and the end of its turn."""
+    prompt = recital_prompt(text, tokenizer)
     quoted = tokenizer.encode(text, parse_special=False, add_bos=False)
     if not any(prompt[i: i + len(quoted)] == quoted for i in range(len(prompt) - len(quoted) + 1)):
         raise ValueError("the prompt spells the text with other tokens than the text alone; start it with a word")

@@ -33,10 +33,7 @@ RECITED_TOKENS = 300
 
 def reciter(tokenizer: Tokenizer) -> tuple[Path, list[int], list[int]]:
     """The reciting model in build/ (written on first use), its prompt and the tokens it must write."""
-    words = [tokenizer.token_bytes(i).decode("utf-8", "replace") for i in range(tokenizer.vocab_size)]
-    text = recitable(" ".join(w[1:] for w in words if w.startswith(" ") and w[1:].isalpha() and len(w) > 3),
-                     tokenizer, RECITED_TOKENS)
-    prompt, script = recital(text, tokenizer)
+    prompt, script = recital(recitable(tokenizer, RECITED_TOKENS), tokenizer)
     path = REPO_ROOT / "build" / "reciter-Q4_K_M.gguf"
     if not path.exists():
         print(f"writing {path} (a reciting model at K2's depth, Q4_K_M) ...", flush=True)
