@@ -17,7 +17,7 @@ from .ggml_ops import GgmlRunner, RepackedWeight, Weight, ggml
 
 GROUPED_MIN_SLOTS = 128  # (row, slot) pairs from which grouping pays (16 tokens of 8 experts)
 # ... and only when experts get several rows each: 17 rows over K2's 384 experts (drafted tokens) are mostly one
-# row per expert, and running them outside the graph cut the pass at every layer (a step 4x slower)
+# row per expert, and running them outside the graph cuts the pass at every layer (a step 4x slower)
 GROUPED_MIN_ROWS_PER_EXPERT = 4
 
 

@@ -177,7 +177,7 @@ class StepGraphs:
                     ids, weights = layer_graph.route(layer, hidden)
                     outputs.update(expert_ids=ggml.ggml_cont(ctx, ids), expert_weights=weights)
                 else:
-                    outputs["router_logits"] = ggml.ggml_mul_mat(ctx, layer_graph.weight(layer, "ffn_gate_inp"), hidden)
+                    outputs["router_logits"] = layer_graph.router_logits(layer, hidden)
                 g.plan(outputs)
                 return g
             x = ggml.ggml_add(ctx, layer_graph.ffn(layer, hidden), ffn_inp)
@@ -266,13 +266,26 @@ class _LayerGraph:
         dim_v = self.c.kv_lora_rank if new_values is None else cache.values[layer].shape[2]
         k = ggml.ggml_view_3d(ctx, keys, dim_k, kv, heads_k, keys.contents.nb[1], 2 * dim_k, 0)  # [Dk, S, Hk]
         v = ggml.ggml_view_3d(ctx, values, dim_v, kv, heads_k, values.contents.nb[1], 2 * dim_v, 0)  # [Dv, S, Hk]
-        q_nb = queries.contents.nb
-        q = ggml.ggml_permute(ctx, ggml.ggml_view_3d(ctx, queries, queries.contents.ne[0], queries.contents.ne[1],
-                                                     count, q_nb[1], q_nb[2], start * q_nb[2]), 0, 2, 1, 3)
+        q_nb, (dim_q, heads) = queries.contents.nb, queries.contents.ne[:2]
+        v_rows = ggml.ggml_cont(ctx, ggml.ggml_transpose(ctx, v))  # [S, Dv, Hk]
+        if count > 1 and self.step.shape.segments[i][3] == count:
+            # Rows that all want logits (a decoding sequence's drafted tokens) attend one by one, each as in a
+            # step of its own: ggml multiplies several query rows at once with other kernels (tinyBLAS), whose
+            # sums round differently, and a drafted token must get the bits it would get alone.
+            q = ggml.ggml_view_4d(ctx, queries, dim_q, 1, heads, count, q_nb[2], q_nb[1], q_nb[2],
+                                  start * q_nb[2])  # [Dk, 1, H, rows]
+            scores = ggml.ggml_mul_mat(ctx, k, q)  # [S, 1, H, rows]
+            ggml.ggml_mul_mat_set_prec(scores, ggml.GGML_PREC_F32)
+            probs = ggml.ggml_soft_max_ext(ctx, scores, ggml.ggml_reshape_4d(ctx, mask, kv, 1, 1, count),
+                                           self.c.kq_scale, 0.0)
+            out = ggml.ggml_mul_mat(ctx, v_rows, probs)  # [Dv, 1, H, rows]
+            return ggml.ggml_cont(ctx, ggml.ggml_permute(ctx, out, 0, 3, 2, 1))  # [Dv, rows, H]
+        q = ggml.ggml_permute(ctx, ggml.ggml_view_3d(ctx, queries, dim_q, heads, count, q_nb[1], q_nb[2],
+                                                     start * q_nb[2]), 0, 2, 1, 3)  # [Dk, rows, H]
         scores = ggml.ggml_mul_mat(ctx, k, q)  # [S, rows, H]
         ggml.ggml_mul_mat_set_prec(scores, ggml.GGML_PREC_F32)
         probs = ggml.ggml_soft_max_ext(ctx, scores, mask, self.c.kq_scale, 0.0)
-        return ggml.ggml_mul_mat(ctx, ggml.ggml_cont(ctx, ggml.ggml_transpose(ctx, v)), probs)
+        return ggml.ggml_mul_mat(ctx, v_rows, probs)
 
     def _write(self, cache, new_rows, start: int, count: int, rows):
         """set_rows of new_rows [width..., T] (rows start..start+count) into a cache [width..., capacity];
@@ -298,11 +311,20 @@ class _LayerGraph:
         return ggml.ggml_add(ctx, routed, swiglu_subgraph(ctx, w("ffn_gate_shexp"), w("ffn_up_shexp"),
                                                           w("ffn_down_shexp"), hidden))
 
+    def router_logits(self, layer: int, hidden):
+        """[E, T], each row multiplied alone: the router's weights are float32, which ggml multiplies by several
+        rows at once with other kernels (tinyBLAS) that round otherwise, and a token must be routed the same
+        whatever shares its step (drafted tokens, other sequences, a prompt's chunk)."""
+        ctx, num_tokens = self.ctx, len(self.step.tokens)
+        rows = ggml.ggml_reshape_3d(ctx, hidden, self.c.n_embd, 1, num_tokens)  # [D, 1, T]
+        logits = ggml.ggml_mul_mat(ctx, self.weight(layer, "ffn_gate_inp"), rows)  # [E, 1, T]
+        return ggml.ggml_reshape_2d(ctx, logits, self.c.num_experts, num_tokens)
+
     def route(self, layer: int, hidden):
         """llama.cpp's build_moe_ffn routing: expert ids [k, T] and weights [1, k, T]."""
         ctx, c = self.ctx, self.c
         num_tokens, k, num_experts = len(self.step.tokens), c.num_experts_used, c.num_experts
-        logits = ggml.ggml_mul_mat(ctx, self.weight(layer, "ffn_gate_inp"), hidden)  # [E, T]
+        logits = self.router_logits(layer, hidden)  # [E, T]
         probs = ggml.ggml_sigmoid(ctx, logits) if c.gating_func == GATING_SIGMOID else ggml.ggml_soft_max(ctx, logits)
         bias = self.model.router_bias(layer)
         selection = probs if bias is None else ggml.ggml_add(ctx, probs, self.g.weight(bias))
