@@ -18,7 +18,8 @@ rows' logits say what the model would have written after each, and the sequence 
 would have one step at a time, while its samples agree with the draft. The first disagreement is its last
 token of the step; the cache rows of the rejected drafts are given back (the cache's length), and are written
 over next. Every token is sampled from the model's own distribution for its position, with the sequence's
-own generator, so the output is what decoding without drafts gives.
+own generator, so the output is what decoding without drafts gives: bit for bit with the head's weights read in
+place (a drafted row attends and is routed alone, ggml_forward.py), within a repacked head's rounding otherwise.
 """
 from __future__ import annotations
 
