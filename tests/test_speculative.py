@@ -33,6 +33,7 @@ from runtime.synthetic.demo_vocab import demo_tokenizer_metadata
 from runtime.synthetic.scripted_model import recitable, recital, recital_prompt, write_scripted_model
 from runtime.tokenizer import Tokenizer
 from tests.test_api import KEY, start_server, stop_server
+from tests.test_engine import run_together
 from tests.test_serve import cli, expert_worker_pids, metric_samples, ready_url, start, stop, wait_for_health
 
 CONTEXT = 1024
@@ -59,12 +60,7 @@ def reciter_file(tmp_path_factory):
 
 
 def run(engine: Engine, *requests: Request) -> list[list[TokenOutput]]:
-    outputs: list[list[TokenOutput]] = [[] for _ in requests]
-    for request, sink in zip(requests, outputs):
-        engine.submit(request, sink.append)
-    while engine.step():
-        pass
-    return outputs
+    return run_together(engine, list(requests))
 
 
 def recite(prompt, tokenizer, max_tokens=400, **fields) -> Request:
