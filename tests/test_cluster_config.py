@@ -123,7 +123,8 @@ def test_wrong_types_and_values_are_refused(tmp_path, extra, expected):
 
 
 def test_without_model_every_node_reads_the_commands_model(tmp_path, make_tiny):
-    config = ClusterConfig.from_yaml(write(tmp_path, {"nodes": [{"name": "a", "address": "10.0.0.1", "memory_gb": 64}]}))
+    node = {"name": "a", "address": "10.0.0.1", "memory_gb": 64}
+    config = ClusterConfig.from_yaml(write(tmp_path, {"nodes": [node]}))
     assert config.model is None
     assert ExpertCluster(make_tiny("Q8_0"), config, progress=False).config.model_path_for("a") == make_tiny("Q8_0")
 
@@ -170,24 +171,28 @@ def test_tls_files_must_exist(tmp_path):
     with pytest.raises(ClusterConfigError, match=r"unknown key 'password' \('tls'\)"):
         ClusterConfig.from_yaml(write(tmp_path, {"model": "m.gguf", "tls": {**tls, "password": "x"}}))
     with pytest.raises(ClusterConfigError, match=r"missing required key 'ca' in 'tls'"):
-        ClusterConfig.from_yaml(write(tmp_path, {"model": "m.gguf", "tls": {"cert": "node.pem", "key": "node-key.pem"}}))
+        ClusterConfig.from_yaml(write(tmp_path, {"model": "m.gguf",
+                                                 "tls": {"cert": "node.pem", "key": "node-key.pem"}}))
 
 
-def test_certs_writes_what_the_per_node_tls_config_needs(tmp_path):
-    """`kimi-cluster certs` prints the config's tls lines; with {node} in them, every listed node's files are
-    checked; a later run for a new node reuses the CA."""
+def certs(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cluster.cli", "certs", *args], capture_output=True, text=True)
+
+
+def test_certs_writes_what_the_per_node_tls_config_needs(tmp_path, monkeypatch):
+    """`kimi-cluster certs` prints the config's tls lines in the ~ form every node reads in its own home; with
+    {node} in them, every listed node's files are checked; a later run for a new node reuses the CA."""
+    monkeypatch.setenv("HOME", str(tmp_path))
     nodes = [{"name": "big", "address": "10.0.0.1", "memory_gb": 8, "head": True},
              {"name": "small", "address": "10.0.0.2", "memory_gb": 8}]
-    result = subprocess.run([sys.executable, "-m", "cluster.cli", "certs", str(tmp_path / "certs"),
-                             "--nodes", "big=10.0.0.1"], capture_output=True, text=True, check=True)
+    result = certs(str(tmp_path / "certs"), "--nodes", "big=10.0.0.1")
     tls = yaml.safe_load(result.stdout[result.stdout.index("tls:"):].split("\nthen")[0])["tls"]
-    assert tls["cert"].endswith("{node}.pem") and tls["key"].endswith("{node}-key.pem")
+    assert tls == {"ca": "~/certs/ca.pem", "cert": "~/certs/{node}.pem", "key": "~/certs/{node}-key.pem"}
     with pytest.raises(ClusterConfigError, match=r"tls cert file .*certs/small.pem does not exist; make the "
                                                  r"certificates with `kimi-cluster certs"):
         ClusterConfig.from_yaml(write(tmp_path, {"model": "m.gguf", "nodes": nodes, "tls": tls}))
     ca = (tmp_path / "certs" / "ca.pem").read_bytes()
-    subprocess.run([sys.executable, "-m", "cluster.cli", "certs", str(tmp_path / "certs"), "--nodes",
-                    "small=10.0.0.2"], capture_output=True, check=True)
+    certs(str(tmp_path / "certs"), "--nodes", "small=10.0.0.2").check_returncode()
     config = ClusterConfig.from_yaml(write(tmp_path, {"model": "m.gguf", "nodes": nodes, "tls": tls}))
     assert (tmp_path / "certs" / "ca.pem").read_bytes() == ca
     small = x509.load_pem_x509_certificate(Path(config.tls.for_node("small")["cert"]).read_bytes())
@@ -195,9 +200,27 @@ def test_certs_writes_what_the_per_node_tls_config_needs(tmp_path):
     names = small.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert names.get_values_for_type(x509.DNSName) == ["small"]
     assert [str(a) for a in names.get_values_for_type(x509.IPAddress)] == ["10.0.0.2"]
-    bad = subprocess.run([sys.executable, "-m", "cluster.cli", "certs", str(tmp_path / "x"), "--nodes", "a/b=1"],
-                         capture_output=True, text=True)
+    bad = certs(str(tmp_path / "x"), "--nodes", "a/b=1")
     assert bad.returncode != 0 and "node name 'a/b'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_the_cas_key_stays_out_of_the_folder_the_nodes_get(tmp_path):
+    """The folder copied to every node holds the CA's certificate and the nodes' files, never the CA's key, which
+    waits beside it for the next node; a folder from before, with the key inside, has it moved out."""
+    folder = tmp_path / "certs"
+    result = certs(str(folder), "--nodes", "big=10.0.0.1")
+    assert sorted(p.name for p in folder.iterdir()) == ["big-key.pem", "big.pem", "ca.pem"]
+    ca_key = tmp_path / "certs-ca" / "ca-key.pem"
+    assert ca_key.stat().st_mode & 0o777 == 0o600 and (tmp_path / "certs-ca").stat().st_mode & 0o777 == 0o700
+    assert f"The CA's key is in {tmp_path / 'certs-ca'}" in result.stdout
+    ca = (folder / "ca.pem").read_bytes()
+
+    ca_key.rename(folder / "ca-key.pem")  # the layout of earlier versions
+    result = certs(str(folder), "--nodes", "small=10.0.0.2")
+    assert not (folder / "ca-key.pem").exists() and ca_key.exists() and (folder / "ca.pem").read_bytes() == ca
+    assert "moved ca-key.pem out of" in result.stdout and "delete" in result.stdout
+    small = x509.load_pem_x509_certificate((folder / "small.pem").read_bytes())
+    small.verify_directly_issued_by(x509.load_pem_x509_certificate(ca))
 
 
 def test_from_dict_names_its_source():

@@ -14,8 +14,9 @@ from cluster.cli.options import add_cluster_args, cluster_config, positive_int
 def add_plan_parser(sub) -> None:
     p = sub.add_parser("plan", help="show how the experts would be spread over the machines",
                        description="Plan the placement of every routed expert by memory budget and print it "
-                                   "(per node: experts per layer, GB, share of each layer), without loading "
-                                   "anything. Exits 1 when the pool is too small.")
+                                   "(per node: experts per layer, their size, share of each layer; on the head "
+                                   "also its own weights and KV cache; sizes in GiB), without loading anything. "
+                                   "Exits 1 when the pool is too small.")
     p.add_argument("model", help="path to the .gguf file (or its first part)")
     p.add_argument("--context", type=int, default=None,
                    help="plan the head's KV cache for this many tokens per sequence (default: the config's, else "
@@ -61,8 +62,9 @@ def add_certs_parser(sub) -> None:
                                    "with a certificate from this CA, and the head only workers with one. Keys are "
                                    "readable by their owner only. Point the cluster config's `tls` at the folder "
                                    "(the command prints the lines) and copy the folder to every node, at the same "
-                                   "path.")
-    p.add_argument("folder", help="where to write ca.pem, ca-key.pem, NAME.pem and NAME-key.pem")
+                                   "path. The CA's key goes to FOLDER-ca, beside it: keep that on this machine.")
+    p.add_argument("folder", help="where to write ca.pem, NAME.pem and NAME-key.pem, the files every node gets; "
+                                  "the CA's key goes to FOLDER-ca beside it, which stays here")
     p.add_argument("--nodes", required=True, metavar="NAME=ADDRESS,...",
                    help="every node, head included, by the name the cluster config's `nodes` give it and its "
                         "address (IP or host name), e.g. bigbox=192.168.1.10,worker-a=192.168.1.11")
@@ -150,11 +152,25 @@ def cmd_probe(args) -> None:
 
 
 def cmd_certs(args) -> None:
-    from cluster.security.certs import CA_CERT, NODE_CERT, NODE_KEY, parse_nodes, write_certificates
-    folder = Path(args.folder).expanduser()
+    from cluster.security.certs import (CA_CERT, CA_KEY, NODE_CERT, NODE_KEY, ca_key_folder, parse_nodes,
+                                        write_certificates)
+    folder = Path(args.folder).expanduser().absolute()
     nodes = parse_nodes(args.nodes)
+    ca_key_was_inside = (folder / CA_KEY).exists()
     written = write_certificates(folder, nodes)
-    print(f"wrote {', '.join(p.name for p in written)} in {folder}")
-    print(f"in the cluster config:\ntls:\n  ca: {folder / CA_CERT}\n  cert: {folder / NODE_CERT}\n"
-          f"  key: {folder / NODE_KEY}")
-    print(f"then copy {folder} to every node at the same path (ca-key.pem is only needed here, to add nodes later)")
+    print(f"wrote {', '.join(p.name for p in written if p.parent == folder)} in {folder}")
+    copied, kept = _home_form(folder), _home_form(ca_key_folder(folder))
+    # The nodes read the config's paths in their own homes: the ~ form holds on every node.
+    print(f"in the cluster config:\ntls:\n  ca: {copied}/{CA_CERT}\n  cert: {copied}/{NODE_CERT}\n"
+          f"  key: {copied}/{NODE_KEY}")
+    print(f"then copy {copied} to every node at the same path (configs/ray-cluster.yaml's file_mounts do). "
+          f"The CA's key is in {kept}: keep it on this machine only, to add nodes later")
+    if ca_key_was_inside:
+        print(f"moved {CA_KEY} out of {copied}, which is copied to every node: delete {copied}/{CA_KEY} on the "
+              "nodes that got a copy earlier (`ray up` adds files but deletes none)")
+
+
+def _home_form(path: Path) -> str:
+    """`path` as ~/... when it is under the home folder, else whole."""
+    home = Path.home()
+    return f"~/{path.relative_to(home)}" if path.is_relative_to(home) and path != home else str(path)

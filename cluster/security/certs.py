@@ -5,6 +5,10 @@ Every node's certificate names the node (as a DNS name) and its address, and ser
 present it to the head, and the head presents its own to the workers, which accept only clients whose
 certificate this CA signed. Private keys are written readable by their owner only. Running the command
 again for new nodes reuses the CA, so the certificates already handed out stay valid.
+
+The folder holds what the nodes need (the CA's certificate, each node's certificate and key) and is copied
+to every node. The CA's key, which can make certificates every worker trusts, lives in a folder of its own
+beside it (FOLDER-ca), which stays on the machine that makes the certificates.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -51,12 +56,18 @@ def parse_nodes(text: str) -> list[NodeAddress]:
     return nodes
 
 
+def ca_key_folder(folder: Path) -> Path:
+    """Where the CA's key of the certificates in `folder` is kept: beside it, never inside the copied folder."""
+    return folder.with_name(folder.name + "-ca")
+
+
 def write_certificates(folder: Path, nodes: list[NodeAddress]) -> list[Path]:
-    """The CA (made unless the folder has one) and each node's certificate and key; returns the files written."""
-    if not folder.exists():
-        folder.mkdir(mode=0o700, parents=True)
-    ca_cert_path, ca_key_path = folder / CA_CERT, folder / CA_KEY
-    written = []
+    """The CA (made unless one exists) and each node's certificate and key; returns the files written."""
+    for private_folder in (folder, ca_key_folder(folder)):
+        if not private_folder.exists():
+            private_folder.mkdir(mode=0o700, parents=True)
+    ca_cert_path, ca_key_path = folder / CA_CERT, ca_key_folder(folder) / CA_KEY
+    written = [_move_out(folder / CA_KEY, ca_key_path)] if (folder / CA_KEY).exists() else []
     if ca_cert_path.exists() and ca_key_path.exists():
         ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
         ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
@@ -74,6 +85,35 @@ def write_certificates(folder: Path, nodes: list[NodeAddress]) -> list[Path]:
                     _write(folder / NODE_CERT.replace(NODE_PLACEHOLDER, node.name),
                            cert.public_bytes(serialization.Encoding.PEM))]
     return written
+
+
+def certificate_problem(cert_path: Path, ca_path: Path, names: list[str]) -> str | None:
+    """What is wrong with a node's certificate: not signed by the CA, or not naming each of `names` (the head
+    checks a worker's address against them); None when nothing is."""
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    try:
+        cert.verify_directly_issued_by(x509.load_pem_x509_certificate(ca_path.read_bytes()))
+    except (ValueError, TypeError, InvalidSignature):
+        return f"{cert_path} was not signed by the CA in {ca_path}"
+    try:
+        alternative = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return f"{cert_path} names no host"
+    named = [str(value) for value in alternative.get_values_for_type(x509.DNSName)
+             + alternative.get_values_for_type(x509.IPAddress)]
+    missing = [name for name in names if name not in named]
+    if missing:
+        return f"{cert_path} is for {', '.join(named)}, not {', '.join(missing)}"
+    return None
+
+
+def _move_out(old: Path, new: Path) -> Path:
+    """An earlier version kept the CA's key among the files copied to every node: move it beside them."""
+    if new.exists():
+        raise ValueError(f"two CA keys: {old} and {new}; keep the one that signed {old.parent / CA_CERT} in {new} "
+                         f"and delete {old}")
+    os.replace(old, new)
+    return new
 
 
 def _name(common_name: str) -> x509.Name:
