@@ -4,7 +4,9 @@ tool calls.
 A stop string may arrive split across tokens, so any tail of the text that could still become one is
 held back until the next token decides; the stop string itself is never returned. Tokens between
 <think> and </think> (Kimi's reasoning) go to `reasoning` instead of `content`. With tools declared, a
-tool-call section goes to a ToolCallParser (tool_calls.py); one that breaks the format comes back as text.
+tool-call section goes to a ToolCallParser (tool_calls.py) and comes back as its complete calls, never as
+marker text, with one exception: a section that breaks the format before any call is complete comes back as
+text, so that nothing is lost.
 """
 from __future__ import annotations
 
@@ -94,9 +96,8 @@ class TextStream:
         return forced + self._finish() if forced else self._finish()
 
     def _finish(self) -> TextDelta:
-        if self._in_tools:
-            self.tools.finish()
-            return self._tool_token(None)
+        if self._in_tools:  # a call the generation cut off (max_tokens) is dropped; complete ones went out
+            return TextDelta()
         if self.stopped:
             return TextDelta()
         self._pending += self._decoder.flush()
@@ -105,19 +106,20 @@ class TextStream:
     @property
     def called_tools(self) -> bool:
         """Whether the reply is tool calls (finish_reason "tool_calls")."""
-        return self.tools is not None and bool(self.tools.calls) and not self.tools.malformed
+        return self.tools is not None and bool(self.tools.calls)
 
-    def _tool_token(self, token: int | None) -> TextDelta:
-        """A token of the tool-call section (None: the generation ended). A section that breaks the format
-        comes back whole as content, and what follows it is text again."""
+    def _tool_token(self, token: int) -> TextDelta:
+        """A token of the tool-call section. A section that breaks the format before any call is complete
+        comes back whole as content, and what follows it is text again; one that breaks after complete calls
+        ends the reply at them (a stream has sent them already: the section's text would repeat them)."""
         tools = self.tools
-        deltas = tools.add(token) if token is not None and token not in self._hidden else []
-        if tools.malformed:
+        deltas = tools.add(token) if token not in self._hidden else []
+        if tools.malformed and not tools.calls:
             self._in_tools = False
             return TextDelta(content=tools.text)
-        if tools.closed:
+        if tools.closed or tools.malformed:
             self._in_tools = False
-            self.stopped = tools.single  # one call was asked for: nothing more is needed
+            self.stopped = tools.single or bool(tools.malformed)  # one call was asked for, or the rest is broken
         return TextDelta(tool_calls=deltas)
 
     def _release(self, everything: bool) -> TextDelta:

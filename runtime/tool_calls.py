@@ -10,9 +10,11 @@ as the call's id in later turns) and its arguments are text between them. The id
 not copied: its INDEX counts the conversation's calls (the parser's first_index is how many came before), so
 ids never repeat within a conversation even when the model writes the same one every turn. A ToolCallParser
 takes the tokens after <|tool_calls_section_begin|> and gives back each call once it is complete and checked,
-so that a client never receives a call that turns out broken. A section that breaks the format (an id that is
-not functions.NAME:INDEX, a function nobody declared, arguments that are not a JSON object, a section cut off)
-is given back as its text instead, so that nothing is lost.
+so that a client never receives a call that turns out broken. What the text stream (text_output.py) makes of a
+section that breaks the format (an id that is not functions.NAME:INDEX, a function nobody declared, arguments
+that are not a JSON object): before any call is complete, it is given back as its text, so that nothing is lost;
+after complete calls, which a stream has already sent, the section ends at them. A call the generation cuts off
+(max_tokens) is dropped: only complete calls ever leave the parser.
 """
 from __future__ import annotations
 
@@ -65,8 +67,8 @@ class ToolCall:
 
 @dataclass
 class ToolCallParser:
-    """Tokens after <|tool_calls_section_begin|> -> calls. `add` returns the deltas a token completes; at the
-    end, `malformed` says whether the section broke the format, and `text` is then the section as text."""
+    """Tokens after <|tool_calls_section_begin|> -> calls. `add` returns the deltas a token completes;
+    `malformed` says whether the section broke the format, and `text` is the section as text."""
     tokenizer: Tokenizer
     markers: ToolCallMarkers
     tool_names: frozenset[str]  # the functions the request declared
@@ -111,12 +113,6 @@ class ToolCallParser:
             return []
         self._argument_tokens.append(token)
         return []
-
-    def finish(self) -> None:
-        """The generation ended: a section still open is cut off (unless it is only waiting for its end
-        marker after complete calls)."""
-        if not self.closed and not self.malformed and (self._state != "between" or not self.calls):
-            self._break("the generation ended inside the tool-call section")
 
     @property
     def text(self) -> str:

@@ -93,6 +93,27 @@ def test_any_and_a_named_tool_make_a_talking_model_call(clients, tool_choice):
     assert blocks(message) == [("tool_use", *WEATHER_CALL)] and message.stop_reason == "tool_use"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_tool_use_cut_by_max_tokens_is_dropped_and_the_complete_one_stays(clients, stream):
+    """The caller writes two calls; max_tokens ends its reply inside the second's input."""
+    request = {"model": "tiny", "messages": ASK, "tools": [WEATHER, TIME]}
+    whole = clients["caller"].messages.create(max_tokens=128, **request).usage.output_tokens
+    if stream:
+        with clients["caller"].messages.stream(max_tokens=whole - 5, **request) as events:
+            kinds = [e.type for e in events]
+            message = events.get_final_message()
+        assert kinds.count("content_block_start") == 1
+    else:
+        message = clients["caller"].messages.create(max_tokens=whole - 5, **request)
+    assert blocks(message) == [("tool_use", *WEATHER_CALL)] and message.stop_reason == "max_tokens"
+
+
+def test_a_named_tool_is_one_call_though_the_model_would_write_two(clients):
+    message = clients["caller"].messages.create(model="tiny", max_tokens=128, messages=ASK, tools=[WEATHER, TIME],
+                                                tool_choice={"type": "tool", "name": "get_weather"})
+    assert blocks(message) == [("tool_use", *WEATHER_CALL)] and message.stop_reason == "tool_use"
+
+
 @pytest.mark.parametrize("thinking, shown", [({"type": "enabled", "budget_tokens": 1024}, True),
                                              ({"type": "adaptive"}, True), ({"type": "disabled"}, False),
                                              (None, False)])

@@ -128,6 +128,29 @@ def test_max_output_tokens_leaves_the_response_incomplete(clients):
     assert response.usage.output_tokens == 2
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_function_call_cut_by_max_output_tokens_is_dropped_and_the_complete_one_stays(clients, stream):
+    """The caller writes two calls; max_output_tokens ends its reply inside the second's arguments."""
+    request = {"model": "tiny", "input": QUESTION, "tools": [WEATHER, TIME]}
+    whole = clients["caller"].responses.create(**request).usage.output_tokens
+    if stream:
+        # The client's stream helper waits for response.completed; an incomplete response ends otherwise.
+        events = list(clients["caller"].responses.create(stream=True, max_output_tokens=whole - 5, **request))
+        assert [e.type for e in events].count("response.output_item.added") == 1
+        assert events[-1].type == "response.incomplete"
+        response = events[-1].response
+    else:
+        response = clients["caller"].responses.create(max_output_tokens=whole - 5, **request)
+    assert [item.type for item in response.output] == ["function_call"] and calls(response) == BOTH_CALLS[:1]
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+
+
+def test_a_named_function_is_one_call_though_the_model_would_write_two(clients):
+    response = clients["caller"].responses.create(model="tiny", input=QUESTION, tools=[WEATHER, TIME],
+                                                  tool_choice={"type": "function", "name": "get_weather"})
+    assert calls(response) == BOTH_CALLS[:1] and response.status == "completed"
+
+
 @pytest.mark.parametrize("body, param, words", [
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content",
      "text only"),

@@ -1,5 +1,6 @@
 """Kimi K2's tool-call sections, token by token through TextStream: calls parsed and given back as each
-completes, and sections that break the format given back as text."""
+completes, sections that break the format before any complete call given back as text, and a call the
+generation cuts off, or a break after complete calls, left out without marker text."""
 from __future__ import annotations
 
 import json
@@ -89,13 +90,41 @@ def test_ids_count_the_conversations_calls_whatever_index_the_model_writes(token
     (section(("get weather", '{"city": "Paris"}')), "not functions.NAME:INDEX"),
     (section(("functions.get_weather:0", '{"city": "Par')), "not JSON"),
     (section(("functions.get_weather:0", '["Paris"]')), "not a JSON object"),
-    ("<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>{\"ci",
-     "ended inside"),
 ])
 def test_a_section_that_breaks_the_format_comes_back_as_text(tokenizer, text, why):
     stream, deltas = run(tokenizer, "Sure. " + text)
     assert not stream.called_tools and why in stream.tools.malformed
     assert joined(deltas).content == "Sure. " + text
+
+
+def cut(tokenizer: Tokenizer, text: str, max_tokens: int) -> tuple[TextStream, TextDelta]:
+    """`text`'s first max_tokens tokens through a TextStream with tools, as a reply cut by max_tokens."""
+    parser = ToolCallParser(tokenizer, ToolCallMarkers.of(tokenizer), TOOLS)
+    stream = TextStream(tokenizer, hidden_tokens=tokenizer.eog_ids, tools=parser)
+    deltas = [stream.add(token) for token in tokens(tokenizer, text)[:max_tokens]]
+    return stream, joined(deltas + [stream.finish()])
+
+
+def test_a_call_cut_off_is_dropped_and_the_complete_ones_stay(tokenizer):
+    """max_tokens ends the reply inside its third call, or inside its only one: no marker text either way."""
+    three = section(("functions.get_weather:0", '{"city": "Paris"}'), ("functions.get_time:1", "{}"),
+                    ("functions.get_weather:2", '{"city": "Rome"}'))
+    length = len(tokens(tokenizer, three))
+    for max_tokens in (length - 4, length - 2):  # inside the third call's arguments; all but its end markers
+        stream, delta = cut(tokenizer, "Let me look." + three, len(tokens(tokenizer, "Let me look.")) + max_tokens)
+        assert [c.name for c in stream.tools.calls] == ["get_weather", "get_time"] and stream.called_tools
+        assert [d.id for d in delta.tool_calls] == ["functions.get_weather:0", "functions.get_time:1"]
+        assert delta.content == "Let me look." and not stream.tools.malformed
+    stream, delta = cut(tokenizer, three, 6)
+    assert not stream.called_tools and delta == TextDelta()
+
+
+def test_a_break_after_complete_calls_ends_the_reply_at_them(tokenizer):
+    """The calls before it may have been streamed already: the section's text would give them twice."""
+    stream, deltas = run(tokenizer, section(("functions.get_time:0", "{}"), ("functions.send_mail:1", "{}")))
+    assert stream.stopped and stream.called_tools and "did not declare" in stream.tools.malformed
+    assert [(d.id, d.arguments) for d in joined(deltas).tool_calls] == [("functions.get_time:0", "{}")]
+    assert not joined(deltas).content
 
 
 def test_text_after_a_closed_section_is_content(tokenizer):

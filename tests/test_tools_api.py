@@ -65,29 +65,23 @@ def test_tools_and_tool_history_reach_the_template(server, client, messages):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_forced_call_the_model_botches_comes_back_as_text(client, stream):
+def test_a_forced_call_cut_by_max_tokens_leaves_nothing_broken(client, stream):
     """tool_choice names a function: the reply starts inside its call. The random-weight model writes no JSON
-    object in 8 tokens, so the section is given back as text, never as a 500 or a broken call."""
-    request = dict(model="tiny", messages=ASK, tools=[WEATHER], max_tokens=8, temperature=0,
-                   tool_choice={"type": "function", "function": {"name": "get_weather"}})
-    if stream:
-        chunks = list(client.chat.completions.create(stream=True, **request))
-        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        assert not any(c.choices[0].delta.tool_calls for c in chunks if c.choices)
-        finish = chunks[-1].choices[0].finish_reason
-    else:
-        choice = client.chat.completions.create(**request).choices[0]
-        content, finish = choice.message.content, choice.finish_reason
-        assert choice.message.tool_calls is None
-    assert content.startswith("<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0"
-                              "<|tool_call_argument_begin|>")
-    assert finish in ("length", "stop")
+    object in 8 tokens, so there is no call to give, and no marker text either, never a 500 or a broken call."""
+    calls, content, finish = reply(client, stream, model="tiny", messages=ASK, tools=[WEATHER], max_tokens=8,
+                                   temperature=0, tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert calls == [] and not content and finish == "length"
 
 
-def test_required_starts_an_open_call(client):
-    choice = client.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER, TIME], max_tokens=4,
-                                            temperature=0, tool_choice="required").choices[0]
-    assert choice.message.content.startswith("<|tool_calls_section_begin|><|tool_call_begin|>functions.")
+def test_required_starts_an_open_call(server, client):
+    """The prompt ends with the open call: <|tool_calls_section_begin|><|tool_call_begin|>functions."""
+    request = dict(model="tiny", messages=ASK, tools=[WEATHER, TIME], max_tokens=4, temperature=0)
+    free = client.chat.completions.create(**request)
+    forced = client.chat.completions.create(tool_choice="required", **request)
+    opening = server.tokenizer.encode("<|tool_calls_section_begin|><|tool_call_begin|>functions.",
+                                      parse_special=True, add_bos=False)
+    assert forced.usage.prompt_tokens == free.usage.prompt_tokens + len(opening)
+    assert not forced.choices[0].message.content and forced.choices[0].finish_reason == "length"
 
 
 def test_tool_choice_none_never_samples_a_section(server):
@@ -143,14 +137,47 @@ def scripted_models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def scripted(scripted_models):
-    """A server on each scripted model, and its openai client."""
+def scripted_started(scripted_models):
+    """A server on each scripted model."""
     with scripted_servers(scripted_models, CONTEXT) as servers:
-        yield {name: openai.OpenAI(base_url=f"{s.url}/v1", api_key=KEY, max_retries=0) for name, s in servers.items()}
+        yield servers
+
+
+@pytest.fixture(scope="module")
+def scripted(scripted_started):
+    """Each scripted model's openai client."""
+    return {name: openai.OpenAI(base_url=f"{s.url}/v1", api_key=KEY, max_retries=0)
+            for name, s in scripted_started.items()}
 
 
 def calls_of(message) -> list[tuple]:
     return [(c.id, c.type, c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
+
+
+def streamed_calls(chunks) -> list[tuple]:
+    """The calls a stream's tool_calls deltas add up to."""
+    calls: dict[int, dict] = {}
+    for chunk in chunks:
+        for piece in chunk.choices[0].delta.tool_calls or []:
+            entry = calls.setdefault(piece.index, {"id": None, "name": None, "arguments": ""})
+            entry["id"] = piece.id or entry["id"]
+            entry["name"] = (piece.function.name if piece.function else None) or entry["name"]
+            entry["arguments"] += piece.function.arguments or ""
+    return [(c["id"], "function", c["name"], json.loads(c["arguments"])) for c in calls.values()]
+
+
+def reply(client, stream: bool, **request) -> tuple[list[tuple], str | None, str | None]:
+    """(calls, content, finish_reason) of a chat completion, whole or streamed. Streamed, every chunk after the
+    first (the role's) must carry something: no empty content while the model writes a tool call."""
+    if not stream:
+        choice = client.chat.completions.create(**request).choices[0]
+        return calls_of(choice.message), choice.message.content, choice.finish_reason
+    chunks = list(client.chat.completions.create(stream=True, **request))
+    deltas = [c.choices[0].delta for c in chunks]
+    assert deltas[0].role == "assistant" and all(d.content != "" for d in deltas[1:]), deltas
+    assert all(d.content or d.tool_calls or c.choices[0].finish_reason for d, c in zip(deltas[1:], chunks[1:]))
+    content = "".join(d.content or "" for d in deltas) or None
+    return streamed_calls(chunks), content, chunks[-1].choices[0].finish_reason
 
 
 BOTH_CALLS = [(call_id, "function", name, arguments) for call_id, name, arguments in (WEATHER_CALL, TIME_CALL)]
@@ -164,18 +191,36 @@ def test_two_parallel_calls_the_model_writes_come_back_parsed(scripted):
 
 
 def test_streamed_calls_come_as_openai_streams_them(scripted):
-    chunks = list(scripted["caller"].chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER, TIME],
-                                                             temperature=0, stream=True))
-    calls: dict[int, dict] = {}
-    for chunk in chunks:
-        for piece in chunk.choices[0].delta.tool_calls or []:
-            entry = calls.setdefault(piece.index, {"id": None, "name": None, "arguments": ""})
-            entry["id"] = piece.id or entry["id"]
-            entry["name"] = (piece.function.name if piece.function else None) or entry["name"]
-            entry["arguments"] += piece.function.arguments or ""
-    assert [(c["id"], "function", c["name"], json.loads(c["arguments"])) for c in calls.values()] == BOTH_CALLS
-    assert chunks[-1].choices[0].finish_reason == "tool_calls"
-    assert not "".join(c.choices[0].delta.content or "" for c in chunks), "no marker text in content"
+    calls, content, finish = reply(scripted["caller"], True, model="tiny", messages=ASK, tools=[WEATHER, TIME],
+                                   temperature=0)
+    assert calls == BOTH_CALLS and finish == "tool_calls"
+    assert content is None, "no marker text in content"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("left", [4, 2], ids=["in the arguments", "before the end marker"])
+def test_a_call_cut_by_max_tokens_is_dropped_and_the_complete_one_stays(scripted, stream, left):
+    """The caller writes two calls; max_tokens ends its reply inside the second (which ends '{"zone": "UTC"}\n',
+    <|tool_call_end|>, <|tool_calls_section_end|>, <|im_end|>): the first comes back as a call, never twice,
+    and no marker text."""
+    request = dict(model="tiny", messages=ASK, tools=[WEATHER, TIME], temperature=0)
+    whole = scripted["caller"].chat.completions.create(**request).usage.completion_tokens
+    calls, content, finish = reply(scripted["caller"], stream, max_tokens=whole - left - 1, **request)
+    assert calls == BOTH_CALLS[:1] and content is None and finish == "length"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_lone_call_cut_by_max_tokens_leaves_no_marker_text(scripted, stream):
+    calls, content, finish = reply(scripted["caller"], stream, model="tiny", messages=ASK, tools=[WEATHER, TIME],
+                                   temperature=0, max_tokens=3)
+    assert calls == [] and not content and finish == "length"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_named_function_is_one_call_though_the_model_would_write_two(scripted, stream):
+    calls, content, finish = reply(scripted["caller"], stream, model="tiny", messages=ASK, tools=[WEATHER, TIME],
+                                   temperature=0, tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert calls == BOTH_CALLS[:1] and content is None and finish == "tool_calls"
 
 
 def test_one_call_when_parallel_calls_are_off(scripted):
@@ -198,12 +243,20 @@ def test_a_follow_up_turn_with_the_results_renders_and_generates(scripted):
                                         for i, (_, kind, name, arguments) in enumerate(BOTH_CALLS)]
 
 
-def test_a_call_of_an_undeclared_function_comes_back_as_text(scripted):
-    choice = scripted["caller"].chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER],
-                                                        temperature=0).choices[0]
-    assert choice.message.tool_calls is None and choice.finish_reason == "stop"
-    assert choice.message.content.startswith("<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0")
-    assert "get_time:1" in choice.message.content
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_call_of_an_undeclared_function_after_a_good_one_is_left_out_with_a_note(scripted_started, scripted,
+                                                                                   stream):
+    """Streamed, the good call has gone out before the bad one begins: the section's text would repeat it."""
+    notes = []
+    scripted_started["caller"].service.access_log = notes.append
+    try:
+        calls, content, finish = reply(scripted["caller"], stream, model="tiny", messages=ASK, tools=[WEATHER],
+                                       temperature=0)
+    finally:
+        scripted_started["caller"].service.access_log = None
+    assert calls == BOTH_CALLS[:1] and content is None and finish == "tool_calls"
+    assert any("left out the rest" in note and "'get_time', which the request did not declare" in note
+               for note in notes), notes
 
 
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}],

@@ -294,8 +294,10 @@ async def _respond(stream: bool, generation: Generation, chunks: "CompletionChun
                 for first in chunks.opening():
                     yield _sse(first)
                 async for event in generation.events(heartbeat=True):
-                    # No token yet (a long prompt): an SSE comment keeps the connection alive.
-                    yield b": keep-alive\n\n" if event is None else _sse(chunks.chunk(event))
+                    if event is None:  # no token yet (a long prompt): an SSE comment keeps the connection alive
+                        yield b": keep-alive\n\n"
+                    elif (chunk := chunks.chunk(event)) is not None:
+                        yield _sse(chunk)
                 if chunks.body.include_usage:
                     yield _sse(chunks.usage_chunk())
             except ApiError as e:
@@ -393,14 +395,18 @@ class ChatChunks(_Chunks):
         return [self._envelope(self.object_chunk, [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                     "logprobs": None, "finish_reason": None}])]
 
-    def chunk(self, event: Event) -> dict:
+    def chunk(self, event: Event) -> dict | None:
+        """None for a token that gives nothing to send (inside a tool call, or text held back for a stop
+        string), unless its logprobs were asked for."""
         delta = {}
         if event.delta.reasoning:
             delta["reasoning_content"] = event.delta.reasoning
-        if event.delta.content or not (event.delta.reasoning or event.delta.tool_calls):
+        if event.delta.content:
             delta["content"] = event.delta.content
         if event.delta.tool_calls:
             delta["tool_calls"] = _streamed_calls(event.delta.tool_calls)
+        if not delta and event.finish_reason is None and not self.body.logprobs:
+            return None
         choice = {"index": 0, "delta": delta, "logprobs": self._logprobs([event]), "finish_reason": event.finish_reason}
         return self._envelope(self.object_chunk, [choice])
 

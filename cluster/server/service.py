@@ -146,11 +146,20 @@ class Generation:
                     delta = delta + self.text.finish()
                     if finish == "stop" and self.text.called_tools:
                         finish = "tool_calls"
+                    self._note_dropped_calls()
                 yield Event(delta, output, finish)
                 if finish is not None:
                     return
         finally:
             self.engine.cancel(self.sequence)  # a no-op once finished; frees the KV cache if the client left
+
+    def _note_dropped_calls(self) -> None:
+        """A tool-call section that broke after complete calls ends at them (text_output.py): say what was left
+        out, as the client cannot see it."""
+        tools = self.text.tools
+        if tools is not None and tools.calls and tools.malformed:
+            self.service.note(f"kept the reply's first {len(tools.calls)} tool calls and left out the rest of its "
+                              f"tool-call section: {tools.malformed}")
 
     async def _next(self, heartbeat: bool):
         """The next output, or None after heartbeat_s without one (with heartbeat)."""

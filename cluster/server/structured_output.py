@@ -72,7 +72,7 @@ def _lark(answer_schema: dict[str, Any] | None, tools: list[Tool], choice: ToolC
         lines.append(f"reply: {answer}")
         return "\n".join(lines)
     lines.append(f"reply: {answer} | TEXT section" if choice.mode == "auto" else "reply: section")
-    calls = "call+" if parallel else "call"
+    calls = "call+" if parallel and choice.mode != "function" else "call"  # a named function: one call
     lines.append(f"section: <[{found.section_begin}]> {calls} <[{found.section_end}]>")
     lines.append("BLANK: /[ \\t\\r\\n]{1,2}/")
     callable_tools = [t for t in tools if choice.mode != "function" or t.name == choice.name]

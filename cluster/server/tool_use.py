@@ -6,7 +6,7 @@ expect them (OpenAI's shape), and steered by the tool choice:
 - required: the reply starts with an open call (<|tool_calls_section_begin|><|tool_call_begin|>functions.),
   so the model writes a call, naming the function itself;
 - a named function: the reply starts with that call's id and <|tool_call_argument_begin|>, so the model
-  writes its arguments.
+  writes its arguments; the reply ends after that one call.
 
 The forced start is written into the prompt, not hoped for; the reply's text stream reads it as if the
 model had written it (TextStream.force), so the call comes back whole.
@@ -105,11 +105,12 @@ def banned_tokens(found: ToolCallMarkers | None, choice: ToolChoice) -> frozense
 
 def parser(service: Service, tools: list[Tool], found: ToolCallMarkers | None, choice: ToolChoice,
            parallel: bool, earlier_calls: int) -> ToolCallParser | None:
-    """What reads the reply's tool calls, unless there are none to read; their ids count on from earlier_calls."""
+    """What reads the reply's tool calls, unless there are none to read; their ids count on from earlier_calls.
+    A named function is one call, whatever the model would write after it."""
     if not tools or found is None or choice.mode == "none":
         return None
-    return ToolCallParser(service.tokenizer, found, frozenset(t.name for t in tools), single=not parallel,
-                          first_index=earlier_calls)
+    return ToolCallParser(service.tokenizer, found, frozenset(t.name for t in tools),
+                          single=not parallel or choice.mode == "function", first_index=earlier_calls)
 
 
 def number_calls(conversation: list[dict]) -> tuple[list[dict], int]:
