@@ -103,6 +103,8 @@ class Placement:
     replicas: dict[str, dict[int, tuple[int, ...]]] = field(default_factory=dict)
     replica_bytes: dict[str, int] = field(default_factory=dict)  # bytes of the replicas each node holds
     by_speed: bool = False  # shares follow the nodes' expert speeds (else their memory)
+    head_weight_bytes: int = 0  # what the head holds besides experts: every non-expert tensor ...
+    kv_cache_bytes: int = 0  # ... and the KV cache
 
     def held(self, node: str) -> dict[int, tuple[int, ...]]:
         """Every expert the node loads: its own and its replicas, per layer."""
@@ -139,23 +141,27 @@ class Placement:
     def format_table(self) -> str:
         layers = sorted({layer for per_layer in self.experts.values() for layer in per_layer})
         experts_in_layer = {layer: sum(len(p.get(layer, ())) for p in self.experts.values()) for layer in layers}
+        on_head = [format_bytes(self.head_weight_bytes), format_bytes(self.kv_cache_bytes)]
         rows = []
         for node, per_layer in self.experts.items():
             counts = [len(per_layer.get(layer, ())) for layer in layers]
             shares = [100 * c / experts_in_layer[layer] for c, layer in zip(counts, layers)]
-            rows.append([_node_label(node, self.head_node), _span(counts, "{}"), format_bytes(self.bytes_per_node[node]),
+            rows.append([_node_label(node, self.head_node), _span(counts, "{}"),
+                         format_bytes(self.bytes_per_node[node]), *(on_head if node == self.head_node else ["", ""]),
                          format_bytes(self.budgets[node]), _span(shares, "{:.1f}%")])
             if self.replicas:
                 rows[-1].insert(3, f"{sum(len(ids) for ids in self.replicas.get(node, {}).values())} "
                                    f"({format_bytes(self.replica_bytes.get(node, 0))})")
-        rows.append(["total", _span(list(experts_in_layer.values()), "{}"), format_bytes(sum(self.bytes_per_node.values())),
+        rows.append(["total", _span(list(experts_in_layer.values()), "{}"),
+                     format_bytes(sum(self.bytes_per_node.values())), *on_head,
                      format_bytes(sum(self.budgets.values())), "100%" if layers else ""])
-        header = ["node", "experts/layer", "experts", "usable", "share of layer"]
+        header = ["node", "experts/layer", "experts", "head weights", "KV cache", "usable", "share of layer"]
         if self.replicas:
             rows[-1].insert(3, f"{self.replica_count} ({format_bytes(sum(self.replica_bytes.values()))})")
             header.insert(3, "replicas")
         shares = "by each node's measured expert speed, memory allowing" if self.by_speed else "by usable memory"
-        lines = [f"{len(layers)} MoE layers over {len(self.experts)} nodes, shared {shares}", _render(header, rows)]
+        lines = [f"{len(layers)} MoE layers over {count_of(len(self.experts), 'node')}, shared {shares}",
+                 _render(header, rows)]
         if self.disk_backed:
             lines.append("disk-backed: experts exceed some nodes' memory; those workers page them from local disk")
         return "\n".join(lines)
@@ -168,7 +174,8 @@ class Placement:
                 "disk_backed": self.disk_backed, "head_node": self.head_node,
                 "replicas": {node: [[layer, list(ids)] for layer, ids in per_layer.items()]
                              for node, per_layer in self.replicas.items()},
-                "replica_bytes": dict(self.replica_bytes), "by_speed": self.by_speed}
+                "replica_bytes": dict(self.replica_bytes), "by_speed": self.by_speed,
+                "head_weight_bytes": self.head_weight_bytes, "kv_cache_bytes": self.kv_cache_bytes}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Placement:
@@ -178,7 +185,8 @@ class Placement:
         return cls(per_node(data["experts"]), {k: int(v) for k, v in data["bytes_per_node"].items()},
                    {k: int(v) for k, v in data["budgets"].items()}, bool(data["disk_backed"]), str(data["head_node"]),
                    per_node(data.get("replicas", {})), {k: int(v) for k, v in data.get("replica_bytes", {}).items()},
-                   bool(data.get("by_speed", False)))
+                   bool(data.get("by_speed", False)), int(data.get("head_weight_bytes", 0)),
+                   int(data.get("kv_cache_bytes", 0)))
 
 
 def plan(inventory: Inventory, nodes: list[NodeBudget], reserve_bytes: int = DEFAULT_RESERVE_BYTES,
@@ -215,8 +223,9 @@ def plan(inventory: Inventory, nodes: list[NodeBudget], reserve_bytes: int = DEF
         owner = _spread(inventory, weights)
         fits = _fit_to_budgets(owner, inventory, weights, usable)
     if not fits and not allow_disk:
-        why = (f"the routed experts need {format_bytes(total)} but the {len(nodes)} nodes have "
-               f"{format_bytes(available)} usable for them" if total > available else
+        why = (f"the routed experts need {format_bytes(total)} but {count_of(len(nodes), 'node')} "
+               f"{'has' if len(nodes) == 1 else 'have'} {format_bytes(available)} usable for them"
+               if total > available else
                "the routed experts fit in total but not node by node, whole experts being too coarse for the "
                "room left")
         raise PlacementError(_shortfall(inventory, nodes, head, reserve_bytes, usable, owner, why))
@@ -421,24 +430,32 @@ def _placement(inventory: Inventory, nodes: list[NodeBudget], head: NodeBudget, 
                            for layer in inventory.moe_layers if (owner[layer] == n).any()}
                for n, node in enumerate(nodes)}
     return Placement(experts, {node.name: held[n] for n, node in enumerate(nodes)},
-                     {node.name: usable[n] for n, node in enumerate(nodes)}, disk_backed, head.name)
+                     {node.name: usable[n] for n, node in enumerate(nodes)}, disk_backed, head.name,
+                     head_weight_bytes=inventory.head_bytes - inventory.kv_cache_bytes,
+                     kv_cache_bytes=inventory.kv_cache_bytes)
 
 
 def _shortfall(inventory: Inventory, nodes: list[NodeBudget], head: NodeBudget, reserve_bytes: int,
                usable: list[int], owner: np.ndarray, problem: str) -> str:
     needed = _bytes_per_node(owner, inventory, len(nodes))
+    on_head = [format_bytes(inventory.head_bytes - inventory.kv_cache_bytes), format_bytes(inventory.kv_cache_bytes)]
     rows = [[_node_label(node.name, head.name), format_bytes(node.memory_bytes), format_bytes(reserve_bytes),
-             format_bytes(inventory.head_bytes) if node is head else "", format_bytes(usable[n]), format_bytes(needed[n]),
+             *(on_head if node is head else ["", ""]), format_bytes(usable[n]), format_bytes(needed[n]),
              format_bytes(max(0, needed[n] - usable[n]))] for n, node in enumerate(nodes)]
     rows.append(["total", format_bytes(sum(n.memory_bytes for n in nodes)), format_bytes(reserve_bytes * len(nodes)),
-                 format_bytes(inventory.head_bytes), format_bytes(sum(usable)), format_bytes(sum(needed)),
+                 *on_head, format_bytes(sum(usable)), format_bytes(sum(needed)),
                  format_bytes(sum(max(0, need - room) for need, room in zip(needed, usable)))])
-    header = ["node", "memory", "reserve", "head", "usable", "experts need", "short"]
+    header = ["node", "memory", "reserve", "head weights", "KV cache", "usable", "experts need", "short"]
     return f"{problem}:\n{_render(header, rows)}\n{ALLOW_DISK_HINT}"
 
 
 def _node_label(name: str, head_name: str) -> str:
     return f"{name} (head)" if name == head_name else name
+
+
+def count_of(count: int, noun: str) -> str:
+    """'1 node', '3 nodes'."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def format_bytes(nbytes: int) -> str:

@@ -1,6 +1,6 @@
 """Open a Kimi K2.x GGUF (single file or split set) in place: metadata, tensor index, expert byte ranges.
 
-Nothing here reads tensor data: tensors are memory-mapped views, so opening a 340 GB split set costs
+Nothing here reads tensor data: tensors are memory-mapped views, so opening a 320 GiB split set costs
 only its headers. Every problem with a file is a GGUFError that names the file and says what to do.
 """
 from __future__ import annotations

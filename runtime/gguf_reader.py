@@ -33,15 +33,16 @@ def open_reader(path: Path) -> GGUFReader:
         return _CheckedReader(path)
     except GGUFError as e:
         raise GGUFError(f"{path}: {e}") from None
-    except PARSE_ERRORS as e:  # a failure outside the entries, e.g. in the alignment
-        raise GGUFError(f"{path}: the GGUF header is corrupt ({type(e).__name__}); download the file again") from None
+    except PARSE_ERRORS:  # a failure outside the entries, e.g. in the alignment
+        raise GGUFError(f"{path}: the GGUF header is corrupt and cannot be read; download the file again") from None
 
 
 def _check_fixed_header(data: np.ndarray) -> None:
-    if bytes(data[:4]) != b"GGUF":
+    if bytes(data[:4]) != b"GGUF" and not b"GGUF".startswith(bytes(data[:4])):  # a shorter start is truncated
         raise GGUFError(f"is not a GGUF file (it starts with {bytes(data[:4])!r}, a GGUF file with b'GGUF')")
     if len(data) < FIXED_HEADER.size:
-        raise GGUFError(f"is {len(data)} bytes long, too short for a GGUF header: the file is truncated")
+        raise GGUFError(f"is {len(data)} bytes long, too short for a GGUF header: the file is truncated; download it "
+                        "again")
     _, version, tensor_count, entry_count = FIXED_HEADER.unpack(bytes(data[:FIXED_HEADER.size]))
     if version not in SUPPORTED_VERSIONS:
         if int.from_bytes(version.to_bytes(4, "little"), "big") in SUPPORTED_VERSIONS:
@@ -57,6 +58,8 @@ def _check_fixed_header(data: np.ndarray) -> None:
 
 class _CheckedReader(GGUFReader):
     def __init__(self, path: Path):
+        if path.stat().st_size == 0:  # numpy cannot map an empty file
+            raise GGUFError("is empty (0 bytes): the download or copy did not finish; download the file again")
         _check_fixed_header(np.memmap(path, mode="r"))
         super().__init__(path)
 

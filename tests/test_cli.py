@@ -2,8 +2,13 @@
 folder for a model, a port in use, a bad flag) are one clear line, not a traceback."""
 from __future__ import annotations
 
+import json
 import re
 import socket
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import yaml
@@ -48,6 +53,103 @@ def test_chat_and_demo_state_their_own_max_tokens():
 def run(capsys, *argv) -> tuple[int, str]:
     code = main(list(argv))
     return code, capsys.readouterr().err
+
+
+def cli(*args: str, **options) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True, timeout=300,
+                          **options)
+
+
+def test_version_and_what_inspect_does(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and re.fullmatch(r"kimi-cluster \d+\.\d+\.\d+\n", capsys.readouterr().out)
+    described = " ".join(subcommands()["inspect"].format_help().split())
+    assert "Check a GGUF model and show what it holds" in described and "Reads the header only" in described
+
+
+def test_make_model_inspect_and_plan_give_sizes_in_the_same_unit(tmp_path):
+    """The replica of Kimi K2.6: make-model's size is the one inspect reads, and plan's experts and head weights
+    are inspect's routed experts and the rest, each in GiB."""
+    made = cli("make-model", str(tmp_path / "k2.6.gguf"), "--preset", "k2.6-replica", "--sparse")
+    written = re.search(r"more parts: ([\d.]+ GiB) of tensors, .* in [\d.]+ MiB of disk", made.stdout)
+    first = str(tmp_path / "k2.6-00001-of-00008.gguf")
+    inspected = cli("inspect", first).stdout
+    assert written and f"and 7 more parts  ({written[1]})" in inspected, made.stdout + made.stderr
+    experts, rest = re.search(r"routed experts: ([\d.]+ GiB) +everything else \(head node\): ([\d.]+ GiB)",
+                              inspected).groups()
+    planned = cli("plan", first, "--workers", "3", "--worker-memory", "128", "--head-memory", "128").stdout
+    assert re.search(rf"\ntotal +\S+ +{experts} +{rest} +[\d.]+ GiB", planned), planned
+
+
+def test_plan_shows_the_heads_weights_and_kv_cache_when_it_fits(tiny_q4km, capsys):
+    assert main(["plan", str(tiny_q4km)]) in (0, None)
+    out = capsys.readouterr().out
+    assert out.startswith("2 MoE layers over 1 node, shared by usable memory\n"), out
+    kv_cache = re.search(r"([\d.]+ [KMG]iB) of KV cache on the head", out)[1]
+    head_row = next(line for line in out.splitlines() if line.startswith("head (head)"))
+    assert re.match(rf"head \(head\) +16 +[\d.]+ MiB +[\d.]+ MiB +{kv_cache} ", head_row), out
+
+
+def test_generate_json_counts_tokens_and_times_decoding_after_the_first(tiny_q4km):
+    out = json.loads(cli("generate", str(tiny_q4km), "--prompt", "hello there", "--max-tokens", "6", "--json",
+                         "--threads", "1").stdout)
+    assert out["prompt_tokens"] == len(out["prompt_token_ids"]) > 1
+    assert out["completion_tokens"] == len(out["tokens"]) == 6
+    assert out["time_to_first_token_s"] > 0 and out["tokens_per_s"] > 0
+    one = json.loads(cli("generate", str(tiny_q4km), "--prompt", "hello there", "--max-tokens", "1", "--json",
+                         "--threads", "1").stdout)
+    assert one["completion_tokens"] == 1 and one["time_to_first_token_s"] > 0
+    assert one["tokens_per_s"] == 0, "one token is all prefill: no decoding to time"
+
+
+def test_chat_help_puts_a_local_models_options_apart_from_the_servers():
+    groups = {group.title: {option for action in group._group_actions for option in action.option_strings}
+              for group in subcommands()["chat"]._action_groups}
+    assert groups["a running server (without MODEL)"] == {"--url", "--api-key"}
+    assert groups["a model loaded here (with MODEL)"] == {"--threads", "--context", "--repack", "--speculate",
+                                                          "--deterministic"}
+    assert "--workers" in groups["cluster, for a model loaded here (default: everything in this process)"]
+    assert "--temperature" in groups["options"] and "--url" not in groups["options"]
+
+
+def test_chat_reset_says_so_and_sends_only_what_follows(tmp_path):
+    """Against a stand-in server that records each request: /reset is confirmed and the next request holds the
+    system message and the new line only; the sampling flags all reach the server."""
+    requests = []
+
+    class StandIn(BaseHTTPRequestHandler):
+        def do_GET(self):  # /health
+            self.answer(b'{"status": "ok"}', "application/json")
+
+        def do_POST(self):
+            requests.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            chunk = json.dumps({"choices": [{"index": 0, "delta": {"content": "hi"}}]})
+            self.answer(f"data: {chunk}\n\ndata: [DONE]\n\n".encode(), "text/event-stream")
+
+        def answer(self, body: bytes, kind: str):
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), StandIn) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        session = cli("chat", "--url", f"http://127.0.0.1:{server.server_port}", "--system", "be brief",
+                      "--repeat-penalty", "1.1", "--presence-penalty", "0.5", "--frequency-penalty", "0.25",
+                      input="hello\n/reset\nagain\n")
+        server.shutdown()
+    assert session.returncode == 0, session.stderr
+    assert "[conversation cleared, the system message kept]" in session.stderr
+    system = {"role": "system", "content": "be brief"}
+    assert [r["messages"] for r in requests] == [[system, {"role": "user", "content": "hello"}],
+                                                 [system, {"role": "user", "content": "again"}]]
+    assert {key: requests[0][key] for key in ("repetition_penalty", "presence_penalty", "frequency_penalty")} == {
+        "repetition_penalty": 1.1, "presence_penalty": 0.5, "frequency_penalty": 0.25}
 
 
 def test_a_folder_for_a_model_says_it_is_a_folder_and_names_the_files_in_it(tmp_path, capsys):

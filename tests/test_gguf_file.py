@@ -1,6 +1,7 @@
 """Opening GGUF files: the tensor index, split sets, expert byte ranges, and one clear error per broken case."""
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -161,6 +162,22 @@ def test_cli_reports_a_broken_file_in_one_line(broken_copy):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("kimi-cluster: error:") and "the file is truncated" in result.stderr
+
+
+@pytest.mark.parametrize("contents, words", [
+    (b"", "is empty (0 bytes): the download or copy did not finish; download the file again"),
+    (b"GGU", "is 3 bytes long, too short for a GGUF header: the file is truncated; download it again"),
+    (b"GGUF\x03\x00\x00\x00", "is 8 bytes long, too short for a GGUF header"),
+    (b"hello", "is not a GGUF file (it starts with b'hell'"),
+])
+def test_a_short_or_empty_file_says_so_in_our_words(tmp_path, capsys, contents, words):
+    from cluster.cli.main import main
+    path = tmp_path / "model.gguf"
+    path.write_bytes(contents)
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"kimi-cluster: error: {path}: ") and words in err, err
+    assert not re.search(r"\w+(Error|Exception)\b", err), "no exception class names"
 
 
 def test_fused_gate_up_experts_have_the_same_bytes(tiny_q4km, tmp_path):

@@ -133,8 +133,8 @@ def test_cli_generate_json_and_logits_out(tiny_q4km, tmp_path):
                              "--max-tokens", "8", "--json", "--logits-out", str(logits_file)],
                             capture_output=True, text=True, check=True)
     out = json.loads(result.stdout)
-    reference = llama_oracle.generate(tiny_q4km, out["prompt_tokens"], 8, repack=True)
-    assert out["prompt_tokens"] == prompt_tokens(tiny_q4km)
+    reference = llama_oracle.generate(tiny_q4km, out["prompt_token_ids"], 8, repack=True)
+    assert out["prompt_token_ids"] == prompt_tokens(tiny_q4km)
     # The CLI stops at an end-of-generation token; up to there it must follow llama.cpp.
     assert out["tokens"] == reference["tokens"][: len(out["tokens"])]
     assert len(out["tokens"]) == 8 or out["finish_reason"] == "stop"

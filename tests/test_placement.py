@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import msgpack
 import numpy as np
@@ -274,6 +275,29 @@ def test_format_table_shows_spans_per_node():
     assert "experts/layer" in table and "share of layer" in table
     rows = {line.split()[0]: line.split() for line in table.splitlines()[2:]}
     assert rows["h"][2] == "3-4" and rows["total"][1] == "10"
+
+
+def test_the_table_shows_what_the_head_holds_beside_its_experts():
+    inventory = uniform_inventory()  # 10 GiB on the head, 1 GiB of it KV cache
+    placement = plan(inventory, [NodeBudget("h", 24 * GiB, True), NodeBudget("w", 12 * GiB)], reserve_bytes=2 * GiB)
+    header, *rows = placement.format_table().splitlines()[1:]
+    assert header.split()[:7] == ["node", "experts/layer", "experts", "head", "weights", "KV", "cache"]
+    # The head's row: its experts, then 9 GiB of weights and 1 GiB of KV cache, then the 12 GiB left for experts.
+    assert re.match(r"h \(head\) +\S+ +[\d.]+ GiB +9\.0 GiB +1\.0 GiB +12\.0 GiB ", rows[0]), rows[0]
+    assert re.match(r"w +\S+ +[\d.]+ GiB +10\.0 GiB ", rows[1]), "a worker holds no head weights: " + rows[1]
+    assert re.match(r"total +\S+ +4\.0 GiB +9\.0 GiB +1\.0 GiB +22\.0 GiB ", rows[2]), rows[2]
+    assert Placement.from_dict(msgpack.unpackb(msgpack.packb(placement.to_dict()))) == placement
+
+
+def test_one_node_is_one_node():
+    inventory = uniform_inventory()  # 4 GiB of experts, 10 GiB on the head
+    placement = plan(inventory, [NodeBudget("h", 24 * GiB, True)], reserve_bytes=2 * GiB)
+    assert placement.format_table().splitlines()[0] == "4 MoE layers over 1 node, shared by usable memory"
+    with pytest.raises(PlacementError) as refusal:
+        plan(inventory, [NodeBudget("h", 14 * GiB, True)], reserve_bytes=2 * GiB)
+    message = str(refusal.value)
+    assert message.startswith("the routed experts need 4.0 GiB but 1 node has 2.0 GiB usable for them:"), message
+    assert re.search(r"h \(head\) +14\.0 GiB +2\.0 GiB +9\.0 GiB +1\.0 GiB +2\.0 GiB", message), message
 
 
 def test_inventory_from_a_real_file(make_tiny):

@@ -16,15 +16,17 @@ def add_chat_parser(sub) -> None:
                                    "(/reset forgets it, Ctrl-D quits). Give a model path to load it here, or "
                                    "--url to talk to a running `kimi-cluster serve`.")
     p.add_argument("model", nargs="?", help="a .gguf to load in this process (default: use --url)")
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="a running server (default %(default)s)")
     p.add_argument("--system", default=None, help="a system message to start the conversation with")
     p.add_argument("--tools", metavar="FILE", default=None,
                    help="a JSON file with OpenAI's tools list: the model may call them; each call is shown and its "
                         "result is asked for")
-    p.add_argument("--api-key", default=os.environ.get("KIMI_API_KEY"), help="the server's API key, if it has one")
     add_sampling_args(p)
-    add_runtime_args(p, serving=True)
-    add_cluster_args(p)
+    server = p.add_argument_group("a running server (without MODEL)")
+    server.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default %(default)s)")
+    server.add_argument("--api-key", default=os.environ.get("KIMI_API_KEY"),
+                        help="the server's API key, if it has one (default: $KIMI_API_KEY)")
+    add_runtime_args(p.add_argument_group("a model loaded here (with MODEL)"), serving=True)
+    add_cluster_args(p, "cluster, for a model loaded here (default: everything in this process)")
     # A model loaded here is served on loopback only, to this chat.
     p.set_defaults(func=cmd_chat, max_tokens=512, no_auth=False, protect_metrics=False, strict_model_name=False)
 
@@ -50,7 +52,9 @@ def _chat_loop(url: str, args) -> None:
     from cluster.cli.api_client import ApiClientError
     messages = [{"role": "system", "content": args.system}] if args.system else []
     params = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
-              "top_k": args.top_k, "min_p": args.min_p, "seed": args.seed, "tools": _chat_tools(args.tools)}
+              "top_k": args.top_k, "min_p": args.min_p, "repetition_penalty": args.repeat_penalty,
+              "presence_penalty": args.presence_penalty, "frequency_penalty": args.frequency_penalty,
+              "seed": args.seed, "tools": _chat_tools(args.tools)}
     params = {k: v for k, v in params.items() if v is not None}
     while True:
         try:
@@ -60,6 +64,7 @@ def _chat_loop(url: str, args) -> None:
             return
         if line.strip() == "/reset":
             del messages[int(bool(args.system)):]
+            print("[conversation cleared" + (", the system message kept]" if args.system else "]"), file=sys.stderr)
             continue
         if not line.strip():
             continue

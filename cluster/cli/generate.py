@@ -19,7 +19,10 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--prompt", required=True, help="the prompt text; special tokens like <|im_user|> are parsed")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--json", action="store_true",
-                   help="print one JSON object: prompt_tokens, tokens, text, tokens_per_s")
+                   help="print one JSON object: text; prompt_tokens and completion_tokens (counts, as in OpenAI's "
+                        "usage); prompt_token_ids and tokens (the ids); time_to_first_token_s (the prompt's prefill); "
+                        "tokens_per_s (decode speed over the tokens after the first); prompt_tokens_per_s; "
+                        "drafted_tokens, accepted_tokens; finish_reason")
     p.add_argument("--logits-out", metavar="FILE.npy",
                    help="save the float32 logits of the last prompt position")
     add_sampling_args(p)
@@ -59,15 +62,18 @@ def _generate(args, params, model, tokenizer, context: int, max_draft: int) -> N
         np.save(args.logits_out, stats.prompt_logits.astype(np.float32))
     text = tokenizer.decode([t for t in tokens if t not in tokenizer.eog_ids])
     if args.json:
-        print(json.dumps({"prompt_tokens": prompt, "tokens": tokens, "text": text,
+        print(json.dumps({"prompt_tokens": len(prompt), "completion_tokens": len(tokens),
+                          "prompt_token_ids": prompt, "tokens": tokens, "text": text,
+                          "time_to_first_token_s": round(stats.prompt_seconds, 4),
                           "tokens_per_s": round(stats.decode_tokens_per_s, 3),
-                          "drafted_tokens": engine.drafted_tokens, "accepted_tokens": engine.accepted_tokens,
                           "prompt_tokens_per_s": round(stats.prompt_tokens_per_s, 3),
+                          "drafted_tokens": engine.drafted_tokens, "accepted_tokens": engine.accepted_tokens,
                           "finish_reason": stats.finish_reason}))
         return
     print(decoder.flush())
-    print(f"[prompt: {stats.prompt_tokens} tokens at {stats.prompt_tokens_per_s:.1f} tokens/s; "
-          f"generated: {stats.generated_tokens} tokens at {stats.decode_tokens_per_s:.1f} tokens/s"
+    print(f"[prompt: {stats.prompt_tokens} tokens at {stats.prompt_tokens_per_s:.1f} tokens/s, first token after "
+          f"{stats.prompt_seconds:.2f} s; generated: {stats.generated_tokens} tokens, decoding at "
+          f"{stats.decode_tokens_per_s:.1f} tokens/s after the first"
           f"{_drafts(engine)}; "
           f"finish: {stats.finish_reason}]", file=sys.stderr)
 

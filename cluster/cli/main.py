@@ -8,6 +8,7 @@ when a command runs, so `--help` answers at once.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import re
 import signal
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kimi-cluster",
         description="Run Kimi K2.x GGUF models (the deepseek2 architecture) on one machine or across several. "
                     "Start with `kimi-cluster demo`.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('kimi-cluster')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_parser in COMMAND_PARSERS:
         add_parser(sub)

@@ -6,19 +6,24 @@ REPLICA_PRESET = "k2.6-replica"
 
 
 def add_inspect_parser(sub) -> None:
-    p = sub.add_parser("inspect", help="show a model's metadata, tensor types and sizes")
-    p.add_argument("model")
+    p = sub.add_parser("inspect", help="show a model's metadata, tensor types and sizes",
+                       description="Check a GGUF model and show what it holds: its architecture and widths, "
+                                   "experts, context and tokenizer, the bytes of each tensor type, and how much is "
+                                   "routed experts (spread over the nodes) and how much stays on the head. Reads "
+                                   "the header only, so it takes seconds even for a split set of hundreds of GiB; "
+                                   "a damaged or incomplete file is named in one line, with what to do.")
+    p.add_argument("model", help="path to the .gguf file (or its -00001-of-0000N.gguf part)")
     p.set_defaults(func=cmd_inspect)
 
 
 def add_make_model_parser(sub) -> None:
     p = sub.add_parser("make-model", help="write a random model in the Kimi K2 GGUF layout, or a sparse replica "
-                                          "of Kimi K2.6's 340 GB file set",
+                                          "of Kimi K2.6's 319 GiB file set",
                        description="Write a random model with Kimi K2's layout and tokenizer, for tests and "
                                    "benchmarks; --quant uses llama.cpp's quantizer (needs llama-cpp-python). "
                                    f"--preset {REPLICA_PRESET} --sparse writes Kimi K2.6's real UD-Q2_K_XL file set "
                                    "(8 parts, real metadata, shapes and a 163,840-token vocabulary) with every "
-                                   "tensor left as a file hole: 340 GB that read as zeros, in a few MB of disk.")
+                                   "tensor left as a file hole: 319 GiB that read as zeros, in a few MiB of disk.")
     p.add_argument("out", help="output .gguf path (for a split set, its parts are named <out>-0000N-of-00008.gguf)")
     p.add_argument("--preset", default="tiny", choices=["tiny", "small", "k2-depth", "k2-slice", REPLICA_PRESET],
                    help="tiny: 256 wide, for tests; small: 1024 wide, 32 experts; k2-depth: K2's 61 layers and "
@@ -71,13 +76,14 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_make_model(args) -> None:
+    from cluster.placement import format_bytes
     from runtime.synthetic.demo_model import make_model
     from runtime.synthetic.replica_model import write_sparse_replica
     if args.sparse and args.preset != REPLICA_PRESET:
         raise ValueError(f"--sparse writes the {REPLICA_PRESET} preset only (the others are small and written with "
                          f"random weights): add --preset {REPLICA_PRESET}, or drop --sparse")
     if args.preset == REPLICA_PRESET and not args.sparse:
-        raise ValueError(f"--preset {REPLICA_PRESET} is 340 GB: it is only written sparse (headers, with the tensor "
+        raise ValueError(f"--preset {REPLICA_PRESET} is 319 GiB: it is only written sparse (headers, with the tensor "
                          "data left as file holes); add --sparse")
     if args.sparse:
         if args.quant:
@@ -85,8 +91,8 @@ def cmd_make_model(args) -> None:
                              "UD-Q2_K_XL recipe (see `kimi-cluster inspect` on the result)")
         paths = write_sparse_replica(args.out, seed=args.seed)
         apparent, on_disk = (sum(getattr(p.stat(), key) for p in paths) for key in ("st_size", "st_blocks"))
-        print(f"wrote {paths[0]} and {len(paths) - 1} more parts: {apparent / 1e9:.1f} GB of tensors, zeros but "
-              f"for the routers' biases, in {on_disk * 512 / 1e6:.1f} MB of disk")
+        print(f"wrote {paths[0]} and {len(paths) - 1} more parts: {format_bytes(apparent)} of tensors, zeros but "
+              f"for the routers' biases, in {format_bytes(on_disk * 512)} of disk")
         return
     path = make_model(args.out, preset=args.preset, quant=args.quant, seed=args.seed)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    print(f"wrote {path} ({format_bytes(path.stat().st_size)})")

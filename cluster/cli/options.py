@@ -58,7 +58,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed: same seed, same output")
 
 
-def add_runtime_args(p: argparse.ArgumentParser, serving: bool = False) -> None:
+def add_runtime_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, serving: bool = False) -> None:
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
     p.add_argument("--context", type=int, default=None,
                    help="tokens each sequence holds, prompt and reply (default: the cluster config's, else the "
@@ -136,16 +136,16 @@ def add_server_args(p: argparse.ArgumentParser, port: bool = True) -> None:
                             "tokens/s) (default %(default)s)")
 
 
-def add_cluster_args(p: argparse.ArgumentParser) -> None:
-    group = p.add_argument_group("cluster (default: everything in this process)")
+def add_cluster_args(p: argparse.ArgumentParser, title: str = "cluster (default: everything in this process)") -> None:
+    group = p.add_argument_group(title)
     group.add_argument("--config", metavar="FILE", help="cluster config (YAML) for your Ray cluster; see "
                                                         "configs/cluster.example.yaml")
     group.add_argument("--workers", type=int, default=0, metavar="N",
                        help="start a local Ray with N expert worker processes on this machine, to try it out")
-    group.add_argument("--worker-memory", type=float, default=None, metavar="GB",
+    group.add_argument("--worker-memory", type=float, default=None, metavar="GiB",
                        help="with --workers: memory each worker may use (default: 80%% of RAM split evenly)")
-    group.add_argument("--head-memory", type=float, default=None, metavar="GB",
-                       help="with --workers: memory for the head's own weights and expert share")
+    group.add_argument("--head-memory", type=float, default=None, metavar="GiB",
+                       help="with --workers: memory for the head's own weights, KV cache and expert share")
     group.add_argument("--reserve-gb", type=float, default=0.5,
                        help="with --workers: GiB kept free per process on this machine, for Ray and Python "
                             "(default %(default)s; measured: Ray, the head and 2 workers take 0.75 GiB in all)")

@@ -1,17 +1,17 @@
 """Kimi K2.6 at its real size as a sparse file set: every header of the real UD-Q2_K_XL download, no data.
 
-The 340 GB model cannot be fetched here, but everything that depends only on its size can be tested:
+The 320 GiB model cannot be fetched here, but everything that depends only on its size can be tested:
 opening 8 parts, placing 23,040 (layer, expert) pairs, a 163,840-token vocabulary, KV caches and
 messages at K2 widths, the memory a head needs. The parts carry Kimi K2.6's real metadata, tensor
 names, shapes and split layout, with the quantization types below; tensor data is left as file holes,
-which read as zeros, so the set takes a few MB of disk. A model of zeros computes at full cost but says
+which read as zeros, so the set takes a few MiB of disk. A model of zeros computes at full cost but says
 nothing: every logit is equal, and every router score too. Only the routers' selection biases are
-written (random, 92 KB in all), so that each layer sends its tokens to 8 experts of its own, spread
+written (random, 90 KiB in all), so that each layer sends its tokens to 8 experts of its own, spread
 over the nodes as a real model's are (the same 8 for every token, as the scores do not vary).
 
 The types follow Unsloth's dynamic 2-bit recipe as its pages describe it (routed experts in 2-bit
 K-quants, the layers that matter most upcast). The per-tensor types of the real files are not
-published, so this table is an approximation chosen to land near the real 340 GB:
+published, so this table is an approximation chosen to land near the real 320 GiB (340 GB in decimal units):
 
     routed experts (gate, up, down)                        Q2_K
     attention (q_a, q_b, output), shared experts,

@@ -27,10 +27,10 @@ REPLICA = part_paths(Path(__file__).resolve().parents[2] / "build" / "k2.6" / f"
 MACHINES = {"8-core DDR5 desktop": (8, 30.0, 10.0), "6-core DDR4 desktop": (6, 25.0, 8.0),
             "32-core 8-channel server": (32, 100.0, 12.0)}
 LINKS = {"10 GbE": (0.15, 1.25), "2.5 GbE": (0.3, 0.31)}  # (round trip ms, GB/s): assumed
-SETUPS = [("4 x 128 GB desktops, 10 GbE", [("8-core DDR5 desktop", 128)] * 4, "10 GbE"),
-          ("one 512 GB server + 2 x 64 GB desktops, 10 GbE",
+SETUPS = [("4 x 128 GiB desktops, 10 GbE", [("8-core DDR5 desktop", 128)] * 4, "10 GbE"),
+          ("one 512 GiB server + 2 x 64 GiB desktops, 10 GbE",
            [("32-core 8-channel server", 512)] + [("6-core DDR4 desktop", 64)] * 2, "10 GbE"),
-          ("8 x 64 GB desktops, 2.5 GbE", [("6-core DDR4 desktop", 64)] * 8, "2.5 GbE")]
+          ("8 x 64 GiB desktops, 2.5 GbE", [("6-core DDR4 desktop", 64)] * 8, "2.5 GbE")]
 
 
 def machine_speed(here: MachineSpeed, cores: int, gbps: float, thread_gbps: float) -> MachineSpeed:
