@@ -281,7 +281,7 @@ class ExpertCluster:
             runtime_env={"env_vars": self._worker_openmp_env()},
         ).remote(node.name, owned, self._model_path_on(node), port, self.token, threads, self._repack_experts,
                  None, self.tls_for(node.name), grouped=self.repack == "all",
-                 prefetch=self.placement.in_memory(node.name))
+                 prefetch=self.placement.in_memory(node.name), on_head_machine=bool(self.local_workers))
 
     def _worker_openmp_env(self) -> dict[str, str]:
         """Workers sharing the head's machine (--workers) sleep between ops at once, leaving the cores to the

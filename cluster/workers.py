@@ -13,6 +13,7 @@ from pathlib import Path
 import ray
 
 from cluster import shard_transfer
+from cluster.addresses import LOOPBACK
 from cluster.transport import ExpertServicer, serve
 from runtime.experts import ExpertShard, ShardSet
 from runtime.ggml_ops import GgmlRunner
@@ -34,9 +35,11 @@ def rss_bytes() -> int:
 class ExpertWorker:
     def __init__(self, node: str, owned: dict[int, list[int]], model_path: str | None, port: int, token: str,
                  threads: int | None = None, repack: bool = False, cache_dir: str | None = None,
-                 tls: dict[str, str] | None = None, grouped: bool = False, prefetch: bool = True):
+                 tls: dict[str, str] | None = None, grouped: bool = False, prefetch: bool = True,
+                 on_head_machine: bool = False):
         """prefetch: read every page of the experts at load, so that the first tokens do not wait on the
-        disk (False when they exceed the node's memory: reading them all would only evict the first)."""
+        disk (False when they exceed the node's memory: reading them all would only evict the first).
+        on_head_machine: every worker runs beside the head (--workers, demo), which reaches it on loopback."""
         self.rss_at_start = rss_bytes()
         self.prefetch = prefetch
         self.node, self.owned, self.repack = node, {int(k): v for k, v in owned.items()}, repack
@@ -47,8 +50,10 @@ class ExpertWorker:
         self._shard_lock = threading.Lock()
         self.loaded_bytes, self.total_bytes, self.error = 0, 0, ""
         servicer = ExpertServicer(node, lambda: self.shard, self._receive, self._health)
-        # Listen on the node's own address (the one Ray and the head use), not on every interface.
-        self.server, self.port = serve(servicer, port, token, tls, host=ray.util.get_node_ip_address())
+        # Listen only where the head reaches this worker: loopback beside the head, else the node's own address
+        # (the one Ray and the head use), never every interface.
+        self.host = LOOPBACK if on_head_machine else ray.util.get_node_ip_address()
+        self.server, self.port = serve(servicer, port, token, tls, host=self.host)
         if model_path is not None:
             threading.Thread(target=self._load_from_file, args=(model_path,), daemon=True).start()
 
@@ -103,7 +108,7 @@ class ExpertWorker:
                 "rss_bytes": rss_bytes()}
 
     def address(self) -> str:
-        return f"{ray.util.get_node_ip_address()}:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def progress(self) -> dict:
         return {**self._health(), "error": self.error, "rss_at_start": self.rss_at_start}

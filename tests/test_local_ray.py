@@ -1,14 +1,18 @@
 """The Ray that kimi-cluster starts for itself: started again when Ray gives up on it, with what the failed
-start left running stopped."""
+start left running stopped; its expert workers reachable from this machine only."""
 from __future__ import annotations
 
+import ipaddress
+import os
 import subprocess
 import sys
 
+import psutil
 import ray
 
 from cluster.config import ClusterConfig
 from cluster.head import ExpertCluster
+from cluster.transport import WorkerClient
 
 RAY_TIMEOUT = "The current node timed out during startup. This could happen because some of the raylet failed"
 
@@ -30,3 +34,25 @@ def test_a_start_that_times_out_is_tried_again_and_its_leftovers_stopped(make_ti
         assert [node.name for node in cluster.nodes()] == ["head", "worker-1"] and ray.is_initialized()
         assert leftovers[0].wait(timeout=10) == -9, "the failed start's process was stopped"
     assert not ray.is_initialized()
+
+
+def test_local_workers_listen_on_loopback_only(make_tiny):
+    """--workers and demo run every worker beside the head: their gRPC ports are bound to 127.0.0.1, not to the
+    machine's LAN address, and the head reaches them there."""
+    path = make_tiny("Q4_K_M")
+    with ExpertCluster(path, ClusterConfig.from_dict({"model": str(path)}), local_workers=2, progress=False) as cluster:
+        cluster.start()
+        for actor in cluster.actors.values():
+            address = ray.get(actor.address.remote())
+            host, port = address.rsplit(":", 1)
+            pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+            bound = {ipv4(c.laddr.ip) for c in psutil.Process(pid).net_connections("tcp")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == int(port)}
+            assert host == "127.0.0.1" and bound == {"127.0.0.1"}, (address, bound)
+            assert WorkerClient("head", address, cluster.token, 10.0).health().ready
+
+
+def ipv4(ip: str) -> str:
+    """gRPC listens on an IPv6 socket: 127.0.0.1 shows as ::ffff:127.0.0.1."""
+    address = ipaddress.ip_address(ip)
+    return str(getattr(address, "ipv4_mapped", None) or address)
