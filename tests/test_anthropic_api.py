@@ -186,7 +186,13 @@ def test_the_key_as_a_bearer_token_too(servers):
                                                          "content": "x"}]}]}, 400, "no earlier assistant tool_use"),
     ({"tools": [{"name": "get weather", "input_schema": {"type": "object"}}]}, 400, "letters"),
     ({"tool_choice": {"type": "tool", "name": "get_time"}, "tools": [WEATHER]}, 400, "not among the declared tools"),
-    ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, 400, "'image' block"),
+    ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, 400,
+     "images are not supported yet"),
+    ({"messages": ASK + [{"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "get_weather",
+                                                            "input": {}}]},
+                         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t",
+                                                       "content": [{"type": "image", "source": {}}]}]}]},
+     400, "images are not supported yet"),
     ({"tools": [{"name": "get_weather"}]}, 400, "needs an 'input_schema'"),
 ])
 def test_errors_have_anthropic_shape(servers, change, status, words):

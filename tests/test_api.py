@@ -207,6 +207,26 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, path, bod
     assert post(server, "/v1/completions", GOOD).status_code == 200
 
 
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+
+
+@pytest.mark.parametrize("content, param, words", [
+    ([IMAGE], "messages[0].content[0].type", "images are not supported yet"),
+    ([{"type": "text", "text": "What is in this picture?"}, IMAGE], "messages[0].content[1].type",
+     "images are not supported yet"),
+    ([{"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}], "messages[0].content[0].type",
+     "'input_audio' is not supported"),
+])
+def test_a_message_with_an_image_is_refused_not_answered_without_it(client, content, param, words):
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}], max_tokens=2)
+    body = error.value.body  # OpenAI's shape: the client unwraps {"error": {...}}
+    assert body["param"] == param and words in body["message"] and body["type"] == "invalid_request_error", body
+    text_only = client.chat.completions.create(model="tiny", max_tokens=2, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "What is in this picture?"}]}])
+    assert text_only.choices[0].finish_reason in ("length", "stop")
+
+
 def test_unknown_parameters_are_ignored(server):
     response = post(server, "/v1/completions", {**GOOD, "cache_prompt": True, "n_probs": 3, "echo": False,
                                                 "logit_bias": {}})

@@ -152,8 +152,13 @@ def test_a_named_function_is_one_call_though_the_model_would_write_two(clients):
 
 
 @pytest.mark.parametrize("body, param, words", [
-    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content",
-     "text only"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+     "input[0].content[0].type", "images are not supported yet"),
+    ({"input": [{"role": "user", "content": [{"type": "input_text", "text": "What is this?"},
+                                             {"type": "input_image", "image_url": "x"}]}]},
+     "input[0].content[1].type", "images are not supported yet"),
+    ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
+     "input[0].content[0].type", "'input_file' is not supported"),
     ({"input": [{"type": "function_call_output", "call_id": "call_1", "output": "x"}]}, "input[0].call_id",
      "no earlier function_call"),
     ({"input": [{"type": "computer_call", "id": "c"}]}, "input[0].type", "not supported"),

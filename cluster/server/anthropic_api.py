@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cluster.server import structured_output
 from cluster.server.chat_prompt import ChatPrompt, chat_prompt
 from cluster.server.errors import ApiError
-from cluster.server.request_checks import check_model, parse_body, sampling_params
+from cluster.server.request_checks import check_model, images_not_supported, parse_body, sampling_params
 from cluster.server.service import Event, Generation, Service, engine_request, text_stream
 from cluster.server.tool_use import Tool, ToolChoice
 from runtime.text_output import reasoning_markers
@@ -217,6 +217,8 @@ def template_messages(body: CountBody) -> list[dict]:
                                         "assistant tool_use block has as its id", param=f"{where}.tool_use_id")
                 conversation.append({"role": "tool", "tool_call_id": block["tool_use_id"],
                                      "content": _text(block.get("content", ""), f"{where}.content")})
+            elif kind == "image":
+                raise images_not_supported(f"{where}.type")
             else:
                 raise ApiError(400, f"a {message.role} message cannot hold a {kind!r} block here; this server takes "
                                     "text, tool_use (assistant), tool_result (user) and thinking (assistant) blocks",
@@ -242,9 +244,11 @@ def _tool_call(block: dict, where: str) -> dict:
 
 
 def _text(content: Any, where: str) -> str:
-    """A string, or the text of a list of text blocks."""
+    """A string, or the text of a list of text blocks (an image among them, in a tool result say, is a 400)."""
     if isinstance(content, str):
         return content
+    if isinstance(content, list) and any(isinstance(b, dict) and b.get("type") == "image" for b in content):
+        raise images_not_supported(where)
     if isinstance(content, list) and all(isinstance(b, dict) and b.get("type") == "text" for b in content):
         return "".join(str(b.get("text", "")) for b in content)
     raise ApiError(400, "expected a string or a list of text blocks", param=where)
@@ -323,9 +327,8 @@ class Reply:
                     if open_kind is not None:
                         yield _event("content_block_stop", {"type": "content_block_stop", "index": index})
                     stop_reason, stop_sequence = self._stop(event)
-                    yield _event("message_delta", {"type": "message_delta",
-                                                   "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                                                   "usage": self._usage()})
+                    delta = {"stop_reason": stop_reason, "stop_sequence": stop_sequence}
+                    yield _event("message_delta", {"type": "message_delta", "delta": delta, "usage": self._usage()})
             yield _event("message_stop", {"type": "message_stop"})
         except ApiError as e:
             yield _event("error", error_body(e))

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from cluster.server import structured_output
 from cluster.server.chat_prompt import chat_prompt
 from cluster.server.errors import ApiError, openai_error_body
-from cluster.server.request_checks import check_model, parse_body, sampling_params
+from cluster.server.request_checks import check_model, images_not_supported, parse_body, sampling_params
 from cluster.server.service import Event, Generation, Service, engine_request, text_stream
 from cluster.server.tool_use import Tool, ToolChoice
 from runtime.sampling import SamplingParams
@@ -278,11 +278,20 @@ def _check_tool_history(messages: list[ChatMessage]) -> None:
 
 
 def _template_messages(messages: list[ChatMessage]) -> list[dict]:
+    """The messages as the chat template takes them: content parts joined into text. A part of another kind
+    (an image, audio, a file) is a 400: dropped, it would leave the model answering without it."""
     plain = []
-    for message in messages:
+    for i, message in enumerate(messages):
         entry = message.model_dump(exclude_none=True)
-        if isinstance(message.content, list):  # content parts: keep the text ones
-            entry["content"] = "".join(part.get("text", "") for part in message.content if part.get("type") == "text")
+        if isinstance(message.content, list):
+            for j, part in enumerate(message.content):
+                kind, param = part.get("type"), f"messages[{i}].content[{j}].type"
+                if kind == "image_url":
+                    raise images_not_supported(param)
+                if kind != "text":
+                    raise ApiError(400, f"a content part of type {kind!r} is not supported; this server reads text "
+                                        "parts ({'type': 'text', 'text': ...})", param=param, code="invalid_value")
+            entry["content"] = "".join(part.get("text", "") for part in message.content)
         plain.append(entry)
     return plain
 

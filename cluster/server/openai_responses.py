@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cluster.server import structured_output
 from cluster.server.chat_prompt import chat_prompt
 from cluster.server.errors import ApiError, openai_error_body
-from cluster.server.request_checks import check_model, parse_body, sampling_params
+from cluster.server.request_checks import check_model, images_not_supported, parse_body, sampling_params
 from cluster.server.service import Event, Generation, Service, engine_request, text_stream
 from cluster.server.tool_use import Tool, ToolChoice
 from runtime.text_output import reasoning_markers
@@ -167,13 +167,20 @@ def _assistant(conversation: list[dict], reasoning: list[str]) -> dict:
 
 
 def _text(content: Any, where: str) -> str:
-    """A string, or the text of a list of text parts."""
+    """A string, or the text of a list of text parts; an image or a file among them is a 400, not dropped."""
     if isinstance(content, str):
         return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") in TEXT_PARTS for p in content):
-        return "".join(str(p.get("text", "")) for p in content)
-    raise ApiError(400, "expected a string or a list of text parts (input_text, output_text); this server reads "
-                        "text only", param=where, code="invalid_value")
+    if not (isinstance(content, list) and all(isinstance(p, dict) for p in content)):
+        raise ApiError(400, "expected a string or a list of text parts (input_text, output_text)", param=where,
+                       code="invalid_value")
+    for j, part in enumerate(content):
+        kind = part.get("type")
+        if kind == "input_image":
+            raise images_not_supported(f"{where}[{j}].type")
+        if kind not in TEXT_PARTS:
+            raise ApiError(400, f"a content part of type {kind!r} is not supported; this server reads text parts "
+                                "(input_text, output_text)", param=f"{where}[{j}].type", code="invalid_value")
+    return "".join(str(p.get("text", "")) for p in content)
 
 
 class ResponseStore:

@@ -1,5 +1,5 @@
 """Checks of a request's body shared by the protocols: JSON, field types and ranges, the model's name, the
-sampling settings; each failure a 400 (or 404) ApiError naming the field."""
+sampling settings, images; each failure a 400 (or 404) ApiError naming the field."""
 from __future__ import annotations
 
 import json
@@ -40,6 +40,12 @@ def check_model(service: Service, name: str | None) -> None:
     if service.strict_model_name and name is not None and name != service.model_name:
         raise ApiError(404, f"the model '{name}' does not exist here; this server serves '{service.model_name}'",
                        param="model", code="model_not_found")
+
+
+def images_not_supported(param: str) -> ApiError:
+    """An image in a message: refused rather than dropped, which would leave the model answering without it."""
+    return ApiError(400, "images are not supported yet: this server reads text only; send the message without the "
+                         "image, or describe it in words", param=param, code="invalid_value")
 
 
 def sampling_params(**settings: Any) -> SamplingParams:
