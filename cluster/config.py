@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
@@ -85,7 +85,9 @@ class ClusterConfig:
     source: str = "<dict>"  # where this came from, for later error messages
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> ClusterConfig:
+    def from_yaml(cls, path: str | Path, missing_secret: Callable[[str], None] | None = None) -> ClusterConfig:
+        """missing_secret: told of each token or TLS file that does not exist yet, instead of refusing the file
+        (a dry run before the secrets are made); such a config has no token."""
         path = Path(path)
         try:
             data = yaml.safe_load(path.read_text())
@@ -93,14 +95,18 @@ class ClusterConfig:
             raise ClusterConfigError(f"{path}: no such file; copy configs/cluster.example.yaml and edit it") from None
         except yaml.YAMLError as e:
             raise ClusterConfigError(f"{path}: not valid YAML: {e}") from None
-        return cls.from_dict(data, source=str(path), base_dir=path.parent)
+        return cls.from_dict(data, source=str(path), base_dir=path.parent, missing_secret=missing_secret)
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "<dict>", base_dir: str | Path | None = None) -> ClusterConfig:
-        """base_dir anchors relative token_file and tls paths (the config file's folder)."""
+    def from_dict(cls, data: Any, source: str = "<dict>", base_dir: str | Path | None = None,
+                  missing_secret: Callable[[str], None] | None = None) -> ClusterConfig:
+        """base_dir anchors relative token_file and tls paths (the config file's folder); missing_secret as in
+        from_yaml."""
+        missing = missing_secret or _refuse
         base = Path(base_dir) if base_dir is not None else Path.cwd()
         top = _Section(data, "top level", source, TOP_LEVEL_KEYS)
-        nodes = tuple(_node(item, f"nodes[{i}]", source) for i, item in enumerate(top.get("nodes", list, [], nullable=True) or []))
+        listed = top.get("nodes", list, [], nullable=True) or []
+        nodes = tuple(_node(item, f"nodes[{i}]", source) for i, item in enumerate(listed))
         _check_nodes(nodes, source)
         values = dict(
             model=_optional_path(top.get("model", str, None, nullable=True)),
@@ -109,8 +115,8 @@ class ClusterConfig:
             nodes=nodes,
             reserve_gb=top.get("reserve_gb", float, at_least=0),
             port=top.get("port", int, at_least=1, at_most=65535),
-            token=_token(top, base, source),
-            tls=_tls(top.get("tls", dict, None, nullable=True), base, source, nodes),
+            token=_token(top, base, source, missing),
+            tls=_tls(top.get("tls", dict, None, nullable=True), base, source, nodes, missing),
             wire_dtype=top.get("wire_dtype", str, choices=WIRE_DTYPES),
             allow_disk=top.get("allow_disk", bool),
             context=top.get("context", int, at_least=1),
@@ -240,7 +246,11 @@ def _model_paths(data: Mapping[Any, Any], nodes: tuple[NodeConfig, ...], source:
     return paths
 
 
-def _token(top: _Section, base: Path, source: str) -> str | None:
+def _refuse(problem: str) -> None:
+    raise ClusterConfigError(problem)
+
+
+def _token(top: _Section, base: Path, source: str, missing: Callable[[str], None]) -> str | None:
     token = top.get("token", str, None, nullable=True)
     token_file = top.get("token_file", str, None, nullable=True)
     if token is not None and token_file is not None:
@@ -250,8 +260,9 @@ def _token(top: _Section, base: Path, source: str) -> str | None:
         try:
             token = path.read_text().strip()
         except FileNotFoundError:
-            raise ClusterConfigError(f"{source}: 'token_file' {path} does not exist; create it with "
-                                     f"`(umask 077 && openssl rand -hex 32 > {path})` (readable by you only)") from None
+            missing(f"{source}: 'token_file' {path} does not exist; create it with "
+                    f"`(umask 077 && openssl rand -hex 32 > {path})` (readable by you only)")
+            return None
         except OSError as e:
             raise ClusterConfigError(f"{source}: cannot read 'token_file' {path}: {e.strerror}") from None
         where = f"the token in {path}"
@@ -273,19 +284,18 @@ def _replicas(top: _Section, source: str) -> Any:
     return str(value)
 
 
-def _tls(data: Mapping[str, Any] | None, base: Path, source: str,
-         nodes: tuple[NodeConfig, ...]) -> TLSFiles | None:
+def _tls(data: Mapping[str, Any] | None, base: Path, source: str, nodes: tuple[NodeConfig, ...],
+         missing: Callable[[str], None]) -> TLSFiles | None:
     if data is None:
         return None
     section = _Section(data, "'tls'", source, TLS_KEYS)
     tls = TLSFiles(**{key: base / Path(section.get(key, str, required=True)).expanduser() for key in TLS_KEYS})
-    # Per-node files are checked for the nodes listed (all of them sit on the head, where `certs` wrote them).
+    # Per-node files are checked for the nodes listed (every node has them all: the whole folder is copied).
     files = [("ca", tls.ca)]
     for name in [n.name for n in nodes] if tls.per_node else [""]:
         files += [(key, Path(path)) for key, path in tls.for_node(name).items() if key != "ca"]
-    for key, path in files:
-        if not path.is_file():
-            raise ClusterConfigError(f"{source}: tls {key} file {path} does not exist; make the certificates with "
-                                     "`kimi-cluster certs DIR --nodes NAME=ADDRESS,...` or remove 'tls' to run "
-                                     "without it")
+    absent = [f"{key} {path}" for key, path in files if not path.is_file()]
+    if absent:
+        missing(f"{source}: tls files missing: {', '.join(absent)}; make the certificates with "
+                "`kimi-cluster certs DIR --nodes NAME=ADDRESS,...` or remove 'tls' to run without it")
     return tls

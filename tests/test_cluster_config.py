@@ -12,7 +12,7 @@ import pytest
 import yaml
 from cryptography import x509
 
-from cluster.cli.main import build_parser
+from cluster.cli.main import build_parser, main
 from cluster.cli.model_session import repack_that_fits
 from cluster.cli.options import cluster_config, configured_api_key
 from cluster.config import TLS_KEYS, TOP_LEVEL_KEYS, ClusterConfig, ClusterConfigError, NodeConfig
@@ -161,7 +161,7 @@ def test_tls_files_must_exist(tmp_path):
     for name in ("node.pem", "node-key.pem"):
         (tmp_path / name).write_text("PEM")
     tls = {"cert": "node.pem", "key": "node-key.pem", "ca": "ca.pem"}
-    with pytest.raises(ClusterConfigError, match=r"tls ca file .*ca.pem does not exist"):
+    with pytest.raises(ClusterConfigError, match=r"tls files missing: ca .*ca.pem"):
         ClusterConfig.from_yaml(write(tmp_path, {"model": "m.gguf", "tls": tls}))
 
     (tmp_path / "ca.pem").write_text("PEM")
@@ -188,8 +188,8 @@ def test_certs_writes_what_the_per_node_tls_config_needs(tmp_path, monkeypatch):
     result = certs(str(tmp_path / "certs"), "--nodes", "big=10.0.0.1")
     tls = yaml.safe_load(result.stdout[result.stdout.index("tls:"):].split("\nthen")[0])["tls"]
     assert tls == {"ca": "~/certs/ca.pem", "cert": "~/certs/{node}.pem", "key": "~/certs/{node}-key.pem"}
-    with pytest.raises(ClusterConfigError, match=r"tls cert file .*certs/small.pem does not exist; make the "
-                                                 r"certificates with `kimi-cluster certs"):
+    with pytest.raises(ClusterConfigError, match=r"tls files missing: cert .*certs/small.pem, key .*small-key.pem; "
+                                                 r"make the certificates with `kimi-cluster certs"):
         ClusterConfig.from_yaml(write(tmp_path, {"model": "m.gguf", "nodes": nodes, "tls": tls}))
     ca = (tmp_path / "certs" / "ca.pem").read_bytes()
     certs(str(tmp_path / "certs"), "--nodes", "small=10.0.0.2").check_returncode()
@@ -221,6 +221,55 @@ def test_the_cas_key_stays_out_of_the_folder_the_nodes_get(tmp_path):
     assert "moved ca-key.pem out of" in result.stdout and "delete" in result.stdout
     small = x509.load_pem_x509_certificate((folder / "small.pem").read_bytes())
     small.verify_directly_issued_by(x509.load_pem_x509_certificate(ca))
+
+
+def test_plan_checks_the_machines_nodes_and_certificates_and_runs_before_the_secrets_exist(make_tiny, tmp_path,
+                                                                                             monkeypatch, capsys):
+    """`plan --config` on the shipped configs (the README's machines): before any secret is made it plans,
+    warning about each; then every disagreement between the Ray config's machines, the nodes and the nodes'
+    certificates is an error naming what to change; once they agree it says so."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for variable in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(variable, raising=False)
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    ray_config = configs / "ray-cluster.yaml"
+    shutil.copy(EXAMPLE.parent / "ray-cluster.yaml", ray_config)
+    example = yaml.safe_load(EXAMPLE.read_text())
+    example.update(model=str(make_tiny("Q4_K_M")), model_paths={})
+    config = write(configs, example)
+    plan = ["plan", str(make_tiny("Q4_K_M")), "--config", str(config)]
+
+    assert main(plan) in (0, None)
+    out, err = capsys.readouterr()
+    assert all(name in out for name in ("bigbox", "worker-a", "worker-b"))
+    assert f"checked: the nodes are the machines in {ray_config}" in out
+    assert "'token_file'" in err and "tls files missing" in err and "no Ray token" in err
+
+    (configs / "kimi-token.txt").write_text(TOKEN)
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text(TOKEN)
+    certs(str(tmp_path / "kimi-certs"), "--nodes", "bigbox=192.168.1.10,worker-a=192.168.1.11,worker-b=192.168.1.99")
+    ray_config.write_text(ray_config.read_text().replace("worker_ips: [192.168.1.11, 192.168.1.12]",
+                                                         "worker_ips: [192.168.1.11, 192.168.1.13]"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(plan)
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2 and "bigbox" in out, "the plan is shown all the same"
+    assert "warning" not in err
+    assert f"node 'worker-b' (192.168.1.12) in {config} is neither head_ip nor among worker_ips in {ray_config}" in err
+    assert f"{ray_config} starts Ray on 192.168.1.13, which no node in {config} has as its address" in err
+    assert re.search(r"worker-b.pem is for worker-b, 192.168.1.99, not 192.168.1.12 .*make it again with "
+                     r"`kimi-cluster certs \S+/kimi-certs --nodes worker-b=192.168.1.12`", err)
+
+    certs(str(tmp_path / "kimi-certs"), "--nodes", "worker-b=192.168.1.12")
+    (tmp_path / "kimi-certs-ca" / "ca-key.pem").rename(tmp_path / "kimi-certs" / "ca-key.pem")
+    shutil.copy(EXAMPLE.parent / "ray-cluster.yaml", ray_config)
+    assert main(plan) in (0, None)
+    out, err = capsys.readouterr()
+    assert "checked: the nodes are the machines" in out and "checked: each node's certificate names it" in out
+    assert "ca-key.pem, which can make certificates every worker trusts, is in the folder copied to every node" \
+        in err and "error" not in err
 
 
 def test_from_dict_names_its_source():

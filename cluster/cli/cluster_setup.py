@@ -16,7 +16,9 @@ def add_plan_parser(sub) -> None:
                        description="Plan the placement of every routed expert by memory budget and print it "
                                    "(per node: experts per layer, their size, share of each layer; on the head "
                                    "also its own weights and KV cache; sizes in GiB), without loading anything. "
-                                   "Exits 1 when the pool is too small.")
+                                   "Exits 1 when the pool is too small. With --config, also checks that the nodes "
+                                   "are the Ray config's machines and match their certificates (exits 2 if not); "
+                                   "secrets not made yet are warned about, so it works as a dry run.")
     p.add_argument("model", help="path to the .gguf file (or its first part)")
     p.add_argument("--context", type=int, default=None,
                    help="plan the head's KV cache for this many tokens per sequence (default: the config's, else "
@@ -33,6 +35,10 @@ def add_plan_parser(sub) -> None:
                    help="prompt length for the prefill estimate (default %(default)s)")
     p.add_argument("--decode-context", type=positive_int, default=1024,
                    help="tokens of context the decode estimate assumes (default %(default)s)")
+    p.add_argument("--ray-config", metavar="FILE",
+                   help="with --config: the Ray cluster config whose head_ip and worker_ips the nodes must match "
+                        "(default: ~/ray_bootstrap_config.yaml, which `ray up` leaves on the head, else "
+                        "ray-cluster.yaml beside the --config file)")
     add_cluster_args(p)
     p.set_defaults(func=cmd_plan)
 
@@ -76,7 +82,13 @@ def cmd_plan(args) -> None:
     from cluster.config import ClusterConfig
     from cluster.head import ExpertCluster, local_budgets
     from cluster.placement import PlacementError
-    config = cluster_config(args)
+    missing_secrets: list[str] = []
+    config = cluster_config(args, missing_secrets.append)
+    check = _check_setup(args, config)
+    for warning in missing_secrets + check.warnings:
+        print(f"kimi-cluster: warning: {warning}", file=sys.stderr)
+    for problem in check.problems:  # said first, and the plan shown all the same
+        print(f"kimi-cluster: error: {problem}", file=sys.stderr)
     if config is None:  # one process on this machine
         given = {"model": args.model, "reserve_gb": args.reserve_gb, "allow_disk": bool(args.allow_disk),
                  "context": args.context, "max_sequences": args.max_sequences}
@@ -108,6 +120,18 @@ def cmd_plan(args) -> None:
         speeds = _local_speeds(args, cost, budgets) if here else _config_speeds(config, cost)
         print(estimate(cost, placement, speeds, args.streams, args.prompt_tokens, args.decode_context).format())
         print("(an estimate: routing taken as uniform, figures as probed; expect the real figure within about 30%)")
+    for agreed in check.checked:
+        print(f"checked: {agreed}")
+    if check.problems:
+        sys.exit(2)
+
+
+def _check_setup(args, config):
+    """With --config: whether the Ray config's machines, the nodes and their certificates agree."""
+    from cluster.setup_checks import SetupCheck, check_setup, find_ray_config
+    if not args.config:
+        return SetupCheck()
+    return check_setup(config, find_ray_config(Path(args.config), args.ray_config))
 
 
 def _local_speeds(args, cost, budgets) -> dict:

@@ -12,12 +12,13 @@ from runtime.speculative import AUTO_LOCAL, AUTO_REMOTE, parse_speculate
 DEFAULT_MAX_SEQUENCES = 16
 
 
-def cluster_config(args):
+def cluster_config(args, missing_secret=None):
     """The cluster settings for --config FILE or --workers N (None for a single process). --context and
-    --max-sequences, when given, win over the file's: the head's KV cache is planned for what will run."""
+    --max-sequences, when given, win over the file's: the head's KV cache is planned for what will run.
+    missing_secret: as in ClusterConfig.from_yaml."""
     from cluster.config import ClusterConfig
     if args.config:
-        config = ClusterConfig.from_yaml(args.config)
+        config = ClusterConfig.from_yaml(args.config, missing_secret)
     elif args.workers:
         config = ClusterConfig.from_dict({"model": args.model, "reserve_gb": args.reserve_gb}, "--workers")
     else:
