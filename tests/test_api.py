@@ -4,6 +4,7 @@ process; tests/test_serve.py runs the `kimi-cluster serve` command with expert w
 from __future__ import annotations
 
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -72,7 +73,9 @@ def visible_text(tokenizer, tokens) -> str:
 
 
 def test_models_lists_the_served_model(client):
-    assert [m.id for m in client.models.list()] == ["tiny"]
+    models = client.models.list().data
+    assert [m.id for m in models] == ["tiny"]
+    assert models[0].max_model_len == models[0].context_length == CONTEXT  # vLLM's name for it too
 
 
 def test_completion_equals_the_engine_and_counts_usage(server, client):
@@ -192,7 +195,8 @@ GOOD = {"model": "tiny", "prompt": "hello", "max_tokens": 2}
     ("/v1/completions", '{"model": "tiny", "prompt": "hello", "repetition_penalty": Infinity}', KEY, 400, None,
      "Infinity is not a JSON value"),
     ("/v1/completions", {**GOOD, "top_p": 0}, KEY, 400, "invalid_value", "invalid value for 'top_p'"),
-    ("/v1/nothing-here", GOOD, KEY, 404, "not_found", "Not Found"),
+    ("/v1/nothing-here", GOOD, KEY, 404, "not_found", "nothing is served at /v1/nothing-here; this server serves "
+     "/v1/models, /v1/completions, /v1/chat/completions, /v1/responses, /v1/messages, /health and /metrics"),
     ("/v1/completions", {**GOOD, "echo": True}, KEY, 400, "unsupported_parameter", "'echo' is not supported"),
     ("/v1/completions", {**GOOD, "logit_bias": {"5": 10}}, KEY, 400, "unsupported_parameter", "logit_bias"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
@@ -385,6 +389,39 @@ def test_one_access_line_per_finished_request(parts):
         assert lines[-1].startswith("POST /v1/completions 401 in ")
         time.sleep(0.2)  # and no second line for any of them
         assert len(lines) == 4
+    finally:
+        stop_server(server)
+
+
+def test_every_response_carries_a_request_id_which_its_access_line_shows(parts):
+    """A client's own x-request-id comes back, so that its logs and the server's can be matched; otherwise the
+    server makes one."""
+    lines = []
+    server = start_server(*parts, access_log=lines.append)
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+        reply = client.chat.completions.with_raw_response.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+            extra_headers={"x-request-id": "agent-turn-7"})
+        assert reply.headers["x-request-id"] == "agent-turn-7" and reply.parse().choices
+        wait_for_lines(lines, 1)
+        assert lines[-1].startswith("POST /v1/chat/completions 200 in ") and "(request agent-turn-7): " in lines[-1]
+        made = [post(server, "/v1/completions", GOOD).headers["x-request-id"] for _ in range(2)]
+        assert made[0] != made[1] and all(re.fullmatch(r"req_[0-9a-f]{24}", m) for m in made)
+        wait_for_lines(lines, 3)
+        assert f"(request {made[1]})" in lines[-1]
+        blank = httpx.post(f"{server.url}/v1/completions", json=GOOD,
+                           headers={"Authorization": f"Bearer {KEY}", "x-request-id": "two words"}, timeout=60)
+        assert blank.headers["x-request-id"].startswith("req_"), "a value the console cannot show plainly is replaced"
+        refused = post(server, "/v1/completions", GOOD, key="wrong")
+        assert refused.status_code == 401 and refused.headers["x-request-id"].startswith("req_")
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=60,
+                          headers={"Authorization": f"Bearer {KEY}", "x-request-id": "stream-1"},
+                          json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True}) as s:
+            assert s.headers["x-request-id"] == "stream-1" and list(s.iter_lines())
+        wait_for_lines(lines, 6)
+        assert "(request stream-1): " in lines[-1]
+        assert httpx.get(f"{server.url}/health").headers["x-request-id"].startswith("req_")
     finally:
         stop_server(server)
 

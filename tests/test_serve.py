@@ -317,18 +317,27 @@ def test_chat_keeps_the_conversation_and_reset_forgets_it(make_tiny):
     assert replies[1] != replies[0]  # with the first exchange in the prompt, the answer changes
 
 
+def serve_on_console(path: Path, console: Path, *extra: str) -> tuple[subprocess.Popen, re.Match]:
+    """`serve` on one process, its console written to `console`; returns it, once ready, and its ready line's
+    match: [1] the address, [2] the paths it names."""
+    with console.open("w") as out:
+        process = start(cli("serve", str(path), "--port", "0", "--threads", "1", *extra),
+                        stderr=out, stdout=subprocess.DEVNULL, env={**os.environ, "KIMI_API_KEY": ""})
+    deadline = time.monotonic() + 120
+    while not (ready := re.search(r"ready at (http://127\.0\.0\.1:\d+)/v1 \(serving (.*)\)", console.read_text())):
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop(process)
+            raise AssertionError(f"serve did not become ready:\n{console.read_text()}")
+        time.sleep(0.2)
+    return process, ready
+
+
 def test_sigterm_mid_stream_ends_the_stream_with_the_reason_and_no_traceback(make_tiny, tmp_path):
     """A server stopped while it streams (a client still waiting, say an agent's next turn) tells the client
     why in the stream's last event and stops without a traceback on its console."""
     console = tmp_path / "console.txt"
-    with console.open("w") as out:
-        process = start(cli("serve", str(make_tiny("Q4_K_M")), "--port", "0", "--threads", "1"),
-                        stderr=out, stdout=subprocess.DEVNULL, env={**os.environ, "KIMI_API_KEY": ""})
+    process, url = serve_on_console(make_tiny("Q4_K_M"), console)
     try:
-        deadline = time.monotonic() + 120
-        while not (url := re.search(r"ready at (http://127\.0\.0\.1:\d+)/v1", console.read_text())):
-            assert process.poll() is None and time.monotonic() < deadline, console.read_text()
-            time.sleep(0.2)
         body = {"model": "tiny", "stream": True, "max_tokens": 2000, "ignore_eos": True,
                 "messages": [{"role": "user", "content": "Hello"}]}
         events = []
@@ -367,5 +376,38 @@ def test_sigterm_stops_a_server_and_its_workers_cleanly_with_one_line(make_tiny)
         assert after.strip().splitlines() == ["kimi-cluster: stopped (SIGTERM)"], after  # no Ray stack dump
         assert all_gone(workers)
         assert not Path(session_dirs.pop()).exists()  # Ray's session files went with it
+    finally:
+        stop(process)
+
+
+def test_serve_help_names_every_api():
+    help_text = subprocess.run(cli("serve", "--help"), capture_output=True, text=True, check=True).stdout
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/models", "/v1/messages"):
+        assert path in help_text, path
+
+
+def test_what_a_served_file_says_about_itself(make_tiny, tmp_path):
+    """The ready line names every path served, /v1/models the context (vLLM's max_model_len too), the file's
+    quantization and size, a 404 the paths served; the access line shows each request's id."""
+    path = make_tiny("Q4_K_M")
+    console = tmp_path / "console.txt"
+    process, ready = serve_on_console(path, console, "--context", "512")
+    try:
+        url, paths = ready[1], ready[2]
+        assert paths == ("/v1/models, /v1/completions, /v1/chat/completions, /v1/responses, /v1/messages, /health "
+                         "and /metrics")
+        card = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]
+        assert card["max_model_len"] == card["context_length"] == 512
+        assert card["quantization"] == "Q4_K_M" and card["file_size_bytes"] == path.stat().st_size
+        missing = httpx.post(f"{url}/v1/chat/completion", json={}, timeout=30)
+        assert missing.status_code == 404 and paths in missing.json()["error"]["message"]
+        reply = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 2},
+                           headers={"x-request-id": "agent-turn-7"}, timeout=60)
+        assert reply.status_code == 200 and reply.headers["x-request-id"] == "agent-turn-7"
+        deadline = time.monotonic() + 30
+        while "POST /v1/completions 200 in " not in console.read_text():
+            assert time.monotonic() < deadline, console.read_text()
+            time.sleep(0.1)
+        assert "(request agent-turn-7): " in console.read_text()
     finally:
         stop(process)

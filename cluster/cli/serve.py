@@ -17,11 +17,11 @@ DEMO_PROMPT = "Write one sentence about pooling the memory of several computers.
 
 
 def add_serve_parser(sub) -> None:
-    p = sub.add_parser("serve", help="serve a model with an OpenAI-compatible API",
+    p = sub.add_parser("serve", help="serve a model with OpenAI's and Anthropic's APIs",
                        description="Bring the model up (on this machine, or with its experts spread over a Ray "
-                                   "cluster) and serve /v1/completions, /v1/chat/completions and /v1/models as "
-                                   "OpenAI's API does, plus /health and /metrics (Prometheus). Requests share "
-                                   "decode steps (continuous batching).")
+                                   "cluster) and serve /v1/completions, /v1/chat/completions, /v1/responses and "
+                                   "/v1/models as OpenAI's API does, /v1/messages as Anthropic's does, plus /health "
+                                   "and /metrics (Prometheus). Requests share decode steps (continuous batching).")
     p.add_argument("model", help="path to the .gguf file (or its -00001-of-0000N.gguf part)")
     add_server_args(p)
     add_runtime_args(p, serving=True)
@@ -77,7 +77,8 @@ def serving(args, host: str, port: int, announce: bool = True):
     model_file = GGUFModelFile(args.model)
     service = Service(args.model_name or Path(args.model).name.split("-0000")[0].removesuffix(".gguf"),
                       Tokenizer.from_metadata(model_file.metadata),
-                      int(model_file.metadata.get("deepseek2.context_length", 0)), api_key=api_key,
+                      int(model_file.metadata.get("deepseek2.context_length", 0)),
+                      quantization=file_quantization(model_file), file_bytes=model_file.file_bytes, api_key=api_key,
                       protect_metrics=args.protect_metrics, strict_model_name=args.strict_model_name,
                       access_log=None if not announce or args.quiet else _print_access_line)
     server = ApiServer(service, host, port)
@@ -115,6 +116,16 @@ def serving(args, host: str, port: int, announce: bool = True):
         server.stop()
 
 
+def file_quantization(model_file) -> str | None:
+    """The file's type as llama.cpp's quantizer names it (general.file_type: "Q4_K_M"); None if it does not say."""
+    from gguf import LlamaFileType
+    try:
+        name = LlamaFileType(int(model_file.metadata["general.file_type"])).name  # MOSTLY_Q4_K_M, ALL_F32
+    except (KeyError, ValueError):
+        return None
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+
 def prompt_cache_for(args, model, kv):
     """The prompt cache: `--prompt-cache-gb` of its own, or by default the plan's KV memory (kv: KVPlan), less
     what the running sequences may hold at the time; None when --prompt-cache-gb is 0. With
@@ -135,9 +146,9 @@ def wait_for_ctrl_c() -> None:
 
 
 def cmd_serve(args) -> None:
+    from cluster.server.app import paths_served
     with serving(args, args.host, args.port) as url:
-        print(f"kimi-cluster: ready at {url}/v1 (OpenAI API; also {url}/health and {url}/metrics); "
-              "Ctrl-C stops", file=sys.stderr)
+        print(f"kimi-cluster: ready at {url}/v1 (serving {paths_served()}); Ctrl-C stops", file=sys.stderr)
         wait_for_ctrl_c()
 
 

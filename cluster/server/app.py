@@ -1,5 +1,5 @@
 """The HTTP app: every protocol's routes over one service, the API key, errors in the shape of the protocol
-whose path was asked for, access lines, /health and /metrics; and ApiServer, which runs it.
+whose path was asked for, request ids, access lines, /health and /metrics; and ApiServer, which runs it.
 
 Protocols are modules with routes, their paths and their error shape (ApiProtocol); this module assembles
 them, and the service below them never imports one.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import re
 import secrets
 import socket
 import threading
@@ -25,6 +26,9 @@ from cluster.server.errors import ApiError, validation_error
 from cluster.server.service import Service
 
 OPEN_PATHS = ("/health", "/metrics")  # open to monitoring without the API key, unless protect_metrics
+# A client's own x-request-id is kept when it is printable and has no blanks (it goes into a header and the
+# console); otherwise the request gets one of ours.
+CLIENT_REQUEST_ID = re.compile(r"[!-~]{1,128}")
 
 
 class ApiProtocol(Protocol):
@@ -38,6 +42,12 @@ class ApiProtocol(Protocol):
 
 # Adding a protocol is adding its module here. Paths outside every protocol's get the first one's errors.
 PROTOCOLS: tuple[ApiProtocol, ...] = (openai_api, openai_responses, anthropic_api)
+
+
+def paths_served(protocols: tuple[ApiProtocol, ...] = PROTOCOLS) -> str:
+    """Every protocol's paths, /health and /metrics, in words: what the ready line and a 404 name."""
+    paths = [path for protocol in protocols for path in protocol.PATHS] + list(OPEN_PATHS)
+    return f"{', '.join(paths[:-1])} and {paths[-1]}"
 
 
 def create_app(service: Service, protocols: tuple[ApiProtocol, ...] = PROTOCOLS) -> FastAPI:
@@ -56,12 +66,15 @@ def create_app(service: Service, protocols: tuple[ApiProtocol, ...] = PROTOCOLS)
     async def count_and_authorize(http: HttpRequest, call_next):
         started = time.perf_counter()
         endpoint = http.url.path
+        sent_id = http.headers.get("x-request-id", "")
+        http.state.request_id = sent_id if CLIENT_REQUEST_ID.fullmatch(sent_id) else f"req_{secrets.token_hex(12)}"
         left_open = not service.protect_metrics and endpoint in OPEN_PATHS
         if service.api_key and not left_open and not _key_matches(http, service.api_key):
             response = error_response(http, ApiError(401, "missing or wrong API key: send 'Authorization: Bearer "
                                                           "<key>' or 'x-api-key: <key>'", code="invalid_api_key"))
         else:
             response = await call_next(http)
+        response.headers["x-request-id"] = http.state.request_id
         if endpoint.startswith("/v1/"):
             service.metrics.requests.labels(endpoint, str(response.status_code)).inc()
             if service.access_log is not None:
@@ -74,8 +87,10 @@ def create_app(service: Service, protocols: tuple[ApiProtocol, ...] = PROTOCOLS)
 
     @app.exception_handler(HTTPException)
     async def http_error(http: HttpRequest, error: HTTPException):
-        return error_response(http, ApiError(error.status_code, str(error.detail),
-                                             code="not_found" if error.status_code == 404 else None))
+        if error.status_code == 404:  # a path no route has
+            return error_response(http, ApiError(404, f"nothing is served at {http.url.path}; this server serves "
+                                                      f"{paths_served(protocols)}", code="not_found"))
+        return error_response(http, ApiError(error.status_code, str(error.detail)))
 
     @app.exception_handler(RequestValidationError)
     async def request_validation_error(http: HttpRequest, error: RequestValidationError):
@@ -119,7 +134,8 @@ def _log_when_done(log: Callable[[str], None], http: HttpRequest, response: Resp
                    ) -> Response:
     """Log one line for the request once its response is complete (a stream: once its last event is sent)."""
     def write() -> None:
-        line = f"{http.method} {http.url.path} {response.status_code} in {time.perf_counter() - started:.2f} s"
+        line = (f"{http.method} {http.url.path} {response.status_code} in {time.perf_counter() - started:.2f} s "
+                f"(request {http.state.request_id})")
         generation = getattr(http.state, "generation", None)
         log(line if generation is None else f"{line}: {generation.summary()}")
 

@@ -241,8 +241,11 @@ async def _parse(http: HttpRequest, body_type: type[_Body], service: Service) ->
 
 
 def _model_card(service: Service) -> dict:
+    """OpenAI's model object, with the context (as context_length, and as vLLM names it, max_model_len) and the
+    file's quantization and size (null where the server was not told)."""
     return {"id": service.model_name, "object": "model", "created": service.created, "owned_by": "kimi-cluster",
-            "context_length": service.context_size}
+            "context_length": service.context_size, "max_model_len": service.context_size,
+            "quantization": service.quantization, "file_size_bytes": service.file_bytes}
 
 
 def _completion_prompt(tokenizer: Tokenizer, prompt) -> list[int]:

@@ -35,6 +35,8 @@ class Service:
     model_name: str
     tokenizer: Tokenizer
     context_size: int  # tokens a sequence holds; the engine's, once ready
+    quantization: str | None = None  # the file's type as llama.cpp names it ("Q4_K_M"), for /v1/models
+    file_bytes: int | None = None  # the model file's size, all its parts
     api_key: str | None = None
     protect_metrics: bool = False  # ask for the key on /health and /metrics too
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
