@@ -104,6 +104,8 @@ def test_ray_start_commands_parse(config, which):
         assert params["autoscaling_config"] == "~/ray_bootstrap_config.yaml"
     else:
         assert not params["head"] and params["address"] == "192.168.1.10:6379"
+        # nodes of different distributions have different Python patch versions, which Ray refuses by default
+        assert "RAY_DEFAULT_PYTHON_VERSION_MATCH_LEVEL=minor" in start_command(config[which]).split("ray start")[0]
 
 
 # -- what kimi-cluster relies on (no ray needed) -------------------------------------------------------
@@ -120,7 +122,8 @@ def test_local_provider_with_placeholder_lan_ips(config):
 
 def test_setup_installs_kimi_cluster(config):
     setup = " ".join(config["setup_commands"])
-    assert "python3 -m venv" in setup
+    # one Python version named for every node: plain python3 differs between distributions, and Ray refuses a mix
+    assert re.search(r"(^| )python3\.\d+ -m venv ~/kimi-venv", setup)
     assert "pip install" in setup and "kimi-cluster" in setup
     # start commands use the venv's ray, so setup must put ray there
     assert "ray[default]" in setup

@@ -210,6 +210,15 @@ def test_the_readme_cluster_steps_serve_from_three_machines(cluster):
                       max_retries=0).models.list()
 
 
+def test_every_node_gets_the_certificates_and_none_the_cas_key(cluster):
+    """The secrets `ray up` copied: on every machine the CA's certificate and the nodes' certificates and keys
+    (the expert traffic ran on them), and nowhere the CA's key, which stays where `certs` ran."""
+    for machine, node in zip([cluster.head, *cluster.workers], ("bigbox", "worker-a", "worker-b")):
+        listed = machine.ssh("ls -A ~/kimi-certs").stdout.split()
+        assert {"ca.pem", f"{node}.pem", f"{node}-key.pem"} <= set(listed), listed
+        assert machine.ssh("find ~ -name ca-key.pem").stdout == "", f"the CA's key on {node}"
+
+
 SHORT_STREAM = 12  # tokens
 SPEED_PROBE = 200  # tokens streamed to measure the cluster's decode speed
 MOST_TOKENS = 3500  # a stream the served context (4,096 tokens at least) holds beside the prompt
@@ -353,6 +362,10 @@ def run_the_head_steps(head: Machine, steps: dict[int, list[str]], ours, console
         on_head(head, ours(block))
     plan = on_head(head, ours(steps[5][0]))
     assert all(name in plan.stdout for name in ("bigbox", "worker-a", "worker-b")), plan.stdout
+    # the nodes checked against the Ray config `ray up` left on the head, and against their certificates
+    assert "checked: the nodes are the machines in /root/ray_bootstrap_config.yaml" in plan.stdout, plan.stdout
+    assert "checked: each node's certificate names it and its address" in plan.stdout, plan.stdout
+    assert "kimi-cluster: warning" not in plan.stderr, plan.stderr
     key_block, serve_block = steps[6][0].strip().splitlines()
     on_head(head, key_block)
     model_line = ours(steps[5][0]).splitlines()[0]
