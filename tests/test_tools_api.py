@@ -1,7 +1,8 @@
 """Tools on /v1/chat/completions through the real `openai` client: the declared tools and a history of calls
 and results reach the chat template; tool_choice steers (a forced call is written into the prompt; "none"
-bans the section); bad definitions and orphan results are 400s naming the field; a call the model botches
-comes back as text. Calls a model writes itself come from scripted models (runtime/synthetic/scripted_model.py)
+bans the section; a named function is one call); bad definitions and orphan results are 400s naming the
+field; a call cut off by max_tokens is dropped, the complete ones kept, with no marker text, whole or streamed.
+Calls a model writes itself come from scripted models (runtime/synthetic/scripted_model.py)
 whose weights make them write a given tool-call section, so the parser meets the model's own tokens."""
 from __future__ import annotations
 
