@@ -1,15 +1,29 @@
 """ModelConfig: the deepseek2.* hyperparameters of a Kimi K2.x GGUF, with llama.cpp's defaults."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
+
+import numpy as np
 
 from .gguf_file import GGUFError
 
 GATING_SOFTMAX, GATING_SIGMOID = 1, 2
 MAX_LAYERS, MAX_EXPERTS = 512, 512  # llama.cpp's limits (src/llama-hparams.h)
 MAX_SIZE = 1 << 24  # no width, count or context of a real model comes near it
+
+# llama.cpp computes the YaRN factors in float with the C library's logf; a scale one float32 ulp off (as
+# double math rounded once gives) flips a rounded attention probability now and then, and 61 layers carry it.
+_logf = ctypes.CDLL(ctypes.util.find_library("m")).logf
+_logf.argtypes, _logf.restype = [ctypes.c_float], ctypes.c_float
+f32 = np.float32
+
+
+def logf(x) -> np.float32:
+    return f32(_logf(f32(x)))
 
 
 @dataclass(frozen=True)
@@ -79,7 +93,7 @@ class ModelConfig:
         context_length = count("context_length")
         scaling_type = str(get("rope.scaling.type", "none"))
         # llama.cpp stores yarn_log_multiplier pre-multiplied by 0.1 for deepseek2 and divides it back out.
-        yarn_log_mul = number("rope.scaling.yarn_log_multiplier", 0.0) / 0.1
+        yarn_log_mul = float(f32(number("rope.scaling.yarn_log_multiplier", 0.0)) / f32(0.1))
         vocab_size = count("vocab_size", len(metadata.get("tokenizer.ggml.tokens", [])) or None)
         config = cls(
             arch=arch,
@@ -145,22 +159,22 @@ class ModelConfig:
 
     @property
     def freq_scale(self) -> float:
-        return 1.0 / self.rope_factor if self.rope_scaling_type == "yarn" else 1.0
+        return float(f32(1) / f32(self.rope_factor)) if self.rope_scaling_type == "yarn" else 1.0
 
     @property
     def yarn_attn_factor(self) -> float:
         """llama.cpp's attn_factor after its YaRN adjustment (1 / (1 + 0.1 ln factor)), fed to rope."""
         if self.rope_scaling_type != "yarn" or self.rope_factor <= 1.0:
             return 1.0
-        return 1.0 / (1.0 + 0.1 * math.log(self.rope_factor))
+        return float(f32(1) / (f32(1) + f32(0.1) * logf(f32(1) / f32(self.freq_scale))))
 
     @property
     def kq_scale(self) -> float:
-        """Attention score scale: mscale^2 / sqrt(head_dim_qk), as deepseek2.cpp pre-scales it."""
-        log_inv_scale = math.log(1.0 / self.freq_scale)
-        attn_factor_org = self.yarn_attn_factor * (1.0 + 0.1 * log_inv_scale)
-        mscale = attn_factor_org * (1.0 + 0.1 * self.yarn_log_mul * log_inv_scale)
-        return mscale * mscale / math.sqrt(self.head_dim_qk)
+        """Attention score scale: mscale^2 / sqrt(head_dim_qk), as deepseek2.cpp pre-scales it (in float32)."""
+        log_inv_scale = logf(f32(1) / f32(self.freq_scale))
+        attn_factor_org = f32(self.yarn_attn_factor) * (f32(1) + f32(0.1) * log_inv_scale)
+        mscale = attn_factor_org * (f32(1) + f32(0.1) * f32(self.yarn_log_mul) * log_inv_scale)
+        return float(f32(1) * mscale * mscale / np.sqrt(f32(self.head_dim_qk)))
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer >= self.num_dense_layers

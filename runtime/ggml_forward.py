@@ -22,7 +22,7 @@ import numpy as np
 from .config import GATING_SIGMOID, ModelConfig
 from .experts import Experts
 from .ggml_graph import GraphMemory, PlannedGraph
-from .ggml_ops import GgmlRunner, ggml, moe_subgraph, swiglu_subgraph
+from .ggml_ops import GgmlRunner, ggml, moe_subgraph, mul_mat, swiglu_subgraph
 from .kv_cache import KVCache, Segment
 from .router import MIN_WEIGHT_SUM, route
 
@@ -60,6 +60,7 @@ class StepModel(Protocol):
     runner: GgmlRunner
     experts: Experts
     output_name: str
+    repack_head: bool  # the head's weights interleaved: its matmuls round each row with its neighbours
 
     @property
     def routes_in_graph(self) -> bool: ...
@@ -90,6 +91,26 @@ class StepShape:
     @property
     def all_logits(self) -> bool:
         return all(logits == count for _, count, _, logits in self.segments)
+
+    @property
+    def router_runs(self) -> list[tuple[int, int, bool]]:
+        """(first row, rows, multiplied together): each prompt chunk, and runs of the other segments' rows."""
+        runs, start = [], 0
+        for _, count, _, logits in self.segments:
+            together = is_prompt_chunk(count, logits)
+            if runs and not together and not runs[-1][2]:
+                runs[-1] = (runs[-1][0], runs[-1][1] + count, False)
+            else:
+                runs.append((start, count, together))
+            start += count
+        return runs
+
+
+def is_prompt_chunk(count: int, logits: int) -> bool:
+    """Whether a segment's rows are a prompt's (only its last row, or none, wants logits), which llama.cpp
+    computes together as one batch; a decoding sequence's rows (its next token and drafts) all want logits, and
+    each gets the bits a step of its own would give."""
+    return logits < count
 
 
 class StepGraphs:
@@ -184,14 +205,14 @@ class StepGraphs:
         if not self.shape.all_logits:
             x = ggml.ggml_get_rows(ctx, x, g.external(self.out_rows))
         x = ggml.ggml_mul(ctx, ggml.ggml_rms_norm(ctx, x, c.rms_eps), g.weight(self.model.weight("output_norm.weight")))
-        g.plan({"logits": ggml.ggml_mul_mat(ctx, g.weight(self.model.weight(self.model.output_name)), x)})
+        g.plan({"logits": mul_mat(ctx, g.weight(self.model.weight(self.model.output_name)), x, layer_graph.rows_alone)})
         return g
 
     def _shared_expert(self, layer: int) -> PlannedGraph:
         g = PlannedGraph(self.model.runner, 64, self.memory)
         hidden = g.input("hidden", (len(self.tokens), self.model.config.n_embd))
         w = lambda kind: g.weight(self.model.layer_weight(layer, f"ffn_{kind}_shexp.weight"))  # noqa: E731
-        g.plan({"out": swiglu_subgraph(g.ctx, w("gate"), w("up"), w("down"), hidden)})
+        g.plan({"out": swiglu_subgraph(g.ctx, w("gate"), w("up"), w("down"), hidden, not self.model.repack_head)})
         return g
 
 
@@ -202,6 +223,8 @@ class _LayerGraph:
         # The graph points into the caches' arrays but keeps no cache object: a dropped cache frees its graphs.
         self.step, self.g, self.ctx, self.inputs, self.segments = step, graph, graph.ctx, step_inputs, segments
         self.model, self.c = step.model, step.model.config
+        # With the head read in place (batch-invariant kernels), every row gets the bits a step of its own gives.
+        self.rows_alone = not self.model.repack_head
 
     def weight(self, layer: int, name: str):
         return self.g.weight(self.model.layer_weight(layer, f"{name}.weight"))
@@ -220,24 +243,24 @@ class _LayerGraph:
         """MLA attention of x [D, T]; writes the new cache rows of every segment. Returns [D, T]."""
         c, ctx, w = self.c, self.ctx, (lambda name: self.weight(layer, name))
         num_tokens, heads, nope, rope, lora = len(self.step.tokens), c.num_heads, c.head_dim_nope, c.rope_dim, c.kv_lora_rank
-        q = ggml.ggml_mul_mat(ctx, w("attn_q_b"), self.norm(ggml.ggml_mul_mat(ctx, w("attn_q_a"), x), layer,
-                                                            "attn_q_a_norm"))  # [H * (N + R), T]
+        mm = lambda weight, rows: mul_mat(ctx, weight, rows, self.rows_alone)  # noqa: E731
+        q = mm(w("attn_q_b"), self.norm(mm(w("attn_q_a"), x), layer, "attn_q_a_norm"))  # [H * (N + R), T]
         row = 4 * c.head_dim_qk
         q_nope = ggml.ggml_view_3d(ctx, q, nope, heads, num_tokens, row, row * heads, 0)
         q_pe = self.rope(ggml.ggml_view_3d(ctx, q, rope, heads, num_tokens, row, row * heads, 4 * nope))
-        kv = ggml.ggml_mul_mat(ctx, w("attn_kv_a_mqa"), x)  # [L + R, T]
+        kv = mm(w("attn_kv_a_mqa"), x)  # [L + R, T]
         kv_row = 4 * (lora + rope)
         latent = self.norm(ggml.ggml_view_2d(ctx, kv, lora, num_tokens, kv_row, 0), layer, "attn_kv_a_norm")
         k_pe = self.rope(ggml.ggml_view_3d(ctx, kv, rope, 1, num_tokens, kv_row, kv_row, 4 * lora))
         if c.is_mla:
             # Absorb W_UK into the queries; the cache rows [latent | k_pe] are then the keys of one shared head.
-            q_abs = ggml.ggml_mul_mat(ctx, w("attn_k_b"), ggml.ggml_permute(ctx, q_nope, 0, 2, 1, 3))  # [L, T, H]
+            q_abs = mm(w("attn_k_b"), ggml.ggml_permute(ctx, q_nope, 0, 2, 1, 3))  # [L, T, H]
             queries = ggml.ggml_concat(ctx, ggml.ggml_permute(ctx, q_abs, 0, 2, 1, 3), q_pe, 0)  # [L + R, H, T]
             new_keys = ggml.ggml_concat(ctx, ggml.ggml_reshape_3d(ctx, latent, lora, 1, num_tokens), k_pe, 0)
             new_values = None
         else:
             # Legacy attn_kv_b files: per-head keys and values, expanded before caching.
-            kv_b = ggml.ggml_mul_mat(ctx, w("attn_kv_b"), latent)  # [H * (N + V), T]
+            kv_b = mm(w("attn_kv_b"), latent)  # [H * (N + V), T]
             kv_b_row = 4 * (nope + c.head_dim_v)
             k_nope = ggml.ggml_view_3d(ctx, kv_b, nope, heads, num_tokens, kv_b_row, kv_b_row * heads, 0)
             new_values = ggml.ggml_cont(ctx, ggml.ggml_view_3d(ctx, kv_b, c.head_dim_v, heads, num_tokens, kv_b_row,
@@ -249,9 +272,9 @@ class _LayerGraph:
         for part in out[1:]:
             kqv = ggml.ggml_concat(ctx, kqv, part, 1)  # [Dv, T, H]
         if c.is_mla:
-            kqv = ggml.ggml_mul_mat(ctx, w("attn_v_b"), kqv)  # [V, T, H]
+            kqv = mm(w("attn_v_b"), kqv)  # [V, T, H]
         kqv = ggml.ggml_cont_2d(ctx, ggml.ggml_permute(ctx, kqv, 0, 2, 1, 3), c.head_dim_v * heads, num_tokens)
-        return ggml.ggml_mul_mat(ctx, w("attn_output"), kqv)
+        return mm(w("attn_output"), kqv)
 
     def _segment_attention(self, layer: int, i: int, queries, new_keys, new_values):
         """Write segment i's new rows into its cache, then attend over its cached positions (llama.cpp's
@@ -268,10 +291,12 @@ class _LayerGraph:
         v = ggml.ggml_view_3d(ctx, values, dim_v, kv, heads_k, values.contents.nb[1], 2 * dim_v, 0)  # [Dv, S, Hk]
         q_nb, (dim_q, heads) = queries.contents.nb, queries.contents.ne[:2]
         v_rows = ggml.ggml_cont(ctx, ggml.ggml_transpose(ctx, v))  # [S, Dv, Hk]
-        if count > 1 and self.step.shape.segments[i][3] == count:
-            # Rows that all want logits (a decoding sequence's drafted tokens) attend one by one, each as in a
-            # step of its own: ggml multiplies several query rows at once with other kernels (tinyBLAS), whose
-            # sums round differently, and a drafted token must get the bits it would get alone.
+        if count > 1 and (self.rows_alone or not is_prompt_chunk(count, self.step.shape.segments[i][3])):
+            # Rows attend one by one, each as in a step of its own: ggml multiplies several query rows at once with
+            # other kernels (tinyBLAS), whose sums round differently. A decoding sequence's drafted tokens must get
+            # the bits they would get alone, and with the head read in place (batch-invariant kernels) so must
+            # every prompt row, however the prompt is cut into steps. With the head interleaved, a prompt chunk
+            # attends as llama.cpp's batch does.
             q = ggml.ggml_view_4d(ctx, queries, dim_q, 1, heads, count, q_nb[2], q_nb[1], q_nb[2],
                                   start * q_nb[2])  # [Dk, 1, H, rows]
             scores = ggml.ggml_mul_mat(ctx, k, q)  # [S, 1, H, rows]
@@ -301,7 +326,7 @@ class _LayerGraph:
         ctx, c = self.ctx, self.c
         w = lambda name: self.weight(layer, name)  # noqa: E731
         if not c.is_moe_layer(layer):
-            return swiglu_subgraph(ctx, w("ffn_gate"), w("ffn_up"), w("ffn_down"), hidden)
+            return swiglu_subgraph(ctx, w("ffn_gate"), w("ffn_up"), w("ffn_down"), hidden, self.rows_alone)
         rows_read = self.c.num_experts_used * len(self.step.tokens)
         experts = {kind: self.g.weight(w, rows_read)
                    for kind, w in self.model.experts_in_graph(layer, len(self.step.tokens)).items()}
@@ -309,16 +334,25 @@ class _LayerGraph:
         routed = moe_subgraph(ctx, experts.get("gate"), experts.get("up"), experts["down"], experts.get("gate_up"),
                               hidden, ids, weights)
         return ggml.ggml_add(ctx, routed, swiglu_subgraph(ctx, w("ffn_gate_shexp"), w("ffn_up_shexp"),
-                                                          w("ffn_down_shexp"), hidden))
+                                                          w("ffn_down_shexp"), hidden, self.rows_alone))
 
     def router_logits(self, layer: int, hidden):
-        """[E, T], each row multiplied alone: the router's weights are float32, which ggml multiplies by several
-        rows at once with other kernels (tinyBLAS) that round otherwise, and a token must be routed the same
-        whatever shares its step (drafted tokens, other sequences, a prompt's chunk)."""
-        ctx, num_tokens = self.ctx, len(self.step.tokens)
-        rows = ggml.ggml_reshape_3d(ctx, hidden, self.c.n_embd, 1, num_tokens)  # [D, 1, T]
-        logits = ggml.ggml_mul_mat(ctx, self.weight(layer, "ffn_gate_inp"), rows)  # [E, 1, T]
-        return ggml.ggml_reshape_2d(ctx, logits, self.c.num_experts, num_tokens)
+        """[E, T]. The router's weights are float32, which ggml multiplies by several rows at once with other
+        kernels that round otherwise (see ggml_ops.mul_mat). With the head interleaved (llama.cpp's default
+        kernels, under which rows already round with their neighbours) a prompt chunk's rows are multiplied
+        together and route as llama.cpp's batch routes them; every other row (a decoding sequence's, drafted or
+        not, and every row with the head read in place) is multiplied alone, so that it routes as in a step of
+        its own whatever shares the step or however its prompt was cut."""
+        ctx, weight = self.ctx, self.weight(layer, "ffn_gate_inp")
+        runs = [(0, len(self.step.tokens), False)] if self.rows_alone else self.step.shape.router_runs
+        parts, row_bytes = [], hidden.contents.nb[1]
+        for start, count, together in runs:
+            rows = ggml.ggml_view_2d(ctx, hidden, self.c.n_embd, count, row_bytes, start * row_bytes)
+            parts.append(mul_mat(ctx, weight, rows, rows_alone=not together))  # [E, rows]
+        logits = parts[0]
+        for part in parts[1:]:
+            logits = ggml.ggml_concat(ctx, logits, part, 1)
+        return logits
 
     def route(self, layer: int, hidden):
         """llama.cpp's build_moe_ffn routing: expert ids [k, T] and weights [1, k, T]."""

@@ -349,10 +349,31 @@ class GgmlRunner:
                                           g.input(ids), g.input(weights)), 2)
 
 
-def swiglu_subgraph(ctx, gate, up, down, x):
+FLOAT_WEIGHT_TYPES = frozenset(int(t) for t in (GGMLQuantizationType.F32, GGMLQuantizationType.F16,
+                                                   GGMLQuantizationType.BF16))
+
+
+def mul_mat(ctx, w, x, rows_alone: bool = False):
+    """w [K, M] or [K, M, H] times x [K, T] or [K, T, H] -> [M, T] or [M, T, H].
+
+    rows_alone: each of x's rows gets the bits it would get by itself. ggml multiplies a float weight by several
+    rows at once with other kernels (tinyBLAS), whose sums round otherwise; quantized weights go row by row
+    anyway. A float weight then multiplies x as T batches of one row each."""
+    ne, wne = x.contents.ne, w.contents.ne
+    if not rows_alone or ne[1] == 1 or w.contents.type not in FLOAT_WEIGHT_TYPES:
+        return ggml.ggml_mul_mat(ctx, w, x)
+    if not ggml.ggml_is_contiguous(x):
+        x = ggml.ggml_cont(ctx, x)
+    out = ggml.ggml_mul_mat(ctx, ggml.ggml_reshape_4d(ctx, w, wne[0], wne[1], 1, wne[2]),
+                            ggml.ggml_reshape_4d(ctx, x, ne[0], 1, ne[1], ne[2]))  # [M, 1, T, H]
+    return ggml.ggml_reshape_3d(ctx, out, wne[1], ne[1], ne[2]) if ne[2] > 1 else \
+        ggml.ggml_reshape_2d(ctx, out, wne[1], ne[1])
+
+
+def swiglu_subgraph(ctx, gate, up, down, x, rows_alone: bool = False):
     """Dense SwiGLU ops: x [D, T] -> down @ (silu(gate @ x) * (up @ x)), with ggml's own silu."""
-    return ggml.ggml_mul_mat(ctx, down, ggml.ggml_swiglu_split(ctx, ggml.ggml_mul_mat(ctx, gate, x),
-                                                               ggml.ggml_mul_mat(ctx, up, x)))
+    act = ggml.ggml_swiglu_split(ctx, mul_mat(ctx, gate, x, rows_alone), mul_mat(ctx, up, x, rows_alone))
+    return mul_mat(ctx, down, act, rows_alone)
 
 
 def moe_subgraph(ctx, gate, up, down, gate_up, x, ids, weights):

@@ -102,13 +102,15 @@ CASES = {  # id: (quant, legacy attention, file variant)
 def test_greedy_tokens_and_logits_match_llama_cpp(model_path, mode):
     our_repack, llama_repack = MODES[mode]
     prompt = prompt_tokens(model_path)
-    reference, other_path = llama_greedy(model_path, llama_repack), llama_greedy(model_path, not llama_repack)
+    reference = llama_greedy(model_path, llama_repack)
     tokens, prompt_logits = our_greedy(model_path, prompt, our_repack)
-    # Greedy decoding follows llama.cpp at least as long as llama.cpp's two CPU paths follow each
-    # other: all 32 tokens unless llama.cpp itself splits at a near-tie.
+    # Greedy decoding follows llama.cpp all the way, or until a near-tie in llama.cpp's own logits (where its
+    # two CPU paths may split as well).
     agreed = common_prefix(tokens, reference["tokens"])
-    assert agreed >= common_prefix(other_path["tokens"], reference["tokens"])
-    assert agreed >= NUM_TOKENS * 3 // 4
+    if agreed < NUM_TOKENS:
+        split = np.array(reference["logits"][agreed])
+        top2 = np.sort(split)[-2:]
+        assert top2[1] - top2[0] <= 2 * LOGITS_TOLERANCE * np.ptp(split)
     assert relative_to_range(prompt_logits, reference["logits"][0]) <= LOGITS_TOLERANCE
     # Teacher-forced along llama.cpp's tokens: every step's logits, and its argmax wherever the top
     # two logits are further apart than the tolerance.
