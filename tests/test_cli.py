@@ -7,8 +7,6 @@ import re
 import socket
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import yaml
@@ -20,7 +18,12 @@ from cluster.cost_model.estimate import MachineSpeed, ModelCost, model_types
 from cluster.cost_model.probe import round_trip_ms
 from cluster.placement import GiB, Inventory
 from runtime.config import ModelConfig
+from runtime.ggml_ops import GgmlRunner
 from runtime.gguf_file import GGUFModelFile
+from runtime.model import KimiModel
+from runtime.tokenizer import Tokenizer
+from tests.recording_proxy import RecordingProxy
+from tests.test_api import KEY, start_server, stop_server
 
 REQUIRED = {"generate": ["m.gguf", "--prompt", "hi"], "serve": ["m.gguf"], "chat": [], "plan": ["m.gguf"],
             "inspect": ["m.gguf"], "make-model": ["out.gguf"], "demo": [], "probe": ["m.gguf"]}
@@ -113,38 +116,23 @@ def test_chat_help_puts_a_local_models_options_apart_from_the_servers():
     assert "--temperature" in groups["options"] and "--url" not in groups["options"]
 
 
-def test_chat_reset_says_so_and_sends_only_what_follows(tmp_path):
-    """Against a stand-in server that records each request: /reset is confirmed and the next request holds the
-    system message and the new line only; the sampling flags all reach the server."""
-    requests = []
-
-    class StandIn(BaseHTTPRequestHandler):
-        def do_GET(self):  # /health
-            self.answer(b'{"status": "ok"}', "application/json")
-
-        def do_POST(self):
-            requests.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            chunk = json.dumps({"choices": [{"index": 0, "delta": {"content": "hi"}}]})
-            self.answer(f"data: {chunk}\n\ndata: [DONE]\n\n".encode(), "text/event-stream")
-
-        def answer(self, body: bytes, kind: str):
-            self.send_response(200)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    with ThreadingHTTPServer(("127.0.0.1", 0), StandIn) as server:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        session = cli("chat", "--url", f"http://127.0.0.1:{server.server_port}", "--system", "be brief",
-                      "--repeat-penalty", "1.1", "--presence-penalty", "0.5", "--frequency-penalty", "0.25",
-                      input="hello\n/reset\nagain\n")
-        server.shutdown()
+def test_chat_reset_says_so_and_sends_only_what_follows(make_tiny):
+    """Against the real server behind a proxy that records each request: /reset is confirmed and the next
+    request holds the system message and the new line only; the sampling flags all reach the server."""
+    model_file = GGUFModelFile(make_tiny("Q4_K_M"))
+    model = KimiModel(model_file, GgmlRunner(2), repack="none")
+    server = start_server(model, Tokenizer.from_metadata(model_file.metadata))
+    try:
+        with RecordingProxy(server.url) as proxy:
+            session = cli("chat", "--url", proxy.url, "--api-key", KEY, "--system", "be brief",
+                          "--repeat-penalty", "1.1", "--presence-penalty", "0.5", "--frequency-penalty", "0.25",
+                          input="hello\n/reset\nagain\n")
+    finally:
+        stop_server(server)
     assert session.returncode == 0, session.stderr
     assert "[conversation cleared, the system message kept]" in session.stderr
+    requests = [exchange.body for exchange in proxy.posts("/v1/chat/completions")]
+    assert all(exchange.status == 200 for exchange in proxy.posts("/v1/chat/completions"))
     system = {"role": "system", "content": "be brief"}
     assert [r["messages"] for r in requests] == [[system, {"role": "user", "content": "hello"}],
                                                  [system, {"role": "user", "content": "again"}]]
