@@ -184,7 +184,8 @@ class ExpertCluster:
                                        "(see the README's \"Security\" section)") from None
                 raise
             return ray_auth.exposure_warnings(ray.get_runtime_context().gcs_address, context.dashboard_url)
-        # A Ray of our own on this machine: all of its traffic on loopback, no dashboard (it and its module
+        # A Ray of our own on this machine: addressed on loopback (its processes still listen on every interface;
+        # the token refuses other callers), no dashboard (it and its module
         # processes cost about a GB for nothing here, and its Jobs API would run code), session files in a
         # folder removed at close, callers without the token refused.
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
