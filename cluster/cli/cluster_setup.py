@@ -28,7 +28,8 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--estimate", action="store_true",
                    help="also predict decode tokens/s (one stream and --streams) and prefill tokens/s from each "
                         "node's `speed` in the config (what `kimi-cluster probe` printed there); with --workers, "
-                        "from this machine's probe (run now if not done before)")
+                        "from this machine's probe, kept from an earlier one, else measured first (it says so and "
+                        "how long it expects; the runtime's fixed costs, once measured, serve every model)")
     p.add_argument("--streams", type=positive_int, default=16,
                    help="streams for the batched estimate (default %(default)s)")
     p.add_argument("--prompt-tokens", type=positive_int, default=512,
@@ -51,8 +52,11 @@ def add_probe_parser(sub) -> None:
                                    "the runtime's fixed costs (alone, and with one and two local workers: starts "
                                    "Ray twice). Prints the figures as YAML to paste under this node in the "
                                    "cluster config, where `plan --estimate` and the placement (shares by speed) "
-                                   "use them, and keeps them for `plan --estimate --workers N` here. Takes about "
-                                   "two minutes; run it on each machine, idle.")
+                                   "use them, and keeps them for `plan --estimate --workers N` here. Shows each "
+                                   "phase's progress; took 4.5 minutes on a 2-core machine with one core taken by "
+                                   "other work (most of it the fixed costs, which do not depend on the model). Run "
+                                   "it on each machine, idle: figures measured while other processes compute, or "
+                                   "that come out as 0.0, are printed commented out and not kept, and it exits 1.")
     p.add_argument("model", help="path to the .gguf file (or its first part): only its header is read")
     p.add_argument("--head", metavar="HOST[:PORT]",
                    help="also measure this machine's round trip to the head (TCP handshakes to its Ray port, "
@@ -135,10 +139,14 @@ def _check_setup(args, config):
 
 
 def _local_speeds(args, cost, budgets) -> dict:
-    """Head and --workers on this machine, with this machine's probe (kept from `kimi-cluster probe`)."""
+    """Head and --workers on this machine, with this machine's probe (kept from an earlier one, else run now)."""
     from cluster.cost_model.estimate import NodeSpeed
-    from cluster.cost_model.probe import probe_here
-    speed = probe_here(cost, progress=_probe_progress)
+    from cluster.cost_model.kept_probe import probe_here
+    probed = probe_here(cost, say=_probe_says)
+    for doubt in probed.doubts:
+        print(f"kimi-cluster: warning: {doubt}: the figures are not final (not kept) and the estimate may be slow "
+              "by as much; run `kimi-cluster probe MODEL` when the machine is idle", file=sys.stderr)
+    speed = probed.speed
     worker_threads = max(1, speed.cores // (args.workers + 1))
     return {b.name: NodeSpeed("this machine", speed, speed.cores if b.is_head else worker_threads) for b in budgets}
 
@@ -156,23 +164,33 @@ def _config_speeds(config, cost) -> dict:
             for n in config.nodes}
 
 
-def _probe_progress(line: str) -> None:
+def _probe_says(line: str) -> None:
     print(f"kimi-cluster probe: {line}", file=sys.stderr, flush=True)
 
 
 def cmd_probe(args) -> None:
     from cluster.cost_model.estimate import ModelCost
-    from cluster.cost_model.probe import probe_here, round_trip_ms
+    from cluster.cost_model.kept_probe import describe_seconds, probe_here
+    from cluster.cost_model.probe import round_trip_ms
     from runtime.gguf_file import GGUFModelFile
     from runtime.model import checked_config
     model_file = GGUFModelFile(args.model)
     link = {"round_trip_ms": float(f"{round_trip_ms(args.head):.3g}")} if args.head else {}
-    speed = probe_here(ModelCost.from_model(model_file, checked_config(model_file)), fresh=True,
-                       progress=_probe_progress)
-    print(f"# measured by `kimi-cluster probe` on {platform.node()} ({speed.cores} cores); paste under this node in "
-          "the cluster config,\n# with its link's bandwidth: link_gbps (GB/s; 10 GbE: 1.25)"
+    probed = probe_here(ModelCost.from_model(model_file, checked_config(model_file)), fresh=True, say=_probe_says)
+    _probe_says(f"took {describe_seconds(sum(probed.seconds.values()))}")
+    figures = yaml.safe_dump({**link, "speed": probed.speed.to_dict()}, sort_keys=False,
+                             default_flow_style=None).rstrip()
+    if probed.doubts:
+        # Commented out, so that figures skewed by other work are not pasted as this machine's.
+        for doubt in probed.doubts:
+            print(f"kimi-cluster: error: {doubt}", file=sys.stderr)
+        print(f"# NOT FINAL ({'; '.join(probed.doubts)}), not kept: run `kimi-cluster probe` again when the "
+              "machine is idle\n" + "\n".join(f"# {line}" for line in figures.splitlines()))
+        sys.exit(1)
+    print(f"# measured by `kimi-cluster probe` on {platform.node()} ({probed.speed.cores} cores); paste under this "
+          "node in the cluster config,\n# with its link's bandwidth: link_gbps (GB/s; 10 GbE: 1.25)"
           + ("" if args.head else " and round_trip_ms (ping to the head, or probe with --head)"))
-    print(yaml.safe_dump({**link, "speed": speed.to_dict()}, sort_keys=False, default_flow_style=None).rstrip())
+    print(figures)
 
 
 def cmd_certs(args) -> None:

@@ -2,32 +2,36 @@
 
 For each weight type the model uses: how fast a one-row matmul streams it (decode reads every weight
 once per step) and how fast 512-row matmuls compute (prefill). How fast routed experts of the model's own
-shape compute with few and with many rows each (ggml's mul_mat_id). Then the runtime's fixed cost per
-layer, on a small model in the Kimi layout: in one process, for each further sequence in a step, and with
-one and two local workers (Ray actors over gRPC, sharing this machine's cores with the head).
+shape compute with few and with many rows each (ggml's mul_mat_id). Then the runtime's fixed costs, on a
+narrow model in the Kimi layout, the same for every model: per layer in one process, for each further row
+and sequence in a step, and with one and two local workers (Ray actors over gRPC, sharing this machine's
+cores with the head). Each phase shows its progress; a figure measured while other processes computed, or
+one that came out as 0.0, is named as not final.
 """
 from __future__ import annotations
 
-import json
 import os
-import platform
 import socket
 import statistics
+import sys
 import tempfile
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from tqdm import tqdm
 
-from cluster.cost_model.estimate import (MachineSpeed, ModelCost, NodeSpeed, check_probed_for, model_types,
-                                         single_node, step_parts, touched_fraction)
+from cluster.cost_model.estimate import (MachineSpeed, ModelCost, NodeSpeed, model_types, single_node, step_parts,
+                                         touched_fraction)
+from cluster.cost_model.machine_load import OtherLoad
 from cluster.placement import Placement
 from runtime.ggml_ops import GgmlRunner, Weight
 from runtime.synthetic.demo_model import Preset
 
-PROBE_CACHE = Path.home() / ".cache" / "kimi-cluster" / "probe"  # this machine's figures, kept
 RAY_PORT = 6379  # the head's Ray port, open to every node (configs/ray-cluster.yaml)
 READ_BYTES = 256 << 20  # far beyond any cache, and a matmul's fixed cost is noise beside it
 ROW_LENGTH = 7168  # Kimi K2's width: a multiple of every block size
@@ -35,13 +39,15 @@ PROBE_TOKENS, PROBE_WARMUP = 40, 4
 PROBE_SEQUENCES = 8
 PROBE_PROMPT = 64  # rows of the prompt whose pairs show a worker's cost per pair
 PROBE_ROUNDS = 3
+FIXED_COST_RUNS = 1 + 4 * PROBE_ROUNDS + 2  # the probe model and its experts, 4 one-process steps a round, Ray twice
 EXPERT_BYTES_PROBED = 256 << 20  # experts enough to read this much (at least 4): per-call costs are noise beside it
 PAIRS_PER_EXPERT = (1, 4, 64)  # one stream, many streams, prompts
-# The runtime's fixed costs show on a model in the Kimi layout whose math is a few microseconds a layer, at
-# Kimi K2's depth and expert count: a shallower one stays in a large processor cache and looks faster per
-# layer, and a worker's cost grows with the experts a step uses.
-PROBE_MODEL = Preset(n_embd=256, num_layers=61, num_dense_layers=1, num_heads=4, q_lora_rank=256, kv_lora_rank=256,
-                     head_dim_nope=64, rope_dim=32, head_dim_v=64, n_ff_dense=512, n_ff_expert=16, num_experts=384,
+# The runtime's fixed costs show on a model in the Kimi layout whose math costs next to nothing: at Kimi K2's
+# depth and expert count, and so narrow that what a step takes beyond its (modelled) weight reads is the cost of
+# its graph's ops, the same at every width. At 256 wide its F16 matrices took twice the time their bytes explain
+# and the estimate of a quantized model of that width came out 2x slow.
+PROBE_MODEL = Preset(n_embd=64, num_layers=61, num_dense_layers=1, num_heads=1, q_lora_rank=64, kv_lora_rank=64,
+                     head_dim_nope=32, rope_dim=16, head_dim_v=32, n_ff_dense=64, n_ff_expert=16, num_experts=384,
                      num_experts_used=8, base_dtype="f16")
 
 
@@ -64,9 +70,10 @@ def _weight(ggml_type: GGMLQuantizationType, ne: tuple[int, ...], folder: Path) 
     return Weight(ggml_type, ne, np.memmap(path, np.uint8, "r"))
 
 
-def matmul_speeds(types: set[str], folder: Path) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+def matmul_speeds(types: set[str], folder: Path, done: Callable[[], object] = lambda: None
+                  ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
     """Per ggml type name: GB/s of one-row matmuls on every core and on one, and GFLOP/s of 512-row
-    matmuls on every core; the weights are written to files in `folder`."""
+    matmuls on every core; the weights are written to files in `folder`. Calls `done` after each type."""
     every_core, one_core = GgmlRunner(), GgmlRunner(1)
     read_gbps, thread_read_gbps, gflops = {}, {}, {}
     row = np.ones((1, ROW_LENGTH), np.float32)
@@ -78,13 +85,14 @@ def matmul_speeds(types: set[str], folder: Path) -> tuple[dict[str, float], dict
         thread_read_gbps[name] = big.nbytes / _timed(lambda: one_core.matmul(big, row)) / 1e9
         small, rows = _weight(ggml_type, (ROW_LENGTH, 512), folder), np.ones((512, ROW_LENGTH), np.float32)
         gflops[name] = 2 * ROW_LENGTH * 512 * 512 / _timed(lambda: every_core.matmul(small, rows), repeats=3) / 1e9
+        done()
     return read_gbps, thread_read_gbps, gflops
 
 
-def expert_speeds(cost: ModelCost, folder: Path) -> dict[int, float]:
+def expert_speeds(cost: ModelCost, folder: Path, done: Callable[[], object] = lambda: None) -> dict[int, float]:
     """GFLOP/s of routed experts of the model's shape and types, as the runtime computes them (ggml's
     mul_mat_id, every core), with PAIRS_PER_EXPERT rows on each expert; the weights are written to files
-    in `folder`."""
+    in `folder`. Calls `done` after each number of rows."""
     runner = GgmlRunner()
     expert_bytes = sum(next(iter(cost.expert_bytes.values())).values())
     experts = int(min(cost.num_experts, max(4, EXPERT_BYTES_PROBED // expert_bytes)))
@@ -101,6 +109,7 @@ def expert_speeds(cost: ModelCost, folder: Path) -> dict[int, float]:
                                                    np.ones((rows, 1), np.float32), gate_up=matrices.get("gate_up")),
                          repeats=3)
         speeds[pairs] = rows * flops_per_pair / seconds / 1e9
+        done()
     return speeds
 
 
@@ -128,14 +137,19 @@ def round_trip_ms(head: str, tries: int = 20, timeout_s: float = 2.0) -> float:
     return 1000 * statistics.median(times)
 
 
-def fixed_costs(folder: Path, matmuls: tuple[dict[str, float], dict[str, float], dict[str, float]]
-                ) -> dict[str, float]:
+FIXED_COST_NAMES = ("layer_ms", "row_layer_us", "sequence_layer_ms", "remote_layer_ms", "remote_expert_us",
+                    "next_worker_ms")  # what fixed_costs measures: MachineSpeed's fields of those names
+
+
+def fixed_costs(folder: Path, matmuls: tuple[dict[str, float], dict[str, float], dict[str, float]],
+                done: Callable[[], object] = lambda: None) -> dict[str, float]:
     """The runtime's fixed costs, as MachineSpeed holds them. The probe model runs in six ways; from each
     measured step, the cost model's math for it (from `matmuls`, matmul_speeds' figures, and the probe
     model's experts' measured speed) is taken away, and what is left, compared between two ways that
     differ in one thing, is that thing's cost: per layer; per further row of a sequence (small matrices
     compute far below the rate of big ones); per further sequence in a step; per MoE layer for one local
-    worker and again for a second one; per expert of a layer a worker computes in a step."""
+    worker and again for a second one; per expert of a layer a worker computes in a step. Calls `done` after
+    each of its FIXED_COST_RUNS runs."""
     from cluster.config import ClusterConfig
     from cluster.head import ExpertCluster
     from runtime.gguf_file import GGUFModelFile
@@ -146,6 +160,7 @@ def fixed_costs(folder: Path, matmuls: tuple[dict[str, float], dict[str, float],
     cost = ModelCost.from_model(model.file, model.config)
     cores = len(os.sched_getaffinity(0))
     speed = MachineSpeed(*matmuls, expert_speeds(cost, folder), cost.expert_shape, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, cores)
+    done()
     layers, moe_layers = PROBE_MODEL.num_layers, PROBE_MODEL.num_layers - PROBE_MODEL.num_dense_layers
     decode_positions = 3 + PROBE_TOKENS // 2
 
@@ -164,16 +179,24 @@ def fixed_costs(folder: Path, matmuls: tuple[dict[str, float], dict[str, float],
         with ExpertCluster(path, config, local_workers=count, worker_memory_gb=1, head_memory_gb=1,
                            progress=False) as cluster:
             clustered = cluster.start()
-            return cluster.placement, _decode_ms(clustered), _prompt_ms(clustered, PROBE_PROMPT) if count == 1 else 0.0
+            decode = _decode_ms(clustered)
+            measured = cluster.placement, decode, _prompt_ms(clustered, PROBE_PROMPT) if count == 1 else 0.0
+        done()
+        return measured
 
     alone = single_node(cost)
     # This machine's speed drifts over seconds: the one-process runs take turns, and each keeps its median.
-    rounds = [(unexplained(_decode_ms(model), alone, 0, 1, 1, decode_positions),
-               unexplained(_decode_ms(model, PROBE_SEQUENCES), alone, 0, PROBE_SEQUENCES, PROBE_SEQUENCES,
-                           decode_positions),
-               unexplained(_prompt_ms(model, PROBE_SEQUENCES), alone, 0, PROBE_SEQUENCES, 1, PROBE_SEQUENCES),
-               unexplained(_prompt_ms(model, PROBE_PROMPT), alone, 0, PROBE_PROMPT, 1, PROBE_PROMPT))
-              for _ in range(PROBE_ROUNDS)]
+    # (step, its rows, sequences and attended positions): one decode, PROBE_SEQUENCES decoding, two prompts
+    steps = ((lambda: _decode_ms(model), 1, 1, decode_positions),
+             (lambda: _decode_ms(model, PROBE_SEQUENCES), PROBE_SEQUENCES, PROBE_SEQUENCES, decode_positions),
+             (lambda: _prompt_ms(model, PROBE_SEQUENCES), PROBE_SEQUENCES, 1, PROBE_SEQUENCES),
+             (lambda: _prompt_ms(model, PROBE_PROMPT), PROBE_PROMPT, 1, PROBE_PROMPT))
+    rounds = []
+    for _ in range(PROBE_ROUNDS):
+        rounds.append([])
+        for step, rows, sequences, positions in steps:
+            rounds[-1].append(unexplained(step(), alone, 0, rows, sequences, positions))
+            done()
     one, together, short_prompt, prompt = (statistics.median(kind) for kind in zip(*rounds))
     # Prompt steps of two lengths give the cost per row (a prompt's step also costs more than a decode step).
     row = max(0.0, prompt - short_prompt) / (PROBE_PROMPT - PROBE_SEQUENCES)
@@ -217,35 +240,54 @@ def _prompt_ms(model, rows: int) -> float:
     return 1000 * statistics.median(steps[PROBE_WARMUP:])
 
 
-def probe(cost: ModelCost, progress: Callable[[str], None] = lambda line: None) -> MachineSpeed:
-    """This machine's figures for a model of this cost (its weight types and expert shape)."""
+@dataclass(frozen=True)
+class Probed:
+    """A probe's figures, how long each phase took, and why the figures are not final (none: they are)."""
+    speed: MachineSpeed
+    seconds: dict[str, float]  # phase (MATMULS, EXPERTS, FIXED) -> seconds
+    doubts: tuple[str, ...] = ()
+
+
+MATMULS, EXPERTS, FIXED = "matmul speeds", "routed experts' speed", "fixed costs"
+
+
+def probe(cost: ModelCost, fixed: dict[str, float] | None = None, progress: bool = True) -> Probed:
+    """This machine's figures for a model of this cost (its weight types and expert shape). The runtime's fixed
+    costs are the same for every model: measured too unless given (the longest phase: it starts Ray twice)."""
     types = model_types(cost)
+    seconds: dict[str, float] = {}
+    doubts: list[str] = []
+
+    @contextmanager
+    def phase(name: str, what: str, runs: int):
+        load, started = OtherLoad(), time.perf_counter()
+        with tqdm(total=runs, desc=f"probe: {name} ({what})", unit="run", disable=not progress,
+                  file=sys.stderr) as bar:
+            yield bar.update
+        seconds[name] = time.perf_counter() - started
+        if load.is_busy:
+            doubts.append(f"other processes took {load.cores():.1f} of this machine's {len(load.cpus)} cores while "
+                          f"the {name} were measured")
+
     with tempfile.TemporaryDirectory(prefix="kimi-probe-") as folder:
-        progress(f"matmul speed of {', '.join(sorted(types))} ...")
-        read_gbps, thread_read_gbps, gflops = matmul_speeds(types, Path(folder))
-        progress(f"routed experts' speed ({cost.expert_shape}) ...")
-        expert_gflops = expert_speeds(cost, Path(folder))
-        progress("the runtime's fixed costs: alone, per sequence, and with 1 and 2 local workers "
-                 "(starts Ray twice) ...")
-        fixed = fixed_costs(Path(folder), (read_gbps, thread_read_gbps, gflops))
-    return MachineSpeed(read_gbps, thread_read_gbps, gflops, expert_gflops, cost.expert_shape, **fixed,
-                        cores=len(os.sched_getaffinity(0)))
+        with phase(MATMULS, ", ".join(sorted(types)), len(types)) as done:
+            matmuls = matmul_speeds(types, Path(folder), done)
+        with phase(EXPERTS, cost.expert_shape, len(PAIRS_PER_EXPERT)) as done:
+            expert_gflops = expert_speeds(cost, Path(folder), done)
+        if fixed is None:
+            with phase(FIXED, "one process, then 1 and 2 local workers on Ray", FIXED_COST_RUNS) as done:
+                fixed = fixed_costs(Path(folder), matmuls, done)
+    speed = MachineSpeed(*matmuls, expert_gflops, cost.expert_shape, **fixed, cores=len(os.sched_getaffinity(0)))
+    doubts += [f"{name} came out as 0.0" for name, value in _figures(speed.to_dict()) if value == 0.0]
+    return Probed(speed, seconds, tuple(doubts))
 
 
-
-def probe_here(cost: ModelCost, fresh: bool = False, progress: Callable[[str], None] = lambda line: None
-               ) -> MachineSpeed:
-    """This machine's figures for a model of this cost: kept from an earlier probe of a model with the same
-    weight types and expert shape (unless `fresh`), else measured now and kept."""
-    kept = PROBE_CACHE / f"{platform.node()}.json"
-    if not fresh:
-        try:
-            speed = MachineSpeed.from_dict(json.loads(kept.read_text()))
-            check_probed_for(speed, cost, platform.node())
-            return speed
-        except (OSError, ValueError, KeyError):  # none kept, kept for another model, or by an older version
-            pass
-    speed = probe(cost, progress)
-    kept.parent.mkdir(parents=True, exist_ok=True)
-    kept.write_text(json.dumps(speed.to_dict()))
-    return speed
+def _figures(figures: dict, prefix: str = "") -> list[tuple[str, float]]:
+    """(name, value) of every number in MachineSpeed.to_dict()'s nested dicts, e.g. ('read_gbps.Q4_K', 31.2)."""
+    found = []
+    for name, value in figures.items():
+        if isinstance(value, dict):
+            found += _figures(value, f"{prefix}{name}.")
+        elif isinstance(value, float):
+            found.append((f"{prefix}{name}", value))
+    return found

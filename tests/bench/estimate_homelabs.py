@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from cluster.cost_model.estimate import MachineSpeed, ModelCost, NodeSpeed, estimate, expert_gbps  # noqa: E402
-from cluster.cost_model.probe import probe_here  # noqa: E402
+from cluster.cost_model.kept_probe import probe_here  # noqa: E402
 from cluster.placement import GiB, Inventory, NodeBudget, plan  # noqa: E402
 from runtime.config import ModelConfig  # noqa: E402
 from runtime.gguf_file import GGUFModelFile  # noqa: E402
@@ -51,7 +51,7 @@ def main() -> None:
     model_file = GGUFModelFile(REPLICA)
     config = ModelConfig.from_metadata(model_file.metadata)
     cost = ModelCost.from_model(model_file, config)
-    here = probe_here(cost, fresh=args.probe_here, progress=lambda line: print(line, file=sys.stderr))
+    here = probe_here(cost, fresh=args.probe_here, say=lambda line: print(line, file=sys.stderr)).speed
     inventory = Inventory.from_model(model_file, config, context=4096, max_sequences=8)
     print("| setup | decode, 1 stream | 8 streams | prefill | bottleneck |\n|---|---|---|---|---|")
     for label, machines, link in SETUPS:
