@@ -291,6 +291,21 @@ class _LayerGraph:
         v = ggml.ggml_view_3d(ctx, values, dim_v, kv, heads_k, values.contents.nb[1], 2 * dim_v, 0)  # [Dv, S, Hk]
         q_nb, (dim_q, heads) = queries.contents.nb, queries.contents.ne[:2]
         v_rows = ggml.ggml_cont(ctx, ggml.ggml_transpose(ctx, v))  # [S, Dv, Hk]
+        if self.rows_alone and heads_k == 1 and heads > 1:
+            # Absorbed MLA shares one key head: every (row, head) is a row of one matmul over the positions, at
+            # least `heads` of them in any step. ggml multiplies two or more rows with other kernels (tinyBLAS)
+            # than one, but with the same sums whatever their number: a row attends alike in a prompt chunk of
+            # any size and in a decoding step, at a GEMM's speed.
+            q = ggml.ggml_cont(ctx, ggml.ggml_permute(ctx, ggml.ggml_view_3d(
+                ctx, queries, dim_q, heads, count, q_nb[1], q_nb[2], start * q_nb[2]), 0, 2, 1, 3))  # [Dk, rows, H]
+            scores = ggml.ggml_mul_mat(ctx, ggml.ggml_view_2d(ctx, keys, dim_k, kv, keys.contents.nb[1], 0),
+                                       ggml.ggml_reshape_2d(ctx, q, dim_q, count * heads))  # [S, rows * H]
+            ggml.ggml_mul_mat_set_prec(scores, ggml.GGML_PREC_F32)
+            probs = ggml.ggml_soft_max_ext(ctx, ggml.ggml_reshape_3d(ctx, scores, kv, count, heads), mask,
+                                           self.c.kq_scale, 0.0)  # [S, rows, H]
+            out = ggml.ggml_mul_mat(ctx, ggml.ggml_reshape_2d(ctx, v_rows, kv, dim_v),
+                                    ggml.ggml_reshape_2d(ctx, probs, kv, count * heads))  # [Dv, rows * H]
+            return ggml.ggml_reshape_3d(ctx, out, dim_v, count, heads)
         if count > 1 and (self.rows_alone or not is_prompt_chunk(count, self.step.shape.segments[i][3])):
             # Rows attend one by one, each as in a step of its own: ggml multiplies several query rows at once with
             # other kernels (tinyBLAS), whose sums round differently. A decoding sequence's drafted tokens must get
