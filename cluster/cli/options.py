@@ -117,7 +117,7 @@ def add_server_args(p: argparse.ArgumentParser, port: bool = True) -> None:
                        help="most token rows in one step (default %(default)s): decoding sequences take one each, new "
                             "prompts are prefilled in chunks of what is left; lower it to keep decoding smooth "
                             "while long prompts arrive, raise it for faster prefill")
-    group.add_argument("--prompt-cache-gb", type=float, default=None, metavar="GB",
+    group.add_argument("--prompt-cache-gb", type=float, default=None, metavar="GiB",
                        help="memory for the KV of ended requests, kept so that a prompt that starts as an earlier "
                             "one did (an agent's next turn) computes only the rest (default: the head's KV memory "
                             "that the plan sets aside, less what the running sequences may hold at the time; 0 "
@@ -125,7 +125,7 @@ def add_server_args(p: argparse.ArgumentParser, port: bool = True) -> None:
     group.add_argument("--prompt-cache-dir", default=None, metavar="DIR",
                        help="also write the kept KV to files in DIR (a folder per model file), so that a restarted "
                             "server skips the prefill of prompts it has seen (default: memory only)")
-    group.add_argument("--prompt-cache-disk-gb", type=float, default=50, metavar="GB",
+    group.add_argument("--prompt-cache-disk-gb", type=float, default=50, metavar="GiB",
                        help="most disk the --prompt-cache-dir files take, least recently used out (default "
                             "%(default)s)")
     group.add_argument("--model-name", default=None, help="the model id the server reports (default: the file name)")

@@ -11,6 +11,7 @@ from cluster.addresses import is_loopback
 from cluster.cli.model_session import model_session
 from cluster.cli.options import (DEFAULT_MAX_SEQUENCES, add_cluster_args, add_runtime_args, add_sampling_args,
                                  add_server_args, cluster_config, configured_api_key, sampling_params)
+from cluster.placement import GiB
 
 DEMO_PATH = Path.home() / ".cache" / "kimi-cluster" / "kimi-demo-tiny.gguf"
 DEMO_PROMPT = "Write one sentence about pooling the memory of several computers."
@@ -132,11 +133,11 @@ def prompt_cache_for(args, model, kv):
     `--prompt-cache-dir`, its files too."""
     from runtime.prompt_cache import PromptCache
     from runtime.prompt_store import PromptStore, model_identity
-    budget = kv.pool_bytes if args.prompt_cache_gb is None else int(args.prompt_cache_gb * 1e9)
+    budget = kv.pool_bytes if args.prompt_cache_gb is None else int(args.prompt_cache_gb * GiB)
     if budget <= 0:
         return None
     store = None if args.prompt_cache_dir is None else \
-        PromptStore(args.prompt_cache_dir, model_identity(model.file), int(args.prompt_cache_disk_gb * 1e9))
+        PromptStore(args.prompt_cache_dir, model_identity(model.file), int(args.prompt_cache_disk_gb * GiB))
     return PromptCache(budget, kv.bytes_per_token, store, shares_with_running=args.prompt_cache_gb is None)
 
 
