@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -12,7 +15,8 @@ from cluster.cli.main import main
 from cluster.cost_model import kept_probe
 from cluster.cost_model.estimate import ModelCost
 from cluster.cost_model.kept_probe import kept_fixed, kept_speed, probe_here
-from cluster.cost_model.probe import FIXED, FIXED_COST_NAMES, MATMULS
+from cluster.cost_model.machine_load import BUSY_SHARE, OtherLoad
+from cluster.cost_model.probe import FIXED, FIXED_COST_NAMES, MATMULS, PROBE_MODEL
 from runtime.gguf_file import GGUFModelFile
 from runtime.model import checked_config
 
@@ -25,8 +29,14 @@ def probe_cache(tmp_path, monkeypatch):
     """An empty place for this machine's kept figures, holding only the fixed costs measured before."""
     monkeypatch.setattr(kept_probe, "PROBE_CACHE", tmp_path)
     kept_probe._folder().mkdir(parents=True)
-    (kept_probe._folder() / "fixed.json").write_text(json.dumps({**FIXED_COSTS, "cores": len(os.sched_getaffinity(0))}))
+    keep_fixed(FIXED_COSTS)
     return tmp_path
+
+
+def keep_fixed(fixed: dict) -> None:
+    """Fixed costs as a probe of this machine keeps them (on as many cores, with today's probe model)."""
+    (kept_probe._folder() / "fixed.json").write_text(json.dumps({**fixed, "cores": len(os.sched_getaffinity(0)),
+                                                                  "probe_model": repr(PROBE_MODEL)}))
 
 
 def tiny_cost(path) -> ModelCost:
@@ -47,7 +57,7 @@ def test_plan_estimate_says_it_probes_and_reuses_the_kept_fixed_costs(make_tiny,
 
 def test_figures_in_doubt_are_named_and_not_kept(make_tiny, probe_cache):
     fixed = {**FIXED_COSTS, "row_layer_us": 0.0}  # as a probe whose per-row cost drowned in noise leaves it
-    (kept_probe._folder() / "fixed.json").write_text(json.dumps({**fixed, "cores": len(os.sched_getaffinity(0))}))
+    keep_fixed(fixed)
     cost = tiny_cost(make_tiny())
     probed = probe_here(cost, progress=False)
     assert "row_layer_us came out as 0.0" in probed.doubts
@@ -66,3 +76,20 @@ def test_final_figures_are_kept_and_used_without_measuring(make_tiny, probe_cach
     assert {name: getattr(again.speed, name) for name in FIXED_COST_NAMES} == FIXED_COSTS
     # the next model's probe expects the phases to take as long as they took here
     assert kept_probe.expected_seconds(cost, with_fixed=True) == pytest.approx(sum(final.seconds.values()), rel=0.01)
+
+
+def test_fixed_costs_of_another_probe_model_are_measured_again(probe_cache):
+    (kept_probe._folder() / "fixed.json").write_text(json.dumps({**FIXED_COSTS, "cores": len(os.sched_getaffinity(0)),
+                                                                  "probe_model": "a narrower model"}))
+    assert kept_fixed() is None
+
+
+def test_the_work_of_processes_the_probe_starts_is_its_own():
+    """A child and a grandchild that compute (as Ray's processes and its workers do for the probe) are not other
+    processes taking the cores, though this process never reaps the grandchild."""
+    load = OtherLoad()
+    busy = "import time\nend = time.process_time() + 3\nwhile time.process_time() < end: pass\n"
+    grandchild = f"import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', {busy!r}])\n{busy}"
+    subprocess.run([sys.executable, "-c", grandchild], check=True)
+    time.sleep(1.0)  # the grandchild, orphaned, computes on
+    assert load.cores() < BUSY_SHARE * len(load.cpus)

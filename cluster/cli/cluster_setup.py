@@ -53,8 +53,9 @@ def add_probe_parser(sub) -> None:
                                    "Ray twice). Prints the figures as YAML to paste under this node in the "
                                    "cluster config, where `plan --estimate` and the placement (shares by speed) "
                                    "use them, and keeps them for `plan --estimate --workers N` here. Shows each "
-                                   "phase's progress; took 4.5 minutes on a 2-core machine with one core taken by "
-                                   "other work (most of it the fixed costs, which do not depend on the model). Run "
+                                   "phase's progress; took 69 s on an idle 2-core machine, 4.5 minutes with one core "
+                                   "taken by other work (most of it the fixed costs, which do not depend on the "
+                                   "model and are kept). Run "
                                    "it on each machine, idle: figures measured while other processes compute, or "
                                    "that come out as 0.0, are printed commented out and not kept, and it exits 1.")
     p.add_argument("model", help="path to the .gguf file (or its first part): only its header is read")

@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Callable
 
 from cluster.cost_model.estimate import MachineSpeed, ModelCost, check_probed_for, model_types
-from cluster.cost_model.probe import EXPERTS, FIXED, FIXED_COST_NAMES, MATMULS, Probed, probe
+from cluster.cost_model.probe import EXPERTS, FIXED, FIXED_COST_NAMES, MATMULS, PROBE_MODEL, Probed, probe
 
 PROBE_CACHE = Path.home() / ".cache" / "kimi-cluster" / "probe"
-# Seconds of each phase on an idle 2-core machine (matmul speeds: per weight type), until this machine's are kept.
-IDLE_SECONDS = {MATMULS: 2.0, EXPERTS: 3.0, FIXED: 90.0}
+# Seconds of each phase until this machine's are kept (matmul speeds: per weight type), as measured on an idle
+# 2-core machine (a whole probe of a 61-layer Q4_K_M model: 69 s).
+IDLE_SECONDS = {MATMULS: 1.0, EXPERTS: 1.0, FIXED: 60.0}
 
 
 def _folder() -> Path:
@@ -45,9 +46,11 @@ def kept_speed(cost: ModelCost) -> MachineSpeed | None:
 
 
 def kept_fixed() -> dict[str, float] | None:
-    """The runtime's fixed costs kept for this machine, if measured on as many cores as this process has."""
+    """The runtime's fixed costs kept for this machine, if measured on as many cores as this process has and on
+    today's probe model."""
     data = _read(_folder() / "fixed.json") or {}
-    if data.get("cores") != len(os.sched_getaffinity(0)) or not all(name in data for name in FIXED_COST_NAMES):
+    if (data.get("cores") != len(os.sched_getaffinity(0)) or data.get("probe_model") != repr(PROBE_MODEL)
+            or not all(name in data for name in FIXED_COST_NAMES)):
         return None
     return {name: float(data[name]) for name in FIXED_COST_NAMES}
 
@@ -72,7 +75,8 @@ def keep(probed: Probed, cost: ModelCost) -> None:
     _model_path(cost).write_text(json.dumps(figures))
     if FIXED in probed.seconds:
         fixed = {name: figures[name] for name in FIXED_COST_NAMES}
-        (_folder() / "fixed.json").write_text(json.dumps({**fixed, "cores": probed.speed.cores}))
+        (_folder() / "fixed.json").write_text(json.dumps({**fixed, "cores": probed.speed.cores,
+                                                          "probe_model": repr(PROBE_MODEL)}))
     seconds = {**(_read(_folder() / "seconds.json") or {}), **probed.seconds}
     seconds[MATMULS] = probed.seconds[MATMULS] / len(model_types(cost))
     (_folder() / "seconds.json").write_text(json.dumps(seconds))

@@ -3,9 +3,9 @@
 For each weight type the model uses: how fast a one-row matmul streams it (decode reads every weight
 once per step) and how fast 512-row matmuls compute (prefill). How fast routed experts of the model's own
 shape compute with few and with many rows each (ggml's mul_mat_id). Then the runtime's fixed costs, on a
-narrow model in the Kimi layout, the same for every model: per layer in one process, for each further row
-and sequence in a step, and with one and two local workers (Ray actors over gRPC, sharing this machine's
-cores with the head). Each phase shows its progress; a figure measured while other processes computed, or
+model in the Kimi layout whose math costs little, the same for every model: per layer in one process, for
+each further row and sequence in a step, and with one and two local workers (Ray actors over gRPC, sharing
+this machine's cores with the head). Each phase shows its progress; a figure measured while other processes computed, or
 one that came out as 0.0, is named as not final.
 """
 from __future__ import annotations
@@ -42,12 +42,12 @@ PROBE_ROUNDS = 3
 FIXED_COST_RUNS = 1 + 4 * PROBE_ROUNDS + 2  # the probe model and its experts, 4 one-process steps a round, Ray twice
 EXPERT_BYTES_PROBED = 256 << 20  # experts enough to read this much (at least 4): per-call costs are noise beside it
 PAIRS_PER_EXPERT = (1, 4, 64)  # one stream, many streams, prompts
-# The runtime's fixed costs show on a model in the Kimi layout whose math costs next to nothing: at Kimi K2's
-# depth and expert count, and so narrow that what a step takes beyond its (modelled) weight reads is the cost of
-# its graph's ops, the same at every width. At 256 wide its F16 matrices took twice the time their bytes explain
-# and the estimate of a quantized model of that width came out 2x slow.
-PROBE_MODEL = Preset(n_embd=64, num_layers=61, num_dense_layers=1, num_heads=1, q_lora_rank=64, kv_lora_rank=64,
-                     head_dim_nope=32, rope_dim=16, head_dim_v=32, n_ff_dense=64, n_ff_expert=16, num_experts=384,
+# The runtime's fixed costs show on a model in the Kimi layout whose math is a few microseconds a layer, at
+# Kimi K2's depth and expert count: a shallower one stays in a large processor cache and looks faster per
+# layer, and a worker's cost grows with the experts a step uses. (A 64-wide one, whose ops cost less than at
+# any real width, was estimated 40-50% fast at 256 wide.)
+PROBE_MODEL = Preset(n_embd=256, num_layers=61, num_dense_layers=1, num_heads=4, q_lora_rank=256, kv_lora_rank=256,
+                     head_dim_nope=64, rope_dim=32, head_dim_v=64, n_ff_dense=512, n_ff_expert=16, num_experts=384,
                      num_experts_used=8, base_dtype="f16")
 
 
