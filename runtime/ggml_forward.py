@@ -124,7 +124,7 @@ class StepGraphs:
         self.out_rows = np.concatenate([np.arange(seg.start + count - logits, seg.start + count, dtype=np.int32)
                                         for (_, count, _, logits), seg in zip(shape.segments, segments)])
         self.write_rows = [np.zeros(count, np.int64) for _, count, _, _ in shape.segments]
-        self.masks = [np.zeros((count, kv), np.float32) for _, count, kv, _ in shape.segments]
+        self.masks = [np.zeros((count, kv), np.float16) for _, count, kv, _ in shape.segments]
         # Layers whose routed experts run outside the graph: the pass is cut after their router.
         self.cuts = [layer for layer in c.moe_layers if model.experts_in_graph(layer, num_tokens) is None]
         bounds = [-1] + self.cuts + [c.num_layers - 1]
@@ -169,7 +169,7 @@ class StepGraphs:
             self.positions[seg.start: seg.start + seg.count] = positions
             self.write_rows[i][...] = positions
             visible = np.arange(self.masks[i].shape[1])[None, :] <= positions[:, None]
-            self.masks[i][...] = np.where(visible, np.float32(0), np.float32(-np.inf))
+            self.masks[i][...] = np.where(visible, np.float16(0), np.float16(-np.inf))
 
     # -- building ------------------------------------------------------------------------------------------
 
@@ -199,13 +199,14 @@ class StepGraphs:
                     outputs.update(expert_ids=ggml.ggml_cont(ctx, ids), expert_weights=weights)
                 else:
                     outputs["router_logits"] = layer_graph.router_logits(layer, hidden)
-                g.plan(outputs)
+                g.plan(outputs, layer_graph.row_invariant)
                 return g
             x = ggml.ggml_add(ctx, layer_graph.ffn(layer, hidden), ffn_inp)
         if not self.shape.all_logits:
             x = ggml.ggml_get_rows(ctx, x, g.external(self.out_rows))
         x = ggml.ggml_mul(ctx, ggml.ggml_rms_norm(ctx, x, c.rms_eps), g.weight(self.model.weight("output_norm.weight")))
-        g.plan({"logits": mul_mat(ctx, g.weight(self.model.weight(self.model.output_name)), x, layer_graph.rows_alone)})
+        g.plan({"logits": mul_mat(ctx, g.weight(self.model.weight(self.model.output_name)), x, layer_graph.rows_alone)},
+               layer_graph.row_invariant)
         return g
 
     def _shared_expert(self, layer: int) -> PlannedGraph:
@@ -225,6 +226,10 @@ class _LayerGraph:
         self.model, self.c = step.model, step.model.config
         # With the head read in place (batch-invariant kernels), every row gets the bits a step of its own gives.
         self.rows_alone = not self.model.repack_head
+        # Attention too, unless the step holds nothing but prompt chunks: a decoding row (drafts too) must get
+        # the bits it would get alone.
+        self.row_invariant = self.rows_alone or not all(is_prompt_chunk(count, logits)
+                                                        for _, count, _, logits in step.shape.segments)
 
     def weight(self, layer: int, name: str):
         return self.g.weight(self.model.layer_weight(layer, f"{name}.weight"))
@@ -277,8 +282,8 @@ class _LayerGraph:
         return mm(w("attn_output"), kqv)
 
     def _segment_attention(self, layer: int, i: int, queries, new_keys, new_values):
-        """Write segment i's new rows into its cache, then attend over its cached positions (llama.cpp's
-        attention without flash attention). Returns [Dv, rows, H]."""
+        """Write segment i's new rows into its cache, then attend over its cached positions. Returns
+        [Dv, rows, H]."""
         ctx, g, cache, start = self.ctx, self.g, self.segments[i].cache, self.segments[i].start
         count, kv = self.step.shape.segments[i][1:3]
         rows, mask = self.inputs["write_rows"][i], self.inputs["masks"][i]
@@ -290,42 +295,22 @@ class _LayerGraph:
         k = ggml.ggml_view_3d(ctx, keys, dim_k, kv, heads_k, keys.contents.nb[1], 2 * dim_k, 0)  # [Dk, S, Hk]
         v = ggml.ggml_view_3d(ctx, values, dim_v, kv, heads_k, values.contents.nb[1], 2 * dim_v, 0)  # [Dv, S, Hk]
         q_nb, (dim_q, heads) = queries.contents.nb, queries.contents.ne[:2]
-        v_rows = ggml.ggml_cont(ctx, ggml.ggml_transpose(ctx, v))  # [S, Dv, Hk]
-        if self.rows_alone and heads_k == 1 and heads > 1:
-            # Absorbed MLA shares one key head: every (row, head) is a row of one matmul over the positions, at
-            # least `heads` of them in any step. ggml multiplies two or more rows with other kernels (tinyBLAS)
-            # than one, but with the same sums whatever their number: a row attends alike in a prompt chunk of
-            # any size and in a decoding step, at a GEMM's speed.
-            q = ggml.ggml_cont(ctx, ggml.ggml_permute(ctx, ggml.ggml_view_3d(
-                ctx, queries, dim_q, heads, count, q_nb[1], q_nb[2], start * q_nb[2]), 0, 2, 1, 3))  # [Dk, rows, H]
-            scores = ggml.ggml_mul_mat(ctx, ggml.ggml_view_2d(ctx, keys, dim_k, kv, keys.contents.nb[1], 0),
-                                       ggml.ggml_reshape_2d(ctx, q, dim_q, count * heads))  # [S, rows * H]
-            ggml.ggml_mul_mat_set_prec(scores, ggml.GGML_PREC_F32)
-            probs = ggml.ggml_soft_max_ext(ctx, ggml.ggml_reshape_3d(ctx, scores, kv, count, heads), mask,
-                                           self.c.kq_scale, 0.0)  # [S, rows, H]
-            out = ggml.ggml_mul_mat(ctx, ggml.ggml_reshape_2d(ctx, v_rows, kv, dim_v),
-                                    ggml.ggml_reshape_2d(ctx, probs, kv, count * heads))  # [Dv, rows * H]
-            return ggml.ggml_reshape_3d(ctx, out, dim_v, count, heads)
-        if count > 1 and (self.rows_alone or not is_prompt_chunk(count, self.step.shape.segments[i][3])):
-            # Rows attend one by one, each as in a step of its own: ggml multiplies several query rows at once with
-            # other kernels (tinyBLAS), whose sums round differently. A decoding sequence's drafted tokens must get
-            # the bits they would get alone, and with the head read in place (batch-invariant kernels) so must
-            # every prompt row, however the prompt is cut into steps. With the head interleaved, a prompt chunk
-            # attends as llama.cpp's batch does.
-            q = ggml.ggml_view_4d(ctx, queries, dim_q, 1, heads, count, q_nb[2], q_nb[1], q_nb[2],
-                                  start * q_nb[2])  # [Dk, 1, H, rows]
-            scores = ggml.ggml_mul_mat(ctx, k, q)  # [S, 1, H, rows]
-            ggml.ggml_mul_mat_set_prec(scores, ggml.GGML_PREC_F32)
-            probs = ggml.ggml_soft_max_ext(ctx, scores, ggml.ggml_reshape_4d(ctx, mask, kv, 1, 1, count),
-                                           self.c.kq_scale, 0.0)
-            out = ggml.ggml_mul_mat(ctx, v_rows, probs)  # [Dv, 1, H, rows]
-            return ggml.ggml_cont(ctx, ggml.ggml_permute(ctx, out, 0, 3, 2, 1))  # [Dv, rows, H]
         q = ggml.ggml_permute(ctx, ggml.ggml_view_3d(ctx, queries, dim_q, heads, count, q_nb[1], q_nb[2],
                                                      start * q_nb[2]), 0, 2, 1, 3)  # [Dk, rows, H]
+        if self.row_invariant:
+            # Flash attention (llama.cpp's default on the CPU) with the reference kernels: each (row, head) alone,
+            # the positions in order, none of the masked ones read. The cache is read as it lies, where the
+            # matmuls below need every cached value transposed in every step: at a long context most of a
+            # decoding step's time.
+            out = ggml.ggml_flash_attn_ext(ctx, q, k, v, mask, self.c.kq_scale, 0.0, 0.0)  # [Dv, H, rows]
+            ggml.ggml_flash_attn_ext_set_prec(out, ggml.GGML_PREC_F32)
+            return ggml.ggml_permute(ctx, out, 0, 2, 1, 3)
+        # A prompt chunk's rows at a GEMM's speed, the transposition paid once for them all: faster here than
+        # ggml's flash attention tiles.
         scores = ggml.ggml_mul_mat(ctx, k, q)  # [S, rows, H]
         ggml.ggml_mul_mat_set_prec(scores, ggml.GGML_PREC_F32)
         probs = ggml.ggml_soft_max_ext(ctx, scores, mask, self.c.kq_scale, 0.0)
-        return ggml.ggml_mul_mat(ctx, v_rows, probs)
+        return ggml.ggml_mul_mat(ctx, ggml.ggml_cont(ctx, ggml.ggml_transpose(ctx, v)), probs)
 
     def _write(self, cache, new_rows, start: int, count: int, rows):
         """set_rows of new_rows [width..., T] (rows start..start+count) into a cache [width..., capacity];

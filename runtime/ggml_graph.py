@@ -117,8 +117,13 @@ class PlannedGraph:
         self.inputs[name] = np.zeros(shape, dtype)
         return self.external(self.inputs[name])
 
-    def plan(self, outputs: dict[str, object]) -> None:
-        """Fix the graph that computes `outputs` (name -> tensor) and plan its memory and threads once."""
+    def plan(self, outputs: dict[str, object], row_invariant: bool = True) -> None:
+        """Fix the graph that computes `outputs` (name -> tensor) and plan its memory and threads once.
+
+        row_invariant: ggml's reference kernels where it has several, so that flash attention computes each
+        (row, head) alone, over the positions in order, as in a step of its own whatever else the step holds
+        and however many threads run it. Its faster paths (tiles of 64 rows or more, a lone row's positions
+        split across the threads) round otherwise: right for a prompt chunk, never for a decoding row."""
         self.cgraph = ggml.ggml_new_graph_custom(self.ctx, self.max_nodes, False)
         for name, tensor in outputs.items():
             if not ggml.ggml_is_contiguous(tensor):
@@ -129,6 +134,7 @@ class PlannedGraph:
         narrow = self.weight_bytes < MIN_BYTES_PER_WEIGHT_FOR_THREADS * max(1, self.weights_read)
         threads = 1 if narrow and os.environ.get("OMP_WAIT_POLICY") == "passive" else self.runner.n_threads
         self._plan = ggml.ggml_graph_plan(self.cgraph, threads, None)
+        self._plan.use_ref = row_invariant
         self.memory.add(self)
         if self._owns_memory:
             self.memory.allocate()

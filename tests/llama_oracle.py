@@ -9,9 +9,9 @@ the request and parse the reply.
     vocab     {"model"} -> {"n_vocab", "bos", "eos", "eog": [int], "add_bos"}
     chat      {"model", "messages": [{role, content}], "add_generation_prompt"} -> str
               (llama_chat_apply_template with the file's template: llama.cpp's built-in formatter)
-    generate  {"model", "prompt": [int], "n", "repack", "forced": [int] | null}
+    generate  {"model", "prompt": [int], "n", "repack", "forced": [int] | null, "flash"}
               -> {"tokens": [int], "logits": [[float]]}: greedy tokens, and the logits after the prompt
-              and after each later token (fed greedily, or the `forced` ones); flash attention off;
+              and after each later token (fed greedily, or the `forced` ones); flash attention on or off;
               repack false selects llama.cpp's plain CPU kernels (no "extra" buffer types)
 """
 from __future__ import annotations
@@ -99,7 +99,7 @@ def _generate(request: dict[str, Any]) -> dict[str, Any]:
     forced = request.get("forced")
     n = request["n"] if forced is None else len(forced) + 1
     llm = llama_cpp.Llama(model_path=request["model"], n_ctx=len(request["prompt"]) + n + 1, n_threads=2,
-                          logits_all=True, flash_attn=False, verbose=False)
+                          logits_all=True, flash_attn=request["flash"], verbose=False)
     llm.eval(request["prompt"])
     tokens, logits = [], [np.array(llm.scores[llm.n_tokens - 1], np.float32)]
     for step in range(n):
@@ -152,11 +152,12 @@ def chat(model_path: str | Path, messages: list[dict[str, str]], add_generation_
 
 
 def generate(model_path: str | Path, prompt: list[int], n: int, repack: bool,
-             forced: list[int] | None = None) -> dict[str, Any]:
-    """llama.cpp's greedy tokens and its logits rows ([n, V] float32: after the prompt, then per token)."""
+             forced: list[int] | None = None, flash: bool = True) -> dict[str, Any]:
+    """llama.cpp's greedy tokens and its logits rows ([n, V] float32: after the prompt, then per token), with
+    flash attention (as llama.cpp's own programs default to on the CPU) or without."""
     import numpy as np
     reply = run("generate", {"model": str(model_path), "prompt": prompt, "n": n, "repack": repack,
-                             "forced": forced})
+                             "forced": forced, "flash": flash})
     return {"tokens": reply["tokens"], "logits": np.array(reply["logits"], np.float32)}
 
 

@@ -59,6 +59,19 @@ def test_many_concurrent_sequences_equal_their_solo_runs_bit_for_bit(models, nam
             [(o.token, o.logprob, o.top_logprobs) for o in solo]
 
 
+def test_a_long_prompt_in_large_chunks_equals_it_fed_two_rows_a_step(models):
+    """Past the sizes where ggml's flash attention has faster paths (64 rows or more in tiles, a lone row's 512
+    positions or more split across the threads), a prompt in chunks of 512 rows and the same prompt two rows per
+    step give the same tokens and log-probabilities, bit for bit."""
+    model = KimiModel(GGUFModelFile(models("tiny-Q4_K_M")), repack="none")
+    prompt = tuple(int(t) for t in np.random.default_rng(7).integers(100, 2000, 600))
+    request = Request(prompt, 8, SamplingParams(), top_logprobs=3)
+    large, small = (run_together(Engine(model, context_size=640, max_sequences=1, max_step_tokens=rows),
+                                 [request])[0] for rows in (512, 2))
+    assert [(o.token, o.logprob, o.top_logprobs) for o in large] == \
+        [(o.token, o.logprob, o.top_logprobs) for o in small]
+
+
 def completions_at_once(url: str, prompts: list[str], max_tokens: int) -> list[tuple[str, list[float]]]:
     """Greedy completions of all prompts sent at once: each one's text and its tokens' log-probabilities."""
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=300)

@@ -24,12 +24,15 @@ from tests.gguf_tools import rewrite_gguf
 
 PROMPT = "<|im_user|>user<|im_middle|>Tell me about pooling memory across computers.<|im_end|>"
 NUM_TOKENS = 32
-# Both sides run ggml kernels, but two ggml builds round a few activations one ulp apart; ggml's 8-bit
-# activation quantization turns such an ulp into a full quantization step now and then, and the
-# layers carry it on. Measured on the tiny models, relative to the logit range: F32 1e-4, Q8_0 3.6e-3,
-# Q4_K_M 8.6e-3, Q2_K 9.2e-3, while llama.cpp's own two x86 code paths (plain and "repack") differ by
-# up to 6.5e-2 on Q4_K_M and 8.5e-3 on Q2_K. A real bug (a wrong scale, position, expert) moves logits
-# by tens of percent of the range.
+# Both sides run ggml kernels, but two ggml builds round a few activations one ulp apart (one fuses an
+# RMS norm with its scale, the other does not); ggml's 8-bit activation quantization turns such an ulp into
+# a full quantization step now and then, and a random model's router carries it through the layers:
+# measured on the tiny models, relative to the logit range, F32 1e-4, Q8_0 3.6e-3, Q4_K_M 8.6e-3, Q2_K 9.2e-3.
+# And the runtime attends a prompt's rows with matmuls but a decoding row with flash attention, where
+# llama.cpp (the oracle) uses one of them for both; its own two give logits as far apart as 4.5e-2 on the tiny
+# Q4_K_M (plain kernels), 6.9e-2 on Q8_0, 8.0e-2 on Q5_K_M. So each case is held within LOGITS_TOLERANCE plus
+# llama.cpp's own spread between its attention paths on that model and prompt. A real bug (a wrong scale,
+# position, expert) moves logits by tens of percent of the range.
 LOGITS_TOLERANCE = 1.5e-2
 
 
@@ -63,9 +66,37 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
+def assert_greedy_follows(tokens: list[int], reference: dict) -> None:
+    """Greedy decoding follows llama.cpp all the way, or until a near-tie in llama.cpp's own logits (where its
+    own CPU paths may split as well)."""
+    agreed = common_prefix(tokens, reference["tokens"])
+    if agreed < min(len(tokens), len(reference["tokens"])):
+        split = np.array(reference["logits"][agreed])
+        top2 = np.sort(split)[-2:]
+        assert top2[1] - top2[0] <= 2 * reference["tolerance"] * np.ptp(split)
+
+
+def assert_teacher_forced_follows(steps: np.ndarray, reference: dict) -> None:
+    """Teacher-forced along llama.cpp's tokens: every step's logits within the tolerance, and llama.cpp's token
+    wherever its top two logits are further apart than that."""
+    logits, tolerance = np.array(reference["logits"]), reference["tolerance"]
+    assert relative_to_range(steps, logits) <= tolerance
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 2 * tolerance * np.ptp(logits, axis=1)
+    assert np.array_equal(steps.argmax(axis=1)[clear], np.array(reference["tokens"])[clear])
+
+
+def llama_reference(path, prompt: list[int], n: int, repack: bool, tolerance: float = LOGITS_TOLERANCE) -> dict:
+    """llama.cpp's greedy tokens and logits (flash attention, its default), and the tolerance they allow: the
+    given one plus llama.cpp's own spread against its plain attention along the same tokens."""
+    reference = llama_oracle.generate(path, prompt, n, repack=repack)
+    plain = llama_oracle.generate(path, prompt, n, repack=repack, forced=reference["tokens"][:-1], flash=False)
+    return {**reference, "tolerance": tolerance + relative_to_range(plain["logits"], reference["logits"])}
+
+
 @functools.lru_cache(maxsize=None)
 def llama_greedy(path, repack: bool) -> dict:
-    return llama_oracle.generate(path, prompt_tokens(path), NUM_TOKENS, repack=repack)
+    return llama_reference(path, prompt_tokens(path), NUM_TOKENS, repack)
 
 
 # Our weight layout and the llama.cpp path that uses the same kernels: everything read in place
@@ -104,21 +135,10 @@ def test_greedy_tokens_and_logits_match_llama_cpp(model_path, mode):
     prompt = prompt_tokens(model_path)
     reference = llama_greedy(model_path, llama_repack)
     tokens, prompt_logits = our_greedy(model_path, prompt, our_repack)
-    # Greedy decoding follows llama.cpp all the way, or until a near-tie in llama.cpp's own logits (where its
-    # two CPU paths may split as well).
-    agreed = common_prefix(tokens, reference["tokens"])
-    if agreed < NUM_TOKENS:
-        split = np.array(reference["logits"][agreed])
-        top2 = np.sort(split)[-2:]
-        assert top2[1] - top2[0] <= 2 * LOGITS_TOLERANCE * np.ptp(split)
-    assert relative_to_range(prompt_logits, reference["logits"][0]) <= LOGITS_TOLERANCE
-    # Teacher-forced along llama.cpp's tokens: every step's logits, and its argmax wherever the top
-    # two logits are further apart than the tolerance.
-    steps = our_teacher_forced(model_path, prompt, reference["tokens"][:-1], our_repack)
-    assert relative_to_range(steps, reference["logits"]) <= LOGITS_TOLERANCE
-    top2 = np.sort(reference["logits"], axis=1)[:, -2:]
-    clear = (top2[:, 1] - top2[:, 0]) > 2 * LOGITS_TOLERANCE * np.ptp(reference["logits"], axis=1)
-    assert np.array_equal(steps.argmax(axis=1)[clear], np.array(reference["tokens"])[clear])
+    assert_greedy_follows(tokens, reference)
+    assert relative_to_range(prompt_logits, reference["logits"][0]) <= reference["tolerance"]
+    assert_teacher_forced_follows(our_teacher_forced(model_path, prompt, reference["tokens"][:-1], our_repack),
+                                  reference)
 
 
 @pytest.mark.parametrize("variant", ["tiny_split", "tiny_fused"])
@@ -135,7 +155,7 @@ def test_cli_generate_json_and_logits_out(tiny_q4km, tmp_path):
                              "--max-tokens", "8", "--json", "--logits-out", str(logits_file)],
                             capture_output=True, text=True, check=True)
     out = json.loads(result.stdout)
-    reference = llama_oracle.generate(tiny_q4km, out["prompt_token_ids"], 8, repack=True)
+    reference = llama_reference(tiny_q4km, out["prompt_token_ids"], 8, repack=True)
     assert out["prompt_token_ids"] == prompt_tokens(tiny_q4km)
     # The CLI stops at an end-of-generation token; up to there it must follow llama.cpp.
     assert out["tokens"] == reference["tokens"][: len(out["tokens"])]
@@ -143,7 +163,7 @@ def test_cli_generate_json_and_logits_out(tiny_q4km, tmp_path):
     assert out["tokens_per_s"] > 0
     logits = np.load(logits_file)
     assert logits.dtype == np.float32 and logits.shape == reference["logits"][0].shape
-    assert relative_to_range(logits, reference["logits"][0]) <= LOGITS_TOLERANCE
+    assert relative_to_range(logits, reference["logits"][0]) <= reference["tolerance"]
 
 
 def test_a_prompt_whose_experts_run_grouped_matches_llama_cpp(tiny_q4km):
@@ -152,7 +172,7 @@ def test_a_prompt_whose_experts_run_grouped_matches_llama_cpp(tiny_q4km):
     prompt = prompt_tokens(tiny_q4km) * 4
     model = KimiModel(GGUFModelFile(tiny_q4km), repack="all")
     assert model.experts.shard.runs_grouped(1, len(prompt) * model.config.num_experts_used)
-    reference = llama_oracle.generate(tiny_q4km, prompt, 8, repack=True)
+    reference = llama_reference(tiny_q4km, prompt, 8, repack=True)
     tokens, prompt_logits = our_greedy(tiny_q4km, prompt, "all")
-    assert relative_to_range(prompt_logits, reference["logits"][0]) <= LOGITS_TOLERANCE
-    assert common_prefix(tokens, reference["tokens"]) >= 6
+    assert relative_to_range(prompt_logits, reference["logits"][0]) <= reference["tolerance"]
+    assert_greedy_follows(tokens, reference)

@@ -36,7 +36,8 @@ LLAMA_SESSION = """
 import json, sys, time
 import llama_cpp
 args = json.loads(sys.stdin.read())  # the prompts outgrow a command line
-llm = llama_cpp.Llama(args["model"], n_ctx=args["context"], n_batch=512, n_threads=args["threads"], verbose=False)
+llm = llama_cpp.Llama(args["model"], n_ctx=args["context"], n_batch=512, n_threads=args["threads"], flash_attn=True,
+                      verbose=False)
 times = []
 for prompt in args["turns"]:
     started = time.perf_counter()

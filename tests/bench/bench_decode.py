@@ -3,8 +3,8 @@
     python tests/bench/bench_decode.py [MODEL.gguf] [--threads N] [--rounds R] [--tokens N]
 
 Without MODEL it writes the k2-slice preset (Kimi K2's real widths, 3 layers, 16 experts) quantized to
-Q4_K_M by llama.cpp. Each round runs our CLI and llama.cpp (llama-cpp-python, default settings) one
-after the other in fresh processes, with the same thread count and greedy decoding: once with a
+Q4_K_M by llama.cpp. Each round runs our CLI and llama.cpp (llama-cpp-python, with flash attention as
+llama.cpp's own programs default to on the CPU) one after the other in fresh processes, with the same thread count and greedy decoding: once with a
 128-token prompt (decode speed), once with a 512-token prompt (prefill speed, one 512-row batch on both
 sides). The medians over rounds are compared. Peak RSS is read from /proc while each process runs.
 """
@@ -35,7 +35,7 @@ import numpy as np
 import llama_cpp
 args = json.loads(sys.argv[1])
 llm = llama_cpp.Llama(model_path=args["model"], n_ctx=1024, n_batch=512, n_threads=args["threads"],
-                      n_threads_batch=args["threads"], verbose=False)
+                      n_threads_batch=args["threads"], flash_attn=True, verbose=False)
 start = time.perf_counter()
 llm.eval(args["prompt"])
 prompt_s = time.perf_counter() - start

@@ -6,8 +6,9 @@
 Without MODEL it writes the k2-slice preset (Kimi K2's real widths, 3 layers, 16 experts) at Q4_K_M. Each
 engine runs in a fresh process: a --context-token prompt prefilled in 512-row chunks (llama.cpp's n_batch and
 our --step-tokens), then --tokens greedy tokens decoded at that context; the same for a --short prompt, so
-that what the long context costs shows apart from the weights'. llama.cpp runs without flash attention (its
-path matches ours op for op) and with it. Prompts are token ids, the same for both.
+that what the long context costs shows apart from the weights'. llama.cpp runs without flash attention and
+with it (its programs' default on the CPU); ours attends a prompt's rows with matmuls, as llama.cpp does
+without, and a decoding row with flash attention. Prompts are token ids, the same for both.
 """
 from __future__ import annotations
 
