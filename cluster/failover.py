@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -20,6 +21,7 @@ from runtime.ggml_ops import GgmlRunner
 from runtime.gguf_file import GGUFModelFile
 
 MEMORY_USE_FOR_COPIES = 0.8  # of the head's available memory, for interleaved copies of lost experts
+EVENTS_KEPT = 200  # the dashboard's event list: failovers, rejoins and re-spreads, newest last
 
 
 def available_memory_bytes() -> int:
@@ -81,6 +83,7 @@ class FailoverState:
         self.announce = announce
         self.down: dict[str, Outage] = {}
         self.loading: set[str] = set()  # down nodes whose worker is back and loading its share
+        self.loaded: dict[str, float] = {}  # of those, the share of its experts loaded so far (0..1)
         self.taking_over: dict[str, set[str]] = {}  # down node -> nodes loading its experts to compute them
         self.failovers: dict[str, int] = {}
         self.rejoins: dict[str, int] = {}
@@ -88,7 +91,13 @@ class FailoverState:
         self.replica_pairs = 0
         self._degraded_s = 0.0
         self._degraded_since = 0.0  # when the current run of outages began
+        self.events: deque[dict] = deque(maxlen=EVENTS_KEPT)  # {"time": unix s, "kind", "node", "text"}
         self._lock = threading.Lock()
+
+    def _event(self, kind: str, node: str, text: str) -> None:
+        """Keep it for the dashboard and tell the console."""
+        self.events.append({"time": time.time(), "kind": kind, "node": node, "text": text})
+        self.announce(text)
 
     def failed(self, node: str, reason: str) -> None:
         with self._lock:
@@ -98,7 +107,7 @@ class FailoverState:
                 self._degraded_since = time.monotonic()
             self.down[node] = Outage(reason)
             self.failovers[node] = self.failovers.get(node, 0) + 1
-        self.announce(f"{node} is down ({reason}); its experts are computed elsewhere until it is back")
+        self._event("failover", node, f"{node} is down ({reason}); its experts are computed elsewhere until it is back")
 
     def covered(self, node: str, by: str, pairs: int, fallback: bool) -> None:
         with self._lock:
@@ -113,13 +122,28 @@ class FailoverState:
         with self._lock:
             outage = self.down.pop(node, None)
             self.loading.discard(node)
+            self.loaded.pop(node, None)
             self.taking_over.pop(node, None)
             if outage is None:
                 return
             self.rejoins[node] = self.rejoins.get(node, 0) + 1
             if not self.down:
                 self._degraded_s += time.monotonic() - self._degraded_since
-        self.announce(f"{node} is back after {time.monotonic() - outage.since:.1f} s and computes its experts again")
+        self._event("rejoin", node, f"{node} is back after {time.monotonic() - outage.since:.1f} s and computes its "
+                    "experts again")
+
+    def reloading(self, node: str, loaded_bytes: int, shard_bytes: int) -> None:
+        """The down node's worker is back and loading its share: this much of it so far."""
+        with self._lock:
+            self.loading.add(node)
+            self.loaded[node] = loaded_bytes / shard_bytes if shard_bytes else 0.0
+
+    def respread(self, node: str, targets: list[str], after_s: float) -> None:
+        """Still down after `after_s`: `targets` load its experts to compute them."""
+        with self._lock:
+            self.taking_over.setdefault(node, set()).update(targets)
+        self._event("respread", node, f"{node} is still down after {after_s:g} s: {', '.join(targets)} load its "
+                    "experts to compute them")
 
     def degraded_seconds(self) -> float:
         """Seconds during which at least one node was down (overlapping outages counted once)."""
@@ -132,5 +156,6 @@ class FailoverState:
         with self._lock:
             now = time.monotonic()
             return {node: {"reason": o.reason, "down_s": round(now - o.since, 1), "covered_by": sorted(o.covered_by),
-                           "loading": node in self.loading, "taken_over_by": sorted(self.taking_over.get(node, ()))}
+                           "loading": node in self.loading, "loaded": round(self.loaded.get(node, 0.0), 3),
+                           "taken_over_by": sorted(self.taking_over.get(node, ()))}
                     for node, o in self.down.items()}

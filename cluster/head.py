@@ -151,6 +151,7 @@ class ExpertCluster:
         self.recovery_error = ""  # the last check that went wrong while bringing a worker back
         self._inventory: Inventory | None = None
         self.kv_plan: KVPlan | None = None  # set by plan()
+        self.kept_routing: np.ndarray | None = None  # earlier runs' routing counts, read by plan()
         self._started_ray = False
         self._ray_temp_dir: str | None = None
         self._stream_error = ""
@@ -218,7 +219,7 @@ class ExpertCluster:
         most routed first, by the counts of earlier runs), and the context the head's KV cache holds
         (self.kv_plan: the config's, else the largest that fits)."""
         inventory = self.inventory()
-        heat = routing_counts.load(self.model_file, inventory.expert_bytes.shape, self.routing_dir)
+        self.kept_routing = heat = routing_counts.load(self.model_file, inventory.expert_bytes.shape, self.routing_dir)
         placement, self.kv_plan = plan_context(
             inventory, self._with_speeds(budgets), bytes_per_token=bytes_per_token(self.model_config),
             max_sequences=self.config.max_sequences, model_context=self.model_config.context_length,

@@ -46,7 +46,9 @@ class WorkerRecovery:
                     self._respread_if_due(index)
                     self._check(index)
                 except Exception as e:  # noqa: BLE001 - one bad check must not end recovery for everyone
-                    self.remote.state.loading.discard(self.remote.workers[index].node)
+                    node = self.remote.workers[index].node
+                    self.remote.state.loading.discard(node)
+                    self.remote.state.loaded.pop(node, None)
                     self._probes.pop(self.remote.workers[index].node, None)
                     self.cluster.recovery_error = f"{type(e).__name__}: {e}"
 
@@ -79,7 +81,7 @@ class WorkerRecovery:
         if progress["error"]:
             return
         if not progress["ready"]:
-            self.remote.state.loading.add(node)
+            self.remote.state.reloading(node, progress["loaded_bytes"], progress["shard_bytes"])
             self._stream_if_needed(node)
             return
         client = self.cluster.connect(node)
@@ -100,10 +102,8 @@ class WorkerRecovery:
         up = [w.node for i, w in enumerate(self.remote.workers) if i not in self.remote.down]
         copies, _ = respread(self.cluster.placement, self.cluster.inventory(), node, up)
         if copies:
-            self.remote.state.announce(f"{node} is still down after {self.cluster.config.respread_after_s:g} s: "
-                                       f"{', '.join(sorted(copies))} load its experts to compute them")
+            self.remote.state.respread(node, sorted(copies), self.cluster.config.respread_after_s)
         for target, per_layer in copies.items():
-            self.remote.state.taking_over.setdefault(node, set()).add(target)
             threading.Thread(target=self._take_over, args=(node, target, per_layer), daemon=True,
                              name=f"take-over-{target}").start()
 

@@ -434,8 +434,11 @@ def test_health_says_loading_until_the_model_is_ready(parts):
         assert health.status_code == 503 and health.json()["status"] == "loading"
         refused = post(server, "/v1/completions", GOOD, key=None)
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "loading"
+        assert httpx.get(f"{server.url}/status").json()["state"] == "loading"  # the dashboard's
         server.service.ready(Engine(model, CONTEXT))
         assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+        status = httpx.get(f"{server.url}/status").json()
+        assert status["state"] == "ok" and status["model"]["name"] == "tiny"
         assert post(server, "/v1/completions", GOOD, key=None).status_code == 200
     finally:
         stop_server(server)

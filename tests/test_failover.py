@@ -142,3 +142,16 @@ def test_the_console_hears_once_of_each_outage_and_of_each_return():
     assert len(lines) == 2
     assert lines[0] == "worker-a is down (deadline of 3 s passed); its experts are computed elsewhere until it is back"
     assert re.fullmatch(r"worker-a is back after \d+\.\d s and computes its experts again", lines[1])
+
+
+def test_the_dashboard_keeps_each_failover_respread_and_rejoin_with_its_time():
+    state = FailoverState()
+    state.failed("worker-a", "UNAVAILABLE")
+    state.reloading("worker-a", 30, 120)
+    state.respread("worker-a", ["worker-b"], 30)
+    report = state.report()["worker-a"]
+    assert report["loading"] and report["loaded"] == 0.25 and report["taken_over_by"] == ["worker-b"]
+    state.rejoined("worker-a")
+    assert [event["kind"] for event in state.events] == ["failover", "respread", "rejoin"]
+    assert all(event["node"] == "worker-a" and abs(event["time"] - time.time()) < 60 for event in state.events)
+    assert state.events[1]["text"] == "worker-a is still down after 30 s: worker-b load its experts to compute them"

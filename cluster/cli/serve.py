@@ -3,6 +3,7 @@ loaded (also behind `chat MODEL`)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import time
 from pathlib import Path
@@ -62,6 +63,7 @@ def _print_access_line(line: str) -> None:
 def serving(args, host: str, port: int, announce: bool = True):
     """Listen at once (GET /health says "loading"), bring the model up, then serve; yields the base URL.
     announce: say where it listens and log each request (off for the private server behind `chat MODEL`)."""
+    from cluster.cluster_view import cluster_view, single_process_view
     from cluster.server.app import ApiServer
     from cluster.server.service import Service
     from runtime.engine import Engine
@@ -88,6 +90,7 @@ def serving(args, host: str, port: int, announce: bool = True):
         print(f"kimi-cluster: {url}/v1 answers for '{service.model_name}' once the model has loaded "
               f"({max_sequences} sequences at once, {args.step_tokens} token rows per step, API key "
               f"{'required' if service.api_key else 'not required'})", file=sys.stderr)
+        print(f"kimi-cluster: the cluster's dashboard is at {url}/ and a chat page at {url}/chat", file=sys.stderr)
     else:
         print(f"loading {args.model} ...", file=sys.stderr)
     try:
@@ -103,7 +106,10 @@ def serving(args, host: str, port: int, announce: bool = True):
                 service.metrics.watch_prompt_cache(prompt_cache)
             if announce:
                 print(f"kimi-cluster: {kv.describe(model.config.context_length)}", file=sys.stderr)
-            service.ready(engine, cluster.status if cluster is not None else dict)
+            if cluster is not None:
+                service.ready(engine, cluster.status, functools.partial(cluster_view, cluster))
+            else:
+                service.ready(engine, cluster_view=functools.partial(single_process_view, model_file))
             try:
                 yield url
             finally:

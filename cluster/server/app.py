@@ -21,9 +21,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from cluster.server import anthropic_api, openai_api, openai_responses
+from cluster.server import anthropic_api, dashboard, openai_api, openai_responses
 from cluster.server.errors import ApiError, validation_error
 from cluster.server.service import Service
+from cluster.server.speed_history import SpeedHistory
 
 OPEN_PATHS = ("/health", "/metrics")  # open to monitoring without the API key, unless protect_metrics
 # A client's own x-request-id is kept when it is printable and has no blanks (it goes into a header and the
@@ -51,9 +52,10 @@ def paths_served(protocols: tuple[ApiProtocol, ...] = PROTOCOLS) -> str:
 
 
 def create_app(service: Service, protocols: tuple[ApiProtocol, ...] = PROTOCOLS) -> FastAPI:
-    """The app serving every protocol's routes, /health and /metrics."""
+    """The app serving every protocol's routes, /health, /metrics, and the dashboard and chat pages."""
+    history = SpeedHistory(service.metrics.registry)
     app = FastAPI(title="kimi-cluster", description="OpenAI-compatible API for Kimi K2.x on a cluster",
-                  docs_url=None, redoc_url=None)
+                  docs_url=None, redoc_url=None, lifespan=dashboard.sampling(service, history))
 
     def error_response(http: HttpRequest, error: ApiError) -> JSONResponse:
         """In the shape of the protocol the path belongs to (the first one's for other paths)."""
@@ -68,7 +70,7 @@ def create_app(service: Service, protocols: tuple[ApiProtocol, ...] = PROTOCOLS)
         endpoint = http.url.path
         sent_id = http.headers.get("x-request-id", "")
         http.state.request_id = sent_id if CLIENT_REQUEST_ID.fullmatch(sent_id) else f"req_{secrets.token_hex(12)}"
-        left_open = not service.protect_metrics and endpoint in OPEN_PATHS
+        left_open = dashboard.is_page(endpoint) or (not service.protect_metrics and endpoint in OPEN_PATHS)
         if service.api_key and not left_open and not _key_matches(http, service.api_key):
             response = error_response(http, ApiError(401, "missing or wrong API key: send 'Authorization: Bearer "
                                                           "<key>' or 'x-api-key: <key>'", code="invalid_api_key"))
@@ -120,6 +122,7 @@ def create_app(service: Service, protocols: tuple[ApiProtocol, ...] = PROTOCOLS)
 
     for protocol in protocols:
         app.include_router(protocol.routes(service))
+    dashboard.add_dashboard(app, service, history)
     return app
 
 

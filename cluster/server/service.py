@@ -43,6 +43,8 @@ class Service:
     engine: Engine | None = None
     # {"workers": node -> "ok" or what is wrong, "down": node -> why, since when, who covers it}
     cluster_status: Callable[[], dict] = dict
+    # The dashboard's: {"nodes", "placement", "heat", "events"} (cluster/cluster_view.py)
+    cluster_view: Callable[[], dict] = dict
     load_error: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     access_log: Callable[[str], None] | None = None  # gets one line per finished /v1 request, and notes
@@ -57,8 +59,9 @@ class Service:
             self._grammars = GrammarTokenizer(self.tokenizer)
         return self._grammars
 
-    def ready(self, engine: Engine, cluster_status: Callable[[], dict] = dict) -> None:
-        self.cluster_status = cluster_status
+    def ready(self, engine: Engine, cluster_status: Callable[[], dict] = dict,
+              cluster_view: Callable[[], dict] = dict) -> None:
+        self.cluster_status, self.cluster_view = cluster_status, cluster_view
         self.context_size = engine.context_size  # the plan decides it while the model loads
         engine.on_step = lambda rows, seconds: self.metrics.step_rows.observe(rows)
         # Read at every scrape, so they agree with /health even when no step has run since a sequence left.

@@ -1,0 +1,202 @@
+"""The dashboard and chat pages of `kimi-cluster serve --workers 2`, in a real browser: Debian's headless
+chromium driven through its own chromedriver (nothing is downloaded at run time). Screenshots go to
+$DASHBOARD_SCREENSHOTS, else to the test run's temporary folder."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.test_serve import cli, descendants, expert_worker_pids, ready_url, start, stop
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+API_KEY = "dashboard-test-key"
+NODES = ("head", "worker-1", "worker-2")
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install '.[test]')")
+if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+    pytest.skip(f"needs Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER}): "
+                "apt-get install chromium chromium-driver", allow_module_level=True)
+
+from selenium.webdriver.chrome.service import Service  # noqa: E402 - only once the browser is known to be there
+from selenium.webdriver.common.by import By  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def served(make_tiny):
+    process = start(cli("serve", str(make_tiny("Q4_K_M")), "--workers", "2", "--port", "0", "--threads", "1"),
+                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                    env={**os.environ, "KIMI_API_KEY": API_KEY})
+    try:
+        url = ready_url(process)
+        # The console must not fill its pipe while the tests run (it writes a line per request).
+        threading.Thread(target=process.stderr.read, daemon=True).start()
+        yield url, process
+    finally:
+        stop(process)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                     "--window-size=1280,1000"):
+        options.add_argument(argument)  # --no-sandbox: CI runs as root, where chromium's sandbox refuses to start
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory) -> Path:
+    folder = Path(os.environ.get("DASHBOARD_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def wait_until(condition, what: str, timeout_s: float = 60):
+    """condition()'s first truthy value, asked every 0.1 s (the machine may be busy: deadlines are generous)."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"waited {timeout_s:g} s for {what}"
+        time.sleep(0.1)
+    return value
+
+
+def node_states(browser) -> dict[str, str]:
+    """The dashboard's node table: node -> the state it shows (read in one go: the page redraws it every poll)."""
+    return browser.execute_script("""return Object.fromEntries([...document.querySelectorAll('#nodes tbody tr')]
+        .map((row) => [row.dataset.node, row.querySelector('.node-state .badge').textContent]))""")
+
+
+def key_form_shown(browser):
+    """The form asking for the API key, if the page shows it."""
+    forms = browser.find_elements(By.ID, "key-form")
+    return forms[0] if forms and forms[0].is_displayed() else None
+
+
+def open_with_key(browser, url: str) -> None:
+    """Open the page with the key kept in the browser, as it is after the user entered it once."""
+    browser.get(url)
+    browser.execute_script("localStorage.setItem('kimi-cluster-api-key', arguments[0])", API_KEY)
+    browser.get(url)
+
+
+def test_the_page_without_a_key_asks_for_one_and_keeps_it(served, browser, screenshots):
+    url, _ = served
+    browser.get(f"{url}/")
+    browser.execute_script("localStorage.clear()")
+    browser.get(f"{url}/")
+    form = wait_until(lambda: key_form_shown(browser), "the key form")
+    browser.save_screenshot(str(screenshots / "key-form.png"))
+    assert not browser.find_elements(By.CSS_SELECTOR, "#nodes tbody tr")  # nothing shown without the key
+    browser.find_element(By.ID, "api-key").send_keys(API_KEY)
+    form.find_element(By.TAG_NAME, "button").click()
+    wait_until(lambda: len(node_states(browser)) == len(NODES), "the nodes after the key was given")
+    browser.get(f"{url}/")  # kept: asked once
+    wait_until(lambda: len(node_states(browser)) == len(NODES), "the nodes with the kept key")
+    assert not key_form_shown(browser)
+
+
+def test_the_dashboard_lists_every_node_with_its_experts(served, browser, screenshots):
+    url, _ = served
+    reply = httpx.post(f"{url}/v1/completions", json={"prompt": "Spread the experts", "max_tokens": 16},
+                       headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
+    assert reply.status_code == 200
+    open_with_key(browser, f"{url}/")
+    assert wait_until(lambda: node_states(browser) == dict.fromkeys(NODES, "ok") or None, "every node ok")
+    # The placement grid has a column per node; the heat map counts the request's routing; speed was sampled.
+    header = browser.find_element(By.CSS_SELECTOR, "#placement thead").text.split()
+    assert header == ["Layer", *NODES]
+    wait_until(lambda: "picks this run" in browser.find_element(By.ID, "heat-note").text, "the heat map")
+    wait_until(lambda: browser.find_element(By.CSS_SELECTOR, "#chart-decode_tps .value").text != "–",
+               "a speed sample")
+    browser.save_screenshot(str(screenshots / "dashboard.png"))
+    browser.set_window_size(390, 844)  # a phone
+    try:
+        time.sleep(0.5)  # let the page lay itself out again before the picture
+        assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+        browser.save_screenshot(str(screenshots / "dashboard-phone.png"))
+    finally:
+        browser.set_window_size(1280, 1000)
+
+
+def test_a_chat_message_streams_a_reply_and_stop_ends_one(served, browser, screenshots):
+    url, _ = served
+    open_with_key(browser, f"{url}/chat")
+    browser.find_element(By.CSS_SELECTOR, "#settings summary").click()
+    max_tokens = browser.find_element(By.ID, "max_tokens")
+    max_tokens.clear()
+    max_tokens.send_keys("48")
+    browser.find_element(By.ID, "prompt").send_keys("Tell me about pooled memory")
+    browser.find_element(By.ID, "send").click()
+    stop_button = browser.find_element(By.ID, "stop")
+    lengths_while_streaming = set()
+
+    def finished() -> bool:
+        reply = browser.find_elements(By.CSS_SELECTOR, ".message.assistant .content")
+        if reply and stop_button.is_enabled():
+            lengths_while_streaming.add(len(reply[0].text))
+        return bool(browser.find_elements(By.CSS_SELECTOR, ".message.assistant .stats"))
+    wait_until(finished, "the reply to end", timeout_s=120)
+    stats = browser.find_element(By.CSS_SELECTOR, ".message.assistant .stats").text
+    assert "48 tokens" in stats and "ended: length" in stats, stats
+    assert len(lengths_while_streaming - {0}) >= 2, "the reply did not appear bit by bit"
+    browser.save_screenshot(str(screenshots / "chat.png"))
+
+    max_tokens.clear()
+    max_tokens.send_keys("4000")
+    browser.find_element(By.ID, "prompt").send_keys("And a long answer, please")
+    browser.find_element(By.ID, "send").click()
+    wait_until(lambda: len(browser.find_elements(By.CSS_SELECTOR, ".message.assistant .content")) == 2
+               and browser.find_elements(By.CSS_SELECTOR, ".message.assistant .content")[1].text, "a second reply")
+    stop_button.click()
+    wait_until(lambda: len(browser.find_elements(By.CSS_SELECTOR, ".message.assistant .stats")) == 2, "the stop")
+    assert browser.find_elements(By.CSS_SELECTOR, ".message.assistant .stats")[1].text.endswith("stopped")
+
+
+def test_a_killed_worker_shows_degraded_and_ok_again_once_it_rejoins(served, browser, screenshots):
+    url, process = served
+    open_with_key(browser, f"{url}/")
+    wait_until(lambda: node_states(browser) == dict.fromkeys(NODES, "ok") or None, "every node ok")
+    victim = sorted(set(expert_worker_pids()) & descendants(process.pid))[0]
+    os.kill(victim, signal.SIGKILL)
+    # A request that meets the dead worker has its share computed elsewhere and the worker brought back.
+    request = threading.Thread(target=httpx.post, args=(f"{url}/v1/completions",), kwargs=dict(
+        json={"prompt": "Carry on without it", "max_tokens": 16}, headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=120))
+    request.start()
+    degraded = wait_until(lambda: [node for node, state in node_states(browser).items() if state == "degraded"],
+                          "a degraded worker", timeout_s=30)
+    browser.save_screenshot(str(screenshots / "dashboard-degraded.png"))
+    assert degraded[0] in NODES[1:]
+    request.join(timeout=120)
+    wait_until(lambda: node_states(browser) == dict.fromkeys(NODES, "ok") or None, "the worker back", timeout_s=120)
+    events = wait_until(lambda: "is back" in browser.find_element(By.ID, "events").text
+                        and browser.find_element(By.ID, "events").text, "the rejoin in the events")
+    assert f"{degraded[0]} is down" in events and f"{degraded[0]} is back" in events
+    browser.save_screenshot(str(screenshots / "dashboard-rejoined.png"))
+
+
+def test_the_pages_are_package_files_served_without_the_key_and_status_asks_for_it(served):
+    url, _ = served
+    static = Path(__file__).parent.parent / "cluster" / "server" / "static"
+    for path, name in (("/", "dashboard.html"), ("/chat", "chat.html"), ("/static/dashboard.js", "dashboard.js")):
+        page = httpx.get(f"{url}{path}", timeout=30)
+        assert page.status_code == 200 and page.text == (static / name).read_text()
+    for page in [*static.glob("*.html"), *static.glob("*.js"), *static.glob("*.css")]:
+        assert "http://" not in page.read_text() and "https://" not in page.read_text(), f"{page} links outside"
+    assert httpx.get(f"{url}/status", timeout=30).status_code == 401
+    status = httpx.get(f"{url}/status", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30).json()
+    assert [node["name"] for node in status["nodes"]] == list(NODES)
