@@ -12,14 +12,20 @@ from cluster.placement import Placement
 
 
 def cluster_view(cluster) -> dict:
-    """cluster: a started ExpertCluster. Asks every worker for its health (a short deadline each)."""
-    status = cluster.status()
+    """cluster: an ExpertCluster, started or starting. Asks every worker for its health (a short deadline each)."""
     placement = cluster.placement
+    if placement is None:  # not planned yet: Ray is starting
+        return {}
+    bringing_up = cluster.remote is None
+    status = {"workers": {}, "down": {}} if bringing_up else cluster.status()
     # Local workers (--workers) run on the head's machine; others are known by the address Ray sees.
     machines = {name: platform.node() if cluster.local_workers else node.address
                 for name, node in cluster.workers.items()}
     nodes = [node_view(placement, name, machines.get(name, platform.node()), status)
              for name in [placement.head_node, *cluster.workers]]
+    if bringing_up:
+        for node in nodes:
+            node.update(state="loading", loaded=cluster.load_progress.get(node["name"]))
     routed = cluster.remote.routed if cluster.remote is not None else None
     return {"nodes": nodes, "placement": placement_grid(placement, [n["name"] for n in nodes]),
             "heat": heat_map(placement, routed, cluster.kept_routing), "events": list(cluster.failover.events)}
@@ -47,12 +53,12 @@ def node_view(placement: Placement, name: str, machine: str, status: dict) -> di
 
 def node_state(name: str, status: dict) -> dict:
     """ok, or degraded with why: down (who computes its experts, who is taking them over, how far its
-    worker has loaded them again) or not answering its health check."""
+    worker has loaded them again: `loaded`) or not answering its health check."""
     outage = status["down"].get(name)
     if outage is not None:
         return {"state": "degraded", "reason": outage["reason"], "down_s": outage["down_s"],
                 "covered_by": outage["covered_by"], "taken_over_by": outage["taken_over_by"],
-                "reloaded": outage["loaded"] if outage["loading"] else None}
+                "loaded": outage["loaded"] if outage["loading"] else None}
     health = status["workers"].get(name, "ok")  # the head is not in it: it serves as long as this answers
     return {"state": "ok"} if health == "ok" else {"state": "degraded", "reason": health}
 

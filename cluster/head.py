@@ -144,7 +144,9 @@ class ExpertCluster:
         self.token = config.token or secrets.token_hex(16)
         self.actors: dict[str, ray.actor.ActorHandle] = {}
         self.workers: dict[str, ClusterNode] = {}  # expert-holding nodes other than the head, by name
-        self.remote: RemoteExperts | None = None
+        self.remote: RemoteExperts | None = None  # set once every shard has loaded
+        self.placement: Placement | None = None  # set by start(), once planned
+        self.load_progress: dict[str, float] = {}  # worker -> share of its experts loaded, while start() waits
         self.failover = FailoverState(announce=lambda line: print(f"kimi-cluster: {line}", file=sys.stderr,
                                                                      flush=True))
         self.recovery: WorkerRecovery | None = None
@@ -412,6 +414,7 @@ class ExpertCluster:
                                        f"{state['error'] or self._stream_error}")
                 bars[name].total = max(state["shard_bytes"], 1)
                 bars[name].n = state["loaded_bytes"]
+                self.load_progress[name] = state["loaded_bytes"] / bars[name].total
                 bars[name].refresh()
                 if state["ready"]:
                     pending.discard(name)

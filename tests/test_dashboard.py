@@ -4,6 +4,7 @@ $DASHBOARD_SCREENSHOTS, else to the test run's temporary folder."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -13,12 +14,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.test_serve import cli, descendants, expert_worker_pids, ready_url, start, stop
+from tests.test_serve import cli, descendants, expert_worker_pids, start, stop
 
 pytestmark = pytest.mark.slow
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 API_KEY = "dashboard-test-key"
+KEY_HEADER = {"Authorization": f"Bearer {API_KEY}"}
 NODES = ("head", "worker-1", "worker-2")
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install '.[test]')")
@@ -36,12 +38,32 @@ def served(make_tiny):
                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                     env={**os.environ, "KIMI_API_KEY": API_KEY})
     try:
-        url = ready_url(process)
+        url = printed_url(process)
         # The console must not fill its pipe while the tests run (it writes a line per request).
         threading.Thread(target=process.stderr.read, daemon=True).start()
-        yield url, process
+        bring_up = statuses_until_ready(url, process)
+        yield url, process, bring_up
     finally:
         stop(process)
+
+
+def printed_url(process: subprocess.Popen) -> str:
+    """The address a starting `serve` prints first, before its model loads."""
+    for line in process.stderr:
+        if (match := re.search(r"(http://127\.0\.0\.1:\d+)/v1", line)):
+            return match.group(1)
+    raise AssertionError("serve did not print its address")
+
+
+def statuses_until_ready(url: str, process: subprocess.Popen, timeout_s: float = 120) -> list[dict]:
+    """GET /status, as the dashboard asks it, until the server is ready: what it said meanwhile."""
+    said = []
+    deadline = time.monotonic() + timeout_s
+    while not said or said[-1]["state"] != "ok":
+        assert process.poll() is None and time.monotonic() < deadline, "serve did not become ready"
+        said.append(httpx.get(f"{url}/status", headers=KEY_HEADER, timeout=30).json())
+        time.sleep(0.1)
+    return said
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +116,7 @@ def open_with_key(browser, url: str) -> None:
 
 
 def test_the_page_without_a_key_asks_for_one_and_keeps_it(served, browser, screenshots):
-    url, _ = served
+    url, _, _ = served
     browser.get(f"{url}/")
     browser.execute_script("localStorage.clear()")
     browser.get(f"{url}/")
@@ -110,9 +132,9 @@ def test_the_page_without_a_key_asks_for_one_and_keeps_it(served, browser, scree
 
 
 def test_the_dashboard_lists_every_node_with_its_experts(served, browser, screenshots):
-    url, _ = served
+    url, _, _ = served
     reply = httpx.post(f"{url}/v1/completions", json={"prompt": "Spread the experts", "max_tokens": 16},
-                       headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
+                       headers=KEY_HEADER, timeout=120)
     assert reply.status_code == 200
     open_with_key(browser, f"{url}/")
     assert wait_until(lambda: node_states(browser) == dict.fromkeys(NODES, "ok") or None, "every node ok")
@@ -133,7 +155,7 @@ def test_the_dashboard_lists_every_node_with_its_experts(served, browser, screen
 
 
 def test_a_chat_message_streams_a_reply_and_stop_ends_one(served, browser, screenshots):
-    url, _ = served
+    url, _, _ = served
     open_with_key(browser, f"{url}/chat")
     browser.find_element(By.CSS_SELECTOR, "#settings summary").click()
     max_tokens = browser.find_element(By.ID, "max_tokens")
@@ -167,14 +189,14 @@ def test_a_chat_message_streams_a_reply_and_stop_ends_one(served, browser, scree
 
 
 def test_a_killed_worker_shows_degraded_and_ok_again_once_it_rejoins(served, browser, screenshots):
-    url, process = served
+    url, process, _ = served
     open_with_key(browser, f"{url}/")
     wait_until(lambda: node_states(browser) == dict.fromkeys(NODES, "ok") or None, "every node ok")
     victim = sorted(set(expert_worker_pids()) & descendants(process.pid))[0]
     os.kill(victim, signal.SIGKILL)
     # A request that meets the dead worker has its share computed elsewhere and the worker brought back.
     request = threading.Thread(target=httpx.post, args=(f"{url}/v1/completions",), kwargs=dict(
-        json={"prompt": "Carry on without it", "max_tokens": 16}, headers={"Authorization": f"Bearer {API_KEY}"},
+        json={"prompt": "Carry on without it", "max_tokens": 16}, headers=KEY_HEADER,
         timeout=120))
     request.start()
     degraded = wait_until(lambda: [node for node, state in node_states(browser).items() if state == "degraded"],
@@ -190,7 +212,7 @@ def test_a_killed_worker_shows_degraded_and_ok_again_once_it_rejoins(served, bro
 
 
 def test_the_pages_are_package_files_served_without_the_key_and_status_asks_for_it(served):
-    url, _ = served
+    url, _, _ = served
     static = Path(__file__).parent.parent / "cluster" / "server" / "static"
     for path, name in (("/", "dashboard.html"), ("/chat", "chat.html"), ("/static/dashboard.js", "dashboard.js")):
         page = httpx.get(f"{url}{path}", timeout=30)
@@ -198,5 +220,16 @@ def test_the_pages_are_package_files_served_without_the_key_and_status_asks_for_
     for page in [*static.glob("*.html"), *static.glob("*.js"), *static.glob("*.css")]:
         assert "http://" not in page.read_text() and "https://" not in page.read_text(), f"{page} links outside"
     assert httpx.get(f"{url}/status", timeout=30).status_code == 401
-    status = httpx.get(f"{url}/status", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30).json()
+    status = httpx.get(f"{url}/status", headers=KEY_HEADER, timeout=30).json()
     assert [node["name"] for node in status["nodes"]] == list(NODES)
+
+
+def test_while_the_model_loads_the_status_shows_the_nodes_loading(served):
+    _, _, bring_up = served
+    assert bring_up[0]["state"] == "loading"
+    loading = [status for status in bring_up if status["state"] == "loading" and status["nodes"]]
+    assert loading, "no status listed the nodes while they loaded"
+    nodes = loading[-1]["nodes"]
+    assert [node["name"] for node in nodes] == list(NODES) and {node["state"] for node in nodes} == {"loading"}
+    # A worker's share loaded so far, once it has said (the head's own is not counted).
+    assert all(node["loaded"] is None or 0 <= node["loaded"] <= 1 for node in nodes)

@@ -6,11 +6,12 @@ import sys
 
 
 @contextlib.contextmanager
-def model_session(args, config, max_sequences: int, model_file=None, tokenizer=None):
+def model_session(args, config, max_sequences: int, model_file=None, tokenizer=None, on_cluster=None):
     """(model, tokenizer, cluster, kv_plan): in this process (config None, cluster None), or with its experts
     spread over a Ray cluster (which plans for the config's max_sequences). kv_plan: the context each of
     max_sequences sequences gets (--context, else the largest the memory holds) and the KV memory for it.
-    model_file and tokenizer: already opened ones to reuse (a real GGUF's header takes seconds)."""
+    model_file and tokenizer: already opened ones to reuse (a real GGUF's header takes seconds).
+    on_cluster: given the cluster before it starts, to watch it come up."""
     from runtime.ggml_ops import GgmlRunner
     from runtime.gguf_file import GGUFModelFile
     from runtime.model import KimiModel
@@ -32,6 +33,8 @@ def model_session(args, config, max_sequences: int, model_file=None, tokenizer=N
     with ExpertCluster(args.model, config, local_workers=args.workers or 0, worker_memory_gb=args.worker_memory,
                        head_memory_gb=args.head_memory, repack=args.repack, worker_threads=args.threads,
                        progress=sys.stderr.isatty()) as cluster:
+        if on_cluster is not None:
+            on_cluster(cluster)
         model = cluster.start()
         print(cluster.placement.format_table(), file=sys.stderr)
         yield model, tokenizer, cluster, cluster.kv_plan

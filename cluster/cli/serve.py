@@ -93,8 +93,14 @@ def serving(args, host: str, port: int, announce: bool = True):
         print(f"kimi-cluster: the cluster's dashboard is at {url}/ and a chat page at {url}/chat", file=sys.stderr)
     else:
         print(f"loading {args.model} ...", file=sys.stderr)
+
+    def watch(cluster) -> None:
+        """The dashboard shows the nodes while they load."""
+        service.cluster_view = functools.partial(cluster_view, cluster)
+
+    session = model_session(args, config, max_sequences, model_file, service.tokenizer, on_cluster=watch)
     try:
-        with model_session(args, config, max_sequences, model_file, service.tokenizer) as (model, _, cluster, kv):
+        with session as (model, _, cluster, kv):
             if cluster is not None:
                 cluster.remote.observers.append(service.metrics.observe_experts)
                 service.metrics.watch_failover(cluster.failover, cluster.placement.replica_count)
@@ -107,7 +113,7 @@ def serving(args, host: str, port: int, announce: bool = True):
             if announce:
                 print(f"kimi-cluster: {kv.describe(model.config.context_length)}", file=sys.stderr)
             if cluster is not None:
-                service.ready(engine, cluster.status, functools.partial(cluster_view, cluster))
+                service.ready(engine, cluster.status, service.cluster_view)
             else:
                 service.ready(engine, cluster_view=functools.partial(single_process_view, model_file))
             try:

@@ -20,6 +20,7 @@ from cluster.server.speed_history import SAMPLE_EVERY_S, SpeedHistory
 STATIC = Path(__file__).parent / "static"
 PAGES = {"/": "dashboard.html", "/chat": "chat.html"}
 STATIC_PREFIX = "/static/"
+NOTHING_KNOWN = {"nodes": [], "placement": None, "heat": None, "events": []}  # before the cluster is planned
 
 
 def is_page(path: str) -> bool:
@@ -39,9 +40,9 @@ def routes(service: Service, history: SpeedHistory) -> APIRouter:
 
     @router.get("/status")
     async def status():
-        view = await asyncio.to_thread(service.cluster_view) if service.engine is not None else {}
+        view = {**NOTHING_KNOWN, **await asyncio.to_thread(service.cluster_view)}
         samples = list(history.samples)
-        for node in view.get("nodes", []):
+        for node in view["nodes"]:
             node["round_trip_ms"] = _latest_round_trip(samples, node["name"])
         return {"model": _model_card(service), "state": _serving_state(service, view),
                 "error": service.load_error, **view, "speed": samples}
@@ -85,7 +86,7 @@ def _serving_state(service: Service, view: dict) -> str:
         return "error"
     if service.engine is None:
         return "loading"
-    return "ok" if all(node["state"] == "ok" for node in view.get("nodes", [])) else "degraded"
+    return "ok" if all(node["state"] == "ok" for node in view["nodes"]) else "degraded"
 
 
 def _latest_round_trip(samples: list[dict], node: str) -> float | None:

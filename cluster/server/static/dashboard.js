@@ -79,8 +79,8 @@ function stateDetail(node) {
   if (node.down_s !== undefined) parts.push("down " + node.down_s.toFixed(0) + " s");
   if (node.covered_by && node.covered_by.length) parts.push("computed by " + node.covered_by.join(", "));
   if (node.taken_over_by && node.taken_over_by.length) parts.push("taken over by " + node.taken_over_by.join(", "));
-  if (node.reloaded !== null && node.reloaded !== undefined) {
-    parts.push("loading again: " + (100 * node.reloaded).toFixed(0) + "%");
+  if (node.loaded !== null && node.loaded !== undefined) {
+    parts.push((node.state === "loading" ? "loaded " : "loading again: ") + (100 * node.loaded).toFixed(0) + "%");
   }
   return element("div", {class: "why"}, parts.filter(Boolean).join("; "));
 }
