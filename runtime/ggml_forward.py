@@ -22,7 +22,7 @@ import numpy as np
 from .config import GATING_SIGMOID, ModelConfig
 from .experts import Experts
 from .ggml_graph import GraphMemory, PlannedGraph
-from .ggml_ops import GgmlRunner, ggml, moe_subgraph, mul_mat, swiglu_subgraph
+from .ggml_ops import GgmlRunner, flash_attention, ggml, matmul_attention, moe_subgraph, mul_mat, swiglu_subgraph
 from .kv_cache import KVCache, Segment
 from .router import MIN_WEIGHT_SUM, route
 
@@ -298,19 +298,12 @@ class _LayerGraph:
         q = ggml.ggml_permute(ctx, ggml.ggml_view_3d(ctx, queries, dim_q, heads, count, q_nb[1], q_nb[2],
                                                      start * q_nb[2]), 0, 2, 1, 3)  # [Dk, rows, H]
         if self.row_invariant:
-            # Flash attention (llama.cpp's default on the CPU) with the reference kernels: each (row, head) alone,
-            # the positions in order, none of the masked ones read. The cache is read as it lies, where the
-            # matmuls below need every cached value transposed in every step: at a long context most of a
-            # decoding step's time.
-            out = ggml.ggml_flash_attn_ext(ctx, q, k, v, mask, self.c.kq_scale, 0.0, 0.0)  # [Dv, H, rows]
-            ggml.ggml_flash_attn_ext_set_prec(out, ggml.GGML_PREC_F32)
-            return ggml.ggml_permute(ctx, out, 0, 2, 1, 3)
+            # Each row as in a step of its own; the cache read as it lies, where the matmuls would transpose
+            # every cached value in every step: at a long context most of a decoding step's time.
+            return flash_attention(ctx, q, k, v, mask, self.c.kq_scale)
         # A prompt chunk's rows at a GEMM's speed, the transposition paid once for them all: faster here than
         # ggml's flash attention tiles.
-        scores = ggml.ggml_mul_mat(ctx, k, q)  # [S, rows, H]
-        ggml.ggml_mul_mat_set_prec(scores, ggml.GGML_PREC_F32)
-        probs = ggml.ggml_soft_max_ext(ctx, scores, mask, self.c.kq_scale, 0.0)
-        return ggml.ggml_mul_mat(ctx, ggml.ggml_cont(ctx, ggml.ggml_transpose(ctx, v)), probs)
+        return matmul_attention(ctx, q, k, v, mask, self.c.kq_scale)
 
     def _write(self, cache, new_rows, start: int, count: int, rows):
         """set_rows of new_rows [width..., T] (rows start..start+count) into a cache [width..., capacity];

@@ -241,6 +241,7 @@ class _Graph:
         graph = ggml.ggml_new_graph(self.ctx)
         ggml.ggml_build_forward_expand(graph, out)
         plan = ggml.ggml_graph_plan(graph, self.runner.n_threads, None)
+        plan.use_ref = True  # as the step graphs plan attention (PlannedGraph.plan)
         if plan.work_size:
             plan.work_data = self.runner.work_buffer(plan.work_size).ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
         status = ggml.ggml_graph_compute(graph, ctypes.byref(plan))
@@ -324,6 +325,24 @@ class GgmlRunner:
         with _Graph(self, len(ids) * w.ne[0] * 4) as g:
             return g.compute(ggml.ggml_get_rows(g.ctx, g.weight(w), g.input(ids)), 2)
 
+    def attention(self, cache: np.ndarray, queries: np.ndarray, mask: np.ndarray, values: int, scale: float,
+                  flash: bool) -> np.ndarray:
+        """Absorbed MLA attention over one layer's cache as the runtime computes it: cache [S, Dk] float16 (each
+        position's keys, its first `values` numbers its values), queries [H, rows, Dk] float32, mask
+        [rows, S] float16 (0 or -inf) -> [H, rows, values] float32; flash attention or matmuls."""
+        positions, dim_k = cache.shape
+        heads, rows, _ = queries.shape
+        if queries.shape[2] != dim_k or mask.shape != (rows, positions) or not 0 < values <= dim_k:
+            raise ValueError(f"attention of queries {queries.shape} over a cache {cache.shape} with a mask "
+                             f"{mask.shape} and {values} values: the shapes do not agree")
+        with _Graph(self, 4 * (2 * heads * rows * (values + positions) + positions * values)) as g:
+            keys = g.input(np.ascontiguousarray(cache, np.float16))
+            k = ggml.ggml_view_3d(g.ctx, keys, dim_k, positions, 1, keys.contents.nb[1], 2 * dim_k, 0)
+            v = ggml.ggml_view_3d(g.ctx, keys, values, positions, 1, keys.contents.nb[1], 2 * values, 0)
+            attend = flash_attention if flash else matmul_attention
+            out = attend(g.ctx, g.input(queries.astype(np.float32)), k, v, g.input(mask.astype(np.float16)), scale)
+            return g.compute(ggml.ggml_cont(g.ctx, out), 3)
+
     def expert_ffn(self, gate: Weight | None, up: Weight | None, down: Weight, x: np.ndarray, ids: np.ndarray,
                    weights: np.ndarray, gate_up: Weight | None = None) -> np.ndarray:
         """Routed SwiGLU experts as llama.cpp's build_moe_ffn computes them.
@@ -368,6 +387,25 @@ def mul_mat(ctx, w, x, rows_alone: bool = False):
                             ggml.ggml_reshape_4d(ctx, x, ne[0], 1, ne[1], ne[2]))  # [M, 1, T, H]
     return ggml.ggml_reshape_3d(ctx, out, wne[1], ne[1], ne[2]) if ne[2] > 1 else \
         ggml.ggml_reshape_2d(ctx, out, wne[1], ne[1])
+
+
+def flash_attention(ctx, q, k, v, mask, scale: float):
+    """q [Dk, rows, H] float32, k [Dk, S, Hk] and v [Dv, S, Hk] float16, mask [S, rows] float16 -> [Dv, rows, H]
+    (a view): ggml's flash attention, as llama.cpp's default on the CPU. Under the reference kernels (a graph
+    planned row-invariant) each (row, head) is computed alone over the positions in order, the masked ones
+    skipped, and the cache is read as it lies."""
+    out = ggml.ggml_flash_attn_ext(ctx, q, k, v, mask, scale, 0.0, 0.0)  # [Dv, H, rows]
+    ggml.ggml_flash_attn_ext_set_prec(out, ggml.GGML_PREC_F32)
+    return ggml.ggml_permute(ctx, out, 0, 2, 1, 3)
+
+
+def matmul_attention(ctx, q, k, v, mask, scale: float):
+    """The same as flash_attention with matmuls (llama.cpp without flash attention): scores for every position,
+    masked ones too, and the values transposed for their product, which many rows share."""
+    scores = ggml.ggml_mul_mat(ctx, k, q)  # [S, rows, H]
+    ggml.ggml_mul_mat_set_prec(scores, ggml.GGML_PREC_F32)
+    probs = ggml.ggml_soft_max_ext(ctx, scores, mask, scale, 0.0)
+    return ggml.ggml_mul_mat(ctx, ggml.ggml_cont(ctx, ggml.ggml_transpose(ctx, v)), probs)
 
 
 def swiglu_subgraph(ctx, gate, up, down, x, rows_alone: bool = False):

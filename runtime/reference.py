@@ -193,3 +193,12 @@ def expert_ffn(gate: QuantTensor | None, up: QuantTensor | None, down: QuantTens
     for j in range(1, k):
         total = total + weighted[:, j]
     return total
+
+
+def attention(cache: np.ndarray, queries: np.ndarray, mask: np.ndarray, values: int, scale: float) -> np.ndarray:
+    """Absorbed MLA attention in float64: cache [S, Dk] (each position's keys, its first `values` numbers its
+    values), queries [H, rows, Dk], mask [rows, S] added to the scaled scores -> [H, rows, values]."""
+    keys = cache.astype(np.float64)
+    scores = queries.astype(np.float64) @ keys.T * scale + mask.astype(np.float64)  # [H, rows, S]
+    probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return probs / probs.sum(axis=-1, keepdims=True) @ keys[:, :values]

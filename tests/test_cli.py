@@ -212,7 +212,8 @@ def probed(cost: ModelCost, gbps: float) -> dict:
     """Figures as `kimi-cluster probe` prints them, for a machine that reads every type at `gbps` GB/s."""
     types = model_types(cost)
     return MachineSpeed({t: gbps for t in types}, {t: gbps / 2 for t in types}, {t: 4 * gbps for t in types},
-                        {1: gbps, 4: 2 * gbps, 64: 4 * gbps}, cost.expert_shape, 0.2, 50.0, 0.1, 1.0, 40.0, 0.5,
+                        {1: gbps, 4: 2 * gbps, 64: 4 * gbps}, cost.expert_shape,
+                        {"decode": gbps, "prompt": 4 * gbps}, cost.attention_shape, 0.2, 50.0, 0.1, 1.0, 40.0, 0.5,
                         8).to_dict()
 
 

@@ -2,11 +2,11 @@
 (k2-slice) and its size (the sparse replica), in one process and with 1 and 2 local workers.
 
 Decode of one stream everywhere. Decode of 8 streams together and a prompt's prefill at K2's widths with
-0, 1 and 2 workers, and at its depth in one process. Not held: the replica's (its experts are paged from
-this machine's disk, so a prompt through all of them measures the disk), and k2-depth's with workers, whose
-256-wide experts make the cluster path's costs per row and expert most of a step: they vary by 3x between
-runs here, and the estimate has been 40% fast on a 512-token prompt (at Kimi's widths they are under 1%
-of a step)."""
+0, 1 and 2 workers, and at its depth in one process, where one stream also decodes past a 1024-token
+prompt. Not held: the replica's (its experts are paged from this machine's disk, so a prompt through all of
+them measures the disk), and k2-depth's with workers, whose 256-wide experts make the cluster path's costs
+per row and expert most of a step: they vary by 3x between runs here, and the estimate has been 40% fast on
+a 512-token prompt (at Kimi's widths they are under 1% of a step)."""
 from __future__ import annotations
 
 import os
@@ -17,7 +17,7 @@ import pytest
 
 from cluster.config import ClusterConfig
 from cluster.cost_model.estimate import MachineSpeed, ModelCost, NodeSpeed, estimate, model_types
-from cluster.cost_model.probe import expert_speeds, fixed_costs, matmul_speeds
+from cluster.cost_model.probe import attention_speeds, expert_speeds, fixed_costs, matmul_speeds
 from cluster.head import ExpertCluster, local_budgets
 from runtime.engine import Engine, Request
 from runtime.ggml_ops import GgmlRunner
@@ -34,6 +34,7 @@ STEPS = {"k2-depth": (4, 16), "k2-slice": (3, 8), "replica": (5, 6)}
 # memory for the head and each worker: the replica's experts exceed it and are paged from disk
 MEMORY_GB = {"k2-depth": (None, None), "k2-slice": (None, None), "replica": (12, 2)}
 PREFILL_TOKENS = {"k2-depth": 512, "k2-slice": 128}  # k2-slice computes about 20 tokens/s here
+LONG_CONTEXT = 1024  # k2-depth in one process also decodes past a prompt this long: attention is much of its step
 ATTEMPTS = 3  # this shared machine's speed drifts by 20% over minutes: figures and runs are taken again
 
 
@@ -70,6 +71,16 @@ def decode_ms(model, warmup: int, steps: int) -> float:
     return 1000 * statistics.median(times[1 + warmup:])
 
 
+def long_context_decode_ms(model, warmup: int, steps: int) -> float:
+    """Median ms of one stream's decode step past a LONG_CONTEXT-token prompt, after the warm-up."""
+    times: list[tuple[int, float]] = []
+    engine = Engine(model, context_size=LONG_CONTEXT + warmup + steps + 2)
+    engine.on_step = lambda rows, seconds: times.append((rows, seconds))
+    for _ in engine.generate(np.random.default_rng(0).integers(300, 2000, LONG_CONTEXT).tolist(), warmup + steps + 1):
+        pass
+    return 1000 * statistics.median([seconds for rows, seconds in times if rows == 1][warmup:])
+
+
 def streams_ms(model) -> float:
     """Median ms of a step in which STREAMS streams each decode a token."""
     times: list[tuple[int, float]] = []
@@ -99,6 +110,7 @@ def prefill_ms(model, tokens: int) -> float:
 def test_the_estimate_is_within_30_percent_of_a_run(models, fixed, name, workers, tmp_path):
     many_rows = name == "k2-slice" or (name == "k2-depth" and not workers)
     failing = ["one stream"] + ([f"{STREAMS} streams", "prefill"] if many_rows else [])
+    failing += [f"one stream at {LONG_CONTEXT} tokens"] if name == "k2-depth" and not workers else []
     results = {}
     for attempt in range(ATTEMPTS):
         if attempt:  # this shared machine's speed drifts: every figure is taken again, then the runs
@@ -134,13 +146,17 @@ def predict_and_measure(path, name: str, workers: int, kinds: list[str], fixed: 
             model.load(progress=False)
         for kind in kinds:
             speed = MachineSpeed(*matmul_speeds(model_types(cost), folder), expert_speeds(cost, folder),
-                                 cost.expert_shape, **fixed, cores=len(os.sched_getaffinity(0)))
+                                 cost.expert_shape, attention_speeds(cost), cost.attention_shape, **fixed,
+                                 cores=len(os.sched_getaffinity(0)))
             threads = max(1, speed.cores // (workers + 1))
             speeds = {b.name: NodeSpeed("here", speed, speed.cores if b.is_head else threads) for b in budgets}
             prompt = PREFILL_TOKENS.get(name, 1)
             predicted = estimate(cost, placement, speeds, STREAMS, prompt, CONTEXT)
             if kind == "one stream":
                 results[kind] = 1000 / predicted.decode_tps, decode_ms(model, *STEPS[name])
+            elif kind == f"one stream at {LONG_CONTEXT} tokens":
+                at_length = estimate(cost, placement, speeds, context=LONG_CONTEXT + sum(STEPS[name]) // 2)
+                results[kind] = 1000 / at_length.decode_tps, long_context_decode_ms(model, *STEPS[name])
             elif kind == f"{STREAMS} streams":
                 results[kind] = 1000 * STREAMS / predicted.streams_tps, streams_ms(model)
             else:

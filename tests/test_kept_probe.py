@@ -16,7 +16,7 @@ from cluster.cost_model import kept_probe
 from cluster.cost_model.estimate import ModelCost
 from cluster.cost_model.kept_probe import kept_fixed, kept_speed, probe_here
 from cluster.cost_model.machine_load import BUSY_SHARE, OtherLoad
-from cluster.cost_model.probe import FIXED, FIXED_COST_NAMES, MATMULS, PROBE_MODEL
+from cluster.cost_model.probe import ATTENTION, EXPERTS, FIXED, FIXED_COST_METHOD, FIXED_COST_NAMES, MATMULS
 from runtime.gguf_file import GGUFModelFile
 from runtime.model import checked_config
 
@@ -34,9 +34,9 @@ def probe_cache(tmp_path, monkeypatch):
 
 
 def keep_fixed(fixed: dict) -> None:
-    """Fixed costs as a probe of this machine keeps them (on as many cores, with today's probe model)."""
+    """Fixed costs as a probe of this machine keeps them (on as many cores, measured as today's probe measures them)."""
     (kept_probe._folder() / "fixed.json").write_text(json.dumps({**fixed, "cores": len(os.sched_getaffinity(0)),
-                                                                  "probe_model": repr(PROBE_MODEL)}))
+                                                                  "measured_with": FIXED_COST_METHOD}))
 
 
 def tiny_cost(path) -> ModelCost:
@@ -61,7 +61,7 @@ def test_figures_in_doubt_are_named_and_not_kept(make_tiny, probe_cache):
     cost = tiny_cost(make_tiny())
     probed = probe_here(cost, progress=False)
     assert "row_layer_us came out as 0.0" in probed.doubts
-    assert set(probed.seconds) == {MATMULS, "routed experts' speed"}
+    assert set(probed.seconds) == {MATMULS, EXPERTS, ATTENTION}
     assert kept_speed(cost) is None  # measured again next time
 
 
@@ -78,9 +78,9 @@ def test_final_figures_are_kept_and_used_without_measuring(make_tiny, probe_cach
     assert kept_probe.expected_seconds(cost, with_fixed=True) == pytest.approx(sum(final.seconds.values()), rel=0.01)
 
 
-def test_fixed_costs_of_another_probe_model_are_measured_again(probe_cache):
+def test_fixed_costs_measured_otherwise_are_measured_again(probe_cache):
     (kept_probe._folder() / "fixed.json").write_text(json.dumps({**FIXED_COSTS, "cores": len(os.sched_getaffinity(0)),
-                                                                  "probe_model": "a narrower model"}))
+                                                                  "measured_with": "a narrower model"}))
     assert kept_fixed() is None
 
 

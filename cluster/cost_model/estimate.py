@@ -5,10 +5,11 @@ A step reads every head weight once (attention, router, shared experts, output) 
 routed experts its tokens picked, each on the node that holds it; nodes compute their shares at once,
 but nodes on one machine share its cores. A weight costs the longer of reading it and computing its rows;
 routed experts compute at the rate measured for their own shape (ggml's mul_mat_id, slower per row than a
-dense matmul). Attention computes every (query, cached position) pair. Each layer also pays the runtime's
-fixed cost, more for each further row and sequence in the step; each worker a round trip per layer and a
-cost per expert it computes. A prompt is the same walk with all its rows in one step. Routing is taken as
-uniform (a node's share of a layer's experts is its share of that layer's work).
+dense matmul). Attention computes every (query, cached position) pair at the rate measured for the model's
+attention shape, a prompt's rows (matmuls) apart from decoding rows (flash attention). Each layer also pays
+the runtime's fixed cost, more for each further row and sequence in the step; each worker a round trip per
+layer and a cost per expert it computes. A prompt is the same walk with all its rows in one step. Routing is
+taken as uniform (a node's share of a layer's experts is its share of that layer's work).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from runtime.config import ModelConfig
 from runtime.gguf_file import GGUFModelFile
 
 SAMPLING_S, SAMPLING_VOCAB = 0.0006, 163840  # Kimi's settings over its 163,840 logits (bench_sampling)
+DECODE, PROMPT = "decode", "prompt"  # how the runtime attends: decoding rows (flash), a prompt's rows (matmuls)
 WIRE_BYTES_PER_VALUE = 4  # hidden states travel as float32 both ways
 
 
@@ -33,6 +35,8 @@ class MachineSpeed:
     gflops: dict[str, float]  # ggml type -> GFLOP/s of 512-row matmuls (all cores)
     expert_gflops: dict[int, float]  # (row, expert) pairs per expert -> GFLOP/s of routed experts (all cores)
     expert_shape: str  # the expert shape and types expert_gflops was measured on (ModelCost.expert_shape)
+    attention_gflops: dict[str, float]  # DECODE, PROMPT -> GFLOP/s of attention as the runtime computes it there
+    attention_shape: str  # the attention shape attention_gflops was measured on (ModelCost.attention_shape)
     layer_ms: float  # the runtime's fixed cost per layer and step, in one process
     row_layer_us: float  # more per layer for each further row of a sequence in the step
     sequence_layer_ms: float  # more per layer and step for each further sequence in the step
@@ -56,7 +60,9 @@ class MachineSpeed:
                 "thread_read_gbps": {k: rounded(v) for k, v in self.thread_read_gbps.items()},
                 "gflops": {k: rounded(v) for k, v in self.gflops.items()},
                 "expert_gflops": {k: rounded(v) for k, v in self.expert_gflops.items()},
-                "expert_shape": self.expert_shape, "layer_ms": rounded(self.layer_ms),
+                "expert_shape": self.expert_shape,
+                "attention_gflops": {k: rounded(v) for k, v in self.attention_gflops.items()},
+                "attention_shape": self.attention_shape, "layer_ms": rounded(self.layer_ms),
                 "row_layer_us": rounded(self.row_layer_us),
                 "sequence_layer_ms": rounded(self.sequence_layer_ms), "remote_layer_ms": rounded(self.remote_layer_ms),
                 "remote_expert_us": rounded(self.remote_expert_us), "next_worker_ms": rounded(self.next_worker_ms),
@@ -68,6 +74,7 @@ class MachineSpeed:
                    {str(k): float(v) for k, v in data["thread_read_gbps"].items()},
                    {str(k): float(v) for k, v in data["gflops"].items()},
                    {int(k): float(v) for k, v in data["expert_gflops"].items()}, str(data["expert_shape"]),
+                   {str(k): float(v) for k, v in data["attention_gflops"].items()}, str(data["attention_shape"]),
                    float(data["layer_ms"]), float(data["row_layer_us"]), float(data["sequence_layer_ms"]),
                    float(data["remote_layer_ms"]), float(data["remote_expert_us"]), float(data["next_worker_ms"]),
                    int(data["cores"]))
@@ -95,9 +102,20 @@ class ModelCost:
     num_experts: int
     experts_used: int
     n_embd: int
-    attention_flops_per_pair: int  # per (query, key) pair and layer: MLA scores and values
+    attention_dims: tuple[int, int, int]  # query heads, key width, value width (MLA: one shared key head)
     vocab_size: int
     expert_matrices: dict[str, tuple[str, int, int]]  # kind (gate, up, down) -> (type, in, out) of one expert
+
+    @property
+    def attention_flops_per_pair(self) -> int:
+        """Per (query, cached position) pair and layer: scores and values, every head."""
+        heads, width, values = self.attention_dims
+        return 2 * heads * (width + values)
+
+    @property
+    def attention_shape(self) -> str:
+        """e.g. '64 heads, keys 576, values 512': what the probe measures attention on."""
+        return "{} heads, keys {}, values {}".format(*self.attention_dims)
 
     @property
     def expert_shape(self) -> str:
@@ -130,7 +148,7 @@ class ModelCost:
         matrices = {kind: (info.ggml_type.name, info.ne[0], info.ne[1]) for kind in model_file.expert_kinds(first)
                     for info in [model_file.info(f"blk.{first}.ffn_{kind}_exps.weight")]}
         return cls(head_bytes, expert_bytes, head_params, expert_params, config.num_layers, config.num_experts,
-                   config.num_experts_used, config.n_embd, 2 * config.num_heads * (width + values), config.vocab_size,
+                   config.num_experts_used, config.n_embd, (config.num_heads, width, values), config.vocab_size,
                    matrices)
 
 
@@ -178,11 +196,16 @@ def model_types(cost: ModelCost) -> set[str]:
 def check_probed_for(speed: MachineSpeed, cost: ModelCost, node: str) -> None:
     """Refuse figures probed for another model: other weight types, or experts of another shape."""
     missing = sorted(model_types(cost) - set(speed.read_gbps))
-    if missing or speed.expert_shape != cost.expert_shape:
-        what = f"no figures for {', '.join(missing)}" if missing else f"experts of shape {speed.expert_shape}"
-        raise ValueError(f"the speed figures of node '{node}' were probed for another model ({what}; this model's "
-                         f"experts: {cost.expert_shape}): run `kimi-cluster probe MODEL` on that machine with this "
-                         "model and paste what it prints under the node")
+    if missing:
+        what = f"no figures for {', '.join(missing)}"
+    elif speed.expert_shape != cost.expert_shape:
+        what = f"experts of shape {speed.expert_shape}; this model's: {cost.expert_shape}"
+    elif speed.attention_shape != cost.attention_shape:
+        what = f"attention of {speed.attention_shape}; this model's: {cost.attention_shape}"
+    else:
+        return
+    raise ValueError(f"the speed figures of node '{node}' were probed for another model ({what}): run `kimi-cluster "
+                     "probe MODEL` on that machine with this model and paste what it prints under the node")
 
 
 def expert_gbps(speed: MachineSpeed, cost: ModelCost) -> float:
@@ -226,8 +249,10 @@ def step_parts(cost: ModelCost, placement: Placement, nodes: Mapping[str, NodeSp
     head_math = sum(max(read_seconds(head, {t: nbytes}, 1.0),
                         2 * cost.head_params[t] * rows / (head.speed.gflops[t] * 1e9))
                     for t, nbytes in cost.head_bytes.items())
-    # ggml computes every (query, cached position) pair, the masked ones too; the cache is F16
-    head_math += cost.attention_flops_per_pair * rows * positions * cost.num_layers / (head.speed.gflops["F16"] * 1e9)
+    # Every (row, cached position) pair: a prompt's rows with matmuls (the masked pairs too), decoding rows with
+    # flash attention, each at its measured rate
+    attention_rate = head.speed.attention_gflops[PROMPT if rows > sequences else DECODE]
+    head_math += cost.attention_flops_per_pair * rows * positions * cost.num_layers / (attention_rate * 1e9)
     experts = link = worker_overhead = 0.0
     workers = [name for name in placement.experts if name != placement.head_node]
     for layer, per_expert in cost.expert_bytes.items():

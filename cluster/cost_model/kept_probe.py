@@ -1,6 +1,7 @@
 """This machine's probe figures, kept between runs: the runtime's fixed costs once (they are the same for every
-model) and each model's speeds by its weight types and expert shape, so that `plan --estimate` measures only
-what is not kept, and says so first, with the time it expects. Figures with doubts (probe.Probed) are not kept."""
+model) and each model's speeds by its weight types and expert and attention shapes, so that `plan --estimate`
+measures only what is not kept, and says so first, with the time it expects. Figures with doubts (probe.Probed)
+are not kept."""
 from __future__ import annotations
 
 import hashlib
@@ -11,12 +12,13 @@ from pathlib import Path
 from typing import Callable
 
 from cluster.cost_model.estimate import MachineSpeed, ModelCost, check_probed_for, model_types
-from cluster.cost_model.probe import EXPERTS, FIXED, FIXED_COST_NAMES, MATMULS, PROBE_MODEL, Probed, probe
+from cluster.cost_model.probe import (ATTENTION, EXPERTS, FIXED, FIXED_COST_METHOD, FIXED_COST_NAMES, MATMULS, Probed,
+                                     probe)
 
 PROBE_CACHE = Path.home() / ".cache" / "kimi-cluster" / "probe"
 # Seconds of each phase until this machine's are kept (matmul speeds: per weight type), as measured on an idle
 # 2-core machine (a whole probe of a 61-layer Q4_K_M model: 69 s).
-IDLE_SECONDS = {MATMULS: 1.0, EXPERTS: 1.0, FIXED: 60.0}
+IDLE_SECONDS = {MATMULS: 1.0, EXPERTS: 1.0, ATTENTION: 1.0, FIXED: 60.0}
 
 
 def _folder() -> Path:
@@ -24,7 +26,7 @@ def _folder() -> Path:
 
 
 def _model_path(cost: ModelCost) -> Path:
-    key = f"{cost.expert_shape}; {', '.join(sorted(model_types(cost)))}"
+    key = f"{cost.expert_shape}; {cost.attention_shape}; {', '.join(sorted(model_types(cost)))}"
     return _folder() / f"model-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
@@ -36,7 +38,7 @@ def _read(path: Path) -> dict | None:
 
 
 def kept_speed(cost: ModelCost) -> MachineSpeed | None:
-    """The figures kept for a model of this cost's weight types and expert shape, if any."""
+    """The figures kept for a model of this cost's weight types and shapes, if any."""
     try:
         speed = MachineSpeed.from_dict(_read(_model_path(cost)) or {})
         check_probed_for(speed, cost, platform.node())
@@ -46,10 +48,10 @@ def kept_speed(cost: ModelCost) -> MachineSpeed | None:
 
 
 def kept_fixed() -> dict[str, float] | None:
-    """The runtime's fixed costs kept for this machine, if measured on as many cores as this process has and on
-    today's probe model."""
+    """The runtime's fixed costs kept for this machine, if measured on as many cores as this process has and the
+    way today's probe measures them."""
     data = _read(_folder() / "fixed.json") or {}
-    if (data.get("cores") != len(os.sched_getaffinity(0)) or data.get("probe_model") != repr(PROBE_MODEL)
+    if (data.get("cores") != len(os.sched_getaffinity(0)) or data.get("measured_with") != FIXED_COST_METHOD
             or not all(name in data for name in FIXED_COST_NAMES)):
         return None
     return {name: float(data[name]) for name in FIXED_COST_NAMES}
@@ -59,7 +61,8 @@ def expected_seconds(cost: ModelCost, with_fixed: bool) -> float:
     """How long a probe of this model will take here: its phases as long as they took last time, else on an
     idle 2-core machine."""
     seconds = {**IDLE_SECONDS, **(_read(_folder() / "seconds.json") or {})}
-    return (seconds[MATMULS] * len(model_types(cost)) + seconds[EXPERTS]) + (seconds[FIXED] if with_fixed else 0.0)
+    return (seconds[MATMULS] * len(model_types(cost)) + seconds[EXPERTS] + seconds[ATTENTION]
+            + (seconds[FIXED] if with_fixed else 0.0))
 
 
 def describe_seconds(seconds: float) -> str:
@@ -76,7 +79,7 @@ def keep(probed: Probed, cost: ModelCost) -> None:
     if FIXED in probed.seconds:
         fixed = {name: figures[name] for name in FIXED_COST_NAMES}
         (_folder() / "fixed.json").write_text(json.dumps({**fixed, "cores": probed.speed.cores,
-                                                          "probe_model": repr(PROBE_MODEL)}))
+                                                          "measured_with": FIXED_COST_METHOD}))
     seconds = {**(_read(_folder() / "seconds.json") or {}), **probed.seconds}
     seconds[MATMULS] = probed.seconds[MATMULS] / len(model_types(cost))
     (_folder() / "seconds.json").write_text(json.dumps(seconds))
@@ -100,7 +103,7 @@ def probe_here(cost: ModelCost, fresh: bool = False, say: Callable[[str], object
             "the machine is idle, longer while other processes compute (`kimi-cluster probe MODEL` does the same "
             "and prints them)")
     else:
-        say(f"no probe of this machine is kept for this model's weight types and expert shape: measuring them now, "
+        say(f"no probe of this machine is kept for this model's weight types and shapes: measuring them now, "
             f"about {expected} (the runtime's fixed costs measured here before are reused)")
     probed = probe(cost, fixed, progress)
     keep(probed, cost)

@@ -25,8 +25,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from tqdm import tqdm
 
-from cluster.cost_model.estimate import (MachineSpeed, ModelCost, NodeSpeed, model_types, single_node, step_parts,
-                                         touched_fraction)
+from cluster.cost_model.estimate import (DECODE, PROMPT, MachineSpeed, ModelCost, NodeSpeed, model_types, single_node,
+                                         step_parts, touched_fraction)
 from cluster.cost_model.machine_load import OtherLoad
 from cluster.placement import Placement
 from runtime.ggml_ops import GgmlRunner, Weight
@@ -37,11 +37,13 @@ READ_BYTES = 256 << 20  # far beyond any cache, and a matmul's fixed cost is noi
 ROW_LENGTH = 7168  # Kimi K2's width: a multiple of every block size
 PROBE_TOKENS, PROBE_WARMUP = 40, 4
 PROBE_SEQUENCES = 8
-PROBE_PROMPT = 64  # rows of the prompt whose pairs show a worker's cost per pair
+PROBE_PROMPT = 256  # rows of the longer prompt: near the 512 rows of a prefill step, whose cost per row is lower
+PROBE_CONTEXT = PROBE_PROMPT + 64
 PROBE_ROUNDS = 3
 FIXED_COST_RUNS = 1 + 4 * PROBE_ROUNDS + 2  # the probe model and its experts, 4 one-process steps a round, Ray twice
 EXPERT_BYTES_PROBED = 256 << 20  # experts enough to read this much (at least 4): per-call costs are noise beside it
 PAIRS_PER_EXPERT = (1, 4, 64)  # one stream, many streams, prompts
+ATTENTION_CONTEXT, ATTENTION_PROMPT = 4096, 512  # a decoding row's positions; a prompt chunk's rows and positions
 # The runtime's fixed costs show on a model in the Kimi layout whose math is a few microseconds a layer, at
 # Kimi K2's depth and expert count: a shallower one stays in a large processor cache and looks faster per
 # layer, and a worker's cost grows with the experts a step uses. (A 64-wide one, whose ops cost less than at
@@ -49,6 +51,8 @@ PAIRS_PER_EXPERT = (1, 4, 64)  # one stream, many streams, prompts
 PROBE_MODEL = Preset(n_embd=256, num_layers=61, num_dense_layers=1, num_heads=4, q_lora_rank=256, kv_lora_rank=256,
                      head_dim_nope=64, rope_dim=32, head_dim_v=64, n_ff_dense=512, n_ff_expert=16, num_experts=384,
                      num_experts_used=8, base_dtype="f16")
+# Fixed costs kept from a probe that measured them otherwise are measured again.
+FIXED_COST_METHOD = f"{PROBE_MODEL!r}, prompts of {PROBE_SEQUENCES} and {PROBE_PROMPT} rows"
 
 
 def _timed(call: Callable[[], object], repeats: int = 5) -> float:
@@ -113,6 +117,22 @@ def expert_speeds(cost: ModelCost, folder: Path, done: Callable[[], object] = la
     return speeds
 
 
+def attention_speeds(cost: ModelCost, done: Callable[[], object] = lambda: None) -> dict[str, float]:
+    """GFLOP/s of one layer's attention at the model's shape as the runtime computes it, every core: a decoding
+    row with flash attention over ATTENTION_CONTEXT positions, and a prompt's ATTENTION_PROMPT rows with matmuls
+    over as many positions. Calls `done` after each."""
+    runner, (heads, width, values) = GgmlRunner(), cost.attention_dims
+    speeds = {}
+    for kind, rows, positions, flash in ((DECODE, 1, ATTENTION_CONTEXT, True),
+                                         (PROMPT, ATTENTION_PROMPT, ATTENTION_PROMPT, False)):
+        cache = np.ones((positions, width), np.float16)
+        queries, mask = np.ones((heads, rows, width), np.float32), np.zeros((rows, positions), np.float16)
+        seconds = _timed(lambda: runner.attention(cache, queries, mask, values, 1.0, flash), repeats=3)
+        speeds[kind] = cost.attention_flops_per_pair * rows * positions / seconds / 1e9
+        done()
+    return speeds
+
+
 def round_trip_ms(head: str, tries: int = 20, timeout_s: float = 2.0) -> float:
     """Median ms of opening a TCP connection to `head` (HOST or HOST:PORT, Ray's port 6379 by default): a
     handshake is one round trip, and a refused one (nothing listening) is one too."""
@@ -159,7 +179,8 @@ def fixed_costs(folder: Path, matmuls: tuple[dict[str, float], dict[str, float],
     model = KimiModel(GGUFModelFile(path))
     cost = ModelCost.from_model(model.file, model.config)
     cores = len(os.sched_getaffinity(0))
-    speed = MachineSpeed(*matmuls, expert_speeds(cost, folder), cost.expert_shape, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, cores)
+    speed = MachineSpeed(*matmuls, expert_speeds(cost, folder), cost.expert_shape, attention_speeds(cost),
+                         cost.attention_shape, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, cores)
     done()
     layers, moe_layers = PROBE_MODEL.num_layers, PROBE_MODEL.num_layers - PROBE_MODEL.num_dense_layers
     decode_positions = 3 + PROBE_TOKENS // 2
@@ -174,7 +195,8 @@ def fixed_costs(folder: Path, matmuls: tuple[dict[str, float], dict[str, float],
 
     def with_workers(count: int) -> tuple[Placement, float, float]:
         """The placement, a decode step and a prompt's step, with `count` local workers."""
-        config = ClusterConfig.from_dict({"model": str(path), "reserve_gb": 0, "max_sequences": 1, "context": 128},
+        config = ClusterConfig.from_dict({"model": str(path), "reserve_gb": 0, "max_sequences": 1,
+                                          "context": PROBE_CONTEXT},
                                          "probe")
         with ExpertCluster(path, config, local_workers=count, worker_memory_gb=1, head_memory_gb=1,
                            progress=False) as cluster:
@@ -219,7 +241,7 @@ def _decode_ms(model, sequences: int = 1) -> float:
     """Median ms of a step in which `sequences` sequences each decode a token."""
     from runtime.engine import Engine, Request
     steps: list[tuple[int, float]] = []
-    engine = Engine(model, context_size=128, max_sequences=sequences)
+    engine = Engine(model, context_size=PROBE_CONTEXT, max_sequences=sequences)
     engine.on_step = lambda rows, seconds: steps.append((rows, seconds))
     for sequence in range(sequences):
         engine.submit(Request((300 + sequence, 301, 302), PROBE_TOKENS + PROBE_WARMUP + 1), lambda output: None)
@@ -232,7 +254,7 @@ def _prompt_ms(model, rows: int) -> float:
     """Median ms of one sequence's step through a `rows`-token prompt."""
     from runtime.engine import Engine
     steps: list[float] = []
-    engine = Engine(model, context_size=128)
+    engine = Engine(model, context_size=PROBE_CONTEXT)
     engine.on_step = lambda rows, seconds: steps.append(seconds)
     for _ in range(PROBE_WARMUP + PROBE_TOKENS // 4):
         for _ in engine.generate(range(300, 300 + rows), 1):
@@ -244,16 +266,17 @@ def _prompt_ms(model, rows: int) -> float:
 class Probed:
     """A probe's figures, how long each phase took, and why the figures are not final (none: they are)."""
     speed: MachineSpeed
-    seconds: dict[str, float]  # phase (MATMULS, EXPERTS, FIXED) -> seconds
+    seconds: dict[str, float]  # phase (MATMULS, EXPERTS, ATTENTION, FIXED) -> seconds
     doubts: tuple[str, ...] = ()
 
 
-MATMULS, EXPERTS, FIXED = "matmul speeds", "routed experts' speed", "fixed costs"
+MATMULS, EXPERTS, ATTENTION, FIXED = "matmul speeds", "routed experts' speed", "attention's speed", "fixed costs"
 
 
 def probe(cost: ModelCost, fixed: dict[str, float] | None = None, progress: bool = True) -> Probed:
-    """This machine's figures for a model of this cost (its weight types and expert shape). The runtime's fixed
-    costs are the same for every model: measured too unless given (the longest phase: it starts Ray twice)."""
+    """This machine's figures for a model of this cost (its weight types, expert and attention shapes). The
+    runtime's fixed costs are the same for every model: measured too unless given (the longest phase: it starts
+    Ray twice)."""
     types = model_types(cost)
     seconds: dict[str, float] = {}
     doubts: list[str] = []
@@ -274,10 +297,13 @@ def probe(cost: ModelCost, fixed: dict[str, float] | None = None, progress: bool
             matmuls = matmul_speeds(types, Path(folder), done)
         with phase(EXPERTS, cost.expert_shape, len(PAIRS_PER_EXPERT)) as done:
             expert_gflops = expert_speeds(cost, Path(folder), done)
+        with phase(ATTENTION, cost.attention_shape, 2) as done:
+            attention_gflops = attention_speeds(cost, done)
         if fixed is None:
             with phase(FIXED, "one process, then 1 and 2 local workers on Ray", FIXED_COST_RUNS) as done:
                 fixed = fixed_costs(Path(folder), matmuls, done)
-    speed = MachineSpeed(*matmuls, expert_gflops, cost.expert_shape, **fixed, cores=len(os.sched_getaffinity(0)))
+    speed = MachineSpeed(*matmuls, expert_gflops, cost.expert_shape, attention_gflops, cost.attention_shape, **fixed,
+                         cores=len(os.sched_getaffinity(0)))
     doubts += [f"{name} came out as 0.0" for name, value in _figures(speed.to_dict()) if value == 0.0]
     return Probed(speed, seconds, tuple(doubts))
 
