@@ -3,6 +3,7 @@ chromium driven through its own chromedriver (nothing is downloaded at run time)
 $DASHBOARD_SCREENSHOTS, else to the test run's temporary folder."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -14,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.scripted_models import QUESTION, REASONING, SCRIPTED_CONTEXT, scripted_servers, write_scripted_models
+from tests.test_api import KEY as SCRIPTED_KEY
 from tests.test_serve import cli, descendants, expert_worker_pids, start, stop
 
 pytestmark = pytest.mark.slow
@@ -22,6 +25,8 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 API_KEY = "dashboard-test-key"
 KEY_HEADER = {"Authorization": f"Bearer {API_KEY}"}
 NODES = ("head", "worker-1", "worker-2")
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install '.[test]')")
 if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
@@ -108,11 +113,17 @@ def key_form_shown(browser):
     return forms[0] if forms and forms[0].is_displayed() else None
 
 
-def open_with_key(browser, url: str) -> None:
+def open_with_key(browser, url: str, key: str = API_KEY) -> None:
     """Open the page with the key kept in the browser, as it is after the user entered it once."""
     browser.get(url)
-    browser.execute_script("localStorage.setItem('kimi-cluster-api-key', arguments[0])", API_KEY)
+    browser.execute_script("localStorage.setItem('kimi-cluster-api-key', arguments[0])", key)
     browser.get(url)
+
+
+def set_field(browser, field_id: str, value: str) -> None:
+    field = browser.find_element(By.ID, field_id)
+    field.clear()
+    field.send_keys(value)
 
 
 def test_the_page_without_a_key_asks_for_one_and_keeps_it(served, browser, screenshots):
@@ -158,9 +169,7 @@ def test_a_chat_message_streams_a_reply_and_stop_ends_one(served, browser, scree
     url, _, _ = served
     open_with_key(browser, f"{url}/chat")
     browser.find_element(By.CSS_SELECTOR, "#settings summary").click()
-    max_tokens = browser.find_element(By.ID, "max_tokens")
-    max_tokens.clear()
-    max_tokens.send_keys("48")
+    set_field(browser, "max_tokens", "48")
     browser.find_element(By.ID, "prompt").send_keys("Tell me about pooled memory")
     browser.find_element(By.ID, "send").click()
     stop_button = browser.find_element(By.ID, "stop")
@@ -173,12 +182,13 @@ def test_a_chat_message_streams_a_reply_and_stop_ends_one(served, browser, scree
         return bool(browser.find_elements(By.CSS_SELECTOR, ".message.assistant .stats"))
     wait_until(finished, "the reply to end", timeout_s=120)
     stats = browser.find_element(By.CSS_SELECTOR, ".message.assistant .stats").text
-    assert "48 tokens" in stats and "ended: length" in stats, stats
+    # A random model: it may end with its end-of-text token before max_tokens.
+    ended = r"first token after [\d.]+ s · \d+ tokens · [\d.]+ tokens/s · ended: (length|stop)"
+    assert re.fullmatch(ended, stats), stats
     assert len(lengths_while_streaming - {0}) >= 2, "the reply did not appear bit by bit"
     browser.save_screenshot(str(screenshots / "chat.png"))
 
-    max_tokens.clear()
-    max_tokens.send_keys("4000")
+    set_field(browser, "max_tokens", "4000")
     browser.find_element(By.ID, "prompt").send_keys("And a long answer, please")
     browser.find_element(By.ID, "send").click()
     wait_until(lambda: len(browser.find_elements(By.CSS_SELECTOR, ".message.assistant .content")) == 2
@@ -233,3 +243,24 @@ def test_while_the_model_loads_the_status_shows_the_nodes_loading(served):
     assert [node["name"] for node in nodes] == list(NODES) and {node["state"] for node in nodes} == {"loading"}
     # A worker's share loaded so far, once it has said (the head's own is not counted).
     assert all(node["loaded"] is None or 0 <= node["loaded"] <= 1 for node in nodes)
+
+
+def test_the_chat_page_folds_the_reasoning_and_shows_the_tool_call(browser, screenshots, tmp_path_factory):
+    """A scripted thinking model reasons "Paris is in France." and then calls get_weather."""
+    thinker = write_scripted_models(tmp_path_factory.mktemp("scripted"))["thinker"]
+    with scripted_servers({"thinker": thinker}, SCRIPTED_CONTEXT) as servers:
+        open_with_key(browser, f"{servers['thinker'].url}/chat", SCRIPTED_KEY)
+        browser.find_element(By.CSS_SELECTOR, "#settings summary").click()
+        set_field(browser, "temperature", "0")
+        set_field(browser, "tools", json.dumps([WEATHER]))
+        browser.find_element(By.ID, "prompt").send_keys(QUESTION)
+        browser.find_element(By.ID, "send").click()
+        stats = wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, ".message.assistant .stats"), "the reply")
+        assert stats[0].text.endswith("ended: tool_calls")
+        reasoning = browser.find_element(By.CSS_SELECTOR, ".message.assistant details.reasoning")
+        assert reasoning.is_displayed() and reasoning.get_attribute("open") is None  # shown folded
+        assert reasoning.get_attribute("textContent") == "Reasoning" + REASONING
+        call = browser.find_element(By.CSS_SELECTOR, ".message.assistant .tool-call").text
+        assert call == 'tool call: get_weather({"city": "Paris"})'
+        reasoning.find_element(By.TAG_NAME, "summary").click()
+        browser.save_screenshot(str(screenshots / "chat-reasoning-and-tool-call.png"))

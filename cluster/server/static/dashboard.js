@@ -171,6 +171,7 @@ function drawLine(canvas, points) {
   context.clearRect(0, 0, width, height);
   const known = points.filter((p) => p !== null);
   if (known.length < 1) return;
+  if (points.length === 1) points = [points[0], points[0]];  // one sample: a level line across
   const max = Math.max(...known) || 1;
   const step = width / Math.max(points.length - 1, 1);
   context.strokeStyle = getComputedStyle(document.documentElement).getPropertyValue("--accent");
