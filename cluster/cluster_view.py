@@ -78,9 +78,10 @@ def heat_map(placement: Placement, routed: np.ndarray | None, kept: np.ndarray |
     if routed is None:
         return None
     layers = sorted({layer for per_layer in placement.experts.values() for layer in per_layer})
-    total = routed if kept is None or kept.shape != routed.shape else routed + kept
-    return {"layers": layers, "counts": total[layers].tolist(), "this_run": int(routed.sum()),
-            "earlier_runs": int(kept.sum()) if kept is not None else 0}
+    if kept is None or kept.shape != routed.shape:  # none kept, or for layers this run does not route
+        kept = np.zeros_like(routed)
+    return {"layers": layers, "counts": (routed + kept)[layers].tolist(), "this_run": int(routed.sum()),
+            "earlier_runs": int(kept.sum())}
 
 
 def _count(per_layer: dict) -> int:

@@ -23,7 +23,9 @@ def add_serve_parser(sub) -> None:
                        description="Bring the model up (on this machine, or with its experts spread over a Ray "
                                    "cluster) and serve /v1/completions, /v1/chat/completions, /v1/responses and "
                                    "/v1/models as OpenAI's API does, /v1/messages as Anthropic's does, plus /health "
-                                   "and /metrics (Prometheus). Requests share decode steps (continuous batching).")
+                                   "and /metrics (Prometheus), a live dashboard of the cluster at / (its data: "
+                                   "/status) and a chat page at /chat. Requests share decode steps (continuous "
+                                   "batching).")
     p.add_argument("model", help="path to the .gguf file (or its -00001-of-0000N.gguf part)")
     add_server_args(p)
     add_runtime_args(p, serving=True)
