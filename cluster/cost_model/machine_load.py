@@ -41,6 +41,7 @@ class OtherLoad:
     def __init__(self):
         self.cpus = os.sched_getaffinity(0)
         self._descendants: dict[tuple[int, float], float] = {}  # (pid, start time) -> CPU seconds when last seen
+        self._cores: float | None = None
         self._note()
         self._started = time.perf_counter(), _busy_seconds(self.cpus), self._own_seconds()
         self._stopped = threading.Event()
@@ -65,13 +66,18 @@ class OtherLoad:
         return _own_seconds() + sum(self._descendants.values())
 
     def cores(self) -> float:
-        self._stopped.set()
-        self._noting.join()
-        self._note()
-        wall, busy, own = self._started
-        elapsed = time.perf_counter() - wall
-        others = (_busy_seconds(self.cpus) - busy) - (self._own_seconds() - own)
-        return max(0.0, others / elapsed) if elapsed > 0 else 0.0
+        """Taken once, when first asked. The kernel counts CPU time in ticks: a tick or two per core either way
+        is the count's own error, which in a phase of a fraction of a second would read as cores taken."""
+        if self._cores is None:
+            self._stopped.set()
+            self._noting.join()
+            self._note()
+            wall, busy, own = self._started
+            elapsed = time.perf_counter() - wall
+            others = (_busy_seconds(self.cpus) - busy) - (self._own_seconds() - own)
+            others -= 2 * len(self.cpus) / os.sysconf("SC_CLK_TCK")
+            self._cores = max(0.0, others / elapsed) if elapsed > 0 else 0.0
+        return self._cores
 
     @property
     def is_busy(self) -> bool:
