@@ -194,7 +194,7 @@ def model_types(cost: ModelCost) -> set[str]:
 
 
 def check_probed_for(speed: MachineSpeed, cost: ModelCost, node: str) -> None:
-    """Refuse figures probed for another model: other weight types, or experts of another shape."""
+    """Refuse figures probed for another model: other weight types, or experts or attention of another shape."""
     missing = sorted(model_types(cost) - set(speed.read_gbps))
     if missing:
         what = f"no figures for {', '.join(missing)}"
