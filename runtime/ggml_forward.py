@@ -21,7 +21,7 @@ import numpy as np
 
 from .config import GATING_SIGMOID, ModelConfig
 from .experts import Experts
-from .ggml_graph import GraphMemory, PlannedGraph
+from .ggml_graph import GraphMemory, PlannedGraph, ScheduledMemory
 from .ggml_ops import GgmlRunner, flash_attention, ggml, matmul_attention, moe_subgraph, mul_mat, swiglu_subgraph
 from .kv_cache import KVCache, Segment
 from .router import MIN_WEIGHT_SUM, route
@@ -70,6 +70,8 @@ class StepModel(Protocol):
     def layer_weight(self, layer: int, name: str): ...
 
     def router_bias(self, layer: int) -> np.ndarray | None: ...
+
+    def graph_memory(self) -> GraphMemory | ScheduledMemory: ...
 
     def experts_in_graph(self, layer: int, num_tokens: int) -> dict | None: ...
 
@@ -128,7 +130,7 @@ class StepGraphs:
         # Layers whose routed experts run outside the graph: the pass is cut after their router.
         self.cuts = [layer for layer in c.moe_layers if model.experts_in_graph(layer, num_tokens) is None]
         bounds = [-1] + self.cuts + [c.num_layers - 1]
-        self.memory = GraphMemory()  # the graphs run one after another: one buffer serves them all
+        self.memory = model.graph_memory()  # the graphs run one after another: one buffer serves them all
         self.pieces = [self._piece(bounds[i] + 1, bounds[i + 1], segments) for i in range(len(bounds) - 1)]
         self.shared = {layer: self._shared_expert(layer) for layer in self.cuts}
         self.memory.allocate()
@@ -353,8 +355,8 @@ class _LayerGraph:
         num_tokens, k, num_experts = len(self.step.tokens), c.num_experts_used, c.num_experts
         logits = self.router_logits(layer, hidden)  # [E, T]
         probs = ggml.ggml_sigmoid(ctx, logits) if c.gating_func == GATING_SIGMOID else ggml.ggml_soft_max(ctx, logits)
-        bias = self.model.router_bias(layer)
-        selection = probs if bias is None else ggml.ggml_add(ctx, probs, self.g.weight(bias))
+        has_bias = self.model.router_bias(layer) is not None
+        selection = ggml.ggml_add(ctx, probs, self.g.weight(self.model.layer_weight(layer, "exp_probs_b.bias"))) if has_bias else probs
         ids = ggml.ggml_argsort_top_k(ctx, selection, k)  # [k, T]
         weights = ggml.ggml_get_rows(ctx, ggml.ggml_reshape_3d(ctx, probs, 1, num_experts, num_tokens), ids)
         if c.expert_weights_norm:

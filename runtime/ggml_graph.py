@@ -15,7 +15,8 @@ import weakref
 
 import numpy as np
 
-from .ggml_ops import GgmlRunner, RepackedWeight, Weight, ggml
+from .ggml_backends import ComputeDevice
+from .ggml_ops import BufferWeight, GgmlRunner, Weight, ggml, host_buffer
 
 _lib = ggml.lib
 _lib.ggml_backend_cpu_buffer_type.restype = ctypes.c_void_p  # ggml-python's declaration truncates it
@@ -33,27 +34,36 @@ _GGML_TYPES = {np.dtype(np.float32): ggml.GGML_TYPE_F32, np.dtype(np.float16): g
 
 class GraphMemory:
     """Intermediates and work buffer for graphs that run one after another and hand each other only copies
-    (a step's pieces): one buffer, as large as the largest graph needs, serves them all. Add every graph,
-    then allocate once (ggml places a tensor only once, so the buffer must not move afterwards)."""
+    (a step's pieces): one buffer, as large as the largest graph needs, serves them all, and ggml's CPU code
+    computes them. Add every graph, then allocate once (ggml places a tensor only once, so the buffer must not
+    move afterwards)."""
 
     def __init__(self):
         self._allocator = ggml.ggml_gallocr_new(_CPU_BUFFER_TYPE)
-        self._graphs: list[weakref.ref] = []  # the graphs own their memory, not the other way round
+        self._plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # graph -> its compute plan
         self._work = np.empty(0, np.uint8)
 
     def add(self, graph: "PlannedGraph") -> None:
-        self._graphs.append(weakref.ref(graph))
+        plan = ggml.ggml_graph_plan(graph.cgraph, graph.threads, None)
+        plan.use_ref = graph.row_invariant
+        self._plans[graph] = plan
 
     def allocate(self) -> None:
-        graphs = [g for g in (ref() for ref in self._graphs) if g is not None]
+        graphs = list(self._plans.keys())
         for graph in graphs:  # size the buffer for the largest first
             if not ggml.ggml_gallocr_reserve(self._allocator, graph.cgraph):
                 raise MemoryError("ggml could not reserve the memory of a step's graph")
-        self._work = np.empty(max((g.work_size for g in graphs), default=0), np.uint8)
+        self._work = np.empty(max((self._plans[g].work_size for g in graphs), default=0), np.uint8)
         for graph in graphs:
             if not ggml.ggml_gallocr_alloc_graph(self._allocator, graph.cgraph):
                 raise MemoryError("ggml could not allocate the memory of a step's graph")
-            graph.placed(self._work)
+            if self._plans[graph].work_size:
+                self._plans[graph].work_data = self._work.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+
+    def compute(self, graph: "PlannedGraph") -> None:
+        status = ggml.ggml_graph_compute(graph.cgraph, ctypes.byref(self._plans[graph]))
+        if status != 0:
+            raise RuntimeError(f"ggml graph computation failed with status {status}")
 
     @property
     def nbytes(self) -> int:
@@ -63,14 +73,68 @@ class GraphMemory:
         ggml.ggml_gallocr_free(self._allocator)
 
 
+class ScheduledMemory:
+    """The same for graphs run by ggml's backend scheduler over a device and the CPU (ggml_backends.py): each op
+    runs where the weights it reads lie, and the scheduler keeps a buffer on each backend, as large as the
+    largest graph needs there. It holds one graph's placement at a time: computing another graph places that
+    one anew (its intermediates keep the addresses they were first given, as in GraphMemory)."""
+
+    def __init__(self, device: ComputeDevice):
+        self.device = device
+        self._graphs: list[weakref.ref] = []  # the graphs own their memory, not the other way round
+        self._sched = None
+        self._placed: weakref.ref | None = None  # the graph whose splits the scheduler holds
+
+    def add(self, graph: "PlannedGraph") -> None:
+        self._graphs.append(weakref.ref(graph))
+
+    def allocate(self) -> None:
+        graphs = [g for g in (ref() for ref in self._graphs) if g is not None]
+        backends = (ctypes.c_void_p * len(self.device.backends))(*self.device.backends)
+        size = max(g.max_nodes + g.weights_read for g in graphs) + 64
+        self._sched = _lib.ggml_backend_sched_new(backends, None, len(self.device.backends), size, False, True)
+        for graph in graphs:
+            if not _lib.ggml_backend_sched_reserve(self._sched, graph.cgraph):
+                raise MemoryError(f"ggml could not reserve the memory of a step's graph on {self.device.info}")
+
+    def compute(self, graph: "PlannedGraph") -> None:
+        if self._placed is None or self._placed() is not graph:
+            _lib.ggml_backend_sched_reset(self._sched)
+            if not _lib.ggml_backend_sched_alloc_graph(self._sched, graph.cgraph):
+                raise MemoryError(f"ggml could not allocate the memory of a step's graph on {self.device.info}")
+            self._placed = weakref.ref(graph)
+        self.device.set_cpu_threads(graph.threads, graph.row_invariant)
+        status = _lib.ggml_backend_sched_graph_compute(self._sched, graph.cgraph)
+        if status != 0:
+            raise RuntimeError(f"ggml graph computation failed with status {status} on {self.device.info}")
+
+    @property
+    def splits(self) -> int:
+        """How many runs on one backend the graph last placed was cut into."""
+        return _lib.ggml_backend_sched_get_n_splits(self._sched)
+
+    def backend_of(self, tensor) -> int:
+        """The backend the last placed graph computes a tensor on."""
+        return _lib.ggml_backend_sched_get_tensor_backend(self._sched, tensor)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_lib.ggml_backend_sched_get_buffer_size(self._sched, b) for b in self.device.backends)
+
+    def __del__(self):
+        if self._sched:
+            _lib.ggml_backend_sched_free(self._sched)
+
+
 class PlannedGraph:
     """Build with `ctx` and the tensor helpers, then `plan(outputs)`; afterwards write the inputs (the arrays
     in `inputs`, or those passed to `external`), `compute()`, and `read` the outputs.
 
-    Graphs that share a GraphMemory run one at a time, each read before the next runs, and can compute once
-    its owner has allocated it; a graph with memory of its own is allocated by plan()."""
+    Graphs that share a memory (GraphMemory, or ScheduledMemory for a device) run one at a time, each read
+    before the next runs, and can compute once its owner has allocated it; a graph with memory of its own is
+    allocated by plan()."""
 
-    def __init__(self, runner: GgmlRunner, max_tensors: int, memory: GraphMemory | None = None):
+    def __init__(self, runner: GgmlRunner, max_tensors: int, memory: GraphMemory | ScheduledMemory | None = None):
         self.runner, self.max_nodes = runner, max_tensors
         self._owns_memory = memory is None
         self.memory = memory or GraphMemory()
@@ -79,23 +143,24 @@ class PlannedGraph:
             mem_buffer=None, no_alloc=True))
         self.ctx = self._ctx
         self._keep: list[object] = []  # what external tensors point into, alive as long as the graph
+        self._buffers: list[int] = []  # the host buffers that place them
         self.inputs: dict[str, np.ndarray] = {}
-        self._output_tensors: dict[str, object] = {}
-        self._outputs: dict[str, np.ndarray] = {}
+        self._outputs: dict[str, object] = {}
         self.weight_bytes, self.weights_read = 0, 0  # what one compute reads: narrow graphs run on one thread
-        self.cgraph = self._plan = None
+        self.cgraph = None
+        self.threads, self.row_invariant = runner.n_threads, True
 
-    def weight(self, w: Weight | RepackedWeight | np.ndarray, items_read: int | None = None):
-        """A model weight: a ggml Weight (its cached header), its repacked copy, or a float32 vector.
-        items_read: how many items of its last axis one compute reads (experts), if not all."""
+    def weight(self, w: Weight | BufferWeight | np.ndarray, items_read: int | None = None):
+        """A model weight: a ggml Weight (its cached header), a copy in a buffer (interleaved, or on a device),
+        or a float32 vector. items_read: how many items of its last axis one compute reads (experts), if not all."""
         if isinstance(w, np.ndarray):
             return self.external(w)
         self.weight_bytes += w.nbytes if items_read is None else w.nbytes // w.ne[-1] * min(items_read, w.ne[-1])
         self.weights_read += 1
         self._keep.append(w)
-        return w.tensor if isinstance(w, RepackedWeight) else w.header.tensor
+        return w.tensor if isinstance(w, BufferWeight) else w.header.tensor
 
-    def expert_weight(self, w: Weight | RepackedWeight, expert: int):
+    def expert_weight(self, w: Weight | BufferWeight, expert: int):
         """One expert's matrix of a 3-D weight, as a 2-D tensor (see the weights' `experts`)."""
         self.weight_bytes += w.nbytes // w.ne[-1]
         self.weights_read += 1
@@ -108,7 +173,7 @@ class PlannedGraph:
             raise ValueError("external arrays must be contiguous")
         ne = tuple(int(n) for n in reversed(array.shape)) + (1,) * (4 - array.ndim)
         tensor = ggml.ggml_new_tensor_4d(self.ctx, _GGML_TYPES[array.dtype], *ne)
-        tensor.contents.data = ctypes.c_void_p(array.ctypes.data)
+        self._buffers.append(host_buffer(tensor, array.ctypes.data, array.nbytes))
         self._keep.append(array)
         return tensor
 
@@ -130,38 +195,28 @@ class PlannedGraph:
                 raise ValueError(f"graph output {name} must be contiguous")
             ggml.ggml_set_output(tensor)
             ggml.ggml_build_forward_expand(self.cgraph, tensor)
-        self._output_tensors = dict(outputs)
+        self._outputs = dict(outputs)
         narrow = self.weight_bytes < MIN_BYTES_PER_WEIGHT_FOR_THREADS * max(1, self.weights_read)
-        threads = 1 if narrow and os.environ.get("OMP_WAIT_POLICY") == "passive" else self.runner.n_threads
-        self._plan = ggml.ggml_graph_plan(self.cgraph, threads, None)
-        self._plan.use_ref = row_invariant
+        if narrow and os.environ.get("OMP_WAIT_POLICY") == "passive":
+            self.threads = 1
+        self.row_invariant = row_invariant
         self.memory.add(self)
         if self._owns_memory:
             self.memory.allocate()
 
-    @property
-    def work_size(self) -> int:
-        return self._plan.work_size
-
-    def placed(self, work: np.ndarray) -> None:
-        """Called once the memory placed this graph: view the outputs where they lie, point at the work buffer."""
-        if self._plan.work_size:
-            self._plan.work_data = work.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
-        for name, tensor in self._output_tensors.items():
-            shape = tuple(reversed(tensor.contents.ne[:4]))
-            dtype = np.dtype({ggml.GGML_TYPE_F32: np.float32, ggml.GGML_TYPE_I32: np.int32}[tensor.contents.type])
-            buffer = (ctypes.c_uint8 * (int(np.prod(shape)) * dtype.itemsize)).from_address(ggml.ggml_get_data(tensor))
-            self._outputs[name] = np.frombuffer(buffer, dtype).reshape(shape)
-
     def compute(self) -> None:
-        status = ggml.ggml_graph_compute(self.cgraph, ctypes.byref(self._plan))
-        if status != 0:
-            raise RuntimeError(f"ggml graph computation failed with status {status}")
+        self.memory.compute(self)
 
     def read(self, name: str, ndim: int) -> np.ndarray:
-        """A copy of an output, as a numpy array of its last `ndim` numpy axes (ggml's first ndim)."""
-        output = self._outputs[name]
-        return output.reshape(output.shape[4 - ndim:]).copy()
+        """A copy of an output, as a numpy array of its last `ndim` numpy axes (ggml's first ndim), wherever the
+        output was computed."""
+        tensor = self._outputs[name]
+        shape = tuple(reversed(tensor.contents.ne[:ndim]))
+        out = np.empty(shape, {ggml.GGML_TYPE_F32: np.float32, ggml.GGML_TYPE_I32: np.int32}[tensor.contents.type])
+        _lib.ggml_backend_tensor_get(tensor, out.ctypes.data, 0, out.nbytes)
+        return out
 
     def __del__(self):
+        for buffer in self._buffers:
+            _lib.ggml_backend_buffer_free(buffer)
         ggml.ggml_free(self._ctx)

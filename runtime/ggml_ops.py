@@ -31,6 +31,7 @@ COMPUTABLE_TYPES = frozenset({
 })
 _TENSOR_OVERHEAD = ggml.ggml_tensor_overhead()
 _GRAPH_OVERHEAD = ggml.ggml_graph_overhead()
+_TENSOR_ALIGNMENT = 32  # ggml-backend-impl.h's TENSOR_ALIGNMENT
 
 
 def _declare_backend_functions():
@@ -44,7 +45,26 @@ def _declare_backend_functions():
             ("ggml_backend_buft_get_alloc_size", size, [p, p]),
             ("ggml_backend_buft_alloc_buffer", p, [p, size]), ("ggml_backend_buffer_get_base", p, [p]),
             ("ggml_backend_buffer_free", None, [p]), ("ggml_backend_tensor_alloc", ctypes.c_int, [p, p, p]),
-            ("ggml_backend_tensor_set", None, [p, p, size, size])):
+            ("ggml_backend_tensor_set", None, [p, p, size, size]), ("ggml_backend_tensor_get", None, [p, p, size, size]),
+            ("ggml_backend_cpu_buffer_from_ptr", p, [p, size]),
+            ("ggml_backend_buffer_set_usage", None, [p, ctypes.c_int]), ("ggml_backend_buffer_get_type", p, [p]),
+            ("ggml_backend_dev_count", size, []), ("ggml_backend_dev_get", p, [size]),
+            ("ggml_backend_dev_name", ctypes.c_char_p, [p]), ("ggml_backend_dev_description", ctypes.c_char_p, [p]),
+            ("ggml_backend_dev_type", ctypes.c_int, [p]),
+            ("ggml_backend_dev_memory", None, [p, ctypes.POINTER(size), ctypes.POINTER(size)]),
+            ("ggml_backend_dev_init", p, [p, ctypes.c_char_p]), ("ggml_backend_dev_buffer_type", p, [p]),
+            ("ggml_backend_free", None, [p]), ("ggml_backend_cpu_init", p, []),
+            ("ggml_backend_cpu_set_n_threads", None, [p, ctypes.c_int]),
+            ("ggml_backend_cpu_set_use_ref", None, [p, ctypes.c_bool]),
+            ("ggml_backend_sched_new", p, [ctypes.POINTER(p), ctypes.POINTER(p), ctypes.c_int, size, ctypes.c_bool,
+                                           ctypes.c_bool]),
+            ("ggml_backend_sched_free", None, [p]), ("ggml_backend_sched_reset", None, [p]),
+            ("ggml_backend_sched_reserve", ctypes.c_bool, [p, p]),
+            ("ggml_backend_sched_alloc_graph", ctypes.c_bool, [p, p]),
+            ("ggml_backend_sched_graph_compute", ctypes.c_int, [p, p]),
+            ("ggml_backend_sched_get_n_splits", ctypes.c_int, [p]),
+            ("ggml_backend_sched_get_tensor_backend", p, [p, p]),
+            ("ggml_backend_sched_get_buffer_size", size, [p, p]), ("ggml_backend_get_device", p, [p])):
         function = getattr(ggml.lib, name)
         function.restype, function.argtypes = restype, argtypes
     return ggml.lib
@@ -112,7 +132,7 @@ class Weight:
     def header(self) -> "_TensorHeader":
         """The ggml tensor over these bytes, made once: making it anew for every graph cost about as much
         as a small matmul itself."""
-        return _TensorHeader(int(self.ggml_type), self.ne, self.data.ctypes.data)
+        return _TensorHeader(int(self.ggml_type), self.ne, self.data.ctypes.data, self.nbytes)
 
     @cached_property
     def experts(self) -> "_ExpertMatrices":
@@ -121,15 +141,30 @@ class Weight:
 
 
 class _TensorHeader:
-    """A ggml tensor header over external bytes, in a context of its own that lives as long as it does."""
+    """A ggml tensor header over external bytes, in a context of its own that lives as long as it does. Its bytes
+    are also wrapped as a CPU buffer of weights, so that ggml's backend scheduler runs the ops that read it on
+    the CPU (and can copy it to a device for a prompt-sized op)."""
 
-    def __init__(self, ggml_type: int, ne: tuple[int, ...], address: int):
+    def __init__(self, ggml_type: int, ne: tuple[int, ...], address: int, nbytes: int):
         self._ctx = ggml.ggml_init(ggml.ggml_init_params(mem_size=_TENSOR_OVERHEAD, mem_buffer=None, no_alloc=True))
         self.tensor = ggml.ggml_new_tensor_4d(self._ctx, ggml_type, *(tuple(int(n) for n in ne) + (1,) * (4 - len(ne))))
-        self.tensor.contents.data = ctypes.c_void_p(address)
+        self._buffer = host_buffer(self.tensor, address, nbytes, weights=True)
 
     def __del__(self):
+        _lib.ggml_backend_buffer_free(self._buffer)
         ggml.ggml_free(self._ctx)
+
+
+def host_buffer(tensor, address: int, nbytes: int, weights: bool = False) -> int:
+    """Place `tensor` at `address` (nbytes of host memory that outlive it) through a CPU buffer over those bytes,
+    which the caller frees: the scheduler places every tensor by its buffer. (A buffer must begin at a multiple
+    of ggml's tensor alignment; the tensor itself need not.)"""
+    base = address - address % _TENSOR_ALIGNMENT
+    buffer = _lib.ggml_backend_cpu_buffer_from_ptr(base, max(address + nbytes - base, 1))
+    if weights:
+        _lib.ggml_backend_buffer_set_usage(buffer, ggml.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
+    _lib.ggml_backend_tensor_alloc(buffer, tensor, address)
+    return buffer
 
 
 class _ExpertMatrices:
@@ -153,17 +188,49 @@ class _ExpertMatrices:
         ggml.ggml_free(self._ctx)
 
 
-class RepackedWeight:
-    """A weight copied into ggml's CPU repack buffer: same type and shape, private interleaved bytes."""
+class BufferWeight:
+    """A weight's place in a buffer of a ggml buffer type (a device's memory, or the CPU's interleaved layout):
+    same type and shape, private bytes, which `write` copies in."""
 
-    def __init__(self, ggml_type: GGMLQuantizationType, ne: tuple[int, ...], ctx, tensor, buffer: int):
-        self.ggml_type, self.ne = ggml_type, ne
-        self._ctx, self.tensor, self._buffer = ctx, tensor, buffer
+    def __init__(self, w: Weight, buffer_type: int):
+        self.ggml_type, self.ne = w.ggml_type, w.ne
+        self._ctx = ggml.ggml_init(ggml.ggml_init_params(mem_size=_TENSOR_OVERHEAD, mem_buffer=None, no_alloc=True))
+        self.tensor = ggml.ggml_new_tensor_4d(self._ctx, int(w.ggml_type), *(tuple(w.ne) + (1,) * (4 - len(w.ne))))
+        size = _lib.ggml_backend_buft_get_alloc_size(buffer_type, self.tensor)
+        self._buffer = _lib.ggml_backend_buft_alloc_buffer(buffer_type, size)
+        if not self._buffer:
+            ggml.ggml_free(self._ctx)
+            raise MemoryError(f"ggml could not allocate {size} bytes of {_lib.ggml_backend_buft_name(buffer_type).decode()} "
+                              f"for a {w.ggml_type.name} weight {list(w.ne)}")
+        _lib.ggml_backend_buffer_set_usage(self._buffer, ggml.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
+        _lib.ggml_backend_tensor_alloc(self._buffer, self.tensor, _lib.ggml_backend_buffer_get_base(self._buffer))
+
+    def write(self, w: Weight) -> "BufferWeight":
+        _lib.ggml_backend_tensor_set(self.tensor, w.data.ctypes.data, 0, w.nbytes)
+        return self
 
     @property
     def nbytes(self) -> int:
         block_size, type_size = GGML_QUANT_SIZES[self.ggml_type]
         return int(np.prod(self.ne)) // block_size * type_size
+
+    def __del__(self):
+        if getattr(self, "_buffer", None):
+            _lib.ggml_backend_buffer_free(self._buffer)
+            ggml.ggml_free(self._ctx)
+
+
+class DeviceWeight(BufferWeight):
+    """A weight in a compute device's memory (a GPU's, or the CPU's standing in for one)."""
+
+
+class RepackedWeight(BufferWeight):
+    """A weight copied into ggml's CPU repack buffer: its rows interleaved for faster kernels."""
+
+    @property
+    def interleaved(self) -> bool:
+        """Whether this CPU has interleaved kernels for its type and shape (ggml then gave it kernel traits)."""
+        return bool(self.tensor.contents.extra)
 
     @cached_property
     def experts(self) -> _ExpertMatrices:
@@ -175,10 +242,6 @@ class RepackedWeight:
         parent = self.tensor.contents
         return _ExpertMatrices(int(self.ggml_type), self.ne, parent.data, parent.nb[2], parent.buffer, parent.extra)
 
-    def __del__(self):
-        _lib.ggml_backend_buffer_free(self._buffer)
-        ggml.ggml_free(self._ctx)
-
 
 def repack(w: Weight) -> Weight | RepackedWeight:
     """Copy w into the CPU repack buffer when this CPU has interleaved kernels for its type and shape
@@ -186,21 +249,8 @@ def repack(w: Weight) -> Weight | RepackedWeight:
     Repacked 2-D weights serve matmul and ffn; repacked 3-D (expert) weights serve expert_ffn only."""
     if _REPACK_BUFFER_TYPE is None or len(w.ne) not in (2, 3):
         return w
-    ctx = ggml.ggml_init(ggml.ggml_init_params(mem_size=_TENSOR_OVERHEAD, mem_buffer=None, no_alloc=True))
-    tensor = ggml.ggml_new_tensor_4d(ctx, int(w.ggml_type), *(tuple(w.ne) + (1,) * (4 - len(w.ne))))
-    address = ctypes.cast(tensor, ctypes.c_void_p)
-    buffer = _lib.ggml_backend_buft_alloc_buffer(
-        _REPACK_BUFFER_TYPE, _lib.ggml_backend_buft_get_alloc_size(_REPACK_BUFFER_TYPE, address))
-    if buffer is None:
-        ggml.ggml_free(ctx)
-        raise MemoryError(f"ggml could not allocate {w.nbytes} bytes to repack a {w.ggml_type.name} weight")
-    _lib.ggml_backend_tensor_alloc(buffer, address, _lib.ggml_backend_buffer_get_base(buffer))
-    if not tensor.contents.extra:  # no interleaved kernel for this type and shape on this CPU
-        _lib.ggml_backend_buffer_free(buffer)
-        ggml.ggml_free(ctx)
-        return w
-    _lib.ggml_backend_tensor_set(address, w.data.ctypes.data, 0, w.nbytes)
-    return RepackedWeight(w.ggml_type, w.ne, ctx, tensor, buffer)
+    packed = RepackedWeight(w, _REPACK_BUFFER_TYPE)
+    return packed.write(w) if packed.interleaved else w
 
 
 class _Graph:
@@ -225,9 +275,9 @@ class _Graph:
         self._keep.append(owner)
         return t
 
-    def weight(self, w: Weight | RepackedWeight):
+    def weight(self, w: Weight | BufferWeight):
         self._keep.append(w)
-        return w.tensor if isinstance(w, RepackedWeight) else w.header.tensor
+        return w.tensor if isinstance(w, BufferWeight) else w.header.tensor
 
     def input(self, array: np.ndarray):
         """A float32 or int32 numpy array as a ggml tensor (numpy shape reversed = ggml ne)."""

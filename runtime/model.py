@@ -16,8 +16,10 @@ from tqdm import tqdm
 from .kv_cache import KVCache, Segment
 from .config import ModelConfig
 from .experts import Experts, LocalExperts
+from .ggml_backends import ComputeDevice
 from .ggml_forward import KV_BLOCK_MIN, StepGraphs, StepShape, rows_within_scores
-from .ggml_ops import COMPUTABLE_TYPES, GgmlRunner, RepackedWeight, Weight, repack
+from .ggml_graph import GraphMemory, ScheduledMemory
+from .ggml_ops import COMPUTABLE_TYPES, BufferWeight, GgmlRunner, RepackedWeight, Weight, repack
 from .gguf_file import GGUFModelFile
 
 
@@ -45,16 +47,21 @@ class KimiModel:
     the rows that share its step (and with "all", prompt-sized steps run the experts grouped by expert,
     as dense interleaved GEMMs). Routed experts otherwise run one row at a time even when interleaved, so
     "none" and "experts" give every sequence the same logits whatever it is batched with.
+
+    device: a compute device (ggml_backends.py) that holds the head's weights (all but the token embeddings
+    and the routed experts, which stay in host memory) and runs the ops that read them; the head's weights are
+    then not interleaved.
     """
 
     def __init__(self, model_file: GGUFModelFile, runner: GgmlRunner | None = None, experts: Experts | None = None,
-                 repack: str = "head", progress: bool = False):
+                 repack: str = "head", progress: bool = False, device: ComputeDevice | None = None):
         if repack not in REPACK_CHOICES:
             raise ValueError(f"repack must be one of {', '.join(REPACK_CHOICES)}, not '{repack}'")
         self.file = model_file
         self.config = checked_config(model_file)
         self.runner = runner or GgmlRunner()
-        self.repack_head = repack in ("head", "all")
+        self.device = device
+        self.repack_head = repack in ("head", "all") and device is None
         self.experts = experts or self._local_experts(repack in ("experts", "all"), progress)
         self.output_name = "output.weight" if model_file.has("output.weight") else "token_embd.weight"
         self._steps: OrderedDict[StepShape, StepGraphs] = OrderedDict()
@@ -70,11 +77,15 @@ class KimiModel:
                                 repack=interleave, on_bytes=bar.update, grouped=self.repack_head)
 
     @lru_cache(maxsize=None)
-    def weight(self, name: str) -> Weight | RepackedWeight | np.ndarray:
-        """A ggml Weight over the mapped bytes (or its repacked copy), or a float32 array for small F32
-        vectors (norms, biases)."""
+    def weight(self, name: str) -> Weight | BufferWeight | np.ndarray:
+        """A ggml Weight over the mapped bytes (or its copy: repacked, or on the device), or a float32 array for
+        small F32 vectors (norms, biases)."""
         info = self.file.info(name)
         raw = self.file.raw(name)
+        if self.device is not None and name != "token_embd.weight":
+            placed = self.device.place(Weight(info.ggml_type, info.ne, raw))
+            self.file.release(name)
+            return placed
         if len(info.ne) == 1:
             return raw.view(np.float32)
         weight = Weight(info.ggml_type, info.ne, raw)
@@ -86,17 +97,21 @@ class KimiModel:
                 self.file.release(name)
         return weight
 
+    def head_names(self) -> list[str]:
+        """The weights the head reads: every one but the routed experts'."""
+        return [n for n in self.file.tensors if "_exps." not in n]
+
     def load(self, progress: bool = True) -> None:
-        """Map (and repack) every head weight now, reading in the pages of those left mapped, with a progress
+        """Map (and repack, or place on the device) every head weight now, reading in the pages of those left mapped, with a progress
         bar over bytes, instead of during the first token: on a 340 GB model the head's share alone is 9 GB,
         which page faults during the first token would read 4 KB at a time. The token embeddings stay on
         disk until used: a step reads a few rows of them."""
-        names = [n for n in self.file.tensors if "_exps." not in n]
+        names = self.head_names()
         total = sum(self.file.info(n).nbytes for n in names)
-        with tqdm(total=total, unit="B", unit_scale=True, desc="loading head weights", disable=not progress,
-                  leave=False) as bar:
+        desc = "loading head weights" + (f" onto {self.device.info.name}" if self.device is not None else "")
+        with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, leave=False) as bar:
             for name in names:
-                if not isinstance(self.weight(name), RepackedWeight) and name != "token_embd.weight":
+                if not isinstance(self.weight(name), BufferWeight) and name != "token_embd.weight":
                     self.file.prefetch(name)
                 bar.update(self.file.info(name).nbytes)
 
@@ -127,8 +142,13 @@ class KimiModel:
 
     @lru_cache(maxsize=None)
     def router_bias(self, layer: int) -> np.ndarray | None:
+        """The bias routing adds to the router's scores, for the host's routing (the graph's reads `weight`)."""
         name = f"blk.{layer}.exp_probs_b.bias"
-        return self.weight(name) if self.file.has(name) else None
+        return self.file.raw(name).view(np.float32) if self.file.has(name) else None
+
+    def graph_memory(self) -> GraphMemory | ScheduledMemory:
+        """Where a step's graphs keep their intermediates, and what computes them."""
+        return GraphMemory() if self.device is None else ScheduledMemory(self.device)
 
     def forward(self, tokens: np.ndarray, segments: Sequence[Segment], all_logits: bool = False) -> np.ndarray:
         """tokens: [T] for the rows of every segment; advances each segment's cache by its row count.
