@@ -38,6 +38,7 @@ from cluster.transport import RemoteExperts, WorkerClient, WorkerFailed
 from cluster.workers import ExpertWorker
 from runtime.config import ModelConfig
 from runtime.experts import ExpertShard
+from runtime.ggml_backends import ComputeDevice
 from runtime.ggml_ops import GgmlRunner
 from runtime.gguf_file import GGUFModelFile
 from runtime.kv_cache import bytes_per_token
@@ -133,12 +134,14 @@ class ExpertCluster:
     def __init__(self, model_path: str | Path, config: ClusterConfig, local_workers: int = 0,
                  worker_memory_gb: float | None = None, head_memory_gb: float | None = None,
                  streamed_nodes: frozenset[str] = frozenset(), repack: str = "head",
-                 worker_threads: int | None = None, progress: bool = True):
+                 worker_threads: int | None = None, progress: bool = True, device: ComputeDevice | None = None):
+        """device: the compute device that holds the head's own weights (ggml_backends.py), if any."""
         self.model_file = GGUFModelFile(model_path)
         self.model_config = ModelConfig.from_metadata(self.model_file.metadata, str(self.model_file.path))
         if config.model is None:  # nodes find the model where the head does
             config = dataclasses.replace(config, model=Path(model_path))
         self.config, self.local_workers, self.repack, self.progress = config, local_workers, repack, progress
+        self.device = device
         self.worker_memory_gb, self.head_memory_gb = worker_memory_gb, head_memory_gb
         self.streamed_nodes, self.worker_threads = streamed_nodes, worker_threads
         self.token = config.token or secrets.token_hex(16)
@@ -262,7 +265,7 @@ class ExpertCluster:
                 self.remote.mark_down(index, WorkerFailed(client.node, died[client.node]))
         self.recovery = WorkerRecovery(self, self.remote)
         model = KimiModel(self.model_file, runner, experts=self.remote,
-                          repack="head" if self.repack in ("head", "all") else "none")
+                          repack="head" if self.repack in ("head", "all") else "none", device=self.device)
         model.load(self.progress)
         return model
 

@@ -20,7 +20,6 @@ _lib = ggml.lib
 _DEVICE_KINDS = ("CPU", "GPU", "IGPU", "ACCEL", "META")  # enum ggml_backend_dev_type
 # Device memory the head's weights leave free for the step graphs' buffers and the driver's own.
 COMPUTE_RESERVE_BYTES = 1 << 30
-GPU_CHOICES = "auto|none|cpu|N"
 
 
 @dataclass(frozen=True)
@@ -58,15 +57,6 @@ def devices() -> list[DeviceInfo]:
 
 class DeviceChoiceError(ValueError):
     """--gpu names a device this build lacks, or one without room for the head's weights."""
-
-
-def parse_gpu(text: str) -> str | int:
-    """--gpu's value: auto, none, cpu, or a GPU's number."""
-    if text in ("auto", "none", "cpu"):
-        return text
-    if text.isdigit():
-        return int(text)
-    raise ValueError(f"--gpu takes {GPU_CHOICES}, not {text!r}")
 
 
 def choose_device(choice: str | int, head_bytes: int) -> tuple[DeviceInfo | None, str]:

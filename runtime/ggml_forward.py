@@ -355,8 +355,9 @@ class _LayerGraph:
         num_tokens, k, num_experts = len(self.step.tokens), c.num_experts_used, c.num_experts
         logits = self.router_logits(layer, hidden)  # [E, T]
         probs = ggml.ggml_sigmoid(ctx, logits) if c.gating_func == GATING_SIGMOID else ggml.ggml_soft_max(ctx, logits)
-        has_bias = self.model.router_bias(layer) is not None
-        selection = ggml.ggml_add(ctx, probs, self.g.weight(self.model.layer_weight(layer, "exp_probs_b.bias"))) if has_bias else probs
+        selection = probs
+        if self.model.router_bias(layer) is not None:
+            selection = ggml.ggml_add(ctx, probs, self.g.weight(self.model.layer_weight(layer, "exp_probs_b.bias")))
         ids = ggml.ggml_argsort_top_k(ctx, selection, k)  # [k, T]
         weights = ggml.ggml_get_rows(ctx, ggml.ggml_reshape_3d(ctx, probs, 1, num_experts, num_tokens), ids)
         if c.expert_weights_norm:

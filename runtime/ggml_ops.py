@@ -45,7 +45,8 @@ def _declare_backend_functions():
             ("ggml_backend_buft_get_alloc_size", size, [p, p]),
             ("ggml_backend_buft_alloc_buffer", p, [p, size]), ("ggml_backend_buffer_get_base", p, [p]),
             ("ggml_backend_buffer_free", None, [p]), ("ggml_backend_tensor_alloc", ctypes.c_int, [p, p, p]),
-            ("ggml_backend_tensor_set", None, [p, p, size, size]), ("ggml_backend_tensor_get", None, [p, p, size, size]),
+            ("ggml_backend_tensor_set", None, [p, p, size, size]),
+            ("ggml_backend_tensor_get", None, [p, p, size, size]),
             ("ggml_backend_cpu_buffer_from_ptr", p, [p, size]),
             ("ggml_backend_buffer_set_usage", None, [p, ctypes.c_int]), ("ggml_backend_buffer_get_type", p, [p]),
             ("ggml_backend_dev_count", size, []), ("ggml_backend_dev_get", p, [size]),
@@ -200,8 +201,9 @@ class BufferWeight:
         self._buffer = _lib.ggml_backend_buft_alloc_buffer(buffer_type, size)
         if not self._buffer:
             ggml.ggml_free(self._ctx)
-            raise MemoryError(f"ggml could not allocate {size} bytes of {_lib.ggml_backend_buft_name(buffer_type).decode()} "
-                              f"for a {w.ggml_type.name} weight {list(w.ne)}")
+            where = _lib.ggml_backend_buft_name(buffer_type).decode()
+            raise MemoryError(f"ggml could not allocate {size} bytes of {where} for a {w.ggml_type.name} weight "
+                              f"{list(w.ne)}")
         _lib.ggml_backend_buffer_set_usage(self._buffer, ggml.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
         _lib.ggml_backend_tensor_alloc(self._buffer, self.tensor, _lib.ggml_backend_buffer_get_base(self._buffer))
 

@@ -28,6 +28,12 @@ STEP_SHAPES_KEPT = 8
 MAX_TOKENS_OF_KEPT_STEPS = 64
 
 
+def device_weight_names(model_file: GGUFModelFile) -> list[str]:
+    """The weights a compute device holds for the head: all but the routed experts and the token embeddings
+    (a step reads a few rows of those, on the CPU)."""
+    return [n for n in model_file.tensors if "_exps." not in n and n != "token_embd.weight"]
+
+
 def checked_config(model_file: GGUFModelFile) -> ModelConfig:
     """The file's hyperparameters, once every tensor the model reads is there with the shape they imply and
     a type ggml computes (a GGUFError otherwise). Reads headers only."""
@@ -97,16 +103,12 @@ class KimiModel:
                 self.file.release(name)
         return weight
 
-    def head_names(self) -> list[str]:
-        """The weights the head reads: every one but the routed experts'."""
-        return [n for n in self.file.tensors if "_exps." not in n]
-
     def load(self, progress: bool = True) -> None:
-        """Map (and repack, or place on the device) every head weight now, reading in the pages of those left mapped, with a progress
-        bar over bytes, instead of during the first token: on a 340 GB model the head's share alone is 9 GB,
-        which page faults during the first token would read 4 KB at a time. The token embeddings stay on
-        disk until used: a step reads a few rows of them."""
-        names = self.head_names()
+        """Map (and repack, or place on the device) every head weight now, reading in the pages of those left
+        mapped, with a progress bar over bytes, instead of during the first token: on a 340 GB model the head's
+        share alone is 9 GB, which page faults during the first token would read 4 KB at a time. The token
+        embeddings stay on disk until used: a step reads a few rows of them."""
+        names = ["token_embd.weight", *device_weight_names(self.file)]
         total = sum(self.file.info(n).nbytes for n in names)
         desc = "loading head weights" + (f" onto {self.device.info.name}" if self.device is not None else "")
         with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, leave=False) as bar:

@@ -16,6 +16,7 @@ import pytest
 
 from runtime.kv_cache import Segment
 from runtime.engine import Engine, GenerationStats
+from runtime.ggml_backends import ComputeDevice, DeviceInfo, choose_device
 from runtime.gguf_file import GGUFModelFile
 from runtime.model import KimiModel
 from runtime.tokenizer import Tokenizer
@@ -40,16 +41,26 @@ def prompt_tokens(path) -> list[int]:
     return Tokenizer.from_metadata(GGUFModelFile(path).metadata).encode(PROMPT)
 
 
-def our_greedy(path, prompt: list[int], repack: str = "head") -> tuple[list[int], np.ndarray]:
-    engine = Engine(KimiModel(GGUFModelFile(path), repack=repack), context_size=256)
+def our_model(path, repack: str, on_device: bool | DeviceInfo = False) -> KimiModel:
+    """on_device: the head's weights on a compute device: the one given, or True for ggml's CPU backend standing in
+    for a GPU."""
+    if on_device is True:
+        on_device = choose_device("cpu", 0)[0]
+    return KimiModel(GGUFModelFile(path), repack=repack, device=ComputeDevice(on_device) if on_device else None)
+
+
+def our_greedy(path, prompt: list[int], repack: str = "head", on_device: bool | DeviceInfo = False
+               ) -> tuple[list[int], np.ndarray]:
+    engine = Engine(our_model(path, repack, on_device), context_size=256)
     stats = GenerationStats()
     tokens = list(engine.generate(prompt, NUM_TOKENS, stats=stats))
     return tokens, stats.prompt_logits
 
 
-def our_teacher_forced(path, prompt: list[int], tokens: list[int], repack: str = "head") -> np.ndarray:
+def our_teacher_forced(path, prompt: list[int], tokens: list[int], repack: str = "head",
+                       on_device: bool | DeviceInfo = False) -> np.ndarray:
     """Logits after the prompt and after each of `tokens` fed in turn: [len(tokens) + 1, V]."""
-    model = KimiModel(GGUFModelFile(path), repack=repack)
+    model = our_model(path, repack, on_device)
     cache = model.new_cache(len(prompt) + len(tokens))
     steps = [model.forward(np.array(prompt), [Segment(cache, 0, len(prompt))])[0]]
     for token in tokens:
@@ -101,8 +112,11 @@ def llama_greedy(path, repack: bool) -> dict:
 
 # Our weight layout and the llama.cpp path that uses the same kernels: everything read in place
 # against llama.cpp's plain kernels; head weights, or every weight, repacked (our default: the prompt's
-# experts then run grouped by expert) against llama.cpp's default.
-MODES = {"in-place": ("none", False), "repacked": ("head", True), "all-repacked": ("all", True)}
+# experts then run grouped by expert) against llama.cpp's default; the head on a compute device (the CPU
+# standing in for a GPU: weights in the device backend's buffers, graphs run by ggml's scheduler) against the
+# plain kernels, which it runs.
+MODES = {"in-place": ("none", False, False), "repacked": ("head", True, False), "all-repacked": ("all", True, False),
+         "device": ("experts", False, True)}
 
 
 @pytest.fixture(scope="session")
@@ -131,14 +145,14 @@ CASES = {  # id: (quant, legacy attention, file variant)
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("model_path", list(CASES.values()), ids=list(CASES), indirect=True)
 def test_greedy_tokens_and_logits_match_llama_cpp(model_path, mode):
-    our_repack, llama_repack = MODES[mode]
+    our_repack, llama_repack, on_device = MODES[mode]
     prompt = prompt_tokens(model_path)
     reference = llama_greedy(model_path, llama_repack)
-    tokens, prompt_logits = our_greedy(model_path, prompt, our_repack)
+    tokens, prompt_logits = our_greedy(model_path, prompt, our_repack, on_device)
     assert_greedy_follows(tokens, reference)
     assert relative_to_range(prompt_logits, reference["logits"][0]) <= reference["tolerance"]
-    assert_teacher_forced_follows(our_teacher_forced(model_path, prompt, reference["tokens"][:-1], our_repack),
-                                  reference)
+    assert_teacher_forced_follows(our_teacher_forced(model_path, prompt, reference["tokens"][:-1], our_repack,
+                                                     on_device), reference)
 
 
 @pytest.mark.parametrize("variant", ["tiny_split", "tiny_fused"])

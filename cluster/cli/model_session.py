@@ -18,11 +18,12 @@ def model_session(args, config, max_sequences: int, model_file=None, tokenizer=N
     from runtime.tokenizer import Tokenizer
     model_file = model_file or GGUFModelFile(args.model)
     tokenizer = tokenizer or Tokenizer.from_metadata(model_file.metadata)
+    device = head_device(args.gpu, model_file)
     if config is None:
         from cluster.failover import available_memory_bytes
         available = available_memory_bytes()
         model = KimiModel(model_file, GgmlRunner(args.threads), progress=sys.stderr.isatty(),
-                          repack=repack_that_fits(args.repack, model_file, available))
+                          repack=repack_that_fits(args.repack, model_file, available), device=device)
         kv_plan = _plan_here(model_file, model.config, available, max_sequences, args.context)
         if not _experts_fit(model_file, available):  # paged from disk: see ExpertShard.read_on_demand
             model.experts.read_on_demand(model_file)
@@ -32,12 +33,23 @@ def model_session(args, config, max_sequences: int, model_file=None, tokenizer=N
     from cluster.head import ExpertCluster
     with ExpertCluster(args.model, config, local_workers=args.workers or 0, worker_memory_gb=args.worker_memory,
                        head_memory_gb=args.head_memory, repack=args.repack, worker_threads=args.threads,
-                       progress=sys.stderr.isatty()) as cluster:
+                       progress=sys.stderr.isatty(), device=device) as cluster:
         if on_cluster is not None:
             on_cluster(cluster)
         model = cluster.start()
         print(cluster.placement.format_table(), file=sys.stderr)
         yield model, tokenizer, cluster, cluster.kv_plan
+
+
+def head_device(choice: str | int, model_file):
+    """The compute device --gpu asks for (None: the CPU alone), after one line on stderr that says which
+    backends ggml has and what the head uses; a GPU that is missing or too small is an error in one line."""
+    from runtime.ggml_backends import ComputeDevice, choose_device
+    from runtime.model import device_weight_names
+    head_bytes = sum(model_file.info(name).nbytes for name in device_weight_names(model_file))
+    info, line = choose_device(choice, head_bytes)
+    print(f"kimi-cluster: {line}", file=sys.stderr)
+    return None if info is None else ComputeDevice(info)
 
 
 def _plan_here(model_file, model_config, available: int, max_sequences: int, context: int | None):

@@ -59,8 +59,24 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed: same seed, same output")
 
 
+def gpu_choice(text: str) -> str | int:
+    """--gpu's value: auto, none, cpu, or a GPU's number."""
+    if text in ("auto", "none", "cpu"):
+        return text
+    if text.isdigit():
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected auto, none, cpu or a GPU's number, not {text!r}")
+
+
 def add_runtime_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, serving: bool = False) -> None:
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
+    p.add_argument("--gpu", type=gpu_choice, default="auto", metavar="auto|none|cpu|N",
+                   help="put the head's weights (attention, norms, routers, shared experts, dense layers, output; "
+                        "every token reads them all) on a GPU through ggml's CUDA, Metal or Vulkan backend, and run "
+                        "the routed experts on the CPU, as llama.cpp's -ngl 99 -ot exps=CPU. auto: the first GPU "
+                        "they fit on, if ggml was built with one (the start says which backends it has); N: GPU N, "
+                        "or an error; none: the CPU only; cpu: the GPU's code path with the CPU standing in, for "
+                        "testing (default %(default)s)")
     p.add_argument("--context", type=int, default=None,
                    help="tokens each sequence holds, prompt and reply (default: the cluster config's, else the "
                         "largest the head's memory holds beside the model for every sequence at once, up to the "
