@@ -6,15 +6,22 @@ memory. The step graphs then run through ggml's backend scheduler over [device, 
 weights it reads live, and the scheduler copies hidden rows across where the graph crosses, as llama.cpp does
 with `-ngl 99 -ot exps=CPU`.
 
+Each sequence's KV cache lies on the device too while the device has room for it (DeviceLayers), else in host
+memory as without a device.
+
 The CPU can stand in for the device (`--gpu cpu`): its weights are then copied into the CPU backend's own
 buffers and the graphs run through the same scheduler, so the code a GPU runs is the code tested without one.
 """
 from __future__ import annotations
 
 import ctypes
+import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from .ggml_ops import BufferWeight, DeviceWeight, Weight, ggml
+from .kv_memory import LayerMemory, PlainLayers, layer_memory
 
 _lib = ggml.lib
 _DEVICE_KINDS = ("CPU", "GPU", "IGPU", "ACCEL", "META")  # enum ggml_backend_dev_type
@@ -117,6 +124,15 @@ class ComputeDevice:
         """Whether the weight lies in this device's memory."""
         return _lib.ggml_backend_buffer_get_type(weight.tensor.contents.buffer) == self.buffer_type
 
+    def kv_layers(self, num_layers: int, shape: tuple[int, ...]) -> DeviceLayers | LayerMemory | PlainLayers:
+        """A KV cache's layers (kv_cache.KVCache): on the device while it has room for them beside what the step
+        graphs need, else in host memory."""
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        _lib.ggml_backend_dev_memory(_lib.ggml_backend_dev_get(self.info.index), ctypes.byref(free), ctypes.byref(total))
+        if free.value >= num_layers * math.prod(shape) * 2 + COMPUTE_RESERVE_BYTES:
+            return DeviceLayers(num_layers, shape, self.buffer_type)
+        return layer_memory(num_layers, shape)
+
     def set_cpu_threads(self, threads: int, row_invariant: bool) -> None:
         """Threads and kernels of the CPU's part of the next graph (see ggml_graph.PlannedGraph.plan)."""
         _lib.ggml_backend_cpu_set_n_threads(self.cpu, threads)
@@ -126,3 +142,65 @@ class ComputeDevice:
         for backend in getattr(self, "backends", []):
             if backend:
                 _lib.ggml_backend_free(backend)
+
+
+class DeviceRows:
+    """One layer of a KV cache in a device's memory: a float16 ggml tensor of numpy shape `shape` (rows first)
+    that the step graphs write and read in place, and, for the host's copies of whole rows (prompt reuse, the
+    prompt store), numpy's indexing of its leading axis: a[i], a[i:j] read rows into host memory, a[i:j] = rows
+    writes them."""
+    dtype = np.dtype(np.float16)
+
+    def __init__(self, tensor, shape: tuple[int, ...]):
+        self.tensor, self.shape = tensor, shape
+        self.row_bytes = math.prod(shape[1:]) * 2
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.row_bytes
+
+    def _rows(self, index: int | slice) -> range:
+        rows = range(self.shape[0])[index if isinstance(index, slice) else slice(index, index + 1)]
+        if rows.step != 1:
+            raise IndexError("a KV cache on a device is read and written in runs of whole rows")
+        return rows
+
+    def __getitem__(self, index: int | slice) -> np.ndarray:
+        rows = self._rows(index)
+        out = np.empty((len(rows), *self.shape[1:]), np.float16)
+        if len(rows):
+            _lib.ggml_backend_tensor_get(self.tensor, out.ctypes.data, rows.start * self.row_bytes, out.nbytes)
+        return out[0] if isinstance(index, int) else out
+
+    def __setitem__(self, index: slice, value: np.ndarray) -> None:
+        rows = self._rows(index)
+        value = np.ascontiguousarray(np.broadcast_to(value, (len(rows), *self.shape[1:])), np.float16)
+        if len(rows):
+            _lib.ggml_backend_tensor_set(self.tensor, value.ctypes.data, rows.start * self.row_bytes, value.nbytes)
+
+
+class DeviceLayers:
+    """A KV cache's layers in one buffer of a device's memory, freed with the last of its arrays. Another cache's
+    rows are copied in, not shared (kv_memory.LayerMemory shares host pages)."""
+
+    def __init__(self, num_layers: int, shape: tuple[int, ...], buffer_type: int):
+        self._ctx = ggml.ggml_init(ggml.ggml_init_params(mem_size=num_layers * ggml.ggml_tensor_overhead(),
+                                                         mem_buffer=None, no_alloc=True))
+        tensors = [ggml.ggml_new_tensor(self._ctx, ggml.GGML_TYPE_F16, len(shape),
+                                        (ctypes.c_int64 * len(shape))(*reversed(shape))) for _ in range(num_layers)]
+        self._buffer = ggml.lib.ggml_backend_alloc_ctx_tensors_from_buft(self._ctx, buffer_type)
+        if not self._buffer:
+            ggml.ggml_free(self._ctx)
+            raise MemoryError(f"ggml could not allocate a KV cache of {num_layers} x {list(shape)} on the device")
+        _lib.ggml_backend_buffer_clear(self._buffer, 0)
+        self.arrays = [DeviceRows(tensor, shape) for tensor in tensors]
+        for rows in self.arrays:
+            rows.owner = self  # the buffer lives while any layer's array does (a step's graph may hold one)
+
+    def share(self, source, rows: int) -> int:
+        return 0
+
+    def __del__(self):
+        if getattr(self, "_buffer", None):
+            _lib.ggml_backend_buffer_free(self._buffer)
+            ggml.ggml_free(self._ctx)

@@ -289,9 +289,9 @@ class _LayerGraph:
         ctx, g, cache, start = self.ctx, self.g, self.segments[i].cache, self.segments[i].start
         count, kv = self.step.shape.segments[i][1:3]
         rows, mask = self.inputs["write_rows"][i], self.inputs["masks"][i]
-        keys = self._write(g.external(cache.keys[layer]), new_keys, start, count, rows)
-        values = keys if new_values is None else self._write(g.external(cache.values[layer]), new_values, start, count,
-                                                              rows)
+        keys = self._write(g.cache_rows(cache.keys[layer]), new_keys, start, count, rows)
+        values = keys if new_values is None else self._write(g.cache_rows(cache.values[layer]), new_values, start,
+                                                              count, rows)
         dim_k, heads_k = cache.keys[layer].shape[2], cache.keys[layer].shape[1]
         dim_v = self.c.kv_lora_rank if new_values is None else cache.values[layer].shape[2]
         k = ggml.ggml_view_3d(ctx, keys, dim_k, kv, heads_k, keys.contents.nb[1], 2 * dim_k, 0)  # [Dk, S, Hk]

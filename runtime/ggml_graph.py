@@ -15,7 +15,7 @@ import weakref
 
 import numpy as np
 
-from .ggml_backends import ComputeDevice
+from .ggml_backends import ComputeDevice, DeviceRows
 from .ggml_ops import BufferWeight, GgmlRunner, Weight, ggml, host_buffer
 
 _lib = ggml.lib
@@ -176,6 +176,13 @@ class PlannedGraph:
         self._buffers.append(host_buffer(tensor, array.ctypes.data, array.nbytes))
         self._keep.append(array)
         return tensor
+
+    def cache_rows(self, rows: np.ndarray | DeviceRows):
+        """A layer of a KV cache, read and written in place: in host memory, or on the device."""
+        if isinstance(rows, np.ndarray):
+            return self.external(rows)
+        self._keep.append(rows)
+        return rows.tensor
 
     def input(self, name: str, shape: tuple[int, ...], dtype=np.float32):
         """A tensor over a new zeroed array, inputs[name]: write it before each compute."""

@@ -49,6 +49,8 @@ def _declare_backend_functions():
             ("ggml_backend_tensor_get", None, [p, p, size, size]),
             ("ggml_backend_cpu_buffer_from_ptr", p, [p, size]),
             ("ggml_backend_buffer_set_usage", None, [p, ctypes.c_int]), ("ggml_backend_buffer_get_type", p, [p]),
+            ("ggml_backend_buffer_clear", None, [p, ctypes.c_uint8]),
+            ("ggml_backend_alloc_ctx_tensors_from_buft", p, [p, p]),
             ("ggml_backend_dev_count", size, []), ("ggml_backend_dev_get", p, [size]),
             ("ggml_backend_dev_name", ctypes.c_char_p, [p]), ("ggml_backend_dev_description", ctypes.c_char_p, [p]),
             ("ggml_backend_dev_type", ctypes.c_int, [p]),

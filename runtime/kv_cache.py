@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -29,8 +30,9 @@ def bytes_per_token(config: ModelConfig) -> int:
 class KVCache:
     """One sequence's float16 cache, as llama.cpp's default F16 cache holds it; `length` positions filled.
 
-    Absorbed MLA: keys[layer] is [capacity, 1, L + R] (latent | rope key), and values are its first L columns.
-    Legacy attn_kv_b files: keys[layer] is [capacity, H, N + R] and values[layer] is [capacity, H, V].
+    Absorbed MLA: keys[layer] is [capacity, 1, L + R] (latent | rope key), whose first L columns are the values
+    (`values` is empty). Legacy attn_kv_b files: keys[layer] is [capacity, H, N + R] and values[layer] is
+    [capacity, H, V]. They are numpy arrays in host memory, or a compute device's (ggml_backends.DeviceRows).
     """
     config: ModelConfig
     capacity: int
@@ -38,18 +40,19 @@ class KVCache:
     values: list[np.ndarray] = field(init=False)
     _memory: list[LayerMemory | PlainLayers] = field(init=False, repr=False)
     length: int = 0
+    # Where its layers' memory comes from: host memory that other caches can share, or a device's.
+    memory_for: Callable[[int, tuple[int, ...]], LayerMemory | PlainLayers] = field(default=layer_memory, repr=False)
     # Graphs are planned for particular caches (they point into their arrays): a serial names each cache.
     serial: int = field(init=False, default_factory=lambda: next(_cache_serials))
 
     def __post_init__(self):
         c, n = self.config, self.capacity
         if c.is_mla:
-            self._memory = [layer_memory(c.num_layers, (n, 1, c.kv_cache_width))]
-            self.keys = self._memory[0].arrays
-            self.values = [k[:, :, :c.kv_lora_rank] for k in self.keys]
+            self._memory = [self.memory_for(c.num_layers, (n, 1, c.kv_cache_width))]
+            self.keys, self.values = self._memory[0].arrays, []
         else:
-            self._memory = [layer_memory(c.num_layers, (n, c.num_heads, c.head_dim_qk)),
-                            layer_memory(c.num_layers, (n, c.num_heads, c.head_dim_v))]
+            self._memory = [self.memory_for(c.num_layers, (n, c.num_heads, c.head_dim_qk)),
+                            self.memory_for(c.num_layers, (n, c.num_heads, c.head_dim_v))]
             self.keys, self.values = self._memory[0].arrays, self._memory[1].arrays
 
     def begin_as(self, source: KVCache, rows: int) -> int:

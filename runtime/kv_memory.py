@@ -58,11 +58,11 @@ class LayerMemory:
         """Rows are shared in runs of this many: the fewest that fill whole pages."""
         return mmap.PAGESIZE // math.gcd(mmap.PAGESIZE, self.row_bytes)
 
-    def share(self, source: LayerMemory, rows: int) -> int:
-        """Map source's first rows (as many of `rows` as fill whole pages) over this cache's own; returns how many.
+    def share(self, source, rows: int) -> int:
+        """Map source's first rows (when it is host memory of this kind too) (as many of `rows` as fill whole pages) over this cache's own; returns how many.
         The source's rows must not change afterwards (rows below a cache's length never do)."""
         shared = rows // self.rows_per_page_run * self.rows_per_page_run
-        if shared == 0 or source.row_bytes != self.row_bytes:
+        if shared == 0 or not isinstance(source, LayerMemory) or source.row_bytes != self.row_bytes:
             return 0
         # mremap copies one mapping's pages at a time: the source's own, or those it maps from others.
         starts = [row for row in source.runs if row < shared]

@@ -124,7 +124,10 @@ class KimiModel:
         """A cache of at least `capacity` positions, rounded up to whole blocks of KV_BLOCK_MIN: every step then
         attends whole blocks, and ggml's sums over the positions run alike whatever the length, so a row's
         keys and values do not depend on how far its cache is filled (prompt reuse gives a cold run's rows)."""
-        return KVCache(self.config, -(-capacity // KV_BLOCK_MIN) * KV_BLOCK_MIN)
+        capacity = -(-capacity // KV_BLOCK_MIN) * KV_BLOCK_MIN
+        if self.device is None:
+            return KVCache(self.config, capacity)
+        return KVCache(self.config, capacity, memory_for=self.device.kv_layers)
 
     def prefill_rows(self, cache: KVCache, wanted: int) -> int:
         """How many of `wanted` prompt rows one step may give this cache (its attention's memory is bounded)."""

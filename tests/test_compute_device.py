@@ -13,12 +13,15 @@ import numpy as np
 import pytest
 
 from runtime.engine import Engine, Request, SamplingParams
-from runtime.ggml_backends import ComputeDevice, DeviceChoiceError, choose_device, devices
+from runtime import ggml_backends
+from runtime.ggml_backends import ComputeDevice, DeviceChoiceError, DeviceRows, choose_device, devices
 from runtime.ggml_graph import ScheduledMemory
 from runtime.ggml_ops import DeviceWeight, Weight
 from runtime.gguf_file import GGUFModelFile
-from runtime.kv_cache import Segment
+from runtime.kv_cache import Segment, bytes_per_token
 from runtime.model import KimiModel, device_weight_names
+from runtime.prompt_cache import PromptCache
+from runtime.prompt_store import PromptStore, model_identity
 from tests.test_engine import run_together
 from tests.test_llama_parity import (LOGITS_TOLERANCE, assert_greedy_follows, assert_teacher_forced_follows,
                                      our_greedy, our_teacher_forced, prompt_tokens, relative_to_range)
@@ -92,6 +95,41 @@ def test_the_scheduler_gives_the_plain_paths_bits(tiny_q4km):
     assert isinstance(graphs.memory, ScheduledMemory) and graphs.memory.splits == 1
     for ours, theirs in zip(on_device, plain):
         assert np.array_equal(ours, theirs)
+
+
+def test_kv_caches_lie_on_the_device_while_it_has_room(tiny_q4km, monkeypatch):
+    model = KimiModel(GGUFModelFile(tiny_q4km), repack="none", device=stand_in())
+    cache = model.new_cache(100)
+    assert all(isinstance(layer, DeviceRows) for layer in cache.keys)
+    model.forward(np.arange(5, 25), [Segment(cache, 0, 20)])
+    rows = cache.keys[-1][:20]
+    assert rows.shape == (20, 1, model.config.kv_cache_width) and np.abs(rows).max() > 0
+    assert not cache.keys[-1][20:].any()
+    monkeypatch.setattr(ggml_backends, "COMPUTE_RESERVE_BYTES", 1 << 60)  # a device without room left
+    assert all(isinstance(layer, np.ndarray) for layer in model.new_cache(100).keys)
+
+
+def test_prompts_reused_from_device_caches_and_from_disk_give_the_cold_answer(tiny_q4km, tmp_path):
+    """Reuse copies rows between device caches (host caches share pages instead), and the prompt store reads and
+    writes them through the host: both must give what a cold run gives, bit for bit."""
+    model = KimiModel(GGUFModelFile(tiny_q4km), repack="experts", device=stand_in())
+    per_token = bytes_per_token(model.config)
+    rng = np.random.default_rng(5)
+    first = Request(tuple(int(t) for t in rng.integers(30, 250, 90)), 6, SamplingParams(), top_logprobs=3)
+    later = Request(first.prompt[:70] + (31, 32, 33), 6, SamplingParams(), top_logprobs=3)
+
+    def warm_engine(store=None):
+        return Engine(model, 256, max_sequences=4, max_step_tokens=16,
+                      prompt_cache=PromptCache(4096 * per_token, per_token, store))
+    plain = KimiModel(GGUFModelFile(tiny_q4km), repack="experts")
+    cold = run_together(Engine(plain, 256, max_sequences=4, max_step_tokens=16), [later])[0]
+    warm = warm_engine(PromptStore(tmp_path, model_identity(model.file), 10**9))
+    run_together(warm, [first])
+    assert run_together(warm, [later])[0] == cold
+    assert (warm.prompt_cache.stats().rows_copied, warm.prompt_cache.stats().rows_shared) == (70, 0)
+    warm.prompt_cache.store.flush()
+    restarted = warm_engine(PromptStore(tmp_path, model_identity(model.file), 10**9))
+    assert run_together(restarted, [later])[0] == cold and restarted.prompt_cache.stats().loaded == 1
 
 
 def test_sequences_sharing_steps_on_the_device_get_their_solo_tokens(tiny_q4km):
