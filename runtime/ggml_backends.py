@@ -52,14 +52,18 @@ def devices() -> list[DeviceInfo]:
     found = []
     for index in range(_lib.ggml_backend_dev_count()):
         dev = _lib.ggml_backend_dev_get(index)
-        free, total = ctypes.c_size_t(), ctypes.c_size_t()
-        _lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
         kind = _lib.ggml_backend_dev_type(dev)
         found.append(DeviceInfo(index, _lib.ggml_backend_dev_name(dev).decode(),
                                 _lib.ggml_backend_dev_description(dev).decode().strip(),
-                                _DEVICE_KINDS[kind] if kind < len(_DEVICE_KINDS) else str(kind),
-                                free.value, total.value))
+                                _DEVICE_KINDS[kind] if kind < len(_DEVICE_KINDS) else str(kind), *_memory(dev)))
     return found
+
+
+def _memory(dev: int) -> tuple[int, int]:
+    """A device's free and total bytes, as its backend reports them now."""
+    free, total = ctypes.c_size_t(), ctypes.c_size_t()
+    _lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+    return free.value, total.value
 
 
 class DeviceChoiceError(ValueError):
@@ -127,9 +131,8 @@ class ComputeDevice:
     def kv_layers(self, num_layers: int, shape: tuple[int, ...]) -> DeviceLayers | LayerMemory | PlainLayers:
         """A KV cache's layers (kv_cache.KVCache): on the device while it has room for them beside what the step
         graphs need, else in host memory."""
-        free, total = ctypes.c_size_t(), ctypes.c_size_t()
-        _lib.ggml_backend_dev_memory(_lib.ggml_backend_dev_get(self.info.index), ctypes.byref(free), ctypes.byref(total))
-        if free.value >= num_layers * math.prod(shape) * 2 + COMPUTE_RESERVE_BYTES:
+        free, _ = _memory(_lib.ggml_backend_dev_get(self.info.index))
+        if free >= num_layers * math.prod(shape) * 2 + COMPUTE_RESERVE_BYTES:
             return DeviceLayers(num_layers, shape, self.buffer_type)
         return layer_memory(num_layers, shape)
 

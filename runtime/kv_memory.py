@@ -59,8 +59,9 @@ class LayerMemory:
         return mmap.PAGESIZE // math.gcd(mmap.PAGESIZE, self.row_bytes)
 
     def share(self, source, rows: int) -> int:
-        """Map source's first rows (when it is host memory of this kind too) (as many of `rows` as fill whole pages) over this cache's own; returns how many.
-        The source's rows must not change afterwards (rows below a cache's length never do)."""
+        """Map source's first rows (as many of `rows` as fill whole pages) over this cache's own, when it is host
+        memory of this kind too; returns how many. The source's rows must not change afterwards (rows below a
+        cache's length never do)."""
         shared = rows // self.rows_per_page_run * self.rows_per_page_run
         if shared == 0 or not isinstance(source, LayerMemory) or source.row_bytes != self.row_bytes:
             return 0
