@@ -8,7 +8,10 @@ from pathlib import Path
 
 import yaml
 
-from cluster.cli.options import add_cluster_args, cluster_config, positive_int
+from cluster.cli.options import add_cluster_args, cluster_config, gpu_choice, positive_int
+
+GPU_HELP = ("the GPU the head's weights would go on, as `serve --gpu` picks it: auto (the first with room, if ggml "
+            "has a GPU backend), none, cpu (the device path with the CPU standing in) or N (default %(default)s)")
 
 
 def add_plan_parser(sub) -> None:
@@ -36,6 +39,8 @@ def add_plan_parser(sub) -> None:
                    help="prompt length for the prefill estimate (default %(default)s)")
     p.add_argument("--decode-context", type=positive_int, default=1024,
                    help="tokens of context the decode estimate assumes (default %(default)s)")
+    p.add_argument("--gpu", type=gpu_choice, default="auto", metavar="auto|none|cpu|N",
+                   help="with --estimate and --workers: " + GPU_HELP)
     p.add_argument("--ray-config", metavar="FILE",
                    help="with --config: the Ray cluster config whose head_ip and worker_ips the nodes must match "
                         "(default: ~/ray_bootstrap_config.yaml, which `ray up` leaves on the head, else "
@@ -59,6 +64,7 @@ def add_probe_parser(sub) -> None:
                                    "it on each machine, idle: figures measured while other processes compute, or "
                                    "that come out as 0.0, are printed commented out and not kept, and it exits 1.")
     p.add_argument("model", help="path to the .gguf file (or its first part): only its header is read")
+    p.add_argument("--gpu", type=gpu_choice, default="auto", metavar="auto|none|cpu|N", help="also measure " + GPU_HELP)
     p.add_argument("--head", metavar="HOST[:PORT]",
                    help="also measure this machine's round trip to the head (TCP handshakes to its Ray port, "
                         "6379, unless given), for round_trip_ms")
@@ -120,9 +126,12 @@ def cmd_plan(args) -> None:
           + (f"; {placement.replica_count} second copies of workers' experts" if placement.replicas else ""))
     print(f"the head's KV cache: {cluster.kv_plan.describe(cluster.model_config.context_length)}")
     if args.estimate:
-        from cluster.cost_model.estimate import ModelCost, estimate
+        from cluster.cost_model.estimate import ModelCost, estimate, gpu_use
         cost = ModelCost.from_model(cluster.model_file, cluster.model_config)
-        speeds = _local_speeds(args, cost, budgets) if here else _config_speeds(config, cost)
+        speeds = _local_speeds(args, cost, budgets, cluster.model_file) if here else _config_speeds(config, cost)
+        head_gpu = gpu_use(cost, speeds[placement.head_node].speed.gpu)
+        if head_gpu:
+            print(head_gpu)
         print(estimate(cost, placement, speeds, args.streams, args.prompt_tokens, args.decode_context).format())
         print("(an estimate: routing taken as uniform, figures as probed; expect the real figure within about 30%)")
     for agreed in check.checked:
@@ -139,11 +148,13 @@ def _check_setup(args, config):
     return check_setup(config, find_ray_config(Path(args.config), args.ray_config))
 
 
-def _local_speeds(args, cost, budgets) -> dict:
-    """Head and --workers on this machine, with this machine's probe (kept from an earlier one, else run now)."""
+def _local_speeds(args, cost, budgets, model_file) -> dict:
+    """Head and --workers on this machine, with this machine's probe (kept from an earlier one, else run now), its
+    GPU's too if the head would use one."""
+    from cluster.cli.model_session import head_device
     from cluster.cost_model.estimate import NodeSpeed
     from cluster.cost_model.kept_probe import probe_here
-    probed = probe_here(cost, say=_probe_says)
+    probed = probe_here(cost, say=_probe_says, device=head_device(args.gpu, model_file))
     for doubt in probed.doubts:
         print(f"kimi-cluster: warning: {doubt}: the figures are not final (not kept) and the estimate may be slow "
               "by as much; run `kimi-cluster probe MODEL` when the machine is idle", file=sys.stderr)
@@ -170,6 +181,7 @@ def _probe_says(line: str) -> None:
 
 
 def cmd_probe(args) -> None:
+    from cluster.cli.model_session import head_device
     from cluster.cost_model.estimate import ModelCost
     from cluster.cost_model.kept_probe import describe_seconds, probe_here
     from cluster.cost_model.probe import round_trip_ms
@@ -177,7 +189,8 @@ def cmd_probe(args) -> None:
     from runtime.model import checked_config
     model_file = GGUFModelFile(args.model)
     link = {"round_trip_ms": float(f"{round_trip_ms(args.head):.3g}")} if args.head else {}
-    probed = probe_here(ModelCost.from_model(model_file, checked_config(model_file)), fresh=True, say=_probe_says)
+    probed = probe_here(ModelCost.from_model(model_file, checked_config(model_file)), fresh=True, say=_probe_says,
+                        device=head_device(args.gpu, model_file))
     _probe_says(f"took {describe_seconds(sum(probed.seconds.values()))}")
     figures = yaml.safe_dump({**link, "speed": probed.speed.to_dict()}, sort_keys=False,
                              default_flow_style=None).rstrip()

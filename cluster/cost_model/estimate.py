@@ -1,7 +1,8 @@
 """What speed a placement will give, before anything loads: a cost model over each machine's measured
 figures (`kimi-cluster probe`) and the model's bytes per token.
 
-A step reads every head weight once (attention, router, shared experts, output) and, per MoE layer, the
+A step reads every head weight once (attention, router, shared experts, output), on the head's GPU when it has
+one that holds them (then crossing to the CPU and back at every MoE layer), and, per MoE layer, the
 routed experts its tokens picked, each on the node that holds it; nodes compute their shares at once,
 but nodes on one machine share its cores. A weight costs the longer of reading it and computing its rows;
 routed experts compute at the rate measured for their own shape (ggml's mul_mat_id, slower per row than a
@@ -22,9 +23,46 @@ from cluster.placement import Placement
 from runtime.config import ModelConfig
 from runtime.gguf_file import GGUFModelFile
 
+GPU_RESERVE_BYTES = 1 << 30  # runtime/ggml_backends.py's COMPUTE_RESERVE_BYTES
 SAMPLING_S, SAMPLING_VOCAB = 0.0006, 163840  # Kimi's settings over its 163,840 logits (bench_sampling)
 DECODE, PROMPT = "decode", "prompt"  # how the runtime attends: decoding rows (flash), a prompt's rows (matmuls)
 WIRE_BYTES_PER_VALUE = 4  # hidden states travel as float32 both ways
+
+
+@dataclass(frozen=True)
+class GpuSpeed:
+    """A GPU that holds the head's weights (runtime/ggml_backends.py), as `kimi-cluster probe` measures it."""
+    name: str
+    memory_gib: float
+    read_gbps: dict[str, float]  # ggml type -> GB/s of weights a one-row matmul streams
+    gflops: dict[str, float]  # ggml type -> GFLOP/s of 512-row matmuls
+    attention_gflops: dict[str, float]  # DECODE, PROMPT -> GFLOP/s of attention at the model's shape
+    crossing_ms: float  # one step's hidden row to the CPU and back: where a step crosses to the routed experts
+    transfer_gbps: float  # GB/s of larger copies between the GPU and host memory (a prompt's rows)
+
+    def holds(self, cost: ModelCost) -> bool:
+        """Whether the head's weights fit, with room for the step's buffers (the runtime's reserve)."""
+        return sum(cost.head_bytes.values()) + GPU_RESERVE_BYTES <= self.memory_gib * 2**30
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "memory_gib": _rounded(self.memory_gib),
+                "read_gbps": {k: _rounded(v) for k, v in self.read_gbps.items()},
+                "gflops": {k: _rounded(v) for k, v in self.gflops.items()},
+                "attention_gflops": {k: _rounded(v) for k, v in self.attention_gflops.items()},
+                "crossing_ms": _rounded(self.crossing_ms), "transfer_gbps": _rounded(self.transfer_gbps)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> GpuSpeed:
+        return cls(str(data["name"]), float(data["memory_gib"]),
+                   {str(k): float(v) for k, v in data["read_gbps"].items()},
+                   {str(k): float(v) for k, v in data["gflops"].items()},
+                   {str(k): float(v) for k, v in data["attention_gflops"].items()}, float(data["crossing_ms"]),
+                   float(data["transfer_gbps"]))
+
+
+def _rounded(value: float) -> float:
+    """3 significant digits: more would be noise."""
+    return float(f"{value:.3g}")
 
 
 @dataclass(frozen=True)
@@ -44,6 +82,7 @@ class MachineSpeed:
     remote_expert_us: float  # more per expert of a layer a worker computes in a step
     next_worker_ms: float  # more again for each further worker on the head's machine, sharing its cores
     cores: int
+    gpu: GpuSpeed | None = None  # the GPU the head's weights go on, if it has one
 
     def expert_rate(self, pairs_per_expert: float) -> float:
         """GFLOP/s of routed experts at this many pairs per expert: between the measured points, linear in
@@ -54,8 +93,7 @@ class MachineSpeed:
 
     def to_dict(self) -> dict:
         """Rounded to 3 significant digits: more would be noise."""
-        def rounded(value: float) -> float:
-            return float(f"{value:.3g}")
+        rounded = _rounded
         return {"read_gbps": {k: rounded(v) for k, v in self.read_gbps.items()},
                 "thread_read_gbps": {k: rounded(v) for k, v in self.thread_read_gbps.items()},
                 "gflops": {k: rounded(v) for k, v in self.gflops.items()},
@@ -66,7 +104,7 @@ class MachineSpeed:
                 "row_layer_us": rounded(self.row_layer_us),
                 "sequence_layer_ms": rounded(self.sequence_layer_ms), "remote_layer_ms": rounded(self.remote_layer_ms),
                 "remote_expert_us": rounded(self.remote_expert_us), "next_worker_ms": rounded(self.next_worker_ms),
-                "cores": self.cores}
+                "cores": self.cores, **({"gpu": self.gpu.to_dict()} if self.gpu is not None else {})}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> MachineSpeed:
@@ -77,7 +115,7 @@ class MachineSpeed:
                    {str(k): float(v) for k, v in data["attention_gflops"].items()}, str(data["attention_shape"]),
                    float(data["layer_ms"]), float(data["row_layer_us"]), float(data["sequence_layer_ms"]),
                    float(data["remote_layer_ms"]), float(data["remote_expert_us"]), float(data["next_worker_ms"]),
-                   int(data["cores"]))
+                   int(data["cores"]), GpuSpeed.from_dict(data["gpu"]) if "gpu" in data else None)
 
 
 @dataclass(frozen=True)
@@ -193,11 +231,30 @@ def model_types(cost: ModelCost) -> set[str]:
     return set(cost.head_bytes) | {t for per_type in cost.expert_bytes.values() for t in per_type} | {"F32", "F16"}
 
 
+def gpu_use(cost: ModelCost, gpu: GpuSpeed | None) -> str | None:
+    """What the head's GPU holds, in a line for `plan`, if the head has one."""
+    if gpu is None:
+        return None
+    head = sum(cost.head_bytes.values()) / 2**30
+    if not gpu.holds(cost):
+        return (f"the head's GPU, {gpu.name} with {gpu.memory_gib:.1f} GiB, lacks room for its weights ({head:.1f} "
+                f"GiB and {GPU_RESERVE_BYTES / 2**30:.0f} GiB for buffers): they stay in RAM")
+    left = gpu.memory_gib - head - GPU_RESERVE_BYTES / 2**30
+    return (f"the head's GPU, {gpu.name} with {gpu.memory_gib:.1f} GiB: its weights take {head:.1f} GiB, buffers "
+            f"{GPU_RESERVE_BYTES / 2**30:.0f} GiB, and KV caches go there while the {left:.1f} GiB left holds them")
+
+
+def head_types(cost: ModelCost) -> set[str]:
+    """The ggml types of the weights a GPU holds for the head, and F32 and F16 (norms, the KV cache)."""
+    return set(cost.head_bytes) | {"F32", "F16"}
+
+
 def check_probed_for(speed: MachineSpeed, cost: ModelCost, node: str) -> None:
     """Refuse figures probed for another model: other weight types, or experts or attention of another shape."""
     missing = sorted(model_types(cost) - set(speed.read_gbps))
-    if missing:
-        what = f"no figures for {', '.join(missing)}"
+    missing_on_gpu = speed.gpu and sorted(head_types(cost) - set(speed.gpu.read_gbps))
+    if missing or missing_on_gpu:
+        what = f"no figures for {', '.join(missing or missing_on_gpu)}" + (" on its GPU" if not missing else "")
     elif speed.expert_shape != cost.expert_shape:
         what = f"experts of shape {speed.expert_shape}; this model's: {cost.expert_shape}"
     elif speed.attention_shape != cost.attention_shape:
@@ -246,12 +303,17 @@ def step_parts(cost: ModelCost, placement: Placement, nodes: Mapping[str, NodeSp
     def share_of_cores(node: NodeSpeed) -> float:
         return node.threads / node.speed.cores
 
-    head_math = sum(max(read_seconds(head, {t: nbytes}, 1.0),
-                        2 * cost.head_params[t] * rows / (head.speed.gflops[t] * 1e9))
-                    for t, nbytes in cost.head_bytes.items())
+    gpu = head.speed.gpu if head.speed.gpu is not None and head.speed.gpu.holds(cost) else None
+    if gpu is None:
+        head_math = sum(max(read_seconds(head, {t: nbytes}, 1.0),
+                            2 * cost.head_params[t] * rows / (head.speed.gflops[t] * 1e9))
+                        for t, nbytes in cost.head_bytes.items())
+    else:  # the head's weights on its GPU; a step crosses to the CPU's routed experts and back at every MoE layer
+        head_math = sum(max(nbytes / (gpu.read_gbps[t] * 1e9), 2 * cost.head_params[t] * rows / (gpu.gflops[t] * 1e9))
+                        for t, nbytes in cost.head_bytes.items())
     # Every (row, cached position) pair: a prompt's rows with matmuls (the masked pairs too), decoding rows with
     # flash attention, each at its measured rate
-    attention_rate = head.speed.attention_gflops[PROMPT if rows > sequences else DECODE]
+    attention_rate = (gpu or head.speed).attention_gflops[PROMPT if rows > sequences else DECODE]
     head_math += cost.attention_flops_per_pair * rows * positions * cost.num_layers / (attention_rate * 1e9)
     experts = link = worker_overhead = 0.0
     workers = [name for name in placement.experts if name != placement.head_node]
@@ -276,8 +338,12 @@ def step_parts(cost: ModelCost, placement: Placement, nodes: Mapping[str, NodeSp
     fixed_ms = cost.num_layers * (speed.layer_ms + (rows - 1) * speed.row_layer_us / 1000
                                   + (sequences - 1) * speed.sequence_layer_ms)
     sampling_ms = 1000 * SAMPLING_S * sequences * cost.vocab_size / SAMPLING_VOCAB
-    return {"head math": 1000 * head_math, "experts": 1000 * experts, "worker overhead": 1000 * worker_overhead,
-            "link": 1000 * link, "fixed costs": fixed_ms, "sampling": sampling_ms}
+    parts = {"head math": 1000 * head_math, "experts": 1000 * experts, "worker overhead": 1000 * worker_overhead,
+             "link": 1000 * link, "fixed costs": fixed_ms, "sampling": sampling_ms}
+    if gpu is not None:
+        copies_ms = 1000 * 2 * rows * cost.n_embd * WIRE_BYTES_PER_VALUE / (gpu.transfer_gbps * 1e9)
+        parts["GPU crossings"] = len(cost.expert_bytes) * (gpu.crossing_ms + copies_ms)
+    return parts
 
 
 def _machine_time(machine: str, work: Mapping[str, float], nodes: Mapping[str, NodeSpeed], head: str) -> float:

@@ -2,7 +2,8 @@
 
 For each weight type the model uses: how fast a one-row matmul streams it (decode reads every weight
 once per step) and how fast 512-row matmuls compute (prefill). How fast routed experts of the model's own
-shape compute with few and with many rows each (ggml's mul_mat_id). Then the runtime's fixed costs, on a
+shape compute with few and with many rows each (ggml's mul_mat_id). Where the head's weights go on a GPU, the
+same for them there, attention there, and a step's crossing to the CPU and back. Then the runtime's fixed costs, on a
 model in the Kimi layout whose math costs little, the same for every model: per layer in one process, for
 each further row and sequence in a step, and with one and two local workers (Ray actors over gRPC, sharing
 this machine's cores with the head). Each phase shows its progress; a figure measured while other processes computed, or
@@ -25,10 +26,12 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from tqdm import tqdm
 
-from cluster.cost_model.estimate import (DECODE, PROMPT, MachineSpeed, ModelCost, NodeSpeed, model_types, single_node,
-                                         step_parts, touched_fraction)
+from cluster.cost_model.estimate import (DECODE, PROMPT, GpuSpeed, MachineSpeed, ModelCost, NodeSpeed, head_types,
+                                         model_types, single_node, step_parts, touched_fraction)
 from cluster.cost_model.machine_load import OtherLoad
 from cluster.placement import Placement
+from runtime.ggml_backends import ComputeDevice
+from runtime.ggml_device_ops import attention_on, matmul_on, round_trip_on
 from runtime.ggml_ops import GgmlRunner, Weight
 from runtime.synthetic.demo_model import Preset
 
@@ -44,6 +47,7 @@ FIXED_COST_RUNS = 1 + 4 * PROBE_ROUNDS + 2  # the probe model and its experts, 4
 EXPERT_BYTES_PROBED = 256 << 20  # experts enough to read this much (at least 4): per-call costs are noise beside it
 PAIRS_PER_EXPERT = (1, 4, 64)  # one stream, many streams, prompts
 ATTENTION_CONTEXT, ATTENTION_PROMPT = 4096, 512  # a decoding row's positions; a prompt chunk's rows and positions
+TRANSFER_FLOATS = 16 << 20  # a copy of 64 MiB each way: its fixed cost is noise beside it
 # The runtime's fixed costs show on a model in the Kimi layout whose math is a few microseconds a layer, at
 # Kimi K2's depth and expert count: a shallower one stays in a large processor cache and looks faster per
 # layer, and a worker's cost grows with the experts a step uses. (A 64-wide one, whose ops cost less than at
@@ -131,6 +135,41 @@ def attention_speeds(cost: ModelCost, done: Callable[[], object] = lambda: None)
         speeds[kind] = cost.attention_flops_per_pair * rows * positions / seconds / 1e9
         done()
     return speeds
+
+
+def gpu_speeds(cost: ModelCost, device: ComputeDevice, folder: Path, done: Callable[[], object] = lambda: None
+               ) -> GpuSpeed:
+    """The figures of the GPU the head's weights go on: per type the head's weights have, GB/s of one-row matmuls
+    and GFLOP/s of 512-row ones over weights in its memory; attention at the model's shape over a cache in its
+    memory; and what a step's crossing to the CPU and back costs (a row, then a prompt's rows). Calls `done`
+    after each type and each other figure."""
+    read_gbps, gflops = {}, {}
+    for name in sorted(head_types(cost)):
+        ggml_type = GGMLQuantizationType[name]
+        block_size, type_size = GGML_QUANT_SIZES[ggml_type]
+        big = _weight(ggml_type, (ROW_LENGTH, max(1, READ_BYTES // (ROW_LENGTH // block_size * type_size))), folder)
+        read_gbps[name] = big.nbytes / _timed(matmul_on(device, big, 1)) / 1e9
+        small = _weight(ggml_type, (ROW_LENGTH, 512), folder)
+        gflops[name] = 2 * ROW_LENGTH * 512 * 512 / _timed(matmul_on(device, small, 512), repeats=3) / 1e9
+        done()
+    heads, width, values = cost.attention_dims
+    attention_gflops = {}
+    for kind, rows, positions, flash in ((DECODE, 1, ATTENTION_CONTEXT, True),
+                                         (PROMPT, ATTENTION_PROMPT, ATTENTION_PROMPT, False)):
+        seconds = _timed(attention_on(device, heads, width, values, rows, positions, flash), repeats=3)
+        attention_gflops[kind] = cost.attention_flops_per_pair * rows * positions / seconds / 1e9
+        done()
+    crossing_ms = 1000 * _timed(round_trip_on(device, cost.n_embd), repeats=20)
+    done()
+    transfer_gbps = 2 * 4 * TRANSFER_FLOATS / _timed(round_trip_on(device, TRANSFER_FLOATS)) / 1e9
+    done()
+    return GpuSpeed(gpu_name(device), device.info.total_bytes / 2**30, read_gbps, gflops, attention_gflops,
+                    crossing_ms, transfer_gbps)
+
+
+def gpu_name(device: ComputeDevice) -> str:
+    """How the figures name a device's GPU (GpuSpeed.name)."""
+    return f"{device.info.name} ({device.info.description})"
 
 
 def round_trip_ms(head: str, tries: int = 20, timeout_s: float = 2.0) -> float:
@@ -271,12 +310,14 @@ class Probed:
 
 
 MATMULS, EXPERTS, ATTENTION, FIXED = "matmul speeds", "routed experts' speed", "attention's speed", "fixed costs"
+GPU = "GPU's speed"
 
 
-def probe(cost: ModelCost, fixed: dict[str, float] | None = None, progress: bool = True) -> Probed:
-    """This machine's figures for a model of this cost (its weight types, expert and attention shapes). The
-    runtime's fixed costs are the same for every model: measured too unless given (the longest phase: it starts
-    Ray twice)."""
+def probe(cost: ModelCost, fixed: dict[str, float] | None = None, progress: bool = True,
+          device: ComputeDevice | None = None) -> Probed:
+    """This machine's figures for a model of this cost (its weight types, expert and attention shapes), and its
+    GPU's where it has one (`device`). The runtime's fixed costs are the same for every model: measured too
+    unless given (the longest phase: it starts Ray twice)."""
     types = model_types(cost)
     seconds: dict[str, float] = {}
     doubts: list[str] = []
@@ -299,11 +340,15 @@ def probe(cost: ModelCost, fixed: dict[str, float] | None = None, progress: bool
             expert_gflops = expert_speeds(cost, Path(folder), done)
         with phase(ATTENTION, cost.attention_shape, 2) as done:
             attention_gflops = attention_speeds(cost, done)
+        gpu = None
+        if device is not None:
+            with phase(GPU, device.info.name, len(head_types(cost)) + 4) as done:
+                gpu = gpu_speeds(cost, device, Path(folder), done)
         if fixed is None:
             with phase(FIXED, "one process, then 1 and 2 local workers on Ray", FIXED_COST_RUNS) as done:
                 fixed = fixed_costs(Path(folder), matmuls, done)
     speed = MachineSpeed(*matmuls, expert_gflops, cost.expert_shape, attention_gflops, cost.attention_shape, **fixed,
-                         cores=len(os.sched_getaffinity(0)))
+                         cores=len(os.sched_getaffinity(0)), gpu=gpu)
     doubts += [f"{name} came out as 0.0" for name, value in _figures(speed.to_dict()) if value == 0.0]
     return Probed(speed, seconds, tuple(doubts))
 
