@@ -42,3 +42,18 @@ def add(model_file: GGUFModelFile, counts: np.ndarray, folder: Path = DEFAULT_DI
     partial = path.with_suffix(".partial.npy")
     np.save(partial, total)
     partial.replace(path)
+
+
+def hottest(counts: np.ndarray | None, expert_bytes: np.ndarray, budget_bytes: int) -> dict[int, list[int]]:
+    """The most routed experts whose bytes (expert_bytes: [num_layers, num_experts], 0 for dense layers) fit in
+    budget_bytes, as layer -> expert ids. Without counts, as many of each layer, in id order."""
+    layers, experts = np.nonzero(expert_bytes)
+    heat = np.zeros(len(layers)) if counts is None else counts[layers, experts]
+    chosen: dict[int, list[int]] = {}
+    left = budget_bytes
+    for i in np.lexsort((layers, experts, -heat)):  # hottest first; ties: expert j of every layer before j + 1
+        if expert_bytes[layers[i], experts[i]] > left:
+            break
+        left -= expert_bytes[layers[i], experts[i]]
+        chosen.setdefault(int(layers[i]), []).append(int(experts[i]))
+    return chosen

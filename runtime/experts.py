@@ -16,8 +16,9 @@ from typing import Callable, Mapping, Protocol, Sequence
 import numpy as np
 
 from .ggml_experts import grouped_expert_ffn, runs_grouped
-from .ggml_graph import PlannedGraph
-from .ggml_ops import GgmlRunner, RepackedWeight, Weight, moe_subgraph, repack
+from .ggml_backends import ComputeDevice
+from .ggml_graph import PlannedGraph, ScheduledMemory
+from .ggml_ops import BufferWeight, GgmlRunner, RepackedWeight, Weight, moe_subgraph, repack
 from .gguf_file import ByteRange, GGUFModelFile
 
 PAGE_BYTES = 4096
@@ -46,9 +47,10 @@ class ExpertShard:
     grouped: prompt-sized calls over interleaved experts may run grouped by expert (ggml_experts.py), which
     is faster but rounds a row with its neighbours; off, every row's result is independent of the others."""
 
-    def __init__(self, runner: GgmlRunner, tensors: Mapping[int, Mapping[str, Weight | RepackedWeight]],
-                 local_index: Mapping[int, np.ndarray]):
-        self.runner = runner
+    def __init__(self, runner: GgmlRunner, tensors: Mapping[int, Mapping[str, Weight | BufferWeight]],
+                 local_index: Mapping[int, np.ndarray], device: ComputeDevice | None = None):
+        """device: where the tensors lie, if on a compute device (ggml_backends.py), whose backends then run them."""
+        self.runner, self.device = runner, device
         self.tensors = dict(tensors)
         self.local_index = dict(local_index)  # layer -> [num_experts] int32, -1 where not held
         self.grouped = False
@@ -60,11 +62,13 @@ class ExpertShard:
 
     @classmethod
     def from_model_file(cls, model_file: GGUFModelFile, runner: GgmlRunner, owned: Mapping[int, Sequence[int]],
-                        repack_experts: bool = False, on_bytes: Callable[[int], None] = lambda n: None
-                        ) -> "ExpertShard":
+                        repack_experts: bool = False, on_bytes: Callable[[int], None] = lambda n: None,
+                        device: ComputeDevice | None = None) -> "ExpertShard":
         """Views over the whole expert tensors of each layer: zero-copy, and only owned experts are read.
-        With repack_experts, the owned experts alone are copied into ggml's faster interleaved layout;
-        on_bytes hears of each copy (`touch` then reads what stayed mapped)."""
+        With repack_experts, the owned experts alone are copied into ggml's faster interleaved layout; with a
+        device, into its memory. on_bytes hears of each copy (`touch` then reads what stayed mapped)."""
+        if device is not None:
+            return cls._on_device(model_file, runner, owned, device, on_bytes)
         tensors, local_index = {}, {}
         for layer, experts in owned.items():
             experts = sorted(experts)
@@ -85,6 +89,23 @@ class ExpertShard:
             index[experts] = np.arange(len(experts)) if repack_experts else experts
             local_index[layer] = index
         return cls(runner, tensors, local_index)
+
+    @classmethod
+    def _on_device(cls, model_file: GGUFModelFile, runner: GgmlRunner, owned: Mapping[int, Sequence[int]],
+                   device: ComputeDevice, on_bytes: Callable[[int], None]) -> "ExpertShard":
+        """Copies of the owned experts in the device's memory, in order (the file's mapping stays for others)."""
+        tensors, local_index = {}, {}
+        for layer, experts in owned.items():
+            experts = sorted(experts)
+            index = np.full(model_file.info(f"blk.{layer}.ffn_down_exps.weight").ne[2], -1, np.int32)
+            index[experts] = np.arange(len(experts))
+            tensors[layer], local_index[layer] = {}, index
+            for kind in model_file.expert_kinds(layer):
+                info = model_file.info(f"blk.{layer}.ffn_{kind}_exps.weight")
+                tensors[layer][kind] = device.place(_gather_experts(Weight(info.ggml_type, info.ne,
+                                                                           model_file.raw(info.name)), experts))
+                on_bytes(tensors[layer][kind].nbytes)
+        return cls(runner, tensors, local_index, device)
 
     def runs_grouped(self, layer: int, slots: int) -> bool:
         """Whether a call with this many (row, slot) pairs runs grouped by expert."""
@@ -109,6 +130,8 @@ class ExpertShard:
         self._page_in(layer, local_ids)
         if self.runs_grouped(layer, num_tokens * k):
             return grouped_expert_ffn(self.runner, t, hidden, local_ids, weights)
+        if self.device is not None and num_tokens * k > PLANNED_SLOTS:  # built for this call, as below
+            return self._run(self._plan_ffn(layer, num_tokens, k), hidden, local_ids, weights)
         if num_tokens * k > PLANNED_SLOTS:  # prompt-sized: planned memory would be large, and building is cheap beside the math
             return self.runner.expert_ffn(t.get("gate"), t.get("up"), t["down"], hidden, local_ids, weights,
                                           gate_up=t.get("gate_up"))
@@ -117,20 +140,27 @@ class ExpertShard:
             self._graphs[(layer, num_tokens, k)] = graph
             if len(self._graphs) > PLANNED_GRAPHS_KEPT:
                 self._graphs.popitem(last=False)
-            graph.inputs["hidden"][...] = hidden
-            graph.inputs["ids"][...] = local_ids
-            graph.inputs["weights"][...] = weights.reshape(num_tokens, k, 1)
-            graph.compute()
-            return graph.read("out", 2)
+            return self._run(graph, hidden, local_ids, weights)
+
+    @staticmethod
+    def _run(graph: PlannedGraph, hidden: np.ndarray, local_ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        graph.inputs["hidden"][...] = hidden
+        graph.inputs["ids"][...] = local_ids
+        graph.inputs["weights"][...] = weights.reshape(*local_ids.shape, 1)
+        graph.compute()
+        return graph.read("out", 2)
 
     def _plan_ffn(self, layer: int, num_tokens: int, k: int) -> PlannedGraph:
         """A planned graph of this layer's experts for num_tokens rows of k slots (decode-sized steps)."""
-        graph = PlannedGraph(self.runner, 64)
+        memory = None if self.device is None else ScheduledMemory(self.device)
+        graph = PlannedGraph(self.runner, 64, memory)
         w = {kind: graph.weight(weight, num_tokens * k) for kind, weight in self.tensors[layer].items()}
         hidden = graph.input("hidden", (num_tokens, self.tensors[layer]["down"].ne[1]))
         ids, weights = graph.input("ids", (num_tokens, k), np.int32), graph.input("weights", (num_tokens, k, 1))
         graph.plan({"out": moe_subgraph(graph.ctx, w.get("gate"), w.get("up"), w["down"], w.get("gate_up"), hidden, ids,
                                         weights)})
+        if memory is not None:
+            memory.allocate()
         return graph
 
     def forward(self, layer: int, hidden: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -265,19 +295,31 @@ def _gather_experts(weight: Weight, experts: Sequence[int]) -> Weight:
 
 
 class LocalExperts:
-    """Every routed expert of every MoE layer, in this process."""
+    """Every routed expert of every MoE layer, in this process; some of them copied into a compute device's memory
+    too (`on_device`: layer -> expert ids), where that copy computes them."""
 
     def __init__(self, model_file: GGUFModelFile, runner: GgmlRunner, moe_layers: Sequence[int], num_experts: int,
-                 repack: bool = False, on_bytes: Callable[[int], None] = lambda n: None, grouped: bool = False):
+                 repack: bool = False, on_bytes: Callable[[int], None] = lambda n: None, grouped: bool = False,
+                 device: ComputeDevice | None = None, on_device: Mapping[int, Sequence[int]] | None = None):
         self.shard = ExpertShard.from_model_file(model_file, runner, {layer: range(num_experts) for layer in moe_layers},
                                                  repack, on_bytes)
         self.shard.grouped = grouped
+        # The device's copies first: ShardSet gives each expert to the first shard that holds it.
+        self.on_device = None if not on_device else ShardSet(
+            [ExpertShard.from_model_file(model_file, runner, on_device, on_bytes=on_bytes, device=device), self.shard])
 
     def start(self, layer: int, hidden: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> Callable[[], np.ndarray]:
-        return lambda: self.shard.forward(layer, hidden, ids, weights)
+        if self.on_device is None:
+            return lambda: self.shard.forward(layer, hidden, ids, weights)
+        num_tokens, k = ids.shape
+        rows = np.repeat(np.arange(num_tokens), k)
+        return lambda: self.on_device.forward_pairs(layer, hidden, rows, ids.reshape(-1), weights.reshape(-1))
 
-    def graph_weights(self, layer: int, slots: int) -> Mapping[str, Weight | RepackedWeight] | None:
-        return None if self.shard.runs_grouped(layer, slots) else self.shard.tensors[layer]
+    def graph_weights(self, layer: int, slots: int) -> Mapping[str, Weight | BufferWeight] | None:
+        """None where some experts lie on the device (the step is cut there, and the host splits the pairs)."""
+        if self.on_device is not None or self.shard.runs_grouped(layer, slots):
+            return None
+        return self.shard.tensors[layer]
 
     def read_on_demand(self, model_file: GGUFModelFile) -> None:
         """See ExpertShard.read_on_demand; inside the model's graph, experts are then read page by page."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import weakref
 from collections import OrderedDict
 from functools import lru_cache
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -56,11 +56,13 @@ class KimiModel:
 
     device: a compute device (ggml_backends.py) that holds the head's weights (all but the token embeddings
     and the routed experts, which stay in host memory) and runs the ops that read them; the head's weights are
-    then not interleaved.
+    then not interleaved. device_experts (layer -> expert ids): routed experts it also holds copies of and
+    computes (the step is then cut at every MoE layer, where the host gives each pair to the device or the CPU).
     """
 
     def __init__(self, model_file: GGUFModelFile, runner: GgmlRunner | None = None, experts: Experts | None = None,
-                 repack: str = "head", progress: bool = False, device: ComputeDevice | None = None):
+                 repack: str = "head", progress: bool = False, device: ComputeDevice | None = None,
+                 device_experts: Mapping[int, Sequence[int]] | None = None):
         if repack not in REPACK_CHOICES:
             raise ValueError(f"repack must be one of {', '.join(REPACK_CHOICES)}, not '{repack}'")
         self.file = model_file
@@ -68,19 +70,25 @@ class KimiModel:
         self.runner = runner or GgmlRunner()
         self.device = device
         self.repack_head = repack in ("head", "all") and device is None
-        self.experts = experts or self._local_experts(repack in ("experts", "all"), progress)
+        self.experts = experts or self._local_experts(repack in ("experts", "all"), progress, device_experts)
         self.output_name = "output.weight" if model_file.has("output.weight") else "token_embd.weight"
         self._steps: OrderedDict[StepShape, StepGraphs] = OrderedDict()
         self._watched_caches: set[int] = set()
         self._dropped_caches: list[int] = []
 
-    def _local_experts(self, interleave: bool, progress: bool) -> LocalExperts:
-        """Every routed expert in this process; interleaving copies them all, with a progress bar over bytes."""
-        total = self.file.routed_expert_bytes() if interleave else 0
-        with tqdm(total=total, unit="B", unit_scale=True, desc="interleaving experts",
-                  disable=not (progress and interleave), leave=False) as bar:
+    def _local_experts(self, interleave: bool, progress: bool, on_device: Mapping[int, Sequence[int]] | None
+                       ) -> LocalExperts:
+        """Every routed expert in this process; interleaving copies them all, and the device its own, with a
+        progress bar over bytes."""
+        copied = sum(self.file.info(f"blk.{layer}.ffn_{kind}_exps.weight").nbytes // self.config.num_experts
+                     * len(experts) for layer, experts in (on_device or {}).items()
+                     for kind in self.file.expert_kinds(layer))
+        total = copied + (self.file.routed_expert_bytes() if interleave else 0)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="copying experts", disable=not (progress and total),
+                  leave=False) as bar:
             return LocalExperts(self.file, self.runner, self.config.moe_layers, self.config.num_experts,
-                                repack=interleave, on_bytes=bar.update, grouped=self.repack_head)
+                                repack=interleave, on_bytes=bar.update, grouped=self.repack_head, device=self.device,
+                                on_device=on_device)
 
     @lru_cache(maxsize=None)
     def weight(self, name: str) -> Weight | BufferWeight | np.ndarray:

@@ -110,8 +110,8 @@ def test_chat_help_puts_a_local_models_options_apart_from_the_servers():
     groups = {group.title: {option for action in group._group_actions for option in action.option_strings}
               for group in subcommands()["chat"]._action_groups}
     assert groups["a running server (without MODEL)"] == {"--url", "--api-key"}
-    assert groups["a model loaded here (with MODEL)"] == {"--threads", "--gpu", "--context", "--repack",
-                                                          "--speculate", "--deterministic"}
+    assert groups["a model loaded here (with MODEL)"] == {"--threads", "--gpu", "--gpu-experts-gb", "--context",
+                                                          "--repack", "--speculate", "--deterministic"}
     assert "--workers" in groups["cluster, for a model loaded here (default: everything in this process)"]
     assert "--temperature" in groups["options"] and "--url" not in groups["options"]
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from runtime.engine import Engine, Request, SamplingParams
+from cluster import routing_counts
 from runtime import ggml_backends
 from runtime.ggml_backends import ComputeDevice, DeviceChoiceError, DeviceRows, choose_device, devices
 from runtime.ggml_graph import ScheduledMemory
@@ -130,6 +131,38 @@ def test_prompts_reused_from_device_caches_and_from_disk_give_the_cold_answer(ti
     warm.prompt_cache.store.flush()
     restarted = warm_engine(PromptStore(tmp_path, model_identity(model.file), 10**9))
     assert run_together(restarted, [later])[0] == cold and restarted.prompt_cache.stats().loaded == 1
+
+
+def test_experts_copied_to_the_device_compute_there(tiny_q4km):
+    """--gpu-experts-gb: a layer's pairs go to the device's copies of their experts or to the CPU, and are summed
+    in slot order as one shard sums them: the CPU path's tokens, and its logits to float rounding."""
+    device = stand_in()
+    on_device = {1: [0, 3, 5, 9], 2: [2, 3]}
+    model = KimiModel(GGUFModelFile(tiny_q4km), repack="experts", device=device, device_experts=on_device)
+    copies = model.experts.on_device.shards[0]
+    assert all(device.holds(w) for kinds in copies.tensors.values() for w in kinds.values())
+    assert {layer: copies.owned(layer).tolist() for layer in on_device} == on_device
+    assert model.experts.graph_weights(1, 8) is None  # the step is cut where the host splits the pairs
+    plain = KimiModel(GGUFModelFile(tiny_q4km), repack="experts")
+    for ours, theirs in zip(mixed_steps(model), mixed_steps(plain)):
+        assert relative_to_range(ours, theirs) <= 1e-5
+    batch = [Request((40 + seed, 41, 42, 43), 12, SamplingParams()) for seed in range(3)]
+    assert [[o.token for o in out] for out in run_together(Engine(model, 128), batch)] == \
+        [[o.token for o in out] for out in run_together(Engine(plain, 128), batch)]
+
+
+def test_the_most_routed_experts_are_chosen_for_the_device():
+    expert_bytes = np.array([[0, 0, 0], [10, 10, 10], [10, 10, 10]])  # layer 0 is dense
+    counts = np.array([[0, 0, 0], [5, 50, 1], [40, 2, 60]])
+    assert routing_counts.hottest(counts, expert_bytes, 35) == {2: [2, 0], 1: [1]}
+    assert routing_counts.hottest(None, expert_bytes, 45) == {1: [0, 1], 2: [0, 1]}
+    assert routing_counts.hottest(counts, expert_bytes, 9) == {}
+
+
+def test_experts_on_a_gpu_need_one(tiny_q4km):
+    result = cli("generate", str(tiny_q4km), "--prompt", "hi", "--gpu", "none", "--gpu-experts-gb", "1")
+    assert result.returncode == 2 and result.stderr.count("\n") == 2  # the backends line, then the error
+    assert "--gpu-experts-gb needs a GPU" in result.stderr
 
 
 def test_sequences_sharing_steps_on_the_device_get_their_solo_tokens(tiny_q4km):

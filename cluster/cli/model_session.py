@@ -19,11 +19,13 @@ def model_session(args, config, max_sequences: int, model_file=None, tokenizer=N
     model_file = model_file or GGUFModelFile(args.model)
     tokenizer = tokenizer or Tokenizer.from_metadata(model_file.metadata)
     device = head_device(args.gpu, model_file)
+    on_device = experts_for_device(args.gpu_experts_gb, device, model_file, config)
     if config is None:
         from cluster.failover import available_memory_bytes
         available = available_memory_bytes()
         model = KimiModel(model_file, GgmlRunner(args.threads), progress=sys.stderr.isatty(),
-                          repack=repack_that_fits(args.repack, model_file, available), device=device)
+                          repack=repack_that_fits(args.repack, model_file, available), device=device,
+                          device_experts=on_device)
         kv_plan = _plan_here(model_file, model.config, available, max_sequences, args.context)
         if not _experts_fit(model_file, available):  # paged from disk: see ExpertShard.read_on_demand
             model.experts.read_on_demand(model_file)
@@ -50,6 +52,30 @@ def head_device(choice: str | int, model_file):
     info, line = choose_device(choice, head_bytes)
     print(f"kimi-cluster: {line}", file=sys.stderr)
     return None if info is None else ComputeDevice(info)
+
+
+def experts_for_device(gib: float, device, model_file, config) -> dict[int, list[int]] | None:
+    """The routed experts --gpu-experts-gb copies onto the device: the most routed that fit in as many GiB, and in
+    what the device has free beside the head's weights and buffers. Says how many in a line."""
+    if not gib:
+        return None
+    if device is None or config is not None:
+        raise ValueError("--gpu-experts-gb needs a GPU (--gpu) and every expert in this process (no --workers or "
+                         "--config)")
+    from cluster import routing_counts
+    from cluster.placement import Inventory
+    from runtime.ggml_backends import COMPUTE_RESERVE_BYTES, devices
+    from runtime.model import checked_config
+    inventory = Inventory.from_model(model_file, checked_config(model_file))
+    free = devices()[device.info.index].free_bytes - 2 * COMPUTE_RESERVE_BYTES  # buffers for both kinds of graph
+    budget = int(min(gib * 2**30, max(free, 0)))
+    counts = routing_counts.load(model_file, inventory.expert_bytes.shape)
+    chosen = routing_counts.hottest(counts, inventory.expert_bytes, budget)
+    total = sum(int(inventory.expert_bytes[layer, e]) for layer, experts in chosen.items() for e in experts)
+    print(f"kimi-cluster: {sum(map(len, chosen.values()))} routed experts ({total / 2**30:.1f} GiB, "
+          f"{'the most routed' if counts is not None else 'as many of each layer: no routing counts kept yet'}) "
+          f"go on {device.info.name} too", file=sys.stderr)
+    return chosen
 
 
 def _plan_here(model_file, model_config, available: int, max_sequences: int, context: int | None):

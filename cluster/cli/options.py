@@ -77,6 +77,10 @@ def add_runtime_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, servi
                         "they fit on, if ggml was built with one (the start says which backends it has); N: GPU N, "
                         "or an error; none: the CPU only; cpu: the GPU's code path with the CPU standing in, for "
                         "testing (default %(default)s)")
+    p.add_argument("--gpu-experts-gb", type=float, default=0.0, metavar="GiB",
+                   help="with a GPU and every expert in this process: also copy routed experts onto the GPU, up to "
+                        "this many GiB of them, the most often routed first (counted by earlier runs with workers; "
+                        "else as many of each layer), which it then computes instead of the CPU (default %(default)s)")
     p.add_argument("--context", type=int, default=None,
                    help="tokens each sequence holds, prompt and reply (default: the cluster config's, else the "
                         "largest the head's memory holds beside the model for every sequence at once, up to the "
