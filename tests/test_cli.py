@@ -173,21 +173,23 @@ def test_a_bad_sampling_flag_names_the_flag_before_loading(tiny_f32, capsys, fla
     assert "loading" not in err
 
 
-@pytest.mark.parametrize("flags, repack", [([], "all"), (["--deterministic"], "experts"),
-                                           (["--deterministic", "--repack", "none"], "none"),
-                                           (["--repack", "head"], "head")])
-def test_serve_runs_the_fastest_kernels_unless_asked_to_be_deterministic(flags, repack):
+@pytest.mark.parametrize("flags, repack, gpu", [([], "all", "auto"), (["--deterministic"], "experts", "none"),
+                                                (["--deterministic", "--repack", "none"], "none", "none"),
+                                                (["--deterministic", "--gpu", "cpu"], "experts", "cpu"),
+                                                (["--repack", "head"], "head", "auto")])
+def test_serve_runs_the_fastest_kernels_unless_asked_to_be_deterministic(flags, repack, gpu):
     parser = build_parser()
     args = parser.parse_args(["serve", "m.gguf", *flags])
     resolve_repack(parser, args)
-    assert args.repack == repack
+    assert (args.repack, args.gpu) == (repack, gpu)
 
 
-def test_deterministic_refuses_an_interleaved_head(capsys):
+@pytest.mark.parametrize("flags, named", [(["--repack", "all"], "--repack all"), (["--gpu", "0"], "--gpu 0")])
+def test_deterministic_refuses_an_interleaved_head_and_a_gpu(capsys, flags, named):
     with pytest.raises(SystemExit) as exit_info:
-        main(["serve", "m.gguf", "--deterministic", "--repack", "all"])
+        main(["serve", "m.gguf", "--deterministic", *flags])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "--deterministic" in err and "--repack all" in err
+    assert exit_info.value.code == 2 and "--deterministic" in err and named in err
 
 
 def test_plan_shows_replicas_and_refuses_ones_that_do_not_fit(make_tiny, capsys):

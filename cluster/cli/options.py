@@ -76,7 +76,7 @@ def add_runtime_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, servi
                         "the routed experts on the CPU, as llama.cpp's -ngl 99 -ot exps=CPU. auto: the first GPU "
                         "they fit on, if ggml was built with one (the start says which backends it has); N: GPU N, "
                         "or an error; none: the CPU only; cpu: the GPU's code path with the CPU standing in, for "
-                        "testing (default %(default)s)")
+                        "testing (default %(default)s; none with --deterministic)")
     p.add_argument("--gpu-experts-gb", type=float, default=0.0, metavar="GiB",
                    help="with a GPU and every expert in this process: also copy routed experts onto the GPU, up to "
                         "this many GiB of them, the most often routed first (counted by earlier runs with workers; "
@@ -105,14 +105,19 @@ def add_runtime_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, servi
 
 
 def resolve_repack(parser: argparse.ArgumentParser, args) -> None:
-    """--repack's serving default depends on --deterministic, which rules out the batch-dependent choices."""
+    """--repack's serving default depends on --deterministic, which rules out the batch-dependent choices; so
+    does --gpu's: a GPU's kernels round a row with the others of its batch."""
     if not getattr(args, "deterministic", False):
         args.repack = args.repack or "all"
-    elif args.repack in ("head", "all"):
+        return
+    if args.repack in ("head", "all"):
         parser.error(f"--deterministic keeps the head's weights in place; it cannot be combined with "
                      f"--repack {args.repack} (use none or experts)")
-    else:
-        args.repack = args.repack or "experts"
+    if isinstance(args.gpu, int):
+        parser.error(f"--deterministic computes every row as a step of its own would, which a GPU's kernels do not; "
+                     f"it cannot be combined with --gpu {args.gpu} (use none)")
+    args.repack = args.repack or "experts"
+    args.gpu = "none" if args.gpu == "auto" else args.gpu
 
 
 def add_server_args(p: argparse.ArgumentParser, port: bool = True) -> None:
