@@ -20,7 +20,7 @@ MIN_TOKEN_CHARS = 16
 TOP_LEVEL_KEYS = ("ray_address", "model", "model_paths", "nodes", "reserve_gb", "port", "token", "token_file",
                   "tls", "wire_dtype", "allow_disk", "context", "max_sequences", "threads", "deadline_s",
                   "api_key", "replicas", "respread_after_s")
-NODE_KEYS = ("name", "address", "memory_gb", "head", "speed", "round_trip_ms", "link_gbps")
+NODE_KEYS = ("name", "address", "memory_gb", "head", "speed", "round_trip_ms", "link_gbps", "gpu", "gpu_experts_gb")
 TLS_KEYS = ("cert", "key", "ca")
 NODE_PLACEHOLDER = "{node}"  # in tls paths: each node's name
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
@@ -43,6 +43,10 @@ class NodeConfig:
     speed: MachineSpeed | None = None  # what `kimi-cluster probe` measured on it, for `plan --estimate`
     round_trip_ms: float = 0.0  # its link's round trip to the head, beyond loopback
     link_gbps: float = 1.25  # its link's bandwidth in GB/s (10 GbE: 1.25)
+    # A worker's GPU (as --gpu names one: auto, cpu or N) and how many GiB of its experts go there, the most routed
+    # first; 0: none
+    gpu: str | int = "auto"
+    gpu_experts_gb: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -207,7 +211,16 @@ def _node(data: Any, where: str, source: str) -> NodeConfig:
                       is_head=section.get("head", bool, False),
                       speed=_speed(section.get("speed", dict, None, nullable=True), where, source),
                       round_trip_ms=section.get("round_trip_ms", float, 0.0, at_least=0),
-                      link_gbps=section.get("link_gbps", float, 1.25, above=0))
+                      link_gbps=section.get("link_gbps", float, 1.25, above=0),
+                      gpu=_gpu(section, where, source),
+                      gpu_experts_gb=section.get("gpu_experts_gb", float, 0.0, at_least=0))
+
+
+def _gpu(section: _Section, where: str, source: str) -> str | int:
+    value = section.data.get("gpu", "auto")
+    if value in ("auto", "cpu") or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    raise ClusterConfigError(f"{source}: 'gpu' in {where} must be auto, cpu or a GPU's number, not {value!r}")
 
 
 def _speed(data: Mapping[str, Any] | None, where: str, source: str) -> MachineSpeed | None:

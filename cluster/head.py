@@ -288,7 +288,20 @@ class ExpertCluster:
             runtime_env={"env_vars": self._worker_openmp_env()},
         ).remote(node.name, owned, self._model_path_on(node), port, self.token, threads, self._repack_experts,
                  None, self.tls_for(node.name), grouped=self.repack == "all",
-                 prefetch=self.placement.in_memory(node.name), on_head_machine=bool(self.local_workers))
+                 prefetch=self.placement.in_memory(node.name), on_head_machine=bool(self.local_workers),
+                 **self._worker_gpu(node.name, owned))
+
+    def _worker_gpu(self, name: str, owned: dict[int, list[int]]) -> dict:
+        """The GPU a config node's worker uses and the experts it copies there: of those it holds, the most routed
+        that fit in its gpu_experts_gb (routing_counts.hottest)."""
+        node = next((n for n in self.config.nodes if n.name == name), None)
+        if node is None or not node.gpu_experts_gb:
+            return {}
+        held = np.zeros_like(self.inventory().expert_bytes)
+        for layer, experts in owned.items():
+            held[layer, experts] = self.inventory().expert_bytes[layer, experts]
+        return {"gpu": node.gpu, "on_device": routing_counts.hottest(self.kept_routing, held,
+                                                                     int(node.gpu_experts_gb * GiB))}
 
     def _worker_openmp_env(self) -> dict[str, str]:
         """Workers sharing the head's machine (--workers) sleep between ops at once, leaving the cores to the

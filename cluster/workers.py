@@ -16,6 +16,7 @@ from cluster import shard_transfer
 from cluster.addresses import LOOPBACK
 from cluster.transport import ExpertServicer, serve
 from runtime.experts import ExpertShard, ShardSet
+from runtime.ggml_backends import ComputeDevice, choose_device
 from runtime.ggml_ops import GgmlRunner
 from runtime.gguf_file import GGUFModelFile
 
@@ -36,10 +37,12 @@ class ExpertWorker:
     def __init__(self, node: str, owned: dict[int, list[int]], model_path: str | None, port: int, token: str,
                  threads: int | None = None, repack: bool = False, cache_dir: str | None = None,
                  tls: dict[str, str] | None = None, grouped: bool = False, prefetch: bool = True,
-                 on_head_machine: bool = False):
+                 on_head_machine: bool = False, gpu: str | int = "auto", on_device: dict | None = None):
         """prefetch: read every page of the experts at load, so that the first tokens do not wait on the
         disk (False when they exceed the node's memory: reading them all would only evict the first).
-        on_head_machine: every worker runs beside the head (--workers, demo), which reaches it on loopback."""
+        on_head_machine: every worker runs beside the head (--workers, demo), which reaches it on loopback.
+        gpu, on_device: the GPU (as --gpu names one) that copies of these experts (layer -> ids) go on, and
+        which it then computes."""
         self.rss_at_start = rss_bytes()
         self.prefetch = prefetch
         self.node, self.owned, self.repack = node, {int(k): v for k, v in owned.items()}, repack
@@ -49,6 +52,8 @@ class ExpertWorker:
         self.shard: ExpertShard | ShardSet | None = None
         self._shard_lock = threading.Lock()
         self.loaded_bytes, self.total_bytes, self.error = 0, 0, ""
+        self.gpu, self.on_device = gpu, {int(k): v for k, v in (on_device or {}).items()}
+        self.device_bytes = 0  # of expert copies on the GPU
         servicer = ExpertServicer(node, lambda: self.shard, self._receive, self._health)
         # Listen only where the head reaches this worker: loopback beside the head, else the node's own address
         # (the one Ray and the head use), never every interface.
@@ -70,9 +75,20 @@ class ExpertWorker:
             else:
                 shard.read_on_demand(model_file)
             shard.grouped = self.grouped
-            self._hold(shard)
+            self._hold(self._with_gpu_copies(model_file, shard))
         except Exception as e:  # reported to the head through progress(), which names this node
             self.error = f"{type(e).__name__}: {e}"
+
+    def _with_gpu_copies(self, model_file: GGUFModelFile, shard: ExpertShard) -> ExpertShard | ShardSet:
+        """The shard, with copies of the on_device experts on this machine's GPU first, which then computes them."""
+        if not self.on_device:
+            return shard
+        info, line = choose_device(self.gpu, 0)
+        if info is None:
+            raise RuntimeError(f"gpu_experts_gb is set for {self.node}, but {line.split('; ', 1)[-1]}")
+        on_gpu = ExpertShard.from_model_file(model_file, self.runner, self.on_device, device=ComputeDevice(info))
+        self.device_bytes = on_gpu.nbytes
+        return ShardSet([on_gpu, shard])
 
     def _receive(self, chunks) -> int:
         """LoadShard: the head streams this node's experts; write, verify, map."""
@@ -105,7 +121,7 @@ class ExpertWorker:
 
     def _health(self) -> dict:
         return {"ready": self.shard is not None, "shard_bytes": self.total_bytes, "loaded_bytes": self.loaded_bytes,
-                "rss_bytes": rss_bytes()}
+                "rss_bytes": rss_bytes(), "gpu_bytes": self.device_bytes}
 
     def address(self) -> str:
         return f"{self.host}:{self.port}"

@@ -107,6 +107,32 @@ def test_a_worker_without_the_model_file_gets_it_streamed(ray_cluster, make_tiny
         assert tokens == single_process["Q4_K_M"][0]
 
 
+def test_a_worker_computes_the_experts_it_copied_onto_its_gpu(ray_cluster, make_tiny, single_process):
+    """A config node's gpu_experts_gb: its worker copies that many GiB of its experts onto its GPU (here the CPU
+    standing in, through the same device path) and computes them there; the tokens stay the single process's."""
+    with_workers(ray_cluster, 1)
+    path = make_tiny("Q4_K_M")
+    nodes = [{"name": "head-node", "address": "127.0.0.1", "memory_gb": 4, "head": True},
+             {"name": "gpu-worker", "address": "127.0.0.1", "memory_gb": 4, "gpu": "cpu", "gpu_experts_gb": 0.001}]
+    with ExpertCluster(path, config(path, nodes=nodes), progress=False) as cluster:
+        model = cluster.start()
+        state = ray.get(cluster.actors["gpu-worker"].progress.remote())
+        assert 0 < state["gpu_bytes"] <= 0.001 * GiB
+        tokens, logits = run(model, single_process["Q4_K_M"][0])
+        assert tokens == single_process["Q4_K_M"][0]
+        assert np.abs(logits - single_process["Q4_K_M"][1]).max() <= LOGITS_TOLERANCE * np.ptp(logits, axis=1).max()
+
+
+def test_a_worker_whose_gpu_is_not_there_says_so(ray_cluster, make_tiny):
+    with_workers(ray_cluster, 1)
+    path = make_tiny("Q4_K_M")
+    nodes = [{"name": "head-node", "address": "127.0.0.1", "memory_gb": 4, "head": True},
+             {"name": "gpu-worker", "address": "127.0.0.1", "memory_gb": 4, "gpu": 7, "gpu_experts_gb": 1}]
+    with ExpertCluster(path, config(path, nodes=nodes), progress=False) as cluster:
+        with pytest.raises(RuntimeError, match=r"gpu-worker.*--gpu 7"):
+            cluster.start()
+
+
 def test_a_pool_too_small_is_refused_before_loading(ray_cluster, make_tiny):
     with_workers(ray_cluster, 1)
     path = make_tiny("Q4_K_M")

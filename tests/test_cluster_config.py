@@ -82,8 +82,10 @@ def test_defaults(tmp_path):
 @pytest.mark.parametrize("data, expected", [
     ({"model": "m.gguf", "modle_paths": {}}, r"unknown key 'modle_paths' \(top level\); allowed keys: ray_address"),
     ({"model": "m.gguf", "nodes": [{"name": "a", "address": "a", "memory_gb": 64},
-                                   {"name": "b", "address": "b", "memory_gb": 64, "gpu": 1}]},
-     r"unknown key 'gpu' \(nodes\[1\]\); allowed keys: name, address, memory_gb, head"),
+                                   {"name": "b", "address": "b", "memory_gb": 64, "gpus": 1}]},
+     r"unknown key 'gpus' \(nodes\[1\]\); allowed keys: name, address, memory_gb, head"),
+    ({"model": "m.gguf", "nodes": [{"name": "a", "address": "a", "memory_gb": 64, "gpu": "cuda"}]},
+     r"'gpu' in nodes\[0\] must be auto, cpu or a GPU's number, not 'cuda'"),
 ])
 def test_unknown_keys_are_refused_naming_key_and_file(tmp_path, data, expected):
     path = write(tmp_path, data)
