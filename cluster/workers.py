@@ -121,10 +121,10 @@ class ExpertWorker:
 
     def _health(self) -> dict:
         return {"ready": self.shard is not None, "shard_bytes": self.total_bytes, "loaded_bytes": self.loaded_bytes,
-                "rss_bytes": rss_bytes(), "gpu_bytes": self.device_bytes}
+                "rss_bytes": rss_bytes()}
 
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
     def progress(self) -> dict:
-        return {**self._health(), "error": self.error, "rss_at_start": self.rss_at_start}
+        return {**self._health(), "error": self.error, "rss_at_start": self.rss_at_start, "gpu_bytes": self.device_bytes}

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.gguf_file import GGUFError
     try:
         args.func(args)
-    except (GGUFError, ValueError, RuntimeError, OSError) as e:
+    except (GGUFError, ValueError, RuntimeError, OSError, MemoryError) as e:  # MemoryError: a device's, or ggml's
         # One line, even when it quotes a damaged file's strings.
         print(f"kimi-cluster: error: {CONTROL_CHARACTERS.sub(lambda m: repr(m[0])[1:-1], str(e))}", file=sys.stderr)
         return 2
