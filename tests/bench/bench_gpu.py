@@ -108,13 +108,13 @@ def main() -> None:
         vocab = int(len(GGUFModelFile(model).metadata["tokenizer.ggml.tokens"]))
         prompt = [int(t) for t in np.random.default_rng(args.prompt).integers(100, vocab - 300, args.prompt)]
         settings = {"model": str(model), "prompt": prompt, "tokens": args.tokens, "threads": args.threads}
-        figures = {"kimi-cluster GPU": run(OURS, {**settings, "gpu": gpu}),
+        figures = {"kimi-cluster device": run(OURS, {**settings, "gpu": gpu}),
                    "kimi-cluster CPU": run(OURS, {**settings, "gpu": None}),
-                   "llama.cpp GPU": run(LLAMA, {**settings, "gpu": gpu != "cpu"})}
+                   "llama.cpp device": run(LLAMA, {**settings, "gpu": gpu != "cpu"})}
         print(f"\n{model.name}: {args.prompt}-token prompt, {args.tokens} tokens decoded, {args.threads} threads, "
               f"device {args.gpu}")
         for name, f in figures.items():
-            print(f"  {name:17s} prefill {f['prompt_tokens_per_s']:9.2f} tok/s   decode {f['tokens_per_s']:8.2f} "
+            print(f"  {name:19s} prefill {f['prompt_tokens_per_s']:9.2f} tok/s   decode {f['tokens_per_s']:8.2f} "
                   f"tok/s   peak RSS {f['peak_rss'] / 2**30:.2f} GiB")
         ours, cpu, llama = figures.values()
         print(f"  ratio to llama.cpp: prefill {ours['prompt_tokens_per_s'] / llama['prompt_tokens_per_s']:.2f}x, "
