@@ -79,3 +79,15 @@ def test_probe_measures_the_gpu_through_the_device_path(make_tiny, tmp_path, mon
     kept_probe.keep(kept_probe.Probed(speed, {"matmul speeds": 1.0}), cost)
     assert kept_probe.kept_speed(cost, device).to_dict() == speed.to_dict()  # as kept: to 3 digits
     assert kept_probe.kept_speed(cost, None) is None  # figures with a GPU are not this run's without one
+
+
+def test_plan_says_what_each_gpu_would_hold(make_tiny, tmp_path, capsys):
+    path = make_tiny("Q4_K_M")
+    nodes = [{"name": "atlas", "address": "10.0.0.1", "memory_gb": 8, "head": True},
+             {"name": "borealis", "address": "10.0.0.2", "memory_gb": 8, "gpu": 1, "gpu_experts_gb": 20}]
+    config = tmp_path / "cluster.yaml"
+    config.write_text(yaml.safe_dump({"model": str(path), "reserve_gb": 0, "nodes": nodes}))
+    assert main(["plan", str(path), "--config", str(config), "--gpu", "cpu"]) in (0, None)
+    out = capsys.readouterr().out
+    assert "GPU here: the head computes through the device scheduler with the CPU standing in" in out
+    assert "GPU of borealis (gpu: 1): up to 20 GiB of its experts, the most routed first" in out

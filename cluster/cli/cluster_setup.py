@@ -40,7 +40,8 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--decode-context", type=positive_int, default=1024,
                    help="tokens of context the decode estimate assumes (default %(default)s)")
     p.add_argument("--gpu", type=gpu_choice, default="auto", metavar="auto|none|cpu|N",
-                   help="with --estimate and --workers: " + GPU_HELP)
+                   help="as the head on this machine would use it, and measured for --estimate with --workers: "
+                        + GPU_HELP)
     p.add_argument("--ray-config", metavar="FILE",
                    help="with --config: the Ray cluster config whose head_ip and worker_ips the nodes must match "
                         "(default: ~/ray_bootstrap_config.yaml, which `ray up` leaves on the head, else "
@@ -125,6 +126,8 @@ def cmd_plan(args) -> None:
     print("fits: every expert has a place" + (" (some paged from disk)" if placement.disk_backed else "")
           + (f"; {placement.replica_count} second copies of workers' experts" if placement.replicas else ""))
     print(f"the head's KV cache: {cluster.kv_plan.describe(cluster.model_config.context_length)}")
+    for line in _gpu_lines(args.gpu, config, cluster.model_file):
+        print(line)
     if args.estimate:
         from cluster.cost_model.estimate import ModelCost, estimate, gpu_use
         cost = ModelCost.from_model(cluster.model_file, cluster.model_config)
@@ -138,6 +141,19 @@ def cmd_plan(args) -> None:
         print(f"checked: {agreed}")
     if check.problems:
         sys.exit(2)
+
+
+def _gpu_lines(choice, config, model_file) -> list[str]:
+    """What GPUs would hold: the head's weights on this machine's (--gpu, as `serve` picks it), and the experts
+    of workers with gpu_experts_gb."""
+    from runtime.ggml_backends import choose_device
+    from runtime.model import device_weight_names
+    head_bytes = sum(model_file.info(name).nbytes for name in device_weight_names(model_file))
+    info, line = choose_device(choice, head_bytes)
+    lines = [f"GPU here: {line.split('; ', 1)[1]}" + (f" ({info})" if info is not None else "")]
+    lines += [f"GPU of {n.name} (gpu: {n.gpu}): up to {n.gpu_experts_gb:g} GiB of its experts, the most routed first"
+              for n in config.nodes if n.gpu_experts_gb]
+    return lines
 
 
 def _check_setup(args, config):
