@@ -31,6 +31,7 @@ MAX_MESSAGE_BYTES = 512 << 20  # a 512-token prefill of K2 is 14.7 MB per direct
 WIRE_DTYPES = {"f32": expert_pb2.F32, "f16": expert_pb2.F16, "bf16": expert_pb2.BF16}
 ITEM_BYTES = {expert_pb2.F32: 4, expert_pb2.F16: 2, expert_pb2.BF16: 2}
 DEADLINE_PAIRS = 512  # a request gets deadline_s per this many (token, expert) pairs begun
+CANCEL_GRACE_S = 1.0  # how long a cancelled wait may take to end before the channel is closed under it
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 
@@ -274,6 +275,11 @@ class WorkerClient:
             if wait_until is not None and time.monotonic() > wait_until:
                 self._overdue = True
                 self._responses.cancel()
+                # Should the cancelled stream not end the wait (gRPC has left a cancelled read waiting on a busy
+                # process), closing the channel ends every call on it.
+                time.sleep(CANCEL_GRACE_S)
+                if self._wait_until == wait_until:
+                    self.channel.close()
                 return
 
     def send(self, request: expert_pb2.ForwardRequest) -> int:

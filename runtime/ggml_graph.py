@@ -5,7 +5,8 @@ tens of microseconds; at Kimi K2's depth both outweigh the math of a narrow mode
 therefore built once per step shape: its tensors live in a no-alloc context, its intermediates in one
 buffer planned by ggml's graph allocator (memory is reused along the graph, not held op by op), its
 inputs are numpy arrays that the caller rewrites before each compute, and its compute plan and work
-buffer are kept.
+buffer are kept. With a compute device (ggml_backends.py), ggml's backend scheduler places and runs the graphs
+instead (ScheduledMemory); every tensor over host memory is then placed through a CPU buffer over its bytes.
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from .ggml_backends import ComputeDevice, DeviceRows
 from .ggml_ops import BufferWeight, GgmlRunner, Weight, ggml, host_buffer
 
 _lib = ggml.lib
-_lib.ggml_backend_cpu_buffer_type.restype = ctypes.c_void_p  # ggml-python's declaration truncates it
 _CPU_BUFFER_TYPE = _lib.ggml_backend_cpu_buffer_type()
 _TENSOR_OVERHEAD = ggml.ggml_tensor_overhead()
 # With passive OpenMP threads (they sleep rather than spin when idle), graphs whose weights average fewer
@@ -65,10 +65,6 @@ class GraphMemory:
         if status != 0:
             raise RuntimeError(f"ggml graph computation failed with status {status}")
 
-    @property
-    def nbytes(self) -> int:
-        return int(ggml.ggml_gallocr_get_buffer_size(self._allocator, 0)) + self._work.nbytes
-
     def __del__(self):
         ggml.ggml_gallocr_free(self._allocator)
 
@@ -112,14 +108,6 @@ class ScheduledMemory:
     def splits(self) -> int:
         """How many runs on one backend the graph last placed was cut into."""
         return _lib.ggml_backend_sched_get_n_splits(self._sched)
-
-    def backend_of(self, tensor) -> int:
-        """The backend the last placed graph computes a tensor on."""
-        return _lib.ggml_backend_sched_get_tensor_backend(self._sched, tensor)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(_lib.ggml_backend_sched_get_buffer_size(self._sched, b) for b in self.device.backends)
 
     def __del__(self):
         if self._sched:

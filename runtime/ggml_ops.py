@@ -65,9 +65,7 @@ def _declare_backend_functions():
             ("ggml_backend_sched_reserve", ctypes.c_bool, [p, p]),
             ("ggml_backend_sched_alloc_graph", ctypes.c_bool, [p, p]),
             ("ggml_backend_sched_graph_compute", ctypes.c_int, [p, p]),
-            ("ggml_backend_sched_get_n_splits", ctypes.c_int, [p]),
-            ("ggml_backend_sched_get_tensor_backend", p, [p, p]),
-            ("ggml_backend_sched_get_buffer_size", size, [p, p]), ("ggml_backend_get_device", p, [p])):
+            ("ggml_backend_sched_get_n_splits", ctypes.c_int, [p]), ("ggml_backend_cpu_buffer_type", p, [])):
         function = getattr(ggml.lib, name)
         function.restype, function.argtypes = restype, argtypes
     return ggml.lib

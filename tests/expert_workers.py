@@ -24,6 +24,7 @@ class Worker:
         self.servicer = ExpertServicer(node, lambda: self.shard, self._receive, lambda: {"ready": True})
         self.server, self.port = serve(self.servicer, 0, token, tls)
         self.received = None
+        self.clients: list[WorkerClient] = []
 
     def _receive(self, chunks):
         path, manifest = shard_transfer.receive_shard(chunks, self.cache_dir)
@@ -31,13 +32,15 @@ class Worker:
         return manifest["total_bytes"]
 
     def client(self, token: str = TOKEN, deadline_s: float = 5.0, tls: dict | None = None) -> WorkerClient:
-        return WorkerClient(self.servicer.node, f"127.0.0.1:{self.port}", token, deadline_s, tls)
+        self.clients.append(WorkerClient(self.servicer.node, f"127.0.0.1:{self.port}", token, deadline_s, tls))
+        return self.clients[-1]
 
 
 @pytest.fixture
 def start_worker():
-    """Starts in-process workers and stops their servers after the test (an open stream would otherwise keep
-    a server thread, and so the test process, alive)."""
+    """Starts in-process workers and stops their servers and closes their clients after the test (an open stream
+    would otherwise keep a server thread, and so the test process, alive; a client keeps a channel and a
+    watchdog thread)."""
     started = []
 
     def start(node: str, shard: ExpertShard | None, tls: dict | None = None) -> Worker:
@@ -45,6 +48,8 @@ def start_worker():
         return started[-1]
     yield start
     for worker in started:
+        for client in worker.clients:
+            client.close()
         worker.server.stop(grace=None)
 
 
