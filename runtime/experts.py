@@ -67,8 +67,7 @@ class ExpertShard:
         """Views over the whole expert tensors of each layer: zero-copy, and only owned experts are read.
         With repack_experts, the owned experts alone are copied into ggml's faster interleaved layout; with a
         device, into its memory. on_bytes hears of each copy (`touch` then reads what stayed mapped)."""
-        if device is not None:
-            return cls._on_device(model_file, runner, owned, device, on_bytes)
+        copied = repack_experts or device is not None
         tensors, local_index = {}, {}
         for layer, experts in owned.items():
             experts = sorted(experts)
@@ -78,33 +77,19 @@ class ExpertShard:
             for kind in model_file.expert_kinds(layer):
                 info = model_file.info(f"blk.{layer}.ffn_{kind}_exps.weight")
                 weight = Weight(info.ggml_type, info.ne, model_file.raw(info.name))
-                if repack_experts:
-                    whole = experts == list(range(num_experts))
-                    weight = repack(weight if whole else _gather_experts(weight, experts))
-                    model_file.release(info.name)
-                    if isinstance(weight, RepackedWeight):
+                if copied:
+                    chosen = weight if experts == list(range(num_experts)) else _gather_experts(weight, experts)
+                    if device is not None:  # the file's mapping stays: the CPU's shard reads it too
+                        weight = device.place(chosen)
+                    else:
+                        weight = repack(chosen)
+                        model_file.release(info.name)
+                    if isinstance(weight, BufferWeight):
                         on_bytes(weight.nbytes // weight.ne[-1] * len(experts))
                 tensors[layer][kind] = weight
-            # Interleaved copies hold the owned experts only, in order; views keep the file's numbering.
-            index[experts] = np.arange(len(experts)) if repack_experts else experts
+            # Copies hold the owned experts only, in order; views keep the file's numbering.
+            index[experts] = np.arange(len(experts)) if copied else experts
             local_index[layer] = index
-        return cls(runner, tensors, local_index)
-
-    @classmethod
-    def _on_device(cls, model_file: GGUFModelFile, runner: GgmlRunner, owned: Mapping[int, Sequence[int]],
-                   device: ComputeDevice, on_bytes: Callable[[int], None]) -> "ExpertShard":
-        """Copies of the owned experts in the device's memory, in order (the file's mapping stays for others)."""
-        tensors, local_index = {}, {}
-        for layer, experts in owned.items():
-            experts = sorted(experts)
-            index = np.full(model_file.info(f"blk.{layer}.ffn_down_exps.weight").ne[2], -1, np.int32)
-            index[experts] = np.arange(len(experts))
-            tensors[layer], local_index[layer] = {}, index
-            for kind in model_file.expert_kinds(layer):
-                info = model_file.info(f"blk.{layer}.ffn_{kind}_exps.weight")
-                tensors[layer][kind] = device.place(_gather_experts(Weight(info.ggml_type, info.ne,
-                                                                           model_file.raw(info.name)), experts))
-                on_bytes(tensors[layer][kind].nbytes)
         return cls(runner, tensors, local_index, device)
 
     def runs_grouped(self, layer: int, slots: int) -> bool:

@@ -191,7 +191,7 @@ class DeviceLayers:
                                                          mem_buffer=None, no_alloc=True))
         tensors = [ggml.ggml_new_tensor(self._ctx, ggml.GGML_TYPE_F16, len(shape),
                                         (ctypes.c_int64 * len(shape))(*reversed(shape))) for _ in range(num_layers)]
-        self._buffer = ggml.lib.ggml_backend_alloc_ctx_tensors_from_buft(self._ctx, buffer_type)
+        self._buffer = _lib.ggml_backend_alloc_ctx_tensors_from_buft(self._ctx, buffer_type)
         if not self._buffer:
             ggml.ggml_free(self._ctx)
             raise MemoryError(f"ggml could not allocate a KV cache of {num_layers} x {list(shape)} on the device")

@@ -34,6 +34,10 @@ def device_weight_names(model_file: GGUFModelFile) -> list[str]:
     return [n for n in model_file.tensors if "_exps." not in n and n != "token_embd.weight"]
 
 
+def device_weight_bytes(model_file: GGUFModelFile) -> int:
+    return sum(model_file.info(name).nbytes for name in device_weight_names(model_file))
+
+
 def checked_config(model_file: GGUFModelFile) -> ModelConfig:
     """The file's hyperparameters, once every tensor the model reads is there with the shape they imply and
     a type ggml computes (a GGUFError otherwise). Reads headers only."""

@@ -147,9 +147,8 @@ def _gpu_lines(choice, config, model_file) -> list[str]:
     """What GPUs would hold: the head's weights on this machine's (--gpu, as `serve` picks it), and the experts
     of workers with gpu_experts_gb."""
     from runtime.ggml_backends import choose_device
-    from runtime.model import device_weight_names
-    head_bytes = sum(model_file.info(name).nbytes for name in device_weight_names(model_file))
-    info, line = choose_device(choice, head_bytes)
+    from runtime.model import device_weight_bytes
+    info, line = choose_device(choice, device_weight_bytes(model_file))
     lines = [f"GPU here: {line.split('; ', 1)[1]}" + (f" ({info})" if info is not None else "")]
     lines += [f"GPU of {n.name} (gpu: {n.gpu}): up to {n.gpu_experts_gb:g} GiB of its experts, the most routed first"
               for n in config.nodes if n.gpu_experts_gb]

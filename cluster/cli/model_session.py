@@ -47,9 +47,8 @@ def head_device(choice: str | int, model_file):
     """The compute device --gpu asks for (None: the CPU alone), after one line on stderr that says which
     backends ggml has and what the head uses; a GPU that is missing or too small is an error in one line."""
     from runtime.ggml_backends import ComputeDevice, choose_device
-    from runtime.model import device_weight_names
-    head_bytes = sum(model_file.info(name).nbytes for name in device_weight_names(model_file))
-    info, line = choose_device(choice, head_bytes)
+    from runtime.model import device_weight_bytes
+    info, line = choose_device(choice, device_weight_bytes(model_file))
     print(f"kimi-cluster: {line}", file=sys.stderr)
     return None if info is None else ComputeDevice(info)
 
@@ -65,9 +64,11 @@ def experts_for_device(gib: float, device, model_file, config) -> dict[int, list
     from cluster import routing_counts
     from cluster.placement import Inventory
     from runtime.ggml_backends import COMPUTE_RESERVE_BYTES, devices
-    from runtime.model import checked_config
+    from runtime.model import checked_config, device_weight_bytes
     inventory = Inventory.from_model(model_file, checked_config(model_file))
-    free = devices()[device.info.index].free_bytes - 2 * COMPUTE_RESERVE_BYTES  # buffers for both kinds of graph
+    # The head's weights go on first (they load after this choice); then buffers for both kinds of graph.
+    free = (devices()[device.info.index].free_bytes - device_weight_bytes(model_file)
+            - 2 * COMPUTE_RESERVE_BYTES)
     budget = int(min(gib * 2**30, max(free, 0)))
     counts = routing_counts.load(model_file, inventory.expert_bytes.shape)
     chosen = routing_counts.hottest(counts, inventory.expert_bytes, budget)

@@ -21,9 +21,9 @@ import numpy as np
 
 from cluster.placement import Placement
 from runtime.config import ModelConfig
+from runtime.ggml_backends import COMPUTE_RESERVE_BYTES as GPU_RESERVE_BYTES
 from runtime.gguf_file import GGUFModelFile
 
-GPU_RESERVE_BYTES = 1 << 30  # runtime/ggml_backends.py's COMPUTE_RESERVE_BYTES
 SAMPLING_S, SAMPLING_VOCAB = 0.0006, 163840  # Kimi's settings over its 163,840 logits (bench_sampling)
 DECODE, PROMPT = "decode", "prompt"  # how the runtime attends: decoding rows (flash), a prompt's rows (matmuls)
 WIRE_BYTES_PER_VALUE = 4  # hidden states travel as float32 both ways

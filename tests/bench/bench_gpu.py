@@ -27,13 +27,12 @@ from runtime.engine import Engine, GenerationStats
 from runtime.ggml_backends import ComputeDevice, choose_device
 from runtime.ggml_ops import GgmlRunner
 from runtime.gguf_file import GGUFModelFile
-from runtime.model import KimiModel, device_weight_names
+from runtime.model import KimiModel, device_weight_bytes
 args = json.load(open(sys.argv[1]))  # the prompt outgrows a command line
 model_file = GGUFModelFile(args["model"])
 device = None
 if args["gpu"] is not None:
-    head_bytes = sum(model_file.info(name).nbytes for name in device_weight_names(model_file))
-    info, line = choose_device(args["gpu"], head_bytes)
+    info, line = choose_device(args["gpu"], device_weight_bytes(model_file))
     print(line, file=sys.stderr)
     device = ComputeDevice(info)
 model = KimiModel(model_file, GgmlRunner(args["threads"]), repack="experts", device=device)
